@@ -1,0 +1,1 @@
+//! `lock::Mutex`: a fair, fenced, crash-safe lock (not built yet; see issue 4).

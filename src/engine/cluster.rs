@@ -1,0 +1,372 @@
+//! A local N-node d-engine cluster: one child process of the `dcoord` binary per node.
+
+use std::fs::OpenOptions;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::config::{self, NodeConfig, Timing};
+use crate::error::{Error, Result};
+use crate::store::{RemoteOptions, RemoteStore};
+
+/// Options of [`LocalCluster::start`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ClusterOptions {
+    /// Number of voters (1..=9). Default 3.
+    pub nodes: usize,
+    /// Where the nodes keep their data. `None`: a temporary directory removed on drop.
+    pub dir: Option<PathBuf>,
+    /// The `dcoord` binary to run nodes with. `None`: see [`dcoord_binary`].
+    pub binary: Option<PathBuf>,
+    /// Raft timing of every node.
+    pub timing: Timing,
+    /// How long to wait for a leader. Default 60 s.
+    pub ready_timeout: Duration,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self {
+            nodes: 3,
+            dir: None,
+            binary: None,
+            timing: Timing::cluster(),
+            ready_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl ClusterOptions {
+    /// Sets the number of nodes.
+    pub fn nodes(mut self, n: usize) -> Self {
+        self.nodes = n;
+        self
+    }
+
+    /// Sets the data directory (kept after drop).
+    pub fn dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.dir = Some(dir.into());
+        self
+    }
+
+    /// Sets the `dcoord` binary.
+    pub fn binary(mut self, bin: impl Into<PathBuf>) -> Self {
+        self.binary = Some(bin.into());
+        self
+    }
+}
+
+struct ClusterNode {
+    id: u32,
+    addr: SocketAddr,
+    config_path: PathBuf,
+    dir: PathBuf,
+    process: Option<(Child, ChildStdin)>,
+}
+
+/// A local cluster of `dcoord node` child processes on 127.0.0.1 free ports.
+///
+/// Every node can be killed (SIGKILL), paused (SIGSTOP), resumed and restarted by id. Dropping
+/// the cluster kills every node; a node also exits by itself when this process dies (it watches
+/// its stdin, which this process holds), so no node outlives a crashed test.
+pub struct LocalCluster {
+    nodes: Vec<ClusterNode>,
+    binary: PathBuf,
+    dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl std::fmt::Debug for LocalCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalCluster")
+            .field("dir", &self.dir)
+            .field("endpoints", &self.endpoints())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Finds the `dcoord` binary: `$DCOORD_BIN`, this executable if it is `dcoord`, or a `dcoord`
+/// next to it or one level up (where cargo puts it for tests and examples).
+pub fn dcoord_binary() -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("DCOORD_BIN") {
+        return Ok(bin.into());
+    }
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::Config(format!("cannot locate this executable: {e}")))?;
+    if exe.file_stem().is_some_and(|s| s == "dcoord") {
+        return Ok(exe);
+    }
+    let candidates = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|d| d.join("dcoord"))
+        .collect::<Vec<_>>();
+    candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
+        Error::Config(
+            "cannot find the `dcoord` binary: run `cargo build --bin dcoord` or set DCOORD_BIN"
+                .into(),
+        )
+    })
+}
+
+impl LocalCluster {
+    /// Starts the nodes and waits until the cluster has a leader.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when the binary is missing or no leader is elected in time;
+    /// [`Error::Io`] when the directory cannot be written.
+    ///
+    /// # Cancel safety
+    /// Dropping the future kills the nodes started so far.
+    pub async fn start(options: ClusterOptions) -> Result<Self> {
+        if !(1..=9).contains(&options.nodes) {
+            return Err(Error::InvalidArgument(format!(
+                "a local cluster has 1..=9 nodes, not {}",
+                options.nodes
+            )));
+        }
+        let binary = match options.binary.clone() {
+            Some(b) => b,
+            None => dcoord_binary()?,
+        };
+        let (dir, temp) = match &options.dir {
+            Some(d) => (d.clone(), None),
+            None => {
+                let t = tempfile::Builder::new()
+                    .prefix("dcoord-cluster-")
+                    .tempdir()
+                    .map_err(|e| Error::io("cannot create temp dir in", std::env::temp_dir(), e))?;
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
+        let addrs = config::free_addrs(options.nodes)?;
+        let peers: Vec<(u32, SocketAddr)> = (1..).zip(addrs.iter().copied()).collect();
+        let mut nodes = Vec::with_capacity(options.nodes);
+        for &(id, addr) in &peers {
+            let cfg = NodeConfig {
+                node_id: id,
+                listen: addr,
+                peers: peers.clone(),
+                data_dir: dir.join(format!("n{id}")),
+                timing: options.timing.clone(),
+            };
+            let config_path = cfg.write()?;
+            nodes.push(ClusterNode {
+                id,
+                addr,
+                config_path,
+                dir: cfg.data_dir,
+                process: None,
+            });
+        }
+        let mut cluster = Self {
+            nodes,
+            binary,
+            dir,
+            _temp: temp,
+        };
+        for id in 1..=options.nodes as u32 {
+            cluster.spawn(id)?;
+        }
+        cluster.wait_for_leader(options.ready_timeout).await?;
+        Ok(cluster)
+    }
+
+    fn node(&mut self, id: u32) -> Result<&mut ClusterNode> {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.id == id)
+            .ok_or_else(|| Error::InvalidArgument(format!("no node {id} in this cluster")))
+    }
+
+    fn spawn(&mut self, id: u32) -> Result<()> {
+        let binary = self.binary.clone();
+        let node = self.node(id)?;
+        if node.process.is_some() {
+            return Ok(());
+        }
+        let log_path = node.dir.join("node.log");
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| Error::io("cannot open node log", &log_path, e))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| Error::io("cannot open node log", &log_path, e))?;
+        let mut child = Command::new(&binary)
+            .arg("node")
+            .arg("--config")
+            .arg(&node.config_path)
+            .arg("--exit-with-stdin")
+            .stdin(Stdio::piped())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(|e| Error::io("cannot run node binary", &binary, e))?;
+        let stdin = child.stdin.take().expect("stdin is piped");
+        node.process = Some((child, stdin));
+        Ok(())
+    }
+
+    /// The gRPC endpoints of all nodes (`http://127.0.0.1:port`), running or not.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("http://{}", n.addr))
+            .collect()
+    }
+
+    /// The endpoint of one node.
+    pub fn endpoint(&self, id: u32) -> Option<String> {
+        self.nodes
+            .iter()
+            .find(|n| n.id == id)
+            .map(|n| format!("http://{}", n.addr))
+    }
+
+    /// The node ids.
+    pub fn ids(&self) -> Vec<u32> {
+        self.nodes.iter().map(|n| n.id).collect()
+    }
+
+    /// The data directory of the cluster.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The OS process id of a running node.
+    pub fn pid(&self, id: u32) -> Option<u32> {
+        self.nodes
+            .iter()
+            .find(|n| n.id == id)
+            .and_then(|n| n.process.as_ref().map(|(c, _)| c.id()))
+    }
+
+    /// Connects a [`RemoteStore`] to all nodes.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] when no leader answers in time.
+    ///
+    /// # Cancel safety
+    /// Dropping the future abandons the connection attempt.
+    pub async fn store(&self) -> Result<RemoteStore> {
+        RemoteStore::connect(&self.endpoints(), RemoteOptions::default()).await
+    }
+
+    /// Kills a node with SIGKILL and reaps it. Killing a stopped node is a no-op.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an unknown id.
+    pub fn kill(&mut self, id: u32) -> Result<()> {
+        let node = self.node(id)?;
+        if let Some((mut child, stdin)) = node.process.take() {
+            let _ = signal(child.id(), "CONT");
+            let _ = child.kill();
+            let _ = child.wait();
+            drop(stdin);
+        }
+        Ok(())
+    }
+
+    /// Restarts a killed node on the same address and data.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an unknown id; [`Error::Io`] if it cannot be spawned.
+    pub fn restart(&mut self, id: u32) -> Result<()> {
+        self.spawn(id)
+    }
+
+    /// Pauses a node (SIGSTOP).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an unknown or stopped node.
+    pub fn pause(&mut self, id: u32) -> Result<()> {
+        let pid = self
+            .pid(id)
+            .ok_or_else(|| Error::InvalidArgument(format!("node {id} is not running")))?;
+        signal(pid, "STOP")
+    }
+
+    /// Resumes a paused node (SIGCONT).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an unknown or stopped node.
+    pub fn resume(&mut self, id: u32) -> Result<()> {
+        let pid = self
+            .pid(id)
+            .ok_or_else(|| Error::InvalidArgument(format!("node {id} is not running")))?;
+        signal(pid, "CONT")
+    }
+
+    /// Asks the running nodes who leads, until one answers or `timeout` passes.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] when no leader is known in time.
+    ///
+    /// # Cancel safety
+    /// Dropping the future has no effect.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Result<u32> {
+        let deadline = Instant::now() + timeout;
+        let live: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|n| n.process.is_some())
+            .map(|n| format!("http://{}", n.addr))
+            .collect();
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let opts = RemoteOptions::default().op_deadline(remaining.min(Duration::from_secs(5)));
+            if let Ok(store) = RemoteStore::connect(&live, opts).await
+                && let Some(id) = store.leader_id().await
+            {
+                return Ok(id);
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Unavailable {
+                    op: "wait_for_leader",
+                    message: format!(
+                        "no leader among {} within {timeout:?}; node logs are in {:?}",
+                        live.join(", "),
+                        self.dir
+                    ),
+                    source: None,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn signal(pid: u32, sig: &str) -> Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .map_err(|e| Error::io("cannot run", "kill", e))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "kill -{sig} {pid} failed: {status}"
+        )))
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some((mut child, stdin)) = node.process.take() {
+                let _ = signal(child.id(), "CONT");
+                let _ = child.kill();
+                let _ = child.wait();
+                drop(stdin);
+            }
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! Starting the bundled d-engine: an embedded node, a standalone node, a local cluster.
+//!
+//! # Guarantees
+//! - Every node dcoord starts has watch and TTL (lease) enabled, its snapshots and logs inside
+//!   its own data directory, and a server-side operation timeout of 5 s (d-engine's 50 ms
+//!   default fails writes under load while they still commit).
+//! - A node is never started with TTL disabled: a `put_with_ttl` on such a node kills
+//!   d-engine's apply loop for good, and the poisoned entry re-kills it on every restart.
+//! - Storage is d-engine's file backend (`FileStorageEngine` + `FileStateMachine`). RocksDB is
+//!   an opt-in cargo feature, never the default.
+//!
+//! # NOT guaranteed
+//! - `RAFT__*` environment variables override what dcoord writes (d-engine's rule). dcoord
+//!   still refuses a config whose lease ends up disabled.
+//! - d-engine prints role changes to stdout; a process that runs a node should not use stdout
+//!   for data.
+//!
+//! # Failure modes
+//! - A data directory that cannot be written: [`crate::Error::Io`] naming it.
+//! - A port in use: [`crate::Error::PortInUse`] (d-engine itself only logs it and runs on
+//!   without its gRPC server).
+
+mod cluster;
+mod config;
+mod embedded;
+
+use std::path::Path;
+
+pub use cluster::{ClusterOptions, LocalCluster, dcoord_binary};
+pub use config::{NodeConfig, Timing};
+pub use embedded::{EmbeddedNode, EmbeddedOptions};
+
+use crate::error::{Error, Result};
+
+/// Runs one standalone node (gRPC server) from a TOML config until `shutdown` fires.
+///
+/// # Errors
+/// [`Error::Config`] for a config d-engine or dcoord refuses (including TTL disabled),
+/// [`Error::PortInUse`] when the listen address is taken.
+///
+/// # Cancel safety
+/// Dropping the future stops serving abruptly (like a crash); the data stays consistent.
+pub async fn run_node(config_path: &Path, shutdown: tokio::sync::watch::Receiver<()>) -> Result<()> {
+    let cfg = config::load(config_path)?;
+    config::check_bindable(cfg.cluster.listen_address)?;
+    let dir = cfg.cluster.db_root_dir.clone();
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create data dir", &dir, e))?;
+    let (storage, sm) = embedded::file_backend(&dir, &cfg).await?;
+    let path = config_path.to_str().expect("checked by config::load");
+    d_engine::StandaloneEngine::run_custom(storage, sm, shutdown, Some(path))
+        .await
+        .map_err(|e| Error::Config(format!("node {path} failed: {e}")))
+}

@@ -1,0 +1,392 @@
+//! `dcoord`: run d-engine nodes and a local cluster, and read / write / watch keys.
+//!
+//! Data goes to stdout, diagnostics to stderr. Exit codes: 0 success, 1 key not found (`get`),
+//! 2 bad usage or input, 3 store unavailable or watch ended, 4 write outcome unknown, 5 other.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use dcoord::Error;
+use dcoord::engine::{ClusterOptions, LocalCluster, NodeConfig, Timing};
+use dcoord::store::{Consistency, EventKind, RemoteOptions, RemoteStore, Store, WatchTarget};
+use futures::StreamExt;
+
+#[derive(Parser)]
+#[command(name = "dcoord", version, about = "Coordination recipes on d-engine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one standalone d-engine node (gRPC server) until Ctrl-C / SIGTERM.
+    Node(NodeArgs),
+    /// Run a local N-node cluster on 127.0.0.1 in the foreground until Ctrl-C.
+    Cluster(ClusterArgs),
+    /// Print a key's value.
+    Get {
+        /// The key.
+        key: String,
+        /// Read consistency.
+        #[arg(long, value_enum, default_value = "linearizable")]
+        consistency: ConsistencyArg,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Write a key.
+    Put {
+        /// The key.
+        key: String,
+        /// The value (or use --file).
+        #[arg(required_unless_present = "file")]
+        value: Option<String>,
+        /// Read the value from this file.
+        #[arg(long, conflicts_with = "value")]
+        file: Option<PathBuf>,
+        /// Delete the key after this many seconds (garbage collection only: no watch event).
+        #[arg(long)]
+        ttl: Option<u64>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Delete a key.
+    Del {
+        /// The key.
+        key: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Print changes of a key (or, with --prefix, of every key under a '/'-bounded prefix).
+    Watch {
+        /// The key or prefix.
+        key: String,
+        /// Watch a prefix ("/app/" style) instead of one key.
+        #[arg(long)]
+        prefix: bool,
+        /// Exit after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    /// A d-engine TOML config (as written by `dcoord cluster`); overrides the flags below.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// This node's id.
+    #[arg(long, default_value_t = 1)]
+    id: u32,
+    /// The gRPC listen address.
+    #[arg(long, default_value = "127.0.0.1:9081")]
+    listen: SocketAddr,
+    /// Every voter as ID=ADDR (repeat); defaults to this node alone.
+    #[arg(long = "peer", value_parser = parse_peer)]
+    peers: Vec<(u32, SocketAddr)>,
+    /// Data directory.
+    #[arg(long, default_value = "./dcoord-data")]
+    dir: PathBuf,
+    /// Exit when stdin closes (used by `dcoord cluster` and tests so nodes never outlive them).
+    #[arg(long, hide = true)]
+    exit_with_stdin: bool,
+}
+
+#[derive(Args)]
+struct ClusterArgs {
+    /// Number of nodes.
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Data directory (default: a temporary one, removed on exit). Must not hold a cluster.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct Conn {
+    /// Cluster endpoints, comma-separated (default: $DCOORD_ENDPOINTS, else the ones the
+    /// running `dcoord cluster` wrote to the endpoints file in the temp dir).
+    #[arg(long, value_delimiter = ',')]
+    endpoints: Vec<String>,
+    /// Give up after this many seconds of unavailability.
+    #[arg(long, default_value_t = 10)]
+    timeout: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ConsistencyArg {
+    Linearizable,
+    Lease,
+    Eventual,
+}
+
+fn parse_peer(s: &str) -> Result<(u32, SocketAddr), String> {
+    let (id, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected ID=ADDR, got {s:?}"))?;
+    Ok((
+        id.parse().map_err(|e| format!("bad node id {id:?}: {e}"))?,
+        addr.parse().map_err(|e| format!("bad address {addr:?}: {e}"))?,
+    ))
+}
+
+/// Where `dcoord cluster` publishes its endpoints for the other commands.
+fn endpoints_file() -> PathBuf {
+    std::env::temp_dir().join("dcoord-cluster.endpoints")
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DCOORD_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("dcoord: cannot start the async runtime: {e}");
+            return ExitCode::from(5);
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("dcoord: {e}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+fn exit_code(e: &Error) -> u8 {
+    match e {
+        Error::InvalidKey { .. }
+        | Error::InvalidPrefix { .. }
+        | Error::ValueTooLarge { .. }
+        | Error::InvalidArgument(_)
+        | Error::Config(_)
+        | Error::PortInUse { .. } => 2,
+        e if e.is_retryable() => 3,
+        e if e.is_ambiguous() => 4,
+        _ => 5,
+    }
+}
+
+async fn connect(conn: &Conn) -> dcoord::Result<RemoteStore> {
+    let mut endpoints = conn.endpoints.clone();
+    if endpoints.is_empty()
+        && let Ok(env) = std::env::var("DCOORD_ENDPOINTS")
+    {
+        endpoints = env.split(',').map(str::to_string).collect();
+    }
+    if endpoints.is_empty()
+        && let Ok(text) = std::fs::read_to_string(endpoints_file())
+    {
+        endpoints = text.split_whitespace().map(str::to_string).collect();
+    }
+    if endpoints.is_empty() {
+        return Err(Error::InvalidArgument(
+            "no endpoints: pass --endpoints, set DCOORD_ENDPOINTS, or start `dcoord cluster`"
+                .into(),
+        ));
+    }
+    let options = RemoteOptions::default().op_deadline(Duration::from_secs(conn.timeout));
+    RemoteStore::connect(&endpoints, options).await
+}
+
+async fn run(cmd: Cmd) -> dcoord::Result<ExitCode> {
+    match cmd {
+        Cmd::Node(args) => run_node(args).await,
+        Cmd::Cluster(args) => run_cluster(args).await,
+        Cmd::Get {
+            key,
+            consistency,
+            conn,
+        } => {
+            dcoord::keys::validate_key(key.as_bytes())?;
+            let store = connect(&conn).await?;
+            let c = match consistency {
+                ConsistencyArg::Linearizable => Consistency::Linearizable,
+                ConsistencyArg::Lease => Consistency::Lease,
+                ConsistencyArg::Eventual => Consistency::Eventual,
+            };
+            match store.get(key.as_bytes(), c).await? {
+                Some(v) => {
+                    println!("{}", String::from_utf8_lossy(&v));
+                    Ok(ExitCode::SUCCESS)
+                }
+                None => {
+                    eprintln!("dcoord: key {key:?} not found");
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+        Cmd::Put {
+            key,
+            value,
+            file,
+            ttl,
+            conn,
+        } => {
+            let value = match (value, file) {
+                (Some(v), _) => v.into_bytes(),
+                (None, Some(f)) => {
+                    std::fs::read(&f).map_err(|e| Error::Io {
+                        what: "cannot read value file",
+                        path: f,
+                        source: e,
+                    })?
+                }
+                (None, None) => unreachable!("clap requires one"),
+            };
+            dcoord::keys::validate_key(key.as_bytes())?;
+            dcoord::keys::validate_value(key.as_bytes(), &value)?;
+            let store = connect(&conn).await?;
+            match ttl {
+                Some(secs) => {
+                    store
+                        .put_with_ttl(key.as_bytes(), &value, Duration::from_secs(secs))
+                        .await?
+                }
+                None => store.put(key.as_bytes(), &value).await?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Del { key, conn } => {
+            dcoord::keys::validate_key(key.as_bytes())?;
+            let store = connect(&conn).await?;
+            store.delete(key.as_bytes()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Watch {
+            key,
+            prefix,
+            count,
+            conn,
+        } => {
+            let target = if prefix {
+                WatchTarget::prefix(key.into_bytes())
+            } else {
+                WatchTarget::key(key.into_bytes())
+            };
+            target.validate()?;
+            let store = connect(&conn).await?;
+            let mut stream = store.watch(target, false).await?;
+            eprintln!("dcoord: watching (Ctrl-C to stop)");
+            let mut seen = 0;
+            while let Some(item) = stream.next().await {
+                let ev = item?;
+                let kind = match ev.kind {
+                    EventKind::Put => "PUT",
+                    EventKind::Delete => "DELETE",
+                };
+                println!(
+                    "{}\t{kind}\t{}\t{}",
+                    ev.revision,
+                    String::from_utf8_lossy(&ev.key),
+                    String::from_utf8_lossy(&ev.value)
+                );
+                seen += 1;
+                if count.is_some_and(|c| seen >= c) {
+                    break;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn run_node(args: NodeArgs) -> dcoord::Result<ExitCode> {
+    let config_path = match args.config {
+        Some(path) => path,
+        None => {
+            let peers = if args.peers.is_empty() {
+                vec![(args.id, args.listen)]
+            } else {
+                args.peers
+            };
+            let timing = if peers.len() == 1 {
+                Timing::single()
+            } else {
+                Timing::cluster()
+            };
+            let dir = std::path::absolute(&args.dir).map_err(|e| Error::Io {
+                what: "bad data dir",
+                path: args.dir.clone(),
+                source: e,
+            })?;
+            NodeConfig {
+                node_id: args.id,
+                listen: args.listen,
+                peers,
+                data_dir: dir,
+                timing,
+            }
+            .write()?
+        }
+    };
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(());
+    if args.exit_with_stdin {
+        // The parent holds our stdin; when it dies, the pipe closes and we go too.
+        std::thread::spawn(|| {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            std::process::exit(0);
+        });
+    }
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        let _ = shutdown_tx.send(());
+    });
+    eprintln!("dcoord: node starting with {config_path:?}");
+    dcoord::engine::run_node(&config_path, shutdown_rx).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_cluster(args: ClusterArgs) -> dcoord::Result<ExitCode> {
+    let mut options = ClusterOptions::default().nodes(args.nodes);
+    if let Some(dir) = args.dir {
+        if dir.join("n1").join("node.toml").exists() {
+            return Err(Error::InvalidArgument(format!(
+                "{dir:?} already holds a cluster; remove it or pick another --dir"
+            )));
+        }
+        options = options.dir(std::path::absolute(&dir).map_err(|e| Error::Io {
+            what: "bad data dir",
+            path: dir.clone(),
+            source: e,
+        })?);
+    }
+    let cluster = LocalCluster::start(options).await?;
+    let endpoints = cluster.endpoints();
+    let file = endpoints_file();
+    std::fs::write(&file, endpoints.join("\n")).map_err(|e| Error::Io {
+        what: "cannot write endpoints file",
+        path: file.clone(),
+        source: e,
+    })?;
+    for (id, e) in cluster.ids().iter().zip(&endpoints) {
+        println!("node {id}: {e} (pid {})", cluster.pid(*id).unwrap_or(0));
+    }
+    println!("DCOORD_ENDPOINTS={}", endpoints.join(","));
+    eprintln!(
+        "dcoord: cluster running, data in {:?}; Ctrl-C to stop",
+        cluster.dir()
+    );
+    let _ = tokio::signal::ctrl_c().await;
+    let _ = std::fs::remove_file(&file);
+    drop(cluster);
+    eprintln!("dcoord: cluster stopped");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,203 @@
+//! The [`Store`] trait: d-engine's primitives, object-safe, with one event type.
+//!
+//! Every recipe is written against `Arc<dyn Store>`; three implementations exist:
+//!
+//! - [`EmbeddedStore`]: a d-engine node inside this process (the default; see
+//!   [`crate::engine::EmbeddedNode`]).
+//! - [`RemoteStore`]: a d-engine cluster over gRPC; follows the leader by itself.
+//! - `MemStore` (feature `test-util`): in memory, same semantics, with fault injection.
+//!
+//! # Guarantees
+//! - Writes are linearizable (they go through Raft on the leader). `get` is as consistent as the
+//!   [`Consistency`] asked for.
+//! - [`Store::compare_and_swap`] compares the stored bytes exactly; `expected = None` means "the
+//!   key is absent". A failed CAS writes nothing and emits no watch event.
+//! - [`Store::scan_prefix`] returns the entries and the revision (Raft applied index) they
+//!   reflect. A watch registered BEFORE the scan delivers every later change with a revision
+//!   greater than the scan's, as long as the stream has not ended.
+//! - A watch stream never ends silently: its last item is one of [`Error::WatchCanceled`],
+//!   [`Error::WatchEnded`] or [`Error::WatchTransport`], and then it yields `None`.
+//! - Bad input (see [`crate::keys`]) is rejected before anything is sent.
+//!
+//! # NOT guaranteed (d-engine 0.2.4)
+//! - Watch delivery is at-most-once: under a burst, d-engine can drop events for every watcher
+//!   with no signal at all. Anything that must not miss a change re-scans periodically
+//!   (`reconcile` does).
+//! - Revisions are global (shared by all keys and by Raft's own entries): gaps are normal and
+//!   mean nothing. There is no watch-from-revision.
+//! - A `Delete` event does not prove the key existed: deleting an absent key emits one.
+//! - `prev_value` cannot tell "absent" from "empty": both are `Some(b"")`.
+//! - TTL ([`Store::put_with_ttl`]) is garbage collection only: expiry is decided by each node's
+//!   clock, emits NO watch event, and an expired key stays readable (and CAS-able) until that
+//!   node's sweeper removes it. Never let CAS manage a key that has a TTL.
+//!
+//! # Failure modes
+//! - [`Error::Unavailable`]: nothing applied, retry is safe.
+//! - [`Error::Ambiguous`]: a write whose outcome is unknown; re-read before deciding.
+
+use std::fmt;
+use std::pin::Pin;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::Stream;
+
+use crate::error::{Result, show};
+
+mod embedded;
+mod remote;
+
+pub use embedded::EmbeddedStore;
+pub use remote::{RemoteOptions, RemoteStore};
+
+/// How fresh a read must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Consistency {
+    /// Reflects every write acknowledged before the read started (ReadIndex on the leader).
+    #[default]
+    Linearizable,
+    /// Served by the leader under its lease: linearizable unless clocks misbehave.
+    Lease,
+    /// Served by any node from its own state: may be stale.
+    Eventual,
+}
+
+/// What a watch follows.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum WatchTarget {
+    /// Exactly this key.
+    Key(Bytes),
+    /// Every key under this prefix; the prefix must start and end with `/`.
+    Prefix(Bytes),
+}
+
+impl WatchTarget {
+    /// A watch on one key.
+    pub fn key(key: impl Into<Bytes>) -> Self {
+        WatchTarget::Key(key.into())
+    }
+
+    /// A watch on a '/'-bounded prefix.
+    pub fn prefix(prefix: impl Into<Bytes>) -> Self {
+        WatchTarget::Prefix(prefix.into())
+    }
+
+    /// The key or prefix bytes.
+    pub fn bytes(&self) -> &Bytes {
+        match self {
+            WatchTarget::Key(k) | WatchTarget::Prefix(k) => k,
+        }
+    }
+
+    /// Validates the target with the rules of [`crate::keys`].
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            WatchTarget::Key(k) => crate::keys::validate_key(k),
+            WatchTarget::Prefix(p) => crate::keys::validate_watch_prefix(p),
+        }
+    }
+
+    /// Whether `key` is covered by this target.
+    pub fn matches(&self, key: &[u8]) -> bool {
+        match self {
+            WatchTarget::Key(k) => k.as_ref() == key,
+            WatchTarget::Prefix(p) => key.starts_with(p),
+        }
+    }
+}
+
+impl fmt::Display for WatchTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WatchTarget::Key(k) => write!(f, "key {:?}", show(k)),
+            WatchTarget::Prefix(p) => write!(f, "prefix {:?}", show(p)),
+        }
+    }
+}
+
+/// What happened to a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// The key was written (put, put_with_ttl, or a successful CAS).
+    Put,
+    /// The key was deleted (also emitted when the key did not exist). TTL expiry emits nothing.
+    Delete,
+}
+
+/// One change seen by a watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// Put or Delete.
+    pub kind: EventKind,
+    /// The key that changed (for a prefix watch: the full child key).
+    pub key: Bytes,
+    /// The new value; empty for a Delete.
+    pub value: Bytes,
+    /// The value before the change, when the watch asked for it (`Some(b"")` when the key was
+    /// absent or empty: d-engine does not tell them apart). `None` when not asked for.
+    pub prev_value: Option<Bytes>,
+    /// The Raft log index of the change: strictly increasing within one stream, global across
+    /// keys, so gaps mean nothing.
+    pub revision: u64,
+}
+
+/// The result of [`Store::scan_prefix`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scan {
+    /// Matching entries, sorted by key.
+    pub entries: Vec<(Bytes, Bytes)>,
+    /// The revision (applied index) the entries reflect.
+    pub revision: u64,
+}
+
+/// A watch stream: events, then exactly one terminal error, then `None`.
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<Event>> + Send + 'static>>;
+
+/// d-engine's primitives, object-safe (`Arc<dyn Store>`).
+///
+/// # Cancel safety
+/// Dropping a read's future has no effect. Dropping a write's future after it started leaves the
+/// write in an unknown state, exactly like [`crate::Error::Ambiguous`]: it may still be applied.
+#[async_trait]
+pub trait Store: Send + Sync + fmt::Debug + 'static {
+    /// Reads one key.
+    async fn get(&self, key: &[u8], consistency: Consistency) -> Result<Option<Bytes>>;
+
+    /// Writes one key. A TTL the key had before is kept (d-engine 0.2.4 semantics).
+    async fn put(&self, key: &[u8], value: &[u8]) -> Result<()>;
+
+    /// Writes one key that the store deletes after `ttl` (rounded up to whole seconds, at least
+    /// one). Expiry emits no watch event; see the module docs.
+    async fn put_with_ttl(&self, key: &[u8], value: &[u8], ttl: Duration) -> Result<()>;
+
+    /// Deletes one key. Deleting an absent key succeeds (and emits a Delete event).
+    async fn delete(&self, key: &[u8]) -> Result<()>;
+
+    /// Writes `new` only if the key currently holds `expected` (`None`: only if it is absent).
+    /// Returns whether it wrote.
+    async fn compare_and_swap(&self, key: &[u8], expected: Option<&[u8]>, new: &[u8])
+    -> Result<bool>;
+
+    /// All entries whose key starts with `prefix`, and the revision they reflect.
+    async fn scan_prefix(&self, prefix: &[u8]) -> Result<Scan>;
+
+    /// Starts a watch. Only changes applied after this returns are guaranteed to be delivered.
+    async fn watch(&self, target: WatchTarget, prev_value: bool) -> Result<WatchStream>;
+}
+
+/// Rounds a TTL up to whole seconds, rejecting zero (d-engine treats 0 as "no TTL").
+pub(crate) fn ttl_secs(ttl: Duration) -> Result<u64> {
+    if ttl.is_zero() {
+        return Err(crate::Error::InvalidArgument(
+            "a TTL must be at least one second (zero would mean no TTL)".into(),
+        ));
+    }
+    Ok(ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0))
+}
+
+/// Validation shared by every store's write path.
+pub(crate) fn check_write(key: &[u8], value: &[u8]) -> Result<()> {
+    crate::keys::validate_key(key)?;
+    crate::keys::validate_value(key, value)
+}

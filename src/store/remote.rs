@@ -1,0 +1,438 @@
+//! [`Store`] over a d-engine cluster through its gRPC client.
+//!
+//! d-engine's `Client` caches the leader's channel at build time and never recovers by itself
+//! after the leader dies. `RemoteStore` adds what is missing:
+//!
+//! - **Failover.** An error that proves the request was not applied (not leader, connection
+//!   refused, service not ready, ...) triggers one shared `refresh()` (rediscover the leader)
+//!   and a retry, with capped exponential backoff, until [`RemoteOptions::op_deadline`].
+//!   Reads are retried on any transient error.
+//! - **Ambiguity.** A write that fails after it may have reached the leader (a timeout, a
+//!   connection reset mid-call) is returned as [`Error::Ambiguous`] and never retried.
+//! - **Fresh watches.** d-engine's `Client::watch` picks a random node; on a follower events
+//!   arrive one Raft heartbeat late (~100 ms by default). `RemoteStore` opens every watch on the
+//!   current leader (measured: ~0.5–0.8 ms put→event, vs ~102 ms on a follower). After a leader
+//!   change an open watch keeps working from its node, now a follower, with that lag, until it is
+//!   re-opened (reconcile re-opens on every relist).
+//! - **prev_value.** Watches go through the raw gRPC service, so `prev_value` is supported
+//!   (d-engine's `Client` hard-codes it off).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use d_engine::protocol::ReadConsistencyPolicy;
+use d_engine::{Client, ClientApi, ClientApiError, ErrorCode};
+use d_engine_proto::client::raft_client_service_client::RaftClientServiceClient;
+use d_engine_proto::client::{WatchEventType, WatchRequest, WatchResponse};
+use futures::StreamExt;
+use tokio::time::Instant;
+
+use super::{Consistency, Event, EventKind, Scan, Store, WatchStream, WatchTarget, check_write};
+use crate::error::{Error, Result, show};
+use crate::keys;
+
+/// Settings of a [`RemoteStore`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RemoteOptions {
+    /// How long one operation may keep retrying through failover before it gives up with
+    /// [`Error::Unavailable`]. Default 10 s.
+    pub op_deadline: Duration,
+    /// Timeout of one gRPC request. A write that hits it is [`Error::Ambiguous`]. Default 5 s.
+    pub request_timeout: Duration,
+    /// Timeout of one TCP connect. Default 1 s.
+    pub connect_timeout: Duration,
+    /// First retry delay; doubles up to `max_backoff`. Default 20 ms.
+    pub min_backoff: Duration,
+    /// Largest retry delay. Default 500 ms.
+    pub max_backoff: Duration,
+}
+
+impl Default for RemoteOptions {
+    fn default() -> Self {
+        Self {
+            op_deadline: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(1),
+            min_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(500),
+        }
+    }
+}
+
+impl RemoteOptions {
+    /// Sets [`RemoteOptions::op_deadline`].
+    pub fn op_deadline(mut self, d: Duration) -> Self {
+        self.op_deadline = d;
+        self
+    }
+
+    /// Sets [`RemoteOptions::request_timeout`].
+    pub fn request_timeout(mut self, d: Duration) -> Self {
+        self.request_timeout = d;
+        self
+    }
+}
+
+/// A [`Store`] on a d-engine cluster reached over gRPC. Cheap to clone.
+#[derive(Clone)]
+pub struct RemoteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    endpoints: Vec<String>,
+    options: RemoteOptions,
+    /// Bumped by every successful refresh; lets concurrent failures share one refresh.
+    generation: AtomicU64,
+    refresh_lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for RemoteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteStore")
+            .field("endpoints", &self.inner.endpoints)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Adds `http://` when an endpoint has no scheme.
+pub(crate) fn normalize_endpoint(e: &str) -> String {
+    if e.contains("://") {
+        e.to_string()
+    } else {
+        format!("http://{e}")
+    }
+}
+
+/// What a failed attempt means for the operation.
+enum Verdict {
+    /// Not applied; refresh and retry.
+    Retry,
+    /// Maybe applied; report as ambiguous (writes only).
+    Ambiguous,
+    /// Give up with this error.
+    Fail,
+}
+
+fn classify(e: &ClientApiError, is_write: bool) -> Verdict {
+    let msg = e.message().to_ascii_lowercase();
+    let refused_before_send = msg.contains("connect")
+        || msg.contains("not ready")
+        || msg.contains("transport error")
+        || msg.contains("not leader");
+    match e.code() {
+        ErrorCode::NotLeader
+        | ErrorCode::StaleOperation
+        | ErrorCode::LeaderChanged
+        | ErrorCode::RateLimited => Verdict::Retry,
+        ErrorCode::InvalidRequest
+        | ErrorCode::InvalidAddress
+        | ErrorCode::VersionMismatch
+        | ErrorCode::InvalidResponse
+        | ErrorCode::DiskFull
+        | ErrorCode::DataCorruption
+        | ErrorCode::StoragePermissionDenied => Verdict::Fail,
+        _ if refused_before_send => Verdict::Retry,
+        _ if is_write => Verdict::Ambiguous,
+        _ => Verdict::Retry,
+    }
+}
+
+impl RemoteStore {
+    /// Connects to a cluster through any of `endpoints` (`host:port` or `http://host:port`) and
+    /// waits until it has a leader, up to [`RemoteOptions::op_deadline`].
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an empty list; [`Error::Unavailable`] when no endpoint
+    /// answers with a ready leader before the deadline.
+    ///
+    /// # Cancel safety
+    /// Dropping the future abandons the connection attempt; nothing is left behind.
+    pub async fn connect(endpoints: &[String], options: RemoteOptions) -> Result<Self> {
+        if endpoints.is_empty() {
+            return Err(Error::InvalidArgument(
+                "at least one endpoint is required".into(),
+            ));
+        }
+        let endpoints: Vec<String> = endpoints.iter().map(|e| normalize_endpoint(e)).collect();
+        let deadline = Instant::now() + options.op_deadline;
+        let mut backoff = options.min_backoff;
+        let client = loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let attempt = Client::builder(endpoints.clone())
+                .connect_timeout(options.connect_timeout)
+                .request_timeout(options.request_timeout)
+                .cluster_ready_timeout(remaining.max(Duration::from_millis(100)))
+                .build();
+            let last = match tokio::time::timeout(remaining, attempt).await {
+                Ok(Ok(client)) => break client,
+                Ok(Err(e)) => Some(e),
+                Err(_) => None,
+            };
+            if Instant::now() + backoff >= deadline {
+                return Err(Error::Unavailable {
+                    op: "connect",
+                    message: format!(
+                        "no ready leader at {} within {:?}{}",
+                        endpoints.join(", "),
+                        options.op_deadline,
+                        last.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+                    ),
+                    source: last,
+                });
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(options.max_backoff);
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                endpoints,
+                options,
+                generation: AtomicU64::new(0),
+                refresh_lock: tokio::sync::Mutex::new(()),
+            }),
+        })
+    }
+
+    /// The endpoints this store was connected with.
+    pub fn endpoints(&self) -> &[String] {
+        &self.inner.endpoints
+    }
+
+    /// The leader's node id as last discovered (refreshed on failover).
+    pub async fn leader_id(&self) -> Option<u32> {
+        self.inner.client.get_leader_id().await.ok().flatten()
+    }
+
+    /// Rediscovers the leader, unless another task already did since `seen_generation`.
+    async fn refresh(&self, seen_generation: u64) {
+        let _guard = self.inner.refresh_lock.lock().await;
+        if self.inner.generation.load(Ordering::Acquire) != seen_generation {
+            return;
+        }
+        match self.inner.client.refresh(None).await {
+            Ok(()) => {
+                self.inner.generation.fetch_add(1, Ordering::AcqRel);
+            }
+            Err(e) => tracing::debug!("refresh failed: {e}"),
+        }
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, turns ambiguous, or the deadline passes.
+    async fn retry<T, F, Fut>(
+        &self,
+        op: &'static str,
+        write_key: Option<&[u8]>,
+        mut attempt: F,
+    ) -> Result<T>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = std::result::Result<T, ClientApiError>>,
+    {
+        let deadline = Instant::now() + self.inner.options.op_deadline;
+        let mut backoff = self.inner.options.min_backoff;
+        loop {
+            let generation = self.inner.generation.load(Ordering::Acquire);
+            let err = match attempt(self.inner.client.clone()).await {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            match classify(&err, write_key.is_some()) {
+                Verdict::Retry => {}
+                Verdict::Ambiguous => {
+                    return Err(Error::Ambiguous {
+                        op,
+                        key: show(write_key.unwrap_or_default()),
+                        message: err.to_string(),
+                        source: Some(err),
+                    });
+                }
+                Verdict::Fail => {
+                    return Err(Error::Engine {
+                        op,
+                        message: err.to_string(),
+                        source: Some(err),
+                    });
+                }
+            }
+            if Instant::now() + backoff >= deadline {
+                return Err(Error::Unavailable {
+                    op,
+                    message: format!(
+                        "gave up after {:?}: {err}",
+                        self.inner.options.op_deadline
+                    ),
+                    source: Some(err),
+                });
+            }
+            tracing::debug!(op, "retrying after {err}");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(self.inner.options.max_backoff);
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let _ = tokio::time::timeout(remaining, self.refresh(generation)).await;
+        }
+    }
+
+    /// Opens a raw watch on the current leader.
+    async fn open_watch(
+        &self,
+        target: &WatchTarget,
+        prev_kv: bool,
+    ) -> std::result::Result<tonic::Streaming<WatchResponse>, ClientApiError> {
+        let client = &self.inner.client;
+        let leader = client.get_leader_id().await?;
+        let members = client.list_members().await?;
+        let address = leader
+            .and_then(|id| members.iter().find(|m| m.id == id))
+            .map(|m| normalize_endpoint(&m.address))
+            .ok_or_else(|| ClientApiError::from(ErrorCode::NotLeader))?;
+        let channel = tonic::transport::Endpoint::try_from(address)?
+            .connect_timeout(self.inner.options.connect_timeout)
+            .tcp_nodelay(true)
+            .connect()
+            .await?;
+        let request = WatchRequest {
+            client_id: 0,
+            key: target.bytes().clone(),
+            prefix: matches!(target, WatchTarget::Prefix(_)),
+            prev_kv,
+        };
+        Ok(RaftClientServiceClient::new(channel)
+            .watch(request)
+            .await?
+            .into_inner())
+    }
+}
+
+fn policy(c: Consistency) -> ReadConsistencyPolicy {
+    match c {
+        Consistency::Linearizable => ReadConsistencyPolicy::LinearizableRead,
+        Consistency::Lease => ReadConsistencyPolicy::LeaseRead,
+        Consistency::Eventual => ReadConsistencyPolicy::EventualConsistency,
+    }
+}
+
+#[async_trait]
+impl Store for RemoteStore {
+    async fn get(&self, key: &[u8], consistency: Consistency) -> Result<Option<Bytes>> {
+        keys::validate_key(key)?;
+        self.retry("get", None, |c| async move {
+            Ok(c.get_with_policy(key, Some(policy(consistency)))
+                .await?
+                .map(|e| e.value))
+        })
+        .await
+    }
+
+    async fn put(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        check_write(key, value)?;
+        self.retry("put", Some(key), |c| async move { c.put(key, value).await })
+            .await
+    }
+
+    async fn put_with_ttl(&self, key: &[u8], value: &[u8], ttl: Duration) -> Result<()> {
+        check_write(key, value)?;
+        let secs = super::ttl_secs(ttl)?;
+        self.retry("put_with_ttl", Some(key), |c| async move {
+            c.put_with_ttl(key, value, secs).await
+        })
+        .await
+    }
+
+    async fn delete(&self, key: &[u8]) -> Result<()> {
+        keys::validate_key(key)?;
+        self.retry("delete", Some(key), |c| async move { c.delete(key).await })
+            .await
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: &[u8],
+    ) -> Result<bool> {
+        check_write(key, new)?;
+        self.retry("compare_and_swap", Some(key), |c| async move {
+            c.compare_and_swap(key, expected, new).await
+        })
+        .await
+    }
+
+    async fn scan_prefix(&self, prefix: &[u8]) -> Result<Scan> {
+        keys::validate_scan_prefix(prefix)?;
+        let scan = self
+            .retry("scan_prefix", None, |c| async move { c.scan_prefix(prefix).await })
+            .await?;
+        let mut entries = scan.entries;
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(Scan {
+            entries,
+            revision: scan.revision,
+        })
+    }
+
+    async fn watch(&self, target: WatchTarget, prev_value: bool) -> Result<WatchStream> {
+        target.validate()?;
+        let this = self.clone();
+        let t = &target;
+        let stream = self
+            .retry("watch", None, |_| {
+                let this = this.clone();
+                async move { this.open_watch(t, prev_value).await }
+            })
+            .await?;
+        let name = target.to_string();
+        Ok(Box::pin(async_stream::stream! {
+            let mut stream = stream;
+            loop {
+                match stream.next().await {
+                    Some(Ok(resp)) => match convert(resp, prev_value) {
+                        Some(Ok(ev)) => yield Ok(ev),
+                        Some(Err(())) => {
+                            yield Err(Error::WatchCanceled { target: name.clone() });
+                            break;
+                        }
+                        None => {}
+                    },
+                    Some(Err(status)) => {
+                        yield Err(Error::WatchTransport {
+                            target: name.clone(),
+                            message: format!("{:?}: {}", status.code(), status.message()),
+                        });
+                        break;
+                    }
+                    None => {
+                        yield Err(Error::WatchEnded {
+                            target: name.clone(),
+                            reason: "the server closed the stream".into(),
+                        });
+                        break;
+                    }
+                }
+            }
+        }))
+    }
+}
+
+/// `Some(Ok)` an event, `Some(Err)` canceled, `None` skip (Progress).
+fn convert(r: WatchResponse, prev_value: bool) -> Option<std::result::Result<Event, ()>> {
+    let kind = match WatchEventType::try_from(r.event_type) {
+        Ok(WatchEventType::Put) => EventKind::Put,
+        Ok(WatchEventType::Delete) => EventKind::Delete,
+        Ok(WatchEventType::Canceled) => return Some(Err(())),
+        _ => return None,
+    };
+    Some(Ok(Event {
+        kind,
+        key: r.key,
+        value: r.value,
+        prev_value: prev_value.then_some(r.prev_value),
+        revision: r.revision,
+    }))
+}

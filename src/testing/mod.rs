@@ -1,0 +1,418 @@
+//! An in-memory [`Store`] with d-engine's semantics and fault injection (feature `test-util`).
+//!
+//! # Same semantics as d-engine 0.2.4
+//! - One global revision, bumped by every applied write (a failed CAS bumps it too, like the
+//!   Raft index it stands for, but emits no event).
+//! - Watch prefixes must start and end with `/`; a prefix watch sees every key under it.
+//! - Deleting an absent key emits a Delete event.
+//! - `put_with_ttl`: the key stays readable (and CAS-able) after it expires, until the sweeper
+//!   removes it; removal emits NO event. A plain `put` or a CAS keeps the key's TTL.
+//! - A watcher whose buffer is full is sent `Canceled` and dropped.
+//!
+//! # Faults
+//! [`MemStore::cancel_watches`], [`MemStore::end_watches`], [`MemStore::drop_next_events`]
+//! (silent loss, like d-engine's broadcast lag), [`MemStore::fail_next_ops`] (retryable,
+//! nothing applied), [`MemStore::ambiguous_next_writes`] (applied, reported as
+//! [`Error::Ambiguous`]), [`MemStore::set_latency`]. [`MemStore::op_counts`] counts operations.
+//!
+//! Everything runs on tokio's clock, so tests can use `start_paused = true`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::error::{Error, Result, show};
+use crate::keys;
+use crate::store::{
+    Consistency, Event, EventKind, Scan, Store, WatchStream, WatchTarget, check_write, ttl_secs,
+};
+
+/// Settings of a [`MemStore`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct MemOptions {
+    /// Events a watcher may have queued before it is canceled (d-engine's default: 256).
+    pub watcher_buffer: usize,
+    /// How often expired keys are swept (d-engine's default: 1 s).
+    pub ttl_sweep_interval: Duration,
+}
+
+impl Default for MemOptions {
+    fn default() -> Self {
+        Self {
+            watcher_buffer: 256,
+            ttl_sweep_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// How many operations a [`MemStore`] has served (including failed ones).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpCounts {
+    /// `get` calls.
+    pub gets: u64,
+    /// `scan_prefix` calls.
+    pub scans: u64,
+    /// `put`, `put_with_ttl`, `delete` and `compare_and_swap` calls.
+    pub writes: u64,
+    /// `watch` calls.
+    pub watches: u64,
+}
+
+impl OpCounts {
+    /// Reads: gets plus scans.
+    pub fn reads(&self) -> u64 {
+        self.gets + self.scans
+    }
+}
+
+struct Entry {
+    value: Bytes,
+    expires_at: Option<Instant>,
+}
+
+struct Watcher {
+    target: WatchTarget,
+    prev_value: bool,
+    tx: mpsc::Sender<Result<Event>>,
+}
+
+#[derive(Default)]
+struct Faults {
+    drop_events: u64,
+    fail_ops: u64,
+    ambiguous_writes: u64,
+    latency: Duration,
+}
+
+#[derive(Default)]
+struct State {
+    data: BTreeMap<Bytes, Entry>,
+    revision: u64,
+    watchers: Vec<Watcher>,
+    faults: Faults,
+    ops: OpCounts,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    options: MemOptions,
+}
+
+/// The in-memory store. Cheap to clone; clones share the data.
+#[derive(Clone)]
+pub struct MemStore {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for MemStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemStore").finish_non_exhaustive()
+    }
+}
+
+impl Default for MemStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+enum Write<'a> {
+    Put(&'a [u8], Option<Instant>),
+    Delete,
+    Cas(Option<&'a [u8]>, &'a [u8]),
+}
+
+impl MemStore {
+    /// A new empty store. Must be called inside a tokio runtime (it starts the TTL sweeper).
+    pub fn new() -> Self {
+        Self::with_options(MemOptions::default())
+    }
+
+    /// A new empty store with options.
+    pub fn with_options(options: MemOptions) -> Self {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            options,
+        });
+        tokio::spawn(sweeper(Arc::downgrade(&shared)));
+        Self { shared }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every open watch is sent `Canceled` (as on a server-side overflow) and closed.
+    pub fn cancel_watches(&self) {
+        let mut st = self.lock();
+        for w in st.watchers.drain(..) {
+            let _ = w.tx.try_send(Err(Error::WatchCanceled {
+                target: w.target.to_string(),
+            }));
+        }
+    }
+
+    /// Every open watch stream ends (as when the serving node goes away).
+    pub fn end_watches(&self) {
+        self.lock().watchers.clear();
+    }
+
+    /// The next `n` write events are silently not delivered to any watcher.
+    pub fn drop_next_events(&self, n: u64) {
+        self.lock().faults.drop_events += n;
+    }
+
+    /// The next `n` operations fail with [`Error::Unavailable`] and change nothing.
+    pub fn fail_next_ops(&self, n: u64) {
+        self.lock().faults.fail_ops += n;
+    }
+
+    /// The next `n` writes are applied but reported as [`Error::Ambiguous`].
+    pub fn ambiguous_next_writes(&self, n: u64) {
+        self.lock().faults.ambiguous_writes += n;
+    }
+
+    /// Every operation first waits `latency`.
+    pub fn set_latency(&self, latency: Duration) {
+        self.lock().faults.latency = latency;
+    }
+
+    /// Operations served so far.
+    pub fn op_counts(&self) -> OpCounts {
+        self.lock().ops
+    }
+
+    /// The current revision.
+    pub fn revision(&self) -> u64 {
+        self.lock().revision
+    }
+
+    /// Number of open watches.
+    pub fn watch_count(&self) -> usize {
+        let mut st = self.lock();
+        st.watchers.retain(|w| !w.tx.is_closed());
+        st.watchers.len()
+    }
+
+    /// Waits the injected latency, counts the op and consumes an injected failure.
+    async fn enter(&self, op: &'static str, count: impl FnOnce(&mut OpCounts)) -> Result<()> {
+        let latency = self.lock().faults.latency;
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        let mut st = self.lock();
+        count(&mut st.ops);
+        if st.faults.fail_ops > 0 {
+            st.faults.fail_ops -= 1;
+            return Err(Error::Unavailable {
+                op,
+                message: "injected failure".into(),
+                source: None,
+            });
+        }
+        Ok(())
+    }
+
+    async fn write(&self, op: &'static str, key: &[u8], w: Write<'_>) -> Result<bool> {
+        self.enter(op, |c| c.writes += 1).await?;
+        let mut st = self.lock();
+        st.revision += 1;
+        let revision = st.revision;
+        let prev = st.data.get(key).map(|e| e.value.clone());
+        let (applied, event) = match w {
+            Write::Put(value, ttl) => {
+                let expires_at = match ttl {
+                    Some(at) => Some(at),
+                    // d-engine keeps a key's lease across a plain put.
+                    None => st.data.get(key).and_then(|e| e.expires_at),
+                };
+                let value = Bytes::copy_from_slice(value);
+                st.data.insert(
+                    Bytes::copy_from_slice(key),
+                    Entry {
+                        value: value.clone(),
+                        expires_at,
+                    },
+                );
+                (true, Some((EventKind::Put, value)))
+            }
+            Write::Delete => {
+                st.data.remove(key);
+                (true, Some((EventKind::Delete, Bytes::new())))
+            }
+            Write::Cas(expected, new) => {
+                if prev.as_deref() == expected {
+                    let expires_at = st.data.get(key).and_then(|e| e.expires_at);
+                    let value = Bytes::copy_from_slice(new);
+                    st.data.insert(
+                        Bytes::copy_from_slice(key),
+                        Entry {
+                            value: value.clone(),
+                            expires_at,
+                        },
+                    );
+                    (true, Some((EventKind::Put, value)))
+                } else {
+                    (false, None)
+                }
+            }
+        };
+        if let Some((kind, value)) = event {
+            if st.faults.drop_events > 0 {
+                st.faults.drop_events -= 1;
+            } else {
+                let event = Event {
+                    kind,
+                    key: Bytes::copy_from_slice(key),
+                    value,
+                    prev_value: None,
+                    revision,
+                };
+                dispatch(&mut st, event, prev, self.shared.options.watcher_buffer);
+            }
+        }
+        if st.faults.ambiguous_writes > 0 {
+            st.faults.ambiguous_writes -= 1;
+            return Err(Error::Ambiguous {
+                op,
+                key: show(key),
+                message: "injected: applied, reported as unknown".into(),
+                source: None,
+            });
+        }
+        Ok(applied)
+    }
+}
+
+fn dispatch(st: &mut State, event: Event, prev: Option<Bytes>, buffer: usize) {
+    st.watchers.retain(|w| {
+        if !w.target.matches(&event.key) {
+            return !w.tx.is_closed();
+        }
+        if w.tx.capacity() <= 1 {
+            // d-engine: the last slot is reserved for the cancel notice.
+            let _ = w.tx.try_send(Err(Error::WatchCanceled {
+                target: w.target.to_string(),
+            }));
+            return false;
+        }
+        let mut e = event.clone();
+        if w.prev_value {
+            e.prev_value = Some(prev.clone().unwrap_or_default());
+        }
+        debug_assert!(buffer > 0);
+        w.tx.try_send(Ok(e)).is_ok()
+    });
+}
+
+async fn sweeper(shared: Weak<Shared>) {
+    let interval = match shared.upgrade() {
+        Some(s) => s.options.ttl_sweep_interval,
+        None => return,
+    };
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let now = Instant::now();
+        let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        // Expiry is local and emits no event, exactly like d-engine's sweeper.
+        st.data.retain(|_, e| e.expires_at.is_none_or(|at| at > now));
+    }
+}
+
+#[async_trait]
+impl Store for MemStore {
+    async fn get(&self, key: &[u8], _consistency: Consistency) -> Result<Option<Bytes>> {
+        keys::validate_key(key)?;
+        self.enter("get", |c| c.gets += 1).await?;
+        Ok(self.lock().data.get(key).map(|e| e.value.clone()))
+    }
+
+    async fn put(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        check_write(key, value)?;
+        self.write("put", key, Write::Put(value, None)).await?;
+        Ok(())
+    }
+
+    async fn put_with_ttl(&self, key: &[u8], value: &[u8], ttl: Duration) -> Result<()> {
+        check_write(key, value)?;
+        let secs = ttl_secs(ttl)?;
+        let at = Instant::now() + Duration::from_secs(secs);
+        self.write("put_with_ttl", key, Write::Put(value, Some(at)))
+            .await?;
+        Ok(())
+    }
+
+    async fn delete(&self, key: &[u8]) -> Result<()> {
+        keys::validate_key(key)?;
+        self.write("delete", key, Write::Delete).await?;
+        Ok(())
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: &[u8],
+    ) -> Result<bool> {
+        check_write(key, new)?;
+        self.write("compare_and_swap", key, Write::Cas(expected, new))
+            .await
+    }
+
+    async fn scan_prefix(&self, prefix: &[u8]) -> Result<Scan> {
+        keys::validate_scan_prefix(prefix)?;
+        self.enter("scan_prefix", |c| c.scans += 1).await?;
+        let st = self.lock();
+        let entries = st
+            .data
+            .range(Bytes::copy_from_slice(prefix)..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, e)| (k.clone(), e.value.clone()))
+            .collect();
+        Ok(Scan {
+            entries,
+            revision: st.revision,
+        })
+    }
+
+    async fn watch(&self, target: WatchTarget, prev_value: bool) -> Result<WatchStream> {
+        target.validate()?;
+        self.enter("watch", |c| c.watches += 1).await?;
+        let (tx, mut rx) = mpsc::channel(self.shared.options.watcher_buffer + 1);
+        let name = target.to_string();
+        self.lock().watchers.push(Watcher {
+            target,
+            prev_value,
+            tx,
+        });
+        Ok(Box::pin(async_stream::stream! {
+            loop {
+                match rx.recv().await {
+                    Some(Ok(e)) => yield Ok(e),
+                    Some(Err(e)) => {
+                        yield Err(e);
+                        break;
+                    }
+                    None => {
+                        yield Err(Error::WatchEnded {
+                            target: name.clone(),
+                            reason: "the store closed the stream".into(),
+                        });
+                        break;
+                    }
+                }
+            }
+        }))
+    }
+}
