@@ -1,0 +1,120 @@
+//! Fixtures shared by the integration tests: one store per backend, a shared 3-node cluster.
+#![allow(dead_code)]
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use dcoord::engine::{ClusterOptions, EmbeddedNode, LocalCluster};
+use dcoord::store::{Event, Store, WatchStream};
+use dcoord::testing::MemStore;
+use futures::StreamExt;
+
+/// Which store a conformance test runs on.
+#[derive(Debug, Clone, Copy)]
+pub enum Backend {
+    Mem,
+    Embedded,
+    Cluster,
+}
+
+/// A store plus whatever keeps it alive, and a key namespace of its own.
+pub struct Fixture {
+    pub store: Arc<dyn Store>,
+    pub ns: String,
+    pub mem: Option<MemStore>,
+    pub node: Option<EmbeddedNode>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Fixture {
+    /// A key in this test's namespace.
+    pub fn key(&self, rest: &str) -> Vec<u8> {
+        format!("{}{rest}", self.ns).into_bytes()
+    }
+}
+
+/// The dcoord binary cargo built for this test run.
+pub fn binary() -> std::path::PathBuf {
+    env!("CARGO_BIN_EXE_dcoord").into()
+}
+
+/// One 3-node cluster shared by every non-destructive cluster test of this test binary. Its
+/// nodes exit when this process exits (they watch their stdin).
+pub fn shared_cluster() -> &'static LocalCluster {
+    static CLUSTER: OnceLock<LocalCluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        std::thread::spawn(|| {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(LocalCluster::start(
+                ClusterOptions::default().nodes(3).binary(binary()),
+            ))
+            .expect("start the shared 3-node cluster")
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+/// Serializes tests that start clusters of their own, so 2 busy cores are not asked to run
+/// several elections at once.
+pub static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+pub async fn fixture(backend: Backend) -> Fixture {
+    let ns = format!("/t/{}/", uuid::Uuid::new_v4().simple());
+    match backend {
+        Backend::Mem => {
+            let mem = MemStore::new();
+            Fixture {
+                store: Arc::new(mem.clone()),
+                ns,
+                mem: Some(mem),
+                node: None,
+                _dir: None,
+            }
+        }
+        Backend::Embedded => {
+            let dir = tempfile::tempdir().unwrap();
+            let node = EmbeddedNode::start(dir.path()).await.expect("embedded node");
+            Fixture {
+                store: node.dyn_store(),
+                ns,
+                mem: None,
+                node: Some(node),
+                _dir: Some(dir),
+            }
+        }
+        Backend::Cluster => {
+            let cluster = tokio::task::spawn_blocking(shared_cluster).await.unwrap();
+            let store = cluster.store().await.expect("connect to the shared cluster");
+            Fixture {
+                store: Arc::new(store),
+                ns,
+                mem: None,
+                node: None,
+                _dir: None,
+            }
+        }
+    }
+}
+
+/// The next item of a watch, which must be an event, within `secs` seconds.
+pub async fn next_event(stream: &mut WatchStream, secs: u64) -> Event {
+    match tokio::time::timeout(Duration::from_secs(secs), stream.next()).await {
+        Ok(Some(Ok(e))) => e,
+        Ok(Some(Err(e))) => panic!("watch failed: {e}"),
+        Ok(None) => panic!("watch ended"),
+        Err(_) => panic!("no event within {secs} s"),
+    }
+}
+
+/// The next item of a watch, which must be an error, within `secs` seconds.
+pub async fn next_error(stream: &mut WatchStream, secs: u64) -> dcoord::Error {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(secs), stream.next()).await {
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(e))) => return e,
+            Ok(None) => panic!("watch ended without an error"),
+            Err(_) => panic!("no error within {secs} s"),
+        }
+    }
+}

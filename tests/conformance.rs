@@ -1,0 +1,295 @@
+//! One set of behaviours, pinned on all three stores: the in-memory store, an embedded d-engine
+//! node, and a 3-node d-engine cluster over gRPC. If d-engine changes one of these, this file
+//! says which.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{Backend, Fixture, HEAVY, binary, fixture, next_error, next_event};
+use dcoord::Error;
+use dcoord::engine::{ClusterOptions, LocalCluster};
+use dcoord::keys::MAX_VALUE_LEN;
+use dcoord::store::{Consistency, EventKind, RemoteOptions, RemoteStore, Store, WatchTarget};
+
+/// Generates one `#[tokio::test]` per backend for each conformance function.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod mem {
+            $( #[tokio::test] async fn $name() { super::$name(super::fixture(super::Backend::Mem).await).await } )*
+        }
+        mod embedded {
+            $( #[tokio::test] async fn $name() { super::$name(super::fixture(super::Backend::Embedded).await).await } )*
+        }
+        mod cluster {
+            $( #[tokio::test] async fn $name() { super::$name(super::fixture(super::Backend::Cluster).await).await } )*
+        }
+    };
+}
+
+conformance!(
+    cas_compares_exact_bytes_and_absence,
+    bad_input_is_rejected_and_nothing_is_written,
+    watch_first_then_scan_delivers_every_later_change,
+    delete_of_missing_key_emits_delete_event,
+    failed_cas_emits_no_event,
+    ttl_expiry_emits_no_event_and_key_is_readable_until_swept,
+    watch_reports_previous_value_when_asked,
+    reads_see_own_writes_at_every_consistency,
+);
+
+async fn cas_compares_exact_bytes_and_absence(f: Fixture) {
+    let s = &f.store;
+    let k = f.key("cas");
+    assert!(s.compare_and_swap(&k, None, b"a").await.unwrap());
+    assert!(!s.compare_and_swap(&k, None, b"b").await.unwrap(), "CAS(None) on a present key");
+    assert!(!s.compare_and_swap(&k, Some(b"x"), b"b").await.unwrap());
+    assert_eq!(s.get(&k, Consistency::Linearizable).await.unwrap().unwrap(), "a");
+    assert!(s.compare_and_swap(&k, Some(b"a"), b"b").await.unwrap());
+    assert_eq!(s.get(&k, Consistency::Linearizable).await.unwrap().unwrap(), "b");
+    s.delete(&k).await.unwrap();
+    assert!(!s.compare_and_swap(&k, Some(b"b"), b"c").await.unwrap(), "CAS on a deleted key");
+    assert!(s.compare_and_swap(&k, None, b"d").await.unwrap(), "CAS(None) after delete");
+}
+
+async fn bad_input_is_rejected_and_nothing_is_written(f: Fixture) {
+    let s = &f.store;
+    for p in ["no-leading/", "/no-trailing", ""] {
+        let err = s
+            .watch(WatchTarget::prefix(p.as_bytes().to_vec()), false)
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, Error::InvalidPrefix { .. }), "{p:?}: {err}");
+    }
+    let err = s.put(b"", b"v").await.unwrap_err();
+    assert!(matches!(err, Error::InvalidKey { .. }), "{err}");
+    let big = vec![b'x'; MAX_VALUE_LEN + 1];
+    let k = f.key("big");
+    let err = s.put(&k, &big).await.unwrap_err();
+    assert!(matches!(err, Error::ValueTooLarge { .. }), "{err}");
+    let err = s.compare_and_swap(&k, None, &big).await.unwrap_err();
+    assert!(matches!(err, Error::ValueTooLarge { .. }), "{err}");
+    let err = s.put_with_ttl(&k, b"v", Duration::ZERO).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    assert_eq!(s.get(&k, Consistency::Linearizable).await.unwrap(), None);
+    let err = s.scan_prefix(b"").await.unwrap_err();
+    assert!(matches!(err, Error::InvalidPrefix { .. }), "{err}");
+}
+
+async fn watch_first_then_scan_delivers_every_later_change(f: Fixture) {
+    let s = &f.store;
+    let (k1, k2, k3) = (f.key("r/1"), f.key("r/2"), f.key("r/3"));
+    s.put(&k2, b"two").await.unwrap();
+    s.put(&k1, b"one").await.unwrap();
+    let mut watch = s
+        .watch(WatchTarget::prefix(f.key("r/")), false)
+        .await
+        .unwrap();
+    let scan = s.scan_prefix(&f.key("r/")).await.unwrap();
+    let keys: Vec<&[u8]> = scan.entries.iter().map(|(k, _)| k.as_ref()).collect();
+    assert_eq!(keys, vec![&k1[..], &k2[..]], "scan sorted by key");
+    assert!(scan.revision > 0);
+    s.put(&k3, b"three").await.unwrap();
+    s.delete(&k1).await.unwrap();
+    // Events at or below the scan revision are already in the scan (the reconcile rule).
+    let mut live = Vec::new();
+    while live.len() < 2 {
+        let e = next_event(&mut watch, 10).await;
+        if e.revision > scan.revision {
+            live.push(e);
+        }
+    }
+    assert_eq!((live[0].kind, &live[0].key[..]), (EventKind::Put, &k3[..]));
+    assert_eq!(live[0].value, "three");
+    assert_eq!((live[1].kind, &live[1].key[..]), (EventKind::Delete, &k1[..]));
+    assert!(live[1].revision > live[0].revision, "revisions increase");
+    assert_eq!(live[0].prev_value, None, "not asked for");
+}
+
+async fn delete_of_missing_key_emits_delete_event(f: Fixture) {
+    let s = &f.store;
+    let k = f.key("never");
+    let mut watch = s.watch(WatchTarget::key(k.clone()), false).await.unwrap();
+    s.delete(&k).await.unwrap();
+    let e = next_event(&mut watch, 10).await;
+    assert_eq!((e.kind, &e.key[..]), (EventKind::Delete, &k[..]));
+}
+
+async fn failed_cas_emits_no_event(f: Fixture) {
+    let s = &f.store;
+    let mut watch = s
+        .watch(WatchTarget::prefix(f.key("")), false)
+        .await
+        .unwrap();
+    assert!(!s.compare_and_swap(&f.key("c"), Some(b"nope"), b"x").await.unwrap());
+    s.put(&f.key("marker"), b"m").await.unwrap();
+    let e = next_event(&mut watch, 10).await;
+    assert_eq!(&e.key[..], &f.key("marker")[..], "the failed CAS emitted {e:?}");
+}
+
+async fn ttl_expiry_emits_no_event_and_key_is_readable_until_swept(f: Fixture) {
+    let s = &f.store;
+    let k = f.key("ttl");
+    let mut watch = s
+        .watch(WatchTarget::prefix(f.key("")), false)
+        .await
+        .unwrap();
+    let start = Instant::now();
+    s.put_with_ttl(&k, b"v", Duration::from_secs(1)).await.unwrap();
+    assert_eq!(next_event(&mut watch, 10).await.kind, EventKind::Put);
+    assert_eq!(s.get(&k, Consistency::Linearizable).await.unwrap().unwrap(), "v");
+    // Swept within TTL + sweep interval (+ slack for a busy machine).
+    loop {
+        if s.get(&k, Consistency::Linearizable).await.unwrap().is_none() {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "TTL key never swept");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(start.elapsed() >= Duration::from_millis(900), "expired early");
+    s.put(&f.key("marker"), b"m").await.unwrap();
+    let e = next_event(&mut watch, 10).await;
+    assert_eq!(&e.key[..], &f.key("marker")[..], "expiry emitted {e:?}");
+}
+
+async fn watch_reports_previous_value_when_asked(f: Fixture) {
+    let s = &f.store;
+    let k = f.key("prev");
+    let mut watch = s.watch(WatchTarget::key(k.clone()), true).await.unwrap();
+    s.put(&k, b"a").await.unwrap();
+    s.put(&k, b"b").await.unwrap();
+    let first = next_event(&mut watch, 10).await;
+    assert_eq!(first.prev_value, Some(Bytes::new()), "absent shows as empty");
+    let second = next_event(&mut watch, 10).await;
+    assert_eq!(second.prev_value, Some(Bytes::from_static(b"a")));
+    assert_eq!(second.value, "b");
+}
+
+async fn reads_see_own_writes_at_every_consistency(f: Fixture) {
+    let s = &f.store;
+    let k = f.key("read");
+    s.put(&k, b"v1").await.unwrap();
+    assert_eq!(s.get(&k, Consistency::Linearizable).await.unwrap().unwrap(), "v1");
+    assert_eq!(s.get(&k, Consistency::Lease).await.unwrap().unwrap(), "v1");
+    // Eventual may be served by a lagging follower: it converges.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.get(&k, Consistency::Eventual).await.unwrap().as_deref() != Some(b"v1") {
+        assert!(Instant::now() < deadline, "eventual read never converged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---- A watch never ends silently: one test per backend, each with its own way to die. ----
+
+#[tokio::test]
+async fn mem_watch_errors_when_streams_end() {
+    let f = fixture(Backend::Mem).await;
+    let mem = f.mem.clone().unwrap();
+    let mut a = f.store.watch(WatchTarget::prefix(f.key("")), false).await.unwrap();
+    mem.end_watches();
+    assert!(matches!(next_error(&mut a, 5).await, Error::WatchEnded { .. }));
+    let mut b = f.store.watch(WatchTarget::prefix(f.key("")), false).await.unwrap();
+    mem.cancel_watches();
+    assert!(matches!(next_error(&mut b, 5).await, Error::WatchCanceled { .. }));
+}
+
+#[tokio::test]
+async fn embedded_watch_ends_when_the_engine_stops() {
+    let f = fixture(Backend::Embedded).await;
+    let mut w = f.store.watch(WatchTarget::prefix(f.key("")), false).await.unwrap();
+    f.node.as_ref().unwrap().stop().await.unwrap();
+    let err = next_error(&mut w, 10).await;
+    assert!(matches!(err, Error::WatchEnded { .. }), "{err}");
+    assert!(matches!(f.store.put(&f.key("x"), b"v").await, Err(Error::Stopped)));
+}
+
+/// Kills the leader of a cluster of its own: the watch (opened on the leader) errors, and the
+/// same `RemoteStore` writes again without help. Prints the time to the first good write.
+#[tokio::test]
+async fn cluster_watch_errors_and_writes_resume_after_leader_sigkill() {
+    let _heavy = HEAVY.lock().await;
+    let mut cluster = LocalCluster::start(ClusterOptions::default().nodes(3).binary(binary()))
+        .await
+        .unwrap();
+    let store = cluster.store().await.unwrap();
+    store.put(b"/k/before", b"1").await.unwrap();
+    let mut watch = store.watch(WatchTarget::prefix(b"/k/".to_vec()), false).await.unwrap();
+    store.put(b"/k/seen", b"1").await.unwrap();
+    assert_eq!(&next_event(&mut watch, 10).await.key[..], b"/k/seen");
+
+    let leader = store.leader_id().await.unwrap();
+    cluster.kill(leader).unwrap();
+    let killed = Instant::now();
+    let err = next_error(&mut watch, 10).await;
+    assert!(matches!(err, Error::WatchTransport { .. } | Error::WatchEnded { .. }), "{err}");
+
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match store.put(b"/k/after", b"2").await {
+            Ok(()) => break,
+            // A write cut by the kill may be ambiguous; a fresh one after it must succeed.
+            Err(e) if e.is_ambiguous() && attempt < 3 => continue,
+            Err(e) => panic!("write after leader kill failed: {e}"),
+        }
+    }
+    let took = killed.elapsed();
+    println!("first successful write {took:?} after SIGKILL of leader {leader}");
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    assert_eq!(store.get(b"/k/before", Consistency::Linearizable).await.unwrap().unwrap(), "1");
+    assert_ne!(store.leader_id().await, Some(leader));
+
+    // A new watch lands on the new leader and sees fresh writes.
+    let mut watch = store.watch(WatchTarget::prefix(b"/k/".to_vec()), false).await.unwrap();
+    store.put(b"/k/new", b"3").await.unwrap();
+    assert_eq!(&next_event(&mut watch, 10).await.key[..], b"/k/new");
+}
+
+#[tokio::test]
+async fn remote_connect_to_unreachable_endpoints_fails_fast_with_a_clear_error() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = free.local_addr().unwrap();
+    drop(free);
+    let start = Instant::now();
+    let err = RemoteStore::connect(
+        &[addr.to_string()],
+        RemoteOptions::default().op_deadline(Duration::from_secs(2)),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, Error::Unavailable { .. }), "{err}");
+    assert!(err.to_string().contains(&addr.to_string()), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(10), "hung for {:?}", start.elapsed());
+    assert!(matches!(
+        RemoteStore::connect(&[], RemoteOptions::default()).await,
+        Err(Error::InvalidArgument(_))
+    ));
+}
+
+#[tokio::test]
+async fn embedded_node_on_a_taken_port_is_refused() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = dcoord::engine::EmbeddedOptions::default();
+    options.port = Some(port);
+    let err = dcoord::engine::EmbeddedNode::start_with(dir.path(), options)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::PortInUse { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn embedded_node_restarts_with_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = dcoord::engine::EmbeddedNode::start(dir.path()).await.unwrap();
+    node.store().put(b"/persist/k", b"kept").await.unwrap();
+    node.stop().await.unwrap();
+    drop(node);
+    let node = dcoord::engine::EmbeddedNode::start(dir.path()).await.unwrap();
+    let v = node.store().get(b"/persist/k", Consistency::Linearizable).await.unwrap();
+    assert_eq!(v.unwrap(), "kept");
+    node.stop().await.unwrap();
+}
