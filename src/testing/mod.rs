@@ -51,6 +51,20 @@ impl Default for MemOptions {
     }
 }
 
+impl MemOptions {
+    /// Sets [`MemOptions::watcher_buffer`].
+    pub fn watcher_buffer(mut self, n: usize) -> Self {
+        self.watcher_buffer = n.max(1);
+        self
+    }
+
+    /// Sets [`MemOptions::ttl_sweep_interval`].
+    pub fn ttl_sweep_interval(mut self, d: Duration) -> Self {
+        self.ttl_sweep_interval = d;
+        self
+    }
+}
+
 /// How many operations a [`MemStore`] has served (including failed ones).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OpCounts {
