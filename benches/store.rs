@@ -7,10 +7,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dcoord::engine::{ClusterOptions, EmbeddedNode, LocalCluster};
-use dcoord::store::{Consistency, RemoteStore, Store, WatchTarget};
 use d_engine_proto::client::WatchRequest;
 use d_engine_proto::client::raft_client_service_client::RaftClientServiceClient;
+use dcoord::engine::{ClusterOptions, EmbeddedNode, LocalCluster};
+use dcoord::store::{Consistency, RemoteStore, Store, WatchTarget};
 use futures::StreamExt;
 
 struct Row {
@@ -32,7 +32,9 @@ async fn bench_store(setup: &'static str, s: Arc<dyn Store>, ops: usize, rows: &
     let ns = format!("/bench/{}/", uuid::Uuid::new_v4().simple());
     // warm-up
     for i in 0..50 {
-        s.put(format!("{ns}warm/{i}").as_bytes(), b"v").await.unwrap();
+        s.put(format!("{ns}warm/{i}").as_bytes(), b"v")
+            .await
+            .unwrap();
     }
     let mut put = Vec::with_capacity(ops);
     for i in 0..ops {
@@ -57,7 +59,9 @@ async fn bench_store(setup: &'static str, s: Arc<dyn Store>, ops: usize, rows: &
     let mut get = Vec::with_capacity(ops);
     for _ in 0..ops {
         let t = Instant::now();
-        s.get(cas_key.as_bytes(), Consistency::Linearizable).await.unwrap();
+        s.get(cas_key.as_bytes(), Consistency::Linearizable)
+            .await
+            .unwrap();
         get.push(t.elapsed());
     }
     let mut watch = s
@@ -77,19 +81,30 @@ async fn bench_store(setup: &'static str, s: Arc<dyn Store>, ops: usize, rows: &
         }
         pw.push(t.elapsed());
     }
-    rows.push(Row { setup, op: "put", samples: put });
-    rows.push(Row { setup, op: "compare_and_swap", samples: cas });
-    rows.push(Row { setup, op: "get (linearizable)", samples: get });
-    rows.push(Row { setup, op: "put → watch event", samples: pw });
+    rows.push(Row {
+        setup,
+        op: "put",
+        samples: put,
+    });
+    rows.push(Row {
+        setup,
+        op: "compare_and_swap",
+        samples: cas,
+    });
+    rows.push(Row {
+        setup,
+        op: "get (linearizable)",
+        samples: get,
+    });
+    rows.push(Row {
+        setup,
+        op: "put → watch event",
+        samples: pw,
+    });
 }
 
 /// put → event on a raw watch opened on a follower (what d-engine's `Client::watch` may pick).
-async fn bench_follower_watch(
-    s: &RemoteStore,
-    follower: String,
-    ops: usize,
-    rows: &mut Vec<Row>,
-) {
+async fn bench_follower_watch(s: &RemoteStore, follower: String, ops: usize, rows: &mut Vec<Row>) {
     let ns = format!("/bench/{}/f/", uuid::Uuid::new_v4().simple());
     let mut client = RaftClientServiceClient::connect(follower).await.unwrap();
     let mut stream = client

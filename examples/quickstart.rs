@@ -26,16 +26,26 @@ async fn main() -> dcoord::Result<()> {
             Err(_) => {
                 let t = Instant::now();
                 let node = EmbeddedNode::start(dir.path()).await?;
-                println!("embedded d-engine ready in {:?} at {}", t.elapsed(), node.endpoint());
+                println!(
+                    "embedded d-engine ready in {:?} at {}",
+                    t.elapsed(),
+                    node.endpoint()
+                );
                 (node.dyn_store(), Some(node))
             }
         };
 
     // Watch first, then scan: every change after the scan's revision arrives on the watch.
-    let mut watch = store.watch(WatchTarget::prefix(&b"/demo/jobs/"[..]), false).await?;
+    let mut watch = store
+        .watch(WatchTarget::prefix(&b"/demo/jobs/"[..]), false)
+        .await?;
     store.put(b"/demo/jobs/1", b"resize image").await?;
     let scan = store.scan_prefix(b"/demo/jobs/").await?;
-    println!("scan: {} job(s) at revision {}", scan.entries.len(), scan.revision);
+    println!(
+        "scan: {} job(s) at revision {}",
+        scan.entries.len(),
+        scan.revision
+    );
 
     // Two workers race to claim job 1; CAS lets exactly one win.
     let claim = b"/demo/claims/1";
@@ -69,7 +79,11 @@ async fn main() -> dcoord::Result<()> {
     println!("two writes observed through the watch in {:?}", t.elapsed());
 
     // Bad input is a clear error, and nothing is written.
-    let err = store.watch(WatchTarget::prefix(&b"demo"[..]), false).await.err().unwrap();
+    let err = store
+        .watch(WatchTarget::prefix(&b"demo"[..]), false)
+        .await
+        .err()
+        .unwrap();
     println!("bad prefix: {err}");
     if let Some(node) = _node {
         node.stop().await?;

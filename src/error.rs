@@ -66,7 +66,7 @@ pub enum Error {
         message: String,
         /// The last d-engine error, if there was one.
         #[source]
-        source: Option<ClientApiError>,
+        source: Option<Box<ClientApiError>>,
     },
 
     /// A write was sent but its outcome is unknown (a timeout after sending, or the connection
@@ -82,7 +82,7 @@ pub enum Error {
         message: String,
         /// The d-engine error, if there was one.
         #[source]
-        source: Option<ClientApiError>,
+        source: Option<Box<ClientApiError>>,
     },
 
     /// The server cancelled the watch because the watcher fell behind (its buffer overflowed).
@@ -126,7 +126,7 @@ pub enum Error {
         message: String,
         /// The d-engine error.
         #[source]
-        source: Option<ClientApiError>,
+        source: Option<Box<ClientApiError>>,
     },
 
     /// A node or cluster configuration is invalid, or the engine refused to start.

@@ -138,7 +138,10 @@ mod tests {
     fn oversized_value_names_key_and_sizes() {
         let err = validate_value(b"/k", &vec![0; MAX_VALUE_LEN + 1]).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("/k") && msg.contains(&MAX_VALUE_LEN.to_string()), "{msg}");
+        assert!(
+            msg.contains("/k") && msg.contains(&MAX_VALUE_LEN.to_string()),
+            "{msg}"
+        );
     }
 
     #[test]

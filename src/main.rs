@@ -131,7 +131,8 @@ fn parse_peer(s: &str) -> Result<(u32, SocketAddr), String> {
         .ok_or_else(|| format!("expected ID=ADDR, got {s:?}"))?;
     Ok((
         id.parse().map_err(|e| format!("bad node id {id:?}: {e}"))?,
-        addr.parse().map_err(|e| format!("bad address {addr:?}: {e}"))?,
+        addr.parse()
+            .map_err(|e| format!("bad address {addr:?}: {e}"))?,
     ))
 }
 
@@ -237,13 +238,11 @@ async fn run(cmd: Cmd) -> dcoord::Result<ExitCode> {
         } => {
             let value = match (value, file) {
                 (Some(v), _) => v.into_bytes(),
-                (None, Some(f)) => {
-                    std::fs::read(&f).map_err(|e| Error::Io {
-                        what: "cannot read value file",
-                        path: f,
-                        source: e,
-                    })?
-                }
+                (None, Some(f)) => std::fs::read(&f).map_err(|e| Error::Io {
+                    what: "cannot read value file",
+                    path: f,
+                    source: e,
+                })?,
                 (None, None) => unreachable!("clap requires one"),
             };
             dcoord::keys::validate_key(key.as_bytes())?;

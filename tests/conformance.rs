@@ -43,14 +43,29 @@ async fn cas_compares_exact_bytes_and_absence(f: Fixture) {
     let s = &f.store;
     let k = f.key("cas");
     assert!(s.compare_and_swap(&k, None, b"a").await.unwrap());
-    assert!(!s.compare_and_swap(&k, None, b"b").await.unwrap(), "CAS(None) on a present key");
+    assert!(
+        !s.compare_and_swap(&k, None, b"b").await.unwrap(),
+        "CAS(None) on a present key"
+    );
     assert!(!s.compare_and_swap(&k, Some(b"x"), b"b").await.unwrap());
-    assert_eq!(s.get(&k, Consistency::Linearizable).await.unwrap().unwrap(), "a");
+    assert_eq!(
+        s.get(&k, Consistency::Linearizable).await.unwrap().unwrap(),
+        "a"
+    );
     assert!(s.compare_and_swap(&k, Some(b"a"), b"b").await.unwrap());
-    assert_eq!(s.get(&k, Consistency::Linearizable).await.unwrap().unwrap(), "b");
+    assert_eq!(
+        s.get(&k, Consistency::Linearizable).await.unwrap().unwrap(),
+        "b"
+    );
     s.delete(&k).await.unwrap();
-    assert!(!s.compare_and_swap(&k, Some(b"b"), b"c").await.unwrap(), "CAS on a deleted key");
-    assert!(s.compare_and_swap(&k, None, b"d").await.unwrap(), "CAS(None) after delete");
+    assert!(
+        !s.compare_and_swap(&k, Some(b"b"), b"c").await.unwrap(),
+        "CAS on a deleted key"
+    );
+    assert!(
+        s.compare_and_swap(&k, None, b"d").await.unwrap(),
+        "CAS(None) after delete"
+    );
 }
 
 async fn bad_input_is_rejected_and_nothing_is_written(f: Fixture) {
@@ -103,7 +118,10 @@ async fn watch_first_then_scan_delivers_every_later_change(f: Fixture) {
     }
     assert_eq!((live[0].kind, &live[0].key[..]), (EventKind::Put, &k3[..]));
     assert_eq!(live[0].value, "three");
-    assert_eq!((live[1].kind, &live[1].key[..]), (EventKind::Delete, &k1[..]));
+    assert_eq!(
+        (live[1].kind, &live[1].key[..]),
+        (EventKind::Delete, &k1[..])
+    );
     assert!(live[1].revision > live[0].revision, "revisions increase");
     assert_eq!(live[0].prev_value, None, "not asked for");
 }
@@ -123,10 +141,18 @@ async fn failed_cas_emits_no_event(f: Fixture) {
         .watch(WatchTarget::prefix(f.key("")), false)
         .await
         .unwrap();
-    assert!(!s.compare_and_swap(&f.key("c"), Some(b"nope"), b"x").await.unwrap());
+    assert!(
+        !s.compare_and_swap(&f.key("c"), Some(b"nope"), b"x")
+            .await
+            .unwrap()
+    );
     s.put(&f.key("marker"), b"m").await.unwrap();
     let e = next_event(&mut watch, 10).await;
-    assert_eq!(&e.key[..], &f.key("marker")[..], "the failed CAS emitted {e:?}");
+    assert_eq!(
+        &e.key[..],
+        &f.key("marker")[..],
+        "the failed CAS emitted {e:?}"
+    );
 }
 
 async fn ttl_expiry_emits_no_event_and_key_is_readable_until_swept(f: Fixture) {
@@ -137,18 +163,33 @@ async fn ttl_expiry_emits_no_event_and_key_is_readable_until_swept(f: Fixture) {
         .await
         .unwrap();
     let start = Instant::now();
-    s.put_with_ttl(&k, b"v", Duration::from_secs(1)).await.unwrap();
+    s.put_with_ttl(&k, b"v", Duration::from_secs(1))
+        .await
+        .unwrap();
     assert_eq!(next_event(&mut watch, 10).await.kind, EventKind::Put);
-    assert_eq!(s.get(&k, Consistency::Linearizable).await.unwrap().unwrap(), "v");
+    assert_eq!(
+        s.get(&k, Consistency::Linearizable).await.unwrap().unwrap(),
+        "v"
+    );
     // Swept within TTL + sweep interval (+ slack for a busy machine).
     loop {
-        if s.get(&k, Consistency::Linearizable).await.unwrap().is_none() {
+        if s.get(&k, Consistency::Linearizable)
+            .await
+            .unwrap()
+            .is_none()
+        {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(15), "TTL key never swept");
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "TTL key never swept"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(start.elapsed() >= Duration::from_millis(900), "expired early");
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "expired early"
+    );
     s.put(&f.key("marker"), b"m").await.unwrap();
     let e = next_event(&mut watch, 10).await;
     assert_eq!(&e.key[..], &f.key("marker")[..], "expiry emitted {e:?}");
@@ -161,7 +202,11 @@ async fn watch_reports_previous_value_when_asked(f: Fixture) {
     s.put(&k, b"a").await.unwrap();
     s.put(&k, b"b").await.unwrap();
     let first = next_event(&mut watch, 10).await;
-    assert_eq!(first.prev_value, Some(Bytes::new()), "absent shows as empty");
+    assert_eq!(
+        first.prev_value,
+        Some(Bytes::new()),
+        "absent shows as empty"
+    );
     let second = next_event(&mut watch, 10).await;
     assert_eq!(second.prev_value, Some(Bytes::from_static(b"a")));
     assert_eq!(second.value, "b");
@@ -171,7 +216,10 @@ async fn reads_see_own_writes_at_every_consistency(f: Fixture) {
     let s = &f.store;
     let k = f.key("read");
     s.put(&k, b"v1").await.unwrap();
-    assert_eq!(s.get(&k, Consistency::Linearizable).await.unwrap().unwrap(), "v1");
+    assert_eq!(
+        s.get(&k, Consistency::Linearizable).await.unwrap().unwrap(),
+        "v1"
+    );
     assert_eq!(s.get(&k, Consistency::Lease).await.unwrap().unwrap(), "v1");
     // Eventual may be served by a lagging follower: it converges.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -187,22 +235,43 @@ async fn reads_see_own_writes_at_every_consistency(f: Fixture) {
 async fn mem_watch_errors_when_streams_end() {
     let f = fixture(Backend::Mem).await;
     let mem = f.mem.clone().unwrap();
-    let mut a = f.store.watch(WatchTarget::prefix(f.key("")), false).await.unwrap();
+    let mut a = f
+        .store
+        .watch(WatchTarget::prefix(f.key("")), false)
+        .await
+        .unwrap();
     mem.end_watches();
-    assert!(matches!(next_error(&mut a, 5).await, Error::WatchEnded { .. }));
-    let mut b = f.store.watch(WatchTarget::prefix(f.key("")), false).await.unwrap();
+    assert!(matches!(
+        next_error(&mut a, 5).await,
+        Error::WatchEnded { .. }
+    ));
+    let mut b = f
+        .store
+        .watch(WatchTarget::prefix(f.key("")), false)
+        .await
+        .unwrap();
     mem.cancel_watches();
-    assert!(matches!(next_error(&mut b, 5).await, Error::WatchCanceled { .. }));
+    assert!(matches!(
+        next_error(&mut b, 5).await,
+        Error::WatchCanceled { .. }
+    ));
 }
 
 #[tokio::test]
 async fn embedded_watch_ends_when_the_engine_stops() {
     let f = fixture(Backend::Embedded).await;
-    let mut w = f.store.watch(WatchTarget::prefix(f.key("")), false).await.unwrap();
+    let mut w = f
+        .store
+        .watch(WatchTarget::prefix(f.key("")), false)
+        .await
+        .unwrap();
     f.node.as_ref().unwrap().stop().await.unwrap();
     let err = next_error(&mut w, 10).await;
     assert!(matches!(err, Error::WatchEnded { .. }), "{err}");
-    assert!(matches!(f.store.put(&f.key("x"), b"v").await, Err(Error::Stopped)));
+    assert!(matches!(
+        f.store.put(&f.key("x"), b"v").await,
+        Err(Error::Stopped)
+    ));
 }
 
 /// Kills the leader of a cluster of its own: the watch (opened on the leader) errors, and the
@@ -215,7 +284,10 @@ async fn cluster_watch_errors_and_writes_resume_after_leader_sigkill() {
         .unwrap();
     let store = cluster.store().await.unwrap();
     store.put(b"/k/before", b"1").await.unwrap();
-    let mut watch = store.watch(WatchTarget::prefix(b"/k/".to_vec()), false).await.unwrap();
+    let mut watch = store
+        .watch(WatchTarget::prefix(b"/k/".to_vec()), false)
+        .await
+        .unwrap();
     store.put(b"/k/seen", b"1").await.unwrap();
     assert_eq!(&next_event(&mut watch, 10).await.key[..], b"/k/seen");
 
@@ -223,7 +295,10 @@ async fn cluster_watch_errors_and_writes_resume_after_leader_sigkill() {
     cluster.kill(leader).unwrap();
     let killed = Instant::now();
     let err = next_error(&mut watch, 10).await;
-    assert!(matches!(err, Error::WatchTransport { .. } | Error::WatchEnded { .. }), "{err}");
+    assert!(
+        matches!(err, Error::WatchTransport { .. } | Error::WatchEnded { .. }),
+        "{err}"
+    );
 
     let mut attempt = 0;
     loop {
@@ -238,11 +313,21 @@ async fn cluster_watch_errors_and_writes_resume_after_leader_sigkill() {
     let took = killed.elapsed();
     println!("first successful write {took:?} after SIGKILL of leader {leader}");
     assert!(took < Duration::from_secs(15), "took {took:?}");
-    assert_eq!(store.get(b"/k/before", Consistency::Linearizable).await.unwrap().unwrap(), "1");
+    assert_eq!(
+        store
+            .get(b"/k/before", Consistency::Linearizable)
+            .await
+            .unwrap()
+            .unwrap(),
+        "1"
+    );
     assert_ne!(store.leader_id().await, Some(leader));
 
     // A new watch lands on the new leader and sees fresh writes.
-    let mut watch = store.watch(WatchTarget::prefix(b"/k/".to_vec()), false).await.unwrap();
+    let mut watch = store
+        .watch(WatchTarget::prefix(b"/k/".to_vec()), false)
+        .await
+        .unwrap();
     store.put(b"/k/new", b"3").await.unwrap();
     assert_eq!(&next_event(&mut watch, 10).await.key[..], b"/k/new");
 }
@@ -261,7 +346,11 @@ async fn remote_connect_to_unreachable_endpoints_fails_fast_with_a_clear_error()
     .unwrap_err();
     assert!(matches!(err, Error::Unavailable { .. }), "{err}");
     assert!(err.to_string().contains(&addr.to_string()), "{err}");
-    assert!(start.elapsed() < Duration::from_secs(10), "hung for {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "hung for {:?}",
+        start.elapsed()
+    );
     assert!(matches!(
         RemoteStore::connect(&[], RemoteOptions::default()).await,
         Err(Error::InvalidArgument(_))
@@ -284,12 +373,20 @@ async fn embedded_node_on_a_taken_port_is_refused() {
 #[tokio::test]
 async fn embedded_node_restarts_with_its_data() {
     let dir = tempfile::tempdir().unwrap();
-    let node = dcoord::engine::EmbeddedNode::start(dir.path()).await.unwrap();
+    let node = dcoord::engine::EmbeddedNode::start(dir.path())
+        .await
+        .unwrap();
     node.store().put(b"/persist/k", b"kept").await.unwrap();
     node.stop().await.unwrap();
     drop(node);
-    let node = dcoord::engine::EmbeddedNode::start(dir.path()).await.unwrap();
-    let v = node.store().get(b"/persist/k", Consistency::Linearizable).await.unwrap();
+    let node = dcoord::engine::EmbeddedNode::start(dir.path())
+        .await
+        .unwrap();
+    let v = node
+        .store()
+        .get(b"/persist/k", Consistency::Linearizable)
+        .await
+        .unwrap();
     assert_eq!(v.unwrap(), "kept");
     node.stop().await.unwrap();
 }

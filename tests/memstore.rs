@@ -30,8 +30,16 @@ async fn failed_ops_change_nothing_and_are_retryable() {
     s.fail_next_ops(2);
     let err = s.put(b"/q/1", b"a").await.unwrap_err();
     assert!(err.is_retryable(), "{err}");
-    assert!(s.get(b"/q/1", Consistency::Linearizable).await.unwrap_err().is_retryable());
-    assert_eq!(s.get(b"/q/1", Consistency::Linearizable).await.unwrap(), None);
+    assert!(
+        s.get(b"/q/1", Consistency::Linearizable)
+            .await
+            .unwrap_err()
+            .is_retryable()
+    );
+    assert_eq!(
+        s.get(b"/q/1", Consistency::Linearizable).await.unwrap(),
+        None
+    );
     assert_eq!(s.revision(), 0);
 }
 
@@ -42,7 +50,13 @@ async fn ambiguous_write_is_applied_and_reported_unknown() {
     s.ambiguous_next_writes(1);
     let err = s.compare_and_swap(b"/q/1", None, b"a").await.unwrap_err();
     assert!(err.is_ambiguous() && !err.is_retryable(), "{err}");
-    assert_eq!(s.get(b"/q/1", Consistency::Linearizable).await.unwrap().unwrap(), "a");
+    assert_eq!(
+        s.get(b"/q/1", Consistency::Linearizable)
+            .await
+            .unwrap()
+            .unwrap(),
+        "a"
+    );
     assert_eq!(w.next().await.unwrap().unwrap().kind, EventKind::Put);
 }
 
@@ -79,19 +93,31 @@ async fn latency_is_injected_on_the_paused_clock() {
 
 #[tokio::test(start_paused = true)]
 async fn ttl_key_outlives_its_ttl_until_the_sweep_and_keeps_ttl_across_put() {
-    let s = MemStore::with_options(MemOptions::default().ttl_sweep_interval(Duration::from_secs(10)));
-    s.put_with_ttl(b"/q/t", b"v", Duration::from_millis(1500)).await.unwrap();
+    let s =
+        MemStore::with_options(MemOptions::default().ttl_sweep_interval(Duration::from_secs(10)));
+    s.put_with_ttl(b"/q/t", b"v", Duration::from_millis(1500))
+        .await
+        .unwrap();
     // Rounded up to 2 s; a plain put keeps the TTL (d-engine 0.2.4).
     s.put(b"/q/t", b"w").await.unwrap();
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(
-        s.get(b"/q/t", Consistency::Linearizable).await.unwrap().unwrap(),
+        s.get(b"/q/t", Consistency::Linearizable)
+            .await
+            .unwrap()
+            .unwrap(),
         "w",
         "expired but not swept yet"
     );
-    assert!(!s.compare_and_swap(b"/q/t", None, b"x").await.unwrap(), "still CAS-visible");
+    assert!(
+        !s.compare_and_swap(b"/q/t", None, b"x").await.unwrap(),
+        "still CAS-visible"
+    );
     tokio::time::sleep(Duration::from_secs(6)).await;
-    assert_eq!(s.get(b"/q/t", Consistency::Linearizable).await.unwrap(), None);
+    assert_eq!(
+        s.get(b"/q/t", Consistency::Linearizable).await.unwrap(),
+        None
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -202,7 +202,9 @@ pub(crate) fn load(path: &Path) -> Result<d_engine_core::RaftNodeConfig> {
         .to_str()
         .ok_or_else(|| Error::Config(format!("config path {path:?} is not UTF-8")))?;
     if !path.exists() {
-        return Err(Error::Config(format!("config file {path:?} does not exist")));
+        return Err(Error::Config(format!(
+            "config file {path:?} does not exist"
+        )));
     }
     let cfg = d_engine_core::RaftNodeConfig::default()
         .with_override_config(path_str)
@@ -273,7 +275,10 @@ mod tests {
     fn unwritable_data_dir_is_a_clear_error() {
         let cfg = NodeConfig::single("/proc/dcoord-cannot-write", "127.0.0.1:1".parse().unwrap());
         let err = cfg.write().unwrap_err();
-        assert!(err.to_string().contains("/proc/dcoord-cannot-write"), "{err}");
+        assert!(
+            err.to_string().contains("/proc/dcoord-cannot-write"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -40,7 +40,10 @@ use crate::error::{Error, Result};
 ///
 /// # Cancel safety
 /// Dropping the future stops serving abruptly (like a crash); the data stays consistent.
-pub async fn run_node(config_path: &Path, shutdown: tokio::sync::watch::Receiver<()>) -> Result<()> {
+pub async fn run_node(
+    config_path: &Path,
+    shutdown: tokio::sync::watch::Receiver<()>,
+) -> Result<()> {
     let cfg = config::load(config_path)?;
     config::check_bindable(cfg.cluster.listen_address)?;
     let dir = cfg.cluster.db_root_dir.clone();

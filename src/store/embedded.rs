@@ -59,7 +59,7 @@ impl EmbeddedStore {
             return Error::Unavailable {
                 op,
                 message: format!("this embedded node is not the leader: {message}"),
-                source: Some(e),
+                source: Some(Box::new(e)),
             };
         }
         if e.code() == ErrorCode::ConnectionTimeout {
@@ -68,19 +68,19 @@ impl EmbeddedStore {
                     op,
                     key: show(key),
                     message,
-                    source: Some(e),
+                    source: Some(Box::new(e)),
                 },
                 None => Error::Unavailable {
                     op,
                     message,
-                    source: Some(e),
+                    source: Some(Box::new(e)),
                 },
             };
         }
         Error::Engine {
             op,
             message,
-            source: Some(e),
+            source: Some(Box::new(e)),
         }
     }
 }

@@ -176,8 +176,12 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Writes `new` only if the key currently holds `expected` (`None`: only if it is absent).
     /// Returns whether it wrote.
-    async fn compare_and_swap(&self, key: &[u8], expected: Option<&[u8]>, new: &[u8])
-    -> Result<bool>;
+    async fn compare_and_swap(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: &[u8],
+    ) -> Result<bool>;
 
     /// All entries whose key starts with `prefix`, and the revision they reflect.
     async fn scan_prefix(&self, prefix: &[u8]) -> Result<Scan>;

@@ -183,7 +183,7 @@ impl RemoteStore {
                         options.op_deadline,
                         last.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
                     ),
-                    source: last,
+                    source: last.map(Box::new),
                 });
             }
             tokio::time::sleep(backoff).await;
@@ -250,25 +250,22 @@ impl RemoteStore {
                         op,
                         key: show(write_key.unwrap_or_default()),
                         message: err.to_string(),
-                        source: Some(err),
+                        source: Some(Box::new(err)),
                     });
                 }
                 Verdict::Fail => {
                     return Err(Error::Engine {
                         op,
                         message: err.to_string(),
-                        source: Some(err),
+                        source: Some(Box::new(err)),
                     });
                 }
             }
             if Instant::now() + backoff >= deadline {
                 return Err(Error::Unavailable {
                     op,
-                    message: format!(
-                        "gave up after {:?}: {err}",
-                        self.inner.options.op_deadline
-                    ),
-                    source: Some(err),
+                    message: format!("gave up after {:?}: {err}", self.inner.options.op_deadline),
+                    source: Some(Box::new(err)),
                 });
             }
             tracing::debug!(op, "retrying after {err}");
@@ -367,7 +364,9 @@ impl Store for RemoteStore {
     async fn scan_prefix(&self, prefix: &[u8]) -> Result<Scan> {
         keys::validate_scan_prefix(prefix)?;
         let scan = self
-            .retry("scan_prefix", None, |c| async move { c.scan_prefix(prefix).await })
+            .retry("scan_prefix", None, |c| async move {
+                c.scan_prefix(prefix).await
+            })
             .await?;
         let mut entries = scan.entries;
         entries.sort_by(|a, b| a.0.cmp(&b.0));

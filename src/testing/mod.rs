@@ -340,7 +340,8 @@ async fn sweeper(shared: Weak<Shared>) {
         let now = Instant::now();
         let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
         // Expiry is local and emits no event, exactly like d-engine's sweeper.
-        st.data.retain(|_, e| e.expires_at.is_none_or(|at| at > now));
+        st.data
+            .retain(|_, e| e.expires_at.is_none_or(|at| at > now));
     }
 }
 

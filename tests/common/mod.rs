@@ -74,7 +74,9 @@ pub async fn fixture(backend: Backend) -> Fixture {
         }
         Backend::Embedded => {
             let dir = tempfile::tempdir().unwrap();
-            let node = EmbeddedNode::start(dir.path()).await.expect("embedded node");
+            let node = EmbeddedNode::start(dir.path())
+                .await
+                .expect("embedded node");
             Fixture {
                 store: node.dyn_store(),
                 ns,
@@ -85,7 +87,10 @@ pub async fn fixture(backend: Backend) -> Fixture {
         }
         Backend::Cluster => {
             let cluster = tokio::task::spawn_blocking(shared_cluster).await.unwrap();
-            let store = cluster.store().await.expect("connect to the shared cluster");
+            let store = cluster
+                .store()
+                .await
+                .expect("connect to the shared cluster");
             Fixture {
                 store: Arc::new(store),
                 ns,
