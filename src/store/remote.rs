@@ -435,3 +435,61 @@ fn convert(r: WatchResponse, prev_value: bool) -> Option<std::result::Result<Eve
         revision: r.revision,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Status;
+
+    fn verdict(status: Status, is_write: bool) -> &'static str {
+        match classify(&ClientApiError::from(status), is_write) {
+            Verdict::Retry => "retry",
+            Verdict::Ambiguous => "ambiguous",
+            Verdict::Fail => "fail",
+        }
+    }
+
+    #[test]
+    fn refused_before_send_is_retried_even_for_writes() {
+        assert_eq!(
+            verdict(Status::unavailable("tcp connect error"), true),
+            "retry"
+        );
+        assert_eq!(
+            verdict(Status::unavailable("Service is not ready"), true),
+            "retry"
+        );
+        assert_eq!(
+            verdict(Status::failed_precondition("Not leader"), true),
+            "retry"
+        );
+        assert_eq!(
+            verdict(Status::permission_denied("not leader"), true),
+            "retry"
+        );
+    }
+
+    #[test]
+    fn timeouts_and_resets_after_send_are_ambiguous_for_writes_only() {
+        for s in [
+            Status::deadline_exceeded("RPC timeout exceeded"),
+            Status::unknown("h2 protocol error: error reading a body from connection"),
+            Status::cancelled("Timeout expired"),
+            Status::unavailable("keep-alive timed out"),
+        ] {
+            assert_eq!(verdict(s.clone(), true), "ambiguous", "{s:?}");
+            assert_eq!(verdict(s, false), "retry");
+        }
+    }
+
+    #[test]
+    fn invalid_requests_fail_without_retry() {
+        assert_eq!(verdict(Status::invalid_argument("bad"), true), "fail");
+    }
+
+    #[test]
+    fn endpoints_get_a_scheme() {
+        assert_eq!(normalize_endpoint("127.0.0.1:1"), "http://127.0.0.1:1");
+        assert_eq!(normalize_endpoint("https://h:1"), "https://h:1");
+    }
+}

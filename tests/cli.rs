@@ -1,0 +1,118 @@
+//! The `dcoord` command line against a local 3-node cluster: data on stdout, exit codes, and a
+//! `put` that succeeds right after the leader is SIGKILLed.
+
+mod common;
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::{HEAVY, binary};
+use dcoord::engine::{ClusterOptions, LocalCluster};
+
+fn dcoord(endpoints: &[String], args: &[&str]) -> Output {
+    Command::new(binary())
+        .args(args)
+        .arg("--endpoints")
+        .arg(endpoints.join(","))
+        .output()
+        .expect("run dcoord")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn cli_put_get_del_watch_and_put_after_leader_kill() {
+    let _heavy = HEAVY.lock().await;
+    let mut cluster = LocalCluster::start(ClusterOptions::default().nodes(3).binary(binary()))
+        .await
+        .unwrap();
+    let eps = cluster.endpoints();
+
+    let put = dcoord(&eps, &["put", "/cli/k", "hello"]);
+    assert!(put.status.success(), "{put:?}");
+    assert_eq!(stdout(&put), "", "put prints no data");
+    let get = dcoord(&eps, &["get", "/cli/k"]);
+    assert_eq!(get.status.code(), Some(0), "{get:?}");
+    assert_eq!(stdout(&get), "hello\n", "only the value on stdout");
+
+    let missing = dcoord(&eps, &["get", "/cli/missing"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert_eq!(stdout(&missing), "");
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("not found"));
+
+    let bad = dcoord(&eps, &["watch", "--prefix", "cli/"]);
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("must start and end with '/'"));
+
+    // watch in the background, then write.
+    let mut watch = Command::new(binary())
+        .args([
+            "watch",
+            "--prefix",
+            "/cli/w/",
+            "--count",
+            "1",
+            "--endpoints",
+        ])
+        .arg(eps.join(","))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The watch is registered once "watching" is on stderr.
+    let mut stderr = watch.stderr.take().unwrap();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 256];
+        let mut seen = String::new();
+        while !seen.contains("watching") {
+            let n = stderr.read(&mut buf).unwrap();
+            assert!(n > 0, "watch exited early: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    })
+    .await
+    .unwrap();
+    assert!(dcoord(&eps, &["put", "/cli/w/x", "v1"]).status.success());
+    let out = tokio::task::spawn_blocking(move || watch.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    assert!(
+        stdout(&out).ends_with("\tPUT\t/cli/w/x\tv1\n"),
+        "{}",
+        stdout(&out)
+    );
+
+    assert!(dcoord(&eps, &["del", "/cli/k"]).status.success());
+    assert_eq!(dcoord(&eps, &["get", "/cli/k"]).status.code(), Some(1));
+
+    // SIGKILL the leader; the next `dcoord put` must succeed.
+    let store = cluster.store().await.unwrap();
+    let leader = store.leader_id().await.unwrap();
+    cluster.kill(leader).unwrap();
+    let killed = Instant::now();
+    let put = dcoord(&eps, &["put", "/cli/after", "ok"]);
+    let took = killed.elapsed();
+    println!("`dcoord put` after SIGKILL of leader {leader}: {took:?}");
+    assert!(put.status.success(), "{put:?}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert_eq!(stdout(&dcoord(&eps, &["get", "/cli/after"])), "ok\n");
+}
+
+#[test]
+fn cli_unreachable_cluster_exits_3_without_hanging() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = free.local_addr().unwrap().to_string();
+    drop(free);
+    let start = Instant::now();
+    let out = Command::new(binary())
+        .args(["get", "/x", "--timeout", "1", "--endpoints", &addr])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&addr));
+    assert!(start.elapsed() < Duration::from_secs(10));
+}
