@@ -330,6 +330,49 @@ async fn cluster_watch_errors_and_writes_resume_after_leader_sigkill() {
         .unwrap();
     store.put(b"/k/new", b"3").await.unwrap();
     assert_eq!(&next_event(&mut watch, 10).await.key[..], b"/k/new");
+
+    // d-engine 0.2.4 pin: a restarting voter does not serve until ALL its peers answer its
+    // startup health check. With the other follower down, restarting the old leader does NOT
+    // restore a quorum; restarting the follower too does.
+    let new_leader = store.leader_id().await.unwrap();
+    let other = cluster
+        .ids()
+        .into_iter()
+        .find(|id| *id != leader && *id != new_leader)
+        .unwrap();
+    cluster.kill(other).unwrap();
+    cluster.restart(leader).unwrap();
+    let short = RemoteStore::connect(
+        &cluster.endpoints(),
+        RemoteOptions::default().op_deadline(Duration::from_secs(6)),
+    )
+    .await
+    .unwrap();
+    let err = short.put(b"/k/quorum", b"4").await.unwrap_err();
+    assert!(err.is_retryable() || err.is_ambiguous(), "{err}");
+    cluster.restart(other).unwrap();
+    let restarted = Instant::now();
+    loop {
+        match store.put(b"/k/quorum", b"4").await {
+            Ok(()) => break,
+            Err(e) if restarted.elapsed() < Duration::from_secs(90) => {
+                assert!(e.is_retryable() || e.is_ambiguous(), "{e}");
+            }
+            Err(e) => panic!("no quorum after both nodes restarted: {e}"),
+        }
+    }
+    println!(
+        "quorum back {:?} after the second restart",
+        restarted.elapsed()
+    );
+    assert_eq!(
+        store
+            .get(b"/k/quorum", Consistency::Linearizable)
+            .await
+            .unwrap()
+            .unwrap(),
+        "4"
+    );
 }
 
 #[tokio::test]

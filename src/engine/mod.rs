@@ -15,6 +15,11 @@
 //! - d-engine prints role changes to stdout; a process that runs a node should not use stdout
 //!   for data.
 //!
+//! - A restarting voter (d-engine 0.2.4) does not serve until EVERY peer in its config answers
+//!   its startup health check (retried with backoff for minutes). So with one node of three down,
+//!   restarting a second one does not bring the quorum back until the first returns too
+//!   (pinned in `tests/conformance.rs`).
+//!
 //! # Failure modes
 //! - A data directory that cannot be written: [`crate::Error::Io`] naming it.
 //! - A port in use: [`crate::Error::PortInUse`] (d-engine itself only logs it and runs on
