@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use d_engine::protocol::ReadConsistencyPolicy;
 use d_engine::{ClientApi, ClientApiError, EmbeddedClient, ErrorCode, WatchEvent, WatchEventType};
 use tokio::sync::watch;
 
@@ -90,13 +89,8 @@ impl Store for EmbeddedStore {
     async fn get(&self, key: &[u8], consistency: Consistency) -> Result<Option<Bytes>> {
         keys::validate_key(key)?;
         self.check_running()?;
-        let policy = match consistency {
-            Consistency::Linearizable => ReadConsistencyPolicy::LinearizableRead,
-            Consistency::Lease => ReadConsistencyPolicy::LeaseRead,
-            Consistency::Eventual => ReadConsistencyPolicy::EventualConsistency,
-        };
         self.client
-            .get_with_consistency(key, policy)
+            .get_with_consistency(key, consistency.policy())
             .await
             .map_err(|e| self.map_err("get", None, e))
     }

@@ -63,6 +63,18 @@ pub enum Consistency {
     Eventual,
 }
 
+impl Consistency {
+    /// d-engine's name for this consistency.
+    pub(crate) fn policy(self) -> d_engine::protocol::ReadConsistencyPolicy {
+        use d_engine::protocol::ReadConsistencyPolicy as P;
+        match self {
+            Consistency::Linearizable => P::LinearizableRead,
+            Consistency::Lease => P::LeaseRead,
+            Consistency::Eventual => P::EventualConsistency,
+        }
+    }
+}
+
 /// What a watch follows.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum WatchTarget {

@@ -23,7 +23,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use d_engine::protocol::ReadConsistencyPolicy;
 use d_engine::{Client, ClientApi, ClientApiError, ErrorCode};
 use d_engine_proto::client::raft_client_service_client::RaftClientServiceClient;
 use d_engine_proto::client::{WatchEventType, WatchRequest, WatchResponse};
@@ -307,20 +306,12 @@ impl RemoteStore {
     }
 }
 
-fn policy(c: Consistency) -> ReadConsistencyPolicy {
-    match c {
-        Consistency::Linearizable => ReadConsistencyPolicy::LinearizableRead,
-        Consistency::Lease => ReadConsistencyPolicy::LeaseRead,
-        Consistency::Eventual => ReadConsistencyPolicy::EventualConsistency,
-    }
-}
-
 #[async_trait]
 impl Store for RemoteStore {
     async fn get(&self, key: &[u8], consistency: Consistency) -> Result<Option<Bytes>> {
         keys::validate_key(key)?;
         self.retry("get", None, |c| async move {
-            Ok(c.get_with_policy(key, Some(policy(consistency)))
+            Ok(c.get_with_policy(key, Some(consistency.policy()))
                 .await?
                 .map(|e| e.value))
         })
