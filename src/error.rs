@@ -9,6 +9,9 @@
 //! | [`Error::Ambiguous`] | a write was sent but its outcome is unknown | re-read, then decide |
 //! | [`Error::WatchCanceled`], [`Error::WatchEnded`], [`Error::WatchTransport`] | a watch stream ended | re-watch and re-scan (`reconcile` does it) |
 //! | [`Error::Stopped`] | the embedded engine was stopped | nothing: the store is gone |
+//! | [`Error::Lagged`] | a change subscriber fell behind | re-read the mirror's snapshot |
+//! | [`Error::Decode`] | a stored value is not what the recipe wrote | inspect the key; nothing was changed |
+//! | [`Error::SessionLost`] | the session's lease ran out (or it was closed) | start a new session |
 //! | [`Error::Engine`], [`Error::Config`], [`Error::Io`], [`Error::PortInUse`] | everything else | read the message |
 
 use std::path::PathBuf;
@@ -116,6 +119,35 @@ pub enum Error {
     /// The embedded engine behind this store has been stopped.
     #[error("the embedded engine is stopped")]
     Stopped,
+
+    /// A subscriber to a mirror's changes fell behind and missed `skipped` changes. The mirror
+    /// itself is intact: re-read its snapshot, then keep reading changes.
+    #[error("a subscriber to {target} fell {skipped} changes behind; re-read the snapshot")]
+    Lagged {
+        /// The mirrored key or prefix.
+        target: String,
+        /// How many changes it missed.
+        skipped: u64,
+    },
+
+    /// A value stored by (or for) a recipe does not decode. Nothing was changed.
+    #[error("cannot decode the value of {key:?}: {reason}")]
+    Decode {
+        /// The key, lossily decoded for display.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A coordination session is gone (its renewals failed for longer than its lease allows,
+    /// or it was closed). Whatever it held may now belong to someone else; start a new one.
+    #[error("session {id} is {state}")]
+    SessionLost {
+        /// The session's id.
+        id: String,
+        /// "lost" or "closed".
+        state: &'static str,
+    },
 
     /// d-engine returned an error that is none of the above.
     #[error("d-engine error during {op}: {message}")]

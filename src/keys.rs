@@ -22,6 +22,26 @@ pub const MAX_KEY_LEN: usize = 1024;
 pub const MAX_VALUE_LEN: usize = 1024 * 1024;
 /// The longest recipe name dcoord accepts, in bytes.
 pub const MAX_NAME_LEN: usize = 128;
+/// The longest key root dcoord accepts, in bytes (leaves room for recipe keys below it).
+pub const MAX_ROOT_LEN: usize = 256;
+/// Where dcoord's records live unless told otherwise.
+pub const DEFAULT_ROOT: &str = "/dcoord/";
+
+/// Checks a key root (the prefix every dcoord record lives under): starts and ends with `/`,
+/// at most [`MAX_ROOT_LEN`] bytes, and no empty segment.
+pub fn validate_root(root: &str) -> Result<()> {
+    let bad = |reason: &str| Err(Error::InvalidArgument(format!("invalid key root {root:?}: {reason}")));
+    if !root.starts_with('/') || !root.ends_with('/') {
+        return bad("must start and end with '/', like \"/dcoord/\"");
+    }
+    if root.len() > MAX_ROOT_LEN {
+        return bad(&format!("longer than {MAX_ROOT_LEN} bytes"));
+    }
+    if root.len() > 1 && root[1..root.len() - 1].split('/').any(str::is_empty) {
+        return bad("empty segment ('//')");
+    }
+    Ok(())
+}
 
 /// Checks a key: non-empty and at most [`MAX_KEY_LEN`] bytes.
 pub fn validate_key(key: &[u8]) -> Result<()> {
@@ -142,6 +162,15 @@ mod tests {
             msg.contains("/k") && msg.contains(&MAX_VALUE_LEN.to_string()),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn roots_are_slash_bounded() {
+        assert!(validate_root("/dcoord/").is_ok());
+        assert!(validate_root("/a/b/").is_ok());
+        for bad in ["dcoord/", "/dcoord", "", "//", "/a//b/"] {
+            assert!(validate_root(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -8,6 +8,9 @@
 //! - [`store`]: the primitives (get, put, CAS, scan, watch) over the embedded engine, a remote
 //!   cluster, or (feature `test-util`) an in-memory store with fault injection.
 //! - [`engine`]: start an embedded node, a standalone node, or a local N-node cluster.
+//! - [`reconcile`]: the one watch loop every recipe uses ([`reconcile::watcher`],
+//!   [`reconcile::Mirror`]), correct despite d-engine's lossy watches.
+//! - [`session`]: a process identity with a liveness lease, shared by the recipes.
 //! - [`keys`]: the rules for keys, prefixes, values and names.
 //!
 //! ```
@@ -25,6 +28,8 @@
 pub mod engine;
 mod error;
 pub mod keys;
+pub mod reconcile;
+pub mod session;
 pub mod store;
 #[cfg(feature = "test-util")]
 pub mod testing;

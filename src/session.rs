@@ -1,0 +1,512 @@
+//! Sessions: one identity per process (or per component), and its liveness, shared by every
+//! recipe that uses it.
+//!
+//! A [`Session`] writes a heartbeat record under `<root>sessions/<uuid>` and rewrites it every
+//! `renew_every` from one background task. Recipes (locks, queue claims) name the session in
+//! their records instead of renewing each record: one write per session per renewal, however
+//! much it holds. Other processes decide the session is dead when its heartbeat has not
+//! *changed* for the session's lease, measured on **their own monotonic clock** from the
+//! moment they saw it change ([`Liveness`]) — no synchronized clocks, and no d-engine TTL in
+//! the argument (the record's TTL, if any, only garbage-collects records of crashed processes).
+//!
+//! # Guarantees
+//! - [`Session::lost`] fires **before** any observer can consider the session dead: the holder
+//!   counts its deadline from when it *sent* its last successful renewal, minus a margin
+//!   (default 10 % of the lease) for clock-rate drift and scheduling, while an observer counts
+//!   from when it *saw* that renewal, which is later.
+//! - Losing a session is final: after `lost()` fires it never renews again. Start a new
+//!   session; whatever the old one held must be treated as gone.
+//!
+//! # NOT guaranteed
+//! - That a process paused (GC, SIGSTOP, swap) longer than its lease notices in time to stop
+//!   acting: it notices when it resumes. Protect effects with fencing tokens (see `lock`).
+//! - Bounded clock-rate drift is assumed (margin), as by every lease-based design.
+//!
+//! # Failure modes
+//! Renewals that fail are retried with backoff until the deadline; then the session is lost.
+//! An unreachable store at [`Session::start`] is an error (nothing was written).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::error::{Error, Result, show};
+use crate::reconcile::Backoff;
+use crate::store::Store;
+
+/// Options of a [`Session`].
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    pub(crate) root: String,
+    pub(crate) lease: Duration,
+    pub(crate) renew_every: Option<Duration>,
+    pub(crate) margin: f64,
+    pub(crate) gc_ttl: Option<Duration>,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions {
+            root: crate::keys::DEFAULT_ROOT.to_string(),
+            lease: Duration::from_secs(10),
+            renew_every: None,
+            margin: 0.1,
+            gc_ttl: Some(Duration::from_secs(600)),
+        }
+    }
+}
+
+impl SessionOptions {
+    /// How long observers wait, after the last heartbeat change they saw, before they treat
+    /// this session as dead (and take over its locks and claims). Default 10 s. Minimum 1 s.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease.max(Duration::from_secs(1));
+        self
+    }
+
+    /// How often to renew. Default: a third of the lease.
+    pub fn renew_every(mut self, every: Duration) -> Self {
+        self.renew_every = Some(every);
+        self
+    }
+
+    /// The key root all dcoord records live under. Default `/dcoord/`.
+    pub fn root(mut self, root: impl Into<String>) -> Self {
+        self.root = root.into();
+        self
+    }
+
+    /// The TTL put on the heartbeat record so records of crashed processes disappear
+    /// eventually (garbage collection only; never part of the liveness decision). `None`
+    /// writes without TTL (needed if the cluster runs with d-engine's lease feature off).
+    /// Default 10 min, and at least 10 leases.
+    pub fn gc_ttl(mut self, ttl: Option<Duration>) -> Self {
+        self.gc_ttl = ttl;
+        self
+    }
+
+    fn renew_interval(&self) -> Duration {
+        self.renew_every.unwrap_or(self.lease / 3).min(self.lease / 2)
+    }
+}
+
+/// The record a session keeps rewriting. Public so tools can decode it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// The session id.
+    pub id: String,
+    /// Increases with every renewal.
+    pub seq: u64,
+    /// The lease observers must apply, in milliseconds.
+    pub lease_ms: u64,
+}
+
+impl Heartbeat {
+    /// Decodes a heartbeat record.
+    ///
+    /// # Errors
+    /// [`Error::Decode`] naming `key` when the bytes are not a heartbeat.
+    pub fn decode(key: &[u8], bytes: &[u8]) -> Result<Heartbeat> {
+        serde_json::from_slice(bytes).map_err(|e| Error::Decode {
+            key: show(key),
+            reason: format!("not a session heartbeat: {e}"),
+        })
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a heartbeat always serializes")
+    }
+}
+
+/// Where a session stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    /// Renewed; valid (on this process's clock) until the instant given.
+    Alive {
+        /// The last moment at which nobody else can yet consider this session dead.
+        valid_until: Instant,
+    },
+    /// Renewals failed until the deadline passed. Final.
+    Lost,
+    /// Closed by [`Session::close`] or dropped. Final.
+    Closed,
+}
+
+struct Inner {
+    id: uuid::Uuid,
+    key: Bytes,
+    lease: Duration,
+    store: Arc<dyn Store>,
+    state: Arc<watch::Sender<SessionState>>,
+    stop: watch::Sender<bool>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.lock().unwrap().take() {
+            task.abort();
+        }
+        if matches!(*self.state.borrow(), SessionState::Alive { .. }) {
+            self.state.send_replace(SessionState::Closed);
+            // Best effort: remove the record so observers need not wait out the lease for a
+            // session that is certainly gone... except they must anyway (they cannot tell a
+            // deleted record from one never seen), so this is only garbage collection.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let store = self.store.clone();
+                let key = self.key.clone();
+                rt.spawn(async move {
+                    let _ = store.delete(&key).await;
+                });
+            }
+        }
+    }
+}
+
+/// A process identity with a liveness lease, renewed in the background. Cheap to clone; the
+/// last clone dropped closes it (best effort, in the background).
+#[derive(Clone)]
+pub struct Session {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.inner.id)
+            .field("state", &*self.inner.state.borrow())
+            .finish()
+    }
+}
+
+impl Session {
+    /// Starts a session: writes its first heartbeat, then renews it in a background task.
+    ///
+    /// # Errors
+    /// The store's error if the first heartbeat cannot be written ([`Error::Unavailable`],
+    /// [`Error::Ambiguous`]); [`Error::InvalidArgument`] for a bad root.
+    ///
+    /// # Cancel safety
+    /// If dropped before it returns, at most a heartbeat record is left behind; it is never
+    /// renewed, so observers treat it as dead after its lease (and its TTL removes it).
+    pub async fn start(store: Arc<dyn Store>, options: SessionOptions) -> Result<Session> {
+        crate::keys::validate_root(&options.root)?;
+        let id = uuid::Uuid::new_v4();
+        let key = Bytes::from(format!("{}sessions/{}", options.root, id.simple()));
+        let lease = options.lease;
+        let margin = lease.mul_f64(options.margin.clamp(0.0, 0.5));
+        let gc_ttl = options.gc_ttl.map(|t| t.max(lease * 10));
+        let beat = move |seq| {
+            Heartbeat {
+                id: id.simple().to_string(),
+                seq,
+                lease_ms: lease.as_millis() as u64,
+            }
+            .encode()
+        };
+        let sent = Instant::now();
+        write(&*store, &key, &beat(1), gc_ttl).await?;
+        let valid_until = sent + lease - margin;
+        let state = Arc::new(watch::Sender::new(SessionState::Alive { valid_until }));
+        let (stop, stop_rx) = watch::channel(false);
+        let renew_every = options.renew_interval();
+        let task = tokio::spawn(renew(Renewer {
+            store: store.clone(),
+            key: key.clone(),
+            state: state.clone(),
+            stop: stop_rx,
+            lease,
+            margin,
+            renew_every,
+            gc_ttl,
+            beat: Box::new(beat),
+            valid_until,
+            last_sent: sent,
+        }));
+        tracing::debug!(session = %id.simple(), ?lease, ?renew_every, "session started");
+        Ok(Session {
+            inner: Arc::new(Inner {
+                id,
+                key,
+                lease,
+                store,
+                state,
+                stop,
+                task: Mutex::new(Some(task)),
+            }),
+        })
+    }
+
+    /// The session id (a random UUID), as recipes write it into their records.
+    pub fn id(&self) -> String {
+        self.inner.id.simple().to_string()
+    }
+
+    /// The key of this session's heartbeat record.
+    pub fn key(&self) -> &[u8] {
+        &self.inner.key
+    }
+
+    /// The lease observers apply.
+    pub fn lease(&self) -> Duration {
+        self.inner.lease
+    }
+
+    /// The store this session renews in.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// Where the session stands now.
+    pub fn state(&self) -> SessionState {
+        *self.inner.state.borrow()
+    }
+
+    /// True while the session is alive (renewed, and its deadline not passed).
+    pub fn is_alive(&self) -> bool {
+        match self.state() {
+            SessionState::Alive { valid_until } => Instant::now() < valid_until,
+            _ => false,
+        }
+    }
+
+    /// The instant until which nobody else can consider this session dead, if it is alive.
+    pub fn valid_until(&self) -> Option<Instant> {
+        match self.state() {
+            SessionState::Alive { valid_until } => Some(valid_until),
+            _ => None,
+        }
+    }
+
+    /// Errors with [`Error::SessionLost`] unless the session is alive.
+    pub fn check(&self) -> Result<()> {
+        if self.is_alive() {
+            return Ok(());
+        }
+        Err(Error::SessionLost {
+            id: self.id(),
+            state: if self.state() == SessionState::Closed {
+                "closed"
+            } else {
+                "lost"
+            },
+        })
+    }
+
+    /// A receiver of the session's state; it changes on every renewal and once more when the
+    /// session is lost or closed.
+    pub fn subscribe(&self) -> watch::Receiver<SessionState> {
+        self.inner.state.subscribe()
+    }
+
+    /// Resolves when the session is lost or closed (at once if it already is).
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: it only observes.
+    pub async fn lost(&self) {
+        let mut rx = self.inner.state.subscribe();
+        let _ = rx.wait_for(|s| !matches!(s, SessionState::Alive { .. })).await;
+    }
+
+    /// Stops renewing and deletes the heartbeat record. Recipes using this session lose what
+    /// they hold (their guards' `lost()` fire); release them first for a clean handoff.
+    ///
+    /// # Errors
+    /// The store's error if the record could not be deleted (it is then left to its TTL;
+    /// observers treat it as dead after one lease either way).
+    ///
+    /// # Cancel safety
+    /// If dropped midway the session is already closed; only the record's deletion may be
+    /// skipped (harmless, see Errors).
+    pub async fn close(self) -> Result<()> {
+        let _ = self.inner.stop.send(true);
+        if let Some(task) = self.inner.task.lock().unwrap().take() {
+            task.abort();
+        }
+        self.inner.state.send_replace(SessionState::Closed);
+        self.inner.store.delete(&self.inner.key).await
+    }
+}
+
+async fn write(store: &dyn Store, key: &[u8], value: &[u8], ttl: Option<Duration>) -> Result<()> {
+    match ttl {
+        Some(ttl) => store.put_with_ttl(key, value, ttl).await,
+        None => store.put(key, value).await,
+    }
+}
+
+struct Renewer {
+    store: Arc<dyn Store>,
+    key: Bytes,
+    state: Arc<watch::Sender<SessionState>>,
+    stop: watch::Receiver<bool>,
+    lease: Duration,
+    margin: Duration,
+    renew_every: Duration,
+    gc_ttl: Option<Duration>,
+    beat: Box<dyn Fn(u64) -> Vec<u8> + Send + Sync>,
+    valid_until: Instant,
+    last_sent: Instant,
+}
+
+async fn renew(mut r: Renewer) {
+    let mut seq = 1u64;
+    let mut next_at = r.last_sent + r.renew_every;
+    let mut backoff = Backoff::new(Duration::from_millis(50), r.renew_every.max(Duration::from_millis(50)));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(r.valid_until) => break,
+            _ = r.stop.changed() => return,
+            _ = tokio::time::sleep_until(next_at) => {}
+        }
+        seq += 1;
+        let value = (r.beat)(seq);
+        let sent = Instant::now();
+        let attempt = write(&*r.store, &r.key, &value, r.gc_ttl);
+        let outcome = tokio::select! {
+            res = tokio::time::timeout_at(r.valid_until, attempt) => res,
+            _ = r.stop.changed() => return,
+        };
+        match outcome {
+            Ok(Ok(())) => {
+                r.last_sent = sent;
+                r.valid_until = sent + r.lease - r.margin;
+                next_at = sent + r.renew_every;
+                backoff.reset();
+                r.state.send_replace(SessionState::Alive {
+                    valid_until: r.valid_until,
+                });
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(key = %show(&r.key), "session renewal failed: {e}");
+                next_at = Instant::now() + backoff.next_delay();
+            }
+            Err(_) => break,
+        }
+    }
+    tracing::warn!(
+        key = %show(&r.key),
+        "session lost: no renewal succeeded since {:?} ago",
+        r.last_sent.elapsed()
+    );
+    r.state.send_replace(SessionState::Lost);
+}
+
+/// Decides, on this process's monotonic clock, which sessions are dead: a session is dead
+/// once its heartbeat has not changed for its lease since this tracker first saw it or saw it
+/// change. A record never seen, or gone, counts as unchanged since first asked about.
+///
+/// Feed it every view of the sessions that matter ([`Liveness::observe`]), and wake up at
+/// [`Liveness::expires_at`] to re-check: expiry produces no event.
+#[derive(Debug, Clone)]
+pub struct Liveness {
+    default_lease: Duration,
+    seen: HashMap<String, Seen>,
+}
+
+#[derive(Debug, Clone)]
+struct Seen {
+    value: Option<Bytes>,
+    changed_at: Instant,
+    lease: Duration,
+}
+
+impl Liveness {
+    /// A tracker; `default_lease` applies to sessions whose record it cannot read.
+    pub fn new(default_lease: Duration) -> Self {
+        Liveness {
+            default_lease,
+            seen: HashMap::new(),
+        }
+    }
+
+    /// Records what session `id`'s heartbeat record holds now (`None`: absent).
+    pub fn observe(&mut self, id: &str, heartbeat: Option<&Bytes>, now: Instant) {
+        let lease = heartbeat
+            .and_then(|b| serde_json::from_slice::<Heartbeat>(b).ok())
+            .map(|h| Duration::from_millis(h.lease_ms))
+            .unwrap_or(self.default_lease);
+        match self.seen.get_mut(id) {
+            Some(s) if s.value.as_ref() == heartbeat => {}
+            Some(s) => {
+                s.value = heartbeat.cloned();
+                s.changed_at = now;
+                s.lease = lease;
+            }
+            None => {
+                self.seen.insert(
+                    id.to_string(),
+                    Seen {
+                        value: heartbeat.cloned(),
+                        changed_at: now,
+                        lease,
+                    },
+                );
+            }
+        }
+    }
+
+    /// When session `id` will count as dead if its heartbeat does not change (None: never
+    /// observed).
+    pub fn expires_at(&self, id: &str) -> Option<Instant> {
+        self.seen.get(id).map(|s| s.changed_at + s.lease)
+    }
+
+    /// True once session `id` has shown no heartbeat change for its lease. A session never
+    /// observed is not (yet) dead: observe it first.
+    pub fn is_dead(&self, id: &str, now: Instant) -> bool {
+        self.expires_at(id).is_some_and(|at| now >= at)
+    }
+
+    /// Stops tracking `id`.
+    pub fn forget(&mut self, id: &str) {
+        self.seen.remove(id);
+    }
+
+    /// Stops tracking every session not in `keep`.
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.seen.retain(|id, _| keep(id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn liveness_counts_from_the_last_change_seen() {
+        let t0 = Instant::now();
+        let mut l = Liveness::new(Duration::from_secs(5));
+        let hb = |seq| {
+            Bytes::from(
+                Heartbeat {
+                    id: "a".into(),
+                    seq,
+                    lease_ms: 2000,
+                }
+                .encode(),
+            )
+        };
+        l.observe("a", Some(&hb(1)), t0);
+        assert!(!l.is_dead("a", t0 + Duration::from_millis(1999)));
+        // The same record seen again does not extend it.
+        l.observe("a", Some(&hb(1)), t0 + Duration::from_millis(1500));
+        assert!(l.is_dead("a", t0 + Duration::from_millis(2000)));
+        // A new heartbeat restarts the clock.
+        l.observe("a", Some(&hb(2)), t0 + Duration::from_millis(2100));
+        assert!(!l.is_dead("a", t0 + Duration::from_millis(4000)));
+        assert!(l.is_dead("a", t0 + Duration::from_millis(4100)));
+        // An absent record uses the default lease from when it was first asked about.
+        l.observe("b", None, t0);
+        assert!(!l.is_dead("b", t0 + Duration::from_millis(4999)));
+        assert!(l.is_dead("b", t0 + Duration::from_secs(5)));
+        assert!(!l.is_dead("never", t0 + Duration::from_secs(100)));
+    }
+}
