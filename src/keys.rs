@@ -30,7 +30,11 @@ pub const DEFAULT_ROOT: &str = "/dcoord/";
 /// Checks a key root (the prefix every dcoord record lives under): starts and ends with `/`,
 /// at most [`MAX_ROOT_LEN`] bytes, and no empty segment.
 pub fn validate_root(root: &str) -> Result<()> {
-    let bad = |reason: &str| Err(Error::InvalidArgument(format!("invalid key root {root:?}: {reason}")));
+    let bad = |reason: &str| {
+        Err(Error::InvalidArgument(format!(
+            "invalid key root {root:?}: {reason}"
+        )))
+    };
     if !root.starts_with('/') || !root.ends_with('/') {
         return bad("must start and end with '/', like \"/dcoord/\"");
     }

@@ -92,7 +92,9 @@ impl SessionOptions {
     }
 
     fn renew_interval(&self) -> Duration {
-        self.renew_every.unwrap_or(self.lease / 3).min(self.lease / 2)
+        self.renew_every
+            .unwrap_or(self.lease / 3)
+            .min(self.lease / 2)
     }
 }
 
@@ -312,7 +314,9 @@ impl Session {
     /// Cancel-safe: it only observes.
     pub async fn lost(&self) {
         let mut rx = self.inner.state.subscribe();
-        let _ = rx.wait_for(|s| !matches!(s, SessionState::Alive { .. })).await;
+        let _ = rx
+            .wait_for(|s| !matches!(s, SessionState::Alive { .. }))
+            .await;
     }
 
     /// Stops renewing and deletes the heartbeat record. Recipes using this session lose what
@@ -359,7 +363,10 @@ struct Renewer {
 async fn renew(mut r: Renewer) {
     let mut seq = 1u64;
     let mut next_at = r.last_sent + r.renew_every;
-    let mut backoff = Backoff::new(Duration::from_millis(50), r.renew_every.max(Duration::from_millis(50)));
+    let mut backoff = Backoff::new(
+        Duration::from_millis(50),
+        r.renew_every.max(Duration::from_millis(50)),
+    );
     loop {
         tokio::select! {
             _ = tokio::time::sleep_until(r.valid_until) => break,

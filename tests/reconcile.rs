@@ -85,7 +85,11 @@ async fn mirror_converges_after_a_cancelled_watch() {
     s.put(b"/m/a", b"3").await.unwrap();
     converge(&m, &s, P, Duration::from_secs(10)).await;
     assert!(m.stats().relists.canceled >= 1, "{:?}", m.stats());
-    assert!(m.last_error().unwrap().contains("cancel"), "{:?}", m.last_error());
+    assert!(
+        m.last_error().unwrap().contains("cancel"),
+        "{:?}",
+        m.last_error()
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -102,11 +106,16 @@ async fn mirror_converges_after_the_stream_ends() {
 #[tokio::test(start_paused = true)]
 async fn periodic_relist_repairs_silently_dropped_events() {
     let s = MemStore::new();
-    let m = mirror_of(&s, WatcherOptions::default().resync_every(Some(Duration::from_secs(5))));
+    let m = mirror_of(
+        &s,
+        WatcherOptions::default().resync_every(Some(Duration::from_secs(5))),
+    );
     m.wait_ready().await.unwrap();
     s.drop_next_events(3);
     for (k, v) in [("a", "1"), ("b", "2"), ("c", "3"), ("d", "4"), ("a", "5")] {
-        s.put(format!("{P}{k}").as_bytes(), v.as_bytes()).await.unwrap();
+        s.put(format!("{P}{k}").as_bytes(), v.as_bytes())
+            .await
+            .unwrap();
     }
     s.delete(b"/m/d").await.unwrap();
     // The live stream saw only the last three changes: a=5, then d=4 and its delete.
@@ -153,7 +162,11 @@ async fn a_delete_during_a_gap_comes_out_as_delete_after_the_relist() {
     let s = MemStore::new();
     s.put(b"/m/a", b"1").await.unwrap();
     s.put(b"/m/b", b"2").await.unwrap();
-    let mut w = watcher(Arc::new(s.clone()), WatchTarget::prefix(P), WatcherOptions::default());
+    let mut w = watcher(
+        Arc::new(s.clone()),
+        WatchTarget::prefix(P),
+        WatcherOptions::default(),
+    );
     let mut first = Vec::new();
     loop {
         let ev = w.next().await.unwrap().unwrap();
@@ -172,7 +185,12 @@ async fn a_delete_during_a_gap_comes_out_as_delete_after_the_relist() {
     while second.len() < 4 {
         second.push(w.next().await.unwrap().unwrap());
     }
-    assert_eq!(second[0], WatcherEvent::Init { reason: Relist::Canceled });
+    assert_eq!(
+        second[0],
+        WatcherEvent::Init {
+            reason: Relist::Canceled
+        }
+    );
     assert!(matches!(&second[1], WatcherEvent::InitApply(e) if e.key == "/m/b"));
     assert!(matches!(second[2], WatcherEvent::InitDone { .. }));
     assert!(
@@ -197,7 +215,11 @@ async fn idle_timeout_relists_and_is_counted() {
 #[tokio::test(start_paused = true)]
 async fn an_invalid_target_closes_the_mirror_with_a_clear_error() {
     let s = MemStore::new();
-    let m = Mirror::start(Arc::new(s), WatchTarget::prefix("no-slash"), MirrorOptions::default());
+    let m = Mirror::start(
+        Arc::new(s),
+        WatchTarget::prefix("no-slash"),
+        MirrorOptions::default(),
+    );
     let err = m.wait_ready().await.unwrap_err();
     assert!(err.to_string().contains("no-slash"), "{err}");
 }
@@ -207,7 +229,11 @@ async fn a_key_mirror_ignores_longer_keys_sharing_its_prefix() {
     let s = MemStore::new();
     s.put(b"/cfg/app", b"1").await.unwrap();
     s.put(b"/cfg/app2", b"2").await.unwrap();
-    let m = Mirror::start(Arc::new(s.clone()), WatchTarget::key("/cfg/app"), MirrorOptions::default());
+    let m = Mirror::start(
+        Arc::new(s.clone()),
+        WatchTarget::key("/cfg/app"),
+        MirrorOptions::default(),
+    );
     let view = m.wait_ready().await.unwrap();
     assert_eq!(view.len(), 1);
     s.put(b"/cfg/app", b"3").await.unwrap();
@@ -229,7 +255,10 @@ async fn changes_report_old_and_new_and_skip_identical_rewrites() {
     s.put(b"/m/a", b"2").await.unwrap();
     s.delete(b"/m/a").await.unwrap();
     let c1 = changes.next().await.unwrap().unwrap();
-    assert_eq!((c1.old.as_deref(), c1.new.as_deref()), (Some(&b"1"[..]), Some(&b"2"[..])));
+    assert_eq!(
+        (c1.old.as_deref(), c1.new.as_deref()),
+        (Some(&b"1"[..]), Some(&b"2"[..]))
+    );
     let c2 = changes.next().await.unwrap().unwrap();
     assert_eq!((c2.old.as_deref(), c2.new), (Some(&b"2"[..]), None));
     assert!(c2.revision > c1.revision);
@@ -253,7 +282,7 @@ async fn watcher_never_yields_an_older_revision_for_a_key() {
                     30 => s.drop_next_events(4),
                     _ => {}
                 }
-                if i % 9 == 0 {
+                if i.is_multiple_of(9) {
                     let _ = s.delete(key.as_bytes()).await;
                 } else {
                     let _ = s.put(key.as_bytes(), i.to_string().as_bytes()).await;
@@ -271,7 +300,10 @@ async fn watcher_never_yields_an_older_revision_for_a_key() {
         };
         let Ok(ev) = item else { continue };
         let Some(rev) = ev.revision() else { continue };
-        assert!(rev >= global, "stream went back from {global} to {rev}: {ev:?}");
+        assert!(
+            rev >= global,
+            "stream went back from {global} to {rev}: {ev:?}"
+        );
         global = rev;
         let key = match &ev {
             WatcherEvent::InitApply(e) | WatcherEvent::Apply(e) => e.key.clone(),
@@ -282,7 +314,11 @@ async fn watcher_never_yields_an_older_revision_for_a_key() {
         assert!(rev >= prev, "{key:?} went back from {prev} to {rev}");
     }
     writer.await.unwrap();
-    assert!(w.stats().get().relists.total_after_start() >= 8, "{:?}", w.stats().get());
+    assert!(
+        w.stats().get().relists.total_after_start() >= 8,
+        "{:?}",
+        w.stats().get()
+    );
 }
 
 #[derive(Debug, Clone)]
@@ -356,7 +392,7 @@ async fn concurrent_writes(store: Arc<dyn Store>, ns: &str, total: usize) -> (us
             for i in 0..total / tasks {
                 let n = t * (total / tasks) + i;
                 let key = format!("{ns}k{:03}", n % 100);
-                let res = if n % 11 == 0 {
+                let res = if n.is_multiple_of(11) {
                     store.delete(key.as_bytes()).await
                 } else {
                     store.put(key.as_bytes(), n.to_string().as_bytes()).await
@@ -406,14 +442,18 @@ async fn mirror_under_concurrent_writes_equals_final_scan(f: common::Fixture) {
 
 #[tokio::test]
 async fn embedded_mirror_under_concurrent_writes_equals_final_scan() {
-    mirror_under_concurrent_writes_equals_final_scan(common::fixture(common::Backend::Embedded).await)
-        .await;
+    mirror_under_concurrent_writes_equals_final_scan(
+        common::fixture(common::Backend::Embedded).await,
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn cluster_mirror_under_concurrent_writes_equals_final_scan() {
-    mirror_under_concurrent_writes_equals_final_scan(common::fixture(common::Backend::Cluster).await)
-        .await;
+    mirror_under_concurrent_writes_equals_final_scan(
+        common::fixture(common::Backend::Cluster).await,
+    )
+    .await;
 }
 
 /// The leader (which also serves the mirror's watch) is SIGKILLed during the writes: the
@@ -424,9 +464,10 @@ async fn cluster_mirror_converges_after_the_leader_is_killed_mid_writes() {
     use dcoord::store::{RemoteOptions, RemoteStore};
 
     let _heavy = common::HEAVY.lock().await;
-    let mut cluster = LocalCluster::start(ClusterOptions::default().nodes(3).binary(common::binary()))
-        .await
-        .unwrap();
+    let mut cluster =
+        LocalCluster::start(ClusterOptions::default().nodes(3).binary(common::binary()))
+            .await
+            .unwrap();
     let remote = RemoteStore::connect(
         &cluster.endpoints(),
         RemoteOptions::default().op_deadline(Duration::from_secs(30)),
@@ -455,7 +496,10 @@ async fn cluster_mirror_converges_after_the_leader_is_killed_mid_writes() {
         m.stats()
     );
     let st = m.stats();
-    assert!(st.relists.total_after_start() >= 1, "the watch on the killed leader must have been relisted: {st:?}");
+    assert!(
+        st.relists.total_after_start() >= 1,
+        "the watch on the killed leader must have been relisted: {st:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -476,7 +520,11 @@ mod session {
         let session = Session::start(Arc::new(s.clone()), opts()).await.unwrap();
         assert!(session.is_alive());
         let read = |s: MemStore, key: Vec<u8>| async move {
-            let v = s.get(&key, dcoord::store::Consistency::Linearizable).await.unwrap().unwrap();
+            let v = s
+                .get(&key, dcoord::store::Consistency::Linearizable)
+                .await
+                .unwrap()
+                .unwrap();
             Heartbeat::decode(&key, &v).unwrap()
         };
         let first = read(s.clone(), session.key().to_vec()).await;
@@ -484,7 +532,10 @@ mod session {
         assert_eq!(first.lease_ms, 3000);
         tokio::time::sleep(Duration::from_secs(10)).await;
         let later = read(s.clone(), session.key().to_vec()).await;
-        assert!(later.seq >= first.seq + 9, "1 s renewals over 10 s: {later:?}");
+        assert!(
+            later.seq >= first.seq + 9,
+            "1 s renewals over 10 s: {later:?}"
+        );
         assert!(session.is_alive());
     }
 
@@ -552,10 +603,14 @@ mod session {
     async fn an_unreachable_store_fails_start_and_writes_nothing() {
         let s = MemStore::new();
         s.fail_next_ops(1);
-        let err = Session::start(Arc::new(s.clone()), opts()).await.unwrap_err();
+        let err = Session::start(Arc::new(s.clone()), opts())
+            .await
+            .unwrap_err();
         assert!(err.is_retryable(), "{err}");
         assert!(s.scan_prefix(b"/dcoord/").await.unwrap().entries.is_empty());
-        let err = Session::start(Arc::new(s), opts().root("no-slash")).await.unwrap_err();
+        let err = Session::start(Arc::new(s), opts().root("no-slash"))
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("no-slash"), "{err}");
     }
 }

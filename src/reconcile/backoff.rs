@@ -47,7 +47,11 @@ mod tests {
         for cap in expected {
             let d = b.next_delay();
             let cap = Duration::from_millis(cap);
-            assert!(d <= cap && d >= cap / 2, "{d:?} not in [{:?}, {cap:?}]", cap / 2);
+            assert!(
+                d <= cap && d >= cap / 2,
+                "{d:?} not in [{:?}, {cap:?}]",
+                cap / 2
+            );
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));

@@ -280,7 +280,9 @@ impl Watcher {
 
 impl fmt::Debug for Watcher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Watcher").field("stats", &self.stats.get()).finish()
+        f.debug_struct("Watcher")
+            .field("stats", &self.stats.get())
+            .finish()
     }
 }
 
@@ -296,7 +298,10 @@ impl Stream for Watcher {
 fn is_fatal(err: &Error) -> bool {
     matches!(
         err,
-        Error::Stopped | Error::InvalidKey { .. } | Error::InvalidPrefix { .. } | Error::InvalidArgument(_)
+        Error::Stopped
+            | Error::InvalidKey { .. }
+            | Error::InvalidPrefix { .. }
+            | Error::InvalidArgument(_)
     )
 }
 
