@@ -11,6 +11,7 @@
 //! | [`Error::Stopped`] | the embedded engine was stopped | nothing: the store is gone |
 //! | [`Error::Lagged`] | a change subscriber fell behind | re-read the mirror's snapshot |
 //! | [`Error::Decode`] | a stored value is not what the recipe wrote | inspect the key; nothing was changed |
+//! | [`Error::Fenced`] | a newer lock holder already wrote the key | stop: you no longer hold the lock |
 //! | [`Error::SessionLost`] | the session's lease ran out (or it was closed) | start a new session |
 //! | [`Error::Engine`], [`Error::Config`], [`Error::Io`], [`Error::PortInUse`] | everything else | read the message |
 
@@ -137,6 +138,18 @@ pub enum Error {
         key: String,
         /// What is wrong with it.
         reason: String,
+    },
+
+    /// A fenced write was rejected: the key was already written under a newer fencing token,
+    /// so the lock this token came from has moved on. Nothing was written.
+    #[error("fenced write to {key:?} rejected: token {token} is older than the stored token {stored}")]
+    Fenced {
+        /// The key, lossily decoded for display.
+        key: String,
+        /// The token of the rejected write.
+        token: u64,
+        /// The newer token stored with the key.
+        stored: u64,
     },
 
     /// A coordination session is gone (its renewals failed for longer than its lease allows,

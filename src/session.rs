@@ -37,7 +37,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::error::{Error, Result, show};
-use crate::reconcile::Backoff;
+use crate::reconcile::{Backoff, Mirror, MirrorOptions, WatcherOptions};
+use crate::store::WatchTarget;
 use crate::store::Store;
 
 /// Options of a [`Session`].
@@ -143,6 +144,8 @@ pub enum SessionState {
 struct Inner {
     id: uuid::Uuid,
     key: Bytes,
+    root: String,
+    peers: tokio::sync::OnceCell<Mirror>,
     lease: Duration,
     store: Arc<dyn Store>,
     state: Arc<watch::Sender<SessionState>>,
@@ -237,6 +240,8 @@ impl Session {
             inner: Arc::new(Inner {
                 id,
                 key,
+                root: options.root.clone(),
+                peers: tokio::sync::OnceCell::new(),
                 lease,
                 store,
                 state,
@@ -259,6 +264,50 @@ impl Session {
     /// The lease observers apply.
     pub fn lease(&self) -> Duration {
         self.inner.lease
+    }
+
+    /// The key root this session (and the recipes using it) live under.
+    pub fn root(&self) -> &str {
+        &self.inner.root
+    }
+
+    /// The heartbeat key of session `id` (under this session's root).
+    pub fn heartbeat_key(&self, id: &str) -> Vec<u8> {
+        format!("{}sessions/{id}", self.inner.root).into_bytes()
+    }
+
+    /// A mirror of every session's heartbeat under this root, started on first use and shared
+    /// by every recipe using this session (waiters use it to see holders' heartbeats).
+    ///
+    /// # Errors
+    /// The mirror's fatal error (a stopped engine).
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: a dropped call leaves the mirror started or not.
+    pub async fn peers(&self) -> Result<&Mirror> {
+        self.inner
+            .peers
+            .get_or_try_init(|| async {
+                let prefix = format!("{}sessions/", self.inner.root);
+                let options = MirrorOptions::default().watcher(
+                    WatcherOptions::default().resync_every(Some(self.inner.lease.max(Duration::from_secs(1)))),
+                );
+                let mirror = Mirror::start(self.inner.store.clone(), WatchTarget::prefix(prefix), options);
+                mirror.wait_ready().await?;
+                Ok(mirror)
+            })
+            .await
+    }
+
+    /// Stops renewing WITHOUT deleting the heartbeat record, as if the process had crashed:
+    /// observers treat the session as dead one lease after its last renewal, and take over what
+    /// it held. For handing work over abruptly, and for tests of crash recovery.
+    pub fn orphan(self) {
+        let _ = self.inner.stop.send(true);
+        if let Some(task) = self.inner.task.lock().unwrap().take() {
+            task.abort();
+        }
+        self.inner.state.send_replace(SessionState::Closed);
     }
 
     /// The store this session renews in.

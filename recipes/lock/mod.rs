@@ -1,0 +1,573 @@
+//! `lock::Mutex`: a fair, fenced, crash-safe distributed lock with one-write handoff.
+//!
+//! The whole state of a lock lives in ONE record (`<root>locks/<name>`), changed only by
+//! compare-and-swap: the holder, the waiters in arrival order, and `epoch`, the fencing token
+//! of the latest grant. The record is never deleted and never has a TTL, so tokens increase
+//! forever. Liveness comes from the [`Session`] each participant names in the record: one
+//! heartbeat per process, however many locks it holds or waits for.
+//!
+//! # Guarantees
+//! - **At most one live holder.** A grant is a CAS on the record; a crashed holder's lock is
+//!   taken over only after its session showed no heartbeat for its lease, measured on the
+//!   waiter's own monotonic clock and confirmed by a linearizable read (no synchronized
+//!   clocks, no d-engine TTL).
+//! - **Fencing.** Every grant carries [`MutexGuard::fencing_token`], strictly greater than every
+//!   earlier grant's. [`MutexGuard::fenced_put`] / [`fenced_put`] write a key only if no newer
+//!   token has written it.
+//! - **`lost()` comes first.** A holder's [`MutexGuard::lost`] fires when its session's
+//!   renewals have failed long enough that a waiter could take over, *before* one can (the
+//!   holder counts from when it sent its last successful renewal, a waiter from when it saw
+//!   it), or when the record shows another grant.
+//! - **FIFO.** Waiters are served in arrival order (among live waiters). A release hands the
+//!   lock to the first waiter *in the same write* (one consensus write + one watch
+//!   notification per handoff). No waiter sends a CAS on a release: only the new holder acts.
+//! - **Cancel-safe acquire.** Dropping an `acquire()` future removes its queue entry (or
+//!   releases a grant that raced with the drop) in the background; an entry left by a crashed
+//!   process is skipped once its session's lease runs out.
+//! - **Idempotent release** that never releases someone else's grant; an ambiguous write is
+//!   resolved by re-reading the record.
+//!
+//! # NOT guaranteed
+//! - Mutual exclusion of *effects* against a process paused past its lease: it learns of the
+//!   loss when it resumes. Protect effects with the fencing token.
+//! - Bounded waiting when the holder is alive: a holder keeps the lock as long as its session
+//!   lives. Use `tokio::time::timeout` around `acquire()`.
+//! - Fairness against waiters whose sessions die: their turn passes once their lease runs out.
+//! - Every waiter still *receives* the watch notification of a change to the record (one
+//!   exact-key watch each); only the new holder acts on it.
+//! - Size: the queue lives in one value (1 MiB), so about 10,000 waiters per lock.
+//!
+//! # Failure modes
+//! - The store unreachable: `acquire` returns the store's error after its retries
+//!   ([`Error::Unavailable`]); a waiter already queued keeps waiting while its session lives.
+//! - The session lost while waiting or holding: [`Error::SessionLost`]; start a new session.
+//! - The record holds bytes dcoord did not write: [`Error::Decode`] naming the key; the record
+//!   is never reset.
+//!
+//! # Example
+//! ```
+//! # #[tokio::main] async fn main() -> dcoord::Result<()> {
+//! use std::sync::Arc;
+//! use dcoord::session::{Session, SessionOptions};
+//! use dcoord::lock::Mutex;
+//!
+//! let store: Arc<dyn dcoord::store::Store> = Arc::new(dcoord::testing::MemStore::new());
+//! let session = Session::start(store, SessionOptions::default()).await?;
+//! let lock = Mutex::new(&session, "orders")?;
+//! let guard = lock.acquire().await?;
+//! guard.fenced_put(b"/app/orders/owner", b"me").await?;
+//! let token = guard.fencing_token();
+//! guard.release().await?;
+//! assert!(lock.acquire().await?.fencing_token() > token);
+//! # Ok(()) }
+//! ```
+
+mod fence;
+mod record;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+pub use fence::{Fenced, fenced_get, fenced_put};
+use record::{Record, Slot};
+
+use crate::error::{Error, Result};
+use crate::reconcile::{Mirror, MirrorOptions, Snapshot, WatcherOptions};
+use crate::session::{Liveness, Session};
+use crate::store::{Consistency, Store, WatchTarget};
+
+/// A named distributed lock. Cheap to clone; clones share one watch on the lock record.
+#[derive(Clone)]
+pub struct Mutex {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    name: String,
+    key: Bytes,
+    session: Session,
+    store: Arc<dyn Store>,
+    record: Mirror,
+}
+
+impl fmt::Debug for Mutex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Mutex")
+            .field("name", &self.inner.name)
+            .field("session", &self.inner.session.id())
+            .finish()
+    }
+}
+
+/// What a lock record says right now (see [`Mutex::info`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockInfo {
+    /// The fencing token of the latest grant (0: never granted).
+    pub token: u64,
+    /// The session id of the holder, if held.
+    pub holder: Option<String>,
+    /// Session ids of the waiters, in arrival order.
+    pub waiters: Vec<String>,
+}
+
+impl Mutex {
+    /// The lock `name` (`[A-Za-z0-9._-]`, at most 128 bytes) under the session's root.
+    /// Starts watching the lock record; must be called within a tokio runtime.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a bad name.
+    pub fn new(session: &Session, name: &str) -> Result<Mutex> {
+        crate::keys::validate_name("lock", name)?;
+        let key = Bytes::from(format!("{}locks/{name}", session.root()));
+        let store = session.store().clone();
+        let resync = session.lease().max(Duration::from_secs(1));
+        let record = Mirror::start(
+            store.clone(),
+            WatchTarget::Key(key.clone()),
+            MirrorOptions::default().watcher(WatcherOptions::default().resync_every(Some(resync))),
+        );
+        Ok(Mutex {
+            inner: Arc::new(Inner {
+                name: name.to_string(),
+                key,
+                session: session.clone(),
+                store,
+                record,
+            }),
+        })
+    }
+
+    /// The lock's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The key of the lock record.
+    pub fn key(&self) -> &[u8] {
+        &self.inner.key
+    }
+
+    /// Waits until this participant holds the lock, in arrival order behind earlier waiters.
+    ///
+    /// # Errors
+    /// [`Error::SessionLost`] if the session is (or becomes) lost; [`Error::Decode`] if the
+    /// record holds foreign bytes; the store's errors if it cannot be reached.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: if the future is dropped, its queue entry is removed in the background (and
+    /// a grant that raced with the drop is passed on to the next waiter). Compose a deadline
+    /// with `tokio::time::timeout`.
+    pub async fn acquire(&self) -> Result<MutexGuard> {
+        let inner = &self.inner;
+        let mut pending = Pending::new(inner.clone());
+        'join: loop {
+            inner.session.check()?;
+            let (me, mut current) = inner.join(&mut pending, false).await?;
+            let Some(me) = me else {
+                unreachable!("a waiting join always queues")
+            };
+            let mut liveness = Liveness::new(inner.session.lease());
+            let mut rec_rx = inner.record.subscribe();
+            let mut peers_rx = None;
+            let mut next_read = Instant::now() + inner.session.lease() / 2;
+            loop {
+                let rec = Record::decode(&inner.key, current.as_ref())?;
+                if rec.is_holder(&me) {
+                    pending.disarm();
+                    return Ok(MutexGuard::new(inner.clone(), me, rec.epoch, current));
+                }
+                if !rec.contains(&me) {
+                    // Only a participant that saw our session dead removes our entry.
+                    pending.disarm();
+                    inner.session.check()?;
+                    tracing::warn!(lock = %inner.name, "our queue entry vanished; queueing again");
+                    continue 'join;
+                }
+                let blockers: Vec<Slot> = rec.blockers(&me).into_iter().cloned().collect();
+                let peers = inner.session.peers().await?;
+                let rx = peers_rx.get_or_insert_with(|| peers.subscribe());
+                let view = rx.borrow_and_update().clone();
+                let now = Instant::now();
+                for b in &blockers {
+                    let hb = view.get(&inner.session.heartbeat_key(&b.session));
+                    liveness.observe(&b.session, hb.map(|e| &e.value), now);
+                }
+                liveness.retain(|id| blockers.iter().any(|b| b.session == id));
+                if blockers.iter().all(|b| liveness.is_dead(&b.session, now))
+                    && inner.confirm_dead(&blockers, &mut liveness).await?
+                {
+                    let new = rec.take_over(&me).expect("we are queued").encode();
+                    current = inner.cas(current, new).await?;
+                    continue;
+                }
+                let expiry = blockers
+                    .iter()
+                    .filter_map(|b| liveness.expires_at(&b.session))
+                    .min()
+                    .unwrap_or(next_read);
+                let wake = expiry.min(next_read);
+                tokio::select! {
+                    changed = rec_rx.changed() => {
+                        if changed.is_err() {
+                            return Err(Error::Stopped);
+                        }
+                        let snap = rec_rx.borrow_and_update().clone();
+                        current = newer(&inner.key, current, &snap);
+                    }
+                    _ = rx.changed() => {}
+                    _ = tokio::time::sleep_until(wake) => {
+                        current = inner.read().await?;
+                        next_read = Instant::now() + inner.session.lease() / 2;
+                    }
+                    _ = inner.session.lost() => {
+                        inner.session.check()?;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes the lock only if it is free and nobody waits: `Ok(None)` otherwise (including
+    /// when the holder is dead but its lease has not yet been observed to run out).
+    ///
+    /// # Errors
+    /// As [`Mutex::acquire`].
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: a grant that raced with the drop is released in the background.
+    pub async fn try_acquire(&self) -> Result<Option<MutexGuard>> {
+        let inner = &self.inner;
+        inner.session.check()?;
+        let mut pending = Pending::new(inner.clone());
+        let (me, current) = inner.join(&mut pending, true).await?;
+        let Some(me) = me else { return Ok(None) };
+        pending.disarm();
+        let rec = Record::decode(&inner.key, current.as_ref())?;
+        Ok(Some(MutexGuard::new(inner.clone(), me, rec.epoch, current)))
+    }
+
+    /// What the lock record says now (a linearizable read).
+    ///
+    /// # Errors
+    /// [`Error::Decode`] for foreign bytes; the store's errors.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe (a read).
+    pub async fn info(&self) -> Result<LockInfo> {
+        let rec = Record::decode(&self.inner.key, self.inner.read().await?.as_ref())?;
+        Ok(LockInfo {
+            token: rec.epoch,
+            holder: rec.holder.map(|h| h.session),
+            waiters: rec.queue.into_iter().map(|s| s.session).collect(),
+        })
+    }
+}
+
+/// Of the record bytes we hold and the mirror's, the newer (higher `seq`).
+fn newer(key: &[u8], current: Option<Bytes>, snap: &Snapshot) -> Option<Bytes> {
+    let Some(theirs) = snap.get(key).map(|e| e.value.clone()) else {
+        return current;
+    };
+    let seq = |b: &Option<Bytes>| {
+        Record::decode(key, b.as_ref())
+            .map(|r| r.seq)
+            .unwrap_or(0)
+    };
+    let theirs = Some(theirs);
+    if seq(&theirs) > seq(&current) {
+        theirs
+    } else {
+        current
+    }
+}
+
+impl Inner {
+    async fn read(&self) -> Result<Option<Bytes>> {
+        self.store.get(&self.key, Consistency::Linearizable).await
+    }
+
+    /// One CAS from `current` to `new`; returns the record as it is afterwards (ours on
+    /// success, re-read otherwise; an ambiguous write is resolved by the re-read).
+    async fn cas(&self, current: Option<Bytes>, new: Vec<u8>) -> Result<Option<Bytes>> {
+        match self
+            .store
+            .compare_and_swap(&self.key, current.as_deref(), &new)
+            .await
+        {
+            Ok(true) => Ok(Some(Bytes::from(new))),
+            Ok(false) => self.read().await,
+            Err(e) if e.is_ambiguous() => self.read().await,
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Joins the record (queueing, or granted at once). With `only_if_free`, joins only if
+    /// the lock is free and nobody waits (`None` otherwise). Returns our slot and the record.
+    async fn join(
+        &self,
+        pending: &mut Pending,
+        only_if_free: bool,
+    ) -> Result<(Option<Slot>, Option<Bytes>)> {
+        let id = self.session.id();
+        let mut current = newer(&self.key, None, &self.record.snapshot());
+        if current.is_none() {
+            current = self.read().await?;
+        }
+        loop {
+            let rec = Record::decode(&self.key, current.as_ref())?;
+            if only_if_free && (rec.holder.is_some() || !rec.queue.is_empty()) {
+                // The mirror may be behind: confirm with a linearizable read before saying no.
+                let fresh = self.read().await?;
+                if fresh == current {
+                    return Ok((None, current));
+                }
+                current = fresh;
+                continue;
+            }
+            let joined = rec.join(&id);
+            pending.arm(joined.me.clone());
+            let new = Bytes::from(joined.record.encode());
+            match self
+                .store
+                .compare_and_swap(&self.key, current.as_deref(), &new)
+                .await
+            {
+                Ok(true) => return Ok((Some(joined.me), Some(new))),
+                Ok(false) => {
+                    pending.disarm();
+                    current = self.read().await?;
+                }
+                Err(e) if e.is_ambiguous() => {
+                    current = self.read().await?;
+                    let rec = Record::decode(&self.key, current.as_ref())?;
+                    // Tickets are unique per (session, ticket): if it is there, it landed.
+                    if rec.contains(&joined.me) {
+                        return Ok((Some(joined.me), current));
+                    }
+                    pending.disarm();
+                }
+                Err(e) => {
+                    pending.disarm();
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Confirms with linearizable reads that every blocker's heartbeat is still the one seen
+    /// a lease ago (a lost watch event must never make a live holder look dead).
+    async fn confirm_dead(&self, blockers: &[Slot], liveness: &mut Liveness) -> Result<bool> {
+        for b in blockers {
+            let hb = self
+                .store
+                .get(&self.session.heartbeat_key(&b.session), Consistency::Linearizable)
+                .await?;
+            let now = Instant::now();
+            liveness.observe(&b.session, hb.as_ref(), now);
+            if !liveness.is_dead(&b.session, now) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Leaves the record: releases if holding (handing off to the first waiter), removes the
+    /// queue entry if waiting, nothing if neither. Retries conflicts.
+    async fn leave(&self, me: &Slot, known: Option<Bytes>) -> Result<()> {
+        let mut current = newer(&self.key, known, &self.record.snapshot());
+        if current.is_none() {
+            current = self.read().await?;
+        }
+        loop {
+            let rec = Record::decode(&self.key, current.as_ref())?;
+            let Some(next) = rec.leave(me) else {
+                return Ok(());
+            };
+            let new = next.encode();
+            match self
+                .store
+                .compare_and_swap(&self.key, current.as_deref(), &new)
+                .await
+            {
+                Ok(true) => return Ok(()),
+                Ok(false) => current = self.read().await?,
+                Err(e) if e.is_ambiguous() => current = self.read().await?,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Removes an acquire's entry if the acquire is dropped midway (cancel safety).
+struct Pending {
+    inner: Arc<Inner>,
+    me: Option<Slot>,
+}
+
+impl Pending {
+    fn new(inner: Arc<Inner>) -> Self {
+        Pending { inner, me: None }
+    }
+
+    fn arm(&mut self, me: Slot) {
+        self.me = Some(me);
+    }
+
+    fn disarm(&mut self) {
+        self.me = None;
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(me) = self.me.take() {
+            spawn_leave(self.inner.clone(), me, None);
+        }
+    }
+}
+
+fn spawn_leave(inner: Arc<Inner>, me: Slot, known: Option<Bytes>) {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        tracing::warn!(lock = %inner.name, "no runtime to release in; the lease will free it");
+        return;
+    };
+    rt.spawn(async move {
+        let mut backoff = crate::reconcile::Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+        let deadline = Instant::now() + inner.session.lease() * 3;
+        loop {
+            match inner.leave(&me, known.clone()).await {
+                Ok(()) => return,
+                Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+                Err(e) => {
+                    tracing::warn!(lock = %inner.name, "background release failed: {e}");
+                    return;
+                }
+            }
+        }
+    });
+}
+
+/// Proof of holding a [`Mutex`]. Release it with [`MutexGuard::release`]; dropping it
+/// releases in the background (best effort).
+#[must_use = "dropping the guard releases the lock at once"]
+pub struct MutexGuard {
+    inner: Arc<Inner>,
+    me: Slot,
+    token: u64,
+    known: Option<Bytes>,
+    done: bool,
+}
+
+impl fmt::Debug for MutexGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MutexGuard")
+            .field("lock", &self.inner.name)
+            .field("token", &self.token)
+            .finish()
+    }
+}
+
+impl MutexGuard {
+    fn new(inner: Arc<Inner>, me: Slot, token: u64, known: Option<Bytes>) -> Self {
+        MutexGuard {
+            inner,
+            me,
+            token,
+            known,
+            done: false,
+        }
+    }
+
+    /// The fencing token of this grant: strictly greater than every earlier grant's.
+    pub fn fencing_token(&self) -> u64 {
+        self.token
+    }
+
+    /// The lock's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// True once the lock may belong to someone else: the session is lost, or the record
+    /// shows a newer grant.
+    pub fn is_lost(&self) -> bool {
+        !self.inner.session.is_alive() || self.superseded(&self.inner.record.snapshot())
+    }
+
+    fn superseded(&self, snap: &Snapshot) -> bool {
+        match snap.get(&self.inner.key) {
+            Some(e) => match Record::decode(&self.inner.key, Some(&e.value)) {
+                Ok(rec) => {
+                    rec.epoch > self.token || (rec.epoch == self.token && !rec.is_holder(&self.me))
+                }
+                Err(_) => true,
+            },
+            None => false,
+        }
+    }
+
+    /// Resolves when the lock may belong to someone else (see [`MutexGuard::is_lost`]): stop
+    /// the guarded work. Fires before anyone else can take over after a renewal failure.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: it only observes.
+    pub async fn lost(&self) {
+        let mut rx = self.inner.record.subscribe();
+        tokio::select! {
+            _ = self.inner.session.lost() => {}
+            _ = rx.wait_for(|snap| self.superseded(snap)) => {}
+        }
+    }
+
+    /// Writes `value` to `key` fenced by this grant's token: rejected with [`Error::Fenced`]
+    /// if a newer holder has written the key. See [`fenced_put`].
+    ///
+    /// # Errors
+    /// [`Error::SessionLost`] if this grant is already known to be lost; [`Error::Fenced`];
+    /// [`Error::Decode`] if the key holds a value not written by `fenced_put`; store errors.
+    ///
+    /// # Cancel safety
+    /// If dropped, the write may or may not have happened; the fence held either way.
+    pub async fn fenced_put(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        if self.is_lost() {
+            self.inner.session.check()?;
+            return Err(Error::SessionLost {
+                id: self.inner.session.id(),
+                state: "superseded on this lock",
+            });
+        }
+        fenced_put(&*self.inner.store, key, self.token, value).await
+    }
+
+    /// Releases the lock, handing it to the first waiter in the same write. Idempotent, and
+    /// never releases a later grant (after a takeover it does nothing).
+    ///
+    /// # Errors
+    /// The store's errors ([`Error::Unavailable`]); the lock is then released in the
+    /// background, or freed by the lease.
+    ///
+    /// # Cancel safety
+    /// If dropped midway, the release is finished in the background.
+    pub async fn release(mut self) -> Result<()> {
+        let known = self.known.take();
+        let res = self.inner.leave(&self.me, known).await;
+        if res.is_ok() {
+            self.done = true;
+        }
+        res
+    }
+}
+
+impl Drop for MutexGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            spawn_leave(self.inner.clone(), self.me.clone(), self.known.take());
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! `lock::Mutex`: the contract, on the in-memory store (paused time) and the real engine.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use dcoord::Error;
+use dcoord::lock::{Mutex, fenced_get, fenced_put};
+use dcoord::session::{Session, SessionOptions};
+use dcoord::store::{Consistency, Scan, Store, WatchStream, WatchTarget};
+use dcoord::testing::MemStore;
+use tokio::time::Instant;
+
+fn opts() -> SessionOptions {
+    SessionOptions::default().lease(Duration::from_secs(2))
+}
+
+async fn session(store: Arc<dyn Store>) -> Session {
+    Session::start(store, opts()).await.unwrap()
+}
+
+/// `contenders` participants, each with its own session (as separate processes would have),
+/// take the lock `rounds` times each. Mutual exclusion is checked by an in-process counter and
+/// by a fenced key; tokens must strictly increase in grant order.
+async fn contenders_exclude_each_other(store: Arc<dyn Store>, ns: &str, contenders: usize, rounds: usize) {
+    let name = format!("mx-{}", uuid::Uuid::new_v4().simple());
+    let inside = Arc::new(AtomicUsize::new(0));
+    let tokens = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let fenced = format!("{ns}fenced");
+    let mut tasks = Vec::new();
+    for c in 0..contenders {
+        let store = store.clone();
+        let (name, inside, tokens, fenced) = (name.clone(), inside.clone(), tokens.clone(), fenced.clone());
+        tasks.push(tokio::spawn(async move {
+            let s = session(store).await;
+            let lock = Mutex::new(&s, &name).unwrap();
+            for r in 0..rounds {
+                let g = lock.acquire().await.unwrap();
+                assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "two holders at once");
+                tokens.lock().unwrap().push(g.fencing_token());
+                g.fenced_put(fenced.as_bytes(), format!("{c}/{r}").as_bytes())
+                    .await
+                    .unwrap();
+                tokio::task::yield_now().await;
+                inside.fetch_sub(1, Ordering::SeqCst);
+                g.release().await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let tokens = tokens.lock().unwrap().clone();
+    assert_eq!(tokens.len(), contenders * rounds);
+    assert!(tokens.windows(2).all(|w| w[0] < w[1]), "tokens not strictly increasing: {tokens:?}");
+    let last = fenced_get(&*store, fenced.as_bytes()).await.unwrap().unwrap();
+    assert_eq!(last.token, *tokens.last().unwrap());
+}
+
+#[tokio::test(start_paused = true)]
+async fn mem_contenders_exclude_each_other_with_increasing_tokens() {
+    contenders_exclude_each_other(Arc::new(MemStore::new()), "/t/", 8, 25).await;
+}
+
+#[tokio::test]
+async fn embedded_contenders_exclude_each_other_with_increasing_tokens() {
+    let f = common::fixture(common::Backend::Embedded).await;
+    contenders_exclude_each_other(f.store.clone(), &f.ns, 8, 25).await;
+}
+
+#[tokio::test]
+async fn cluster_contenders_exclude_each_other_with_increasing_tokens() {
+    let f = common::fixture(common::Backend::Cluster).await;
+    contenders_exclude_each_other(f.store.clone(), &f.ns, 8, 10).await;
+}
+
+/// Waits until the lock has `n` waiters.
+async fn wait_waiters(lock: &Mutex, n: usize) {
+    loop {
+        if lock.info().await.unwrap().waiters.len() == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn release_hands_lock_to_waiters_in_arrival_order() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let a = session(store.clone()).await;
+    let lock_a = Mutex::new(&a, "fifo").unwrap();
+    let g = lock_a.acquire().await.unwrap();
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 0..5 {
+        let s = session(store.clone()).await;
+        let order = order.clone();
+        let lock = Mutex::new(&s, "fifo").unwrap();
+        tasks.push(tokio::spawn(async move {
+            let g = lock.acquire().await.unwrap();
+            order.lock().unwrap().push((i, g.fencing_token()));
+            g.release().await.unwrap();
+            drop(s);
+        }));
+        wait_waiters(&lock_a, i + 1).await;
+    }
+    let first = g.fencing_token();
+    g.release().await.unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let order = order.lock().unwrap().clone();
+    let expected: Vec<_> = (0..5).map(|i| (i, first + 1 + i as u64)).collect();
+    assert_eq!(order, expected, "served in arrival order, one grant each");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crashed_holder_is_taken_over_after_its_lease() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let a = session(store.clone()).await;
+    let g = Mutex::new(&a, "crash").unwrap().acquire().await.unwrap();
+    let token = g.fencing_token();
+    // A crash: no release, no more renewals.
+    std::mem::forget(g);
+    let crashed = Instant::now();
+    a.orphan();
+    let b = session(store.clone()).await;
+    let g = Mutex::new(&b, "crash").unwrap().acquire().await.unwrap();
+    let waited = crashed.elapsed();
+    assert!(g.fencing_token() > token);
+    // The last renewal was at most a third of the lease before the crash.
+    assert!(waited >= Duration::from_millis(1300), "took over too early: {waited:?}");
+    assert!(waited <= Duration::from_millis(2500), "took over too late: {waited:?}");
+}
+
+/// A store that can be cut off from the others (a partition), wrapping a shared MemStore.
+#[derive(Debug, Clone)]
+struct Cuttable {
+    inner: MemStore,
+    cut: Arc<AtomicBool>,
+}
+
+impl Cuttable {
+    fn check(&self, op: &'static str) -> dcoord::Result<()> {
+        if self.cut.load(Ordering::SeqCst) {
+            return Err(Error::Unavailable {
+                op,
+                message: "partitioned by the test".into(),
+                source: None,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for Cuttable {
+    async fn get(&self, key: &[u8], c: Consistency) -> dcoord::Result<Option<Bytes>> {
+        self.check("get")?;
+        self.inner.get(key, c).await
+    }
+    async fn put(&self, key: &[u8], value: &[u8]) -> dcoord::Result<()> {
+        self.check("put")?;
+        self.inner.put(key, value).await
+    }
+    async fn put_with_ttl(&self, key: &[u8], value: &[u8], ttl: Duration) -> dcoord::Result<()> {
+        self.check("put_with_ttl")?;
+        self.inner.put_with_ttl(key, value, ttl).await
+    }
+    async fn delete(&self, key: &[u8]) -> dcoord::Result<()> {
+        self.check("delete")?;
+        self.inner.delete(key).await
+    }
+    async fn compare_and_swap(&self, key: &[u8], expected: Option<&[u8]>, new: &[u8]) -> dcoord::Result<bool> {
+        self.check("compare_and_swap")?;
+        self.inner.compare_and_swap(key, expected, new).await
+    }
+    async fn scan_prefix(&self, prefix: &[u8]) -> dcoord::Result<Scan> {
+        self.check("scan_prefix")?;
+        self.inner.scan_prefix(prefix).await
+    }
+    async fn watch(&self, target: WatchTarget, prev: bool) -> dcoord::Result<WatchStream> {
+        self.check("watch")?;
+        self.inner.watch(target, prev).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_partitioned_holder_learns_it_lost_the_lock_before_anyone_takes_it() {
+    let mem = MemStore::new();
+    let cut = Arc::new(AtomicBool::new(false));
+    let a_store: Arc<dyn Store> = Arc::new(Cuttable { inner: mem.clone(), cut: cut.clone() });
+    let a = session(a_store).await;
+    let ga = Mutex::new(&a, "part").unwrap().acquire().await.unwrap();
+    let b = session(Arc::new(mem.clone())).await;
+    let lock_b = Mutex::new(&b, "part").unwrap();
+    let waiter = tokio::spawn(async move {
+        let g = lock_b.acquire().await.unwrap();
+        (Instant::now(), g)
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    cut.store(true, Ordering::SeqCst);
+    ga.lost().await;
+    let lost_at = Instant::now();
+    assert!(ga.is_lost());
+    let (granted_at, gb) = waiter.await.unwrap();
+    assert!(lost_at < granted_at, "holder learned at {lost_at:?}, waiter granted at {granted_at:?}");
+    assert!(gb.fencing_token() > ga.fencing_token());
+    // The new holder writes; the old one, back from its partition, is fenced off.
+    gb.fenced_put(b"/data/x", b"new").await.unwrap();
+    cut.store(false, Ordering::SeqCst);
+    let err = fenced_put(&mem, b"/data/x", ga.fencing_token(), b"stale").await.unwrap_err();
+    assert!(matches!(err, Error::Fenced { .. }), "{err}");
+    let err = ga.fenced_put(b"/data/x", b"stale").await.unwrap_err();
+    assert!(matches!(err, Error::SessionLost { .. }), "{err}");
+    assert_eq!(fenced_get(&mem, b"/data/x").await.unwrap().unwrap().value, "new");
+    // Its release is a no-op: it never releases the new grant.
+    ga.release().await.unwrap();
+    assert_eq!(Mutex::new(&b, "part").unwrap().info().await.unwrap().holder, Some(b.id()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_acquire_leaves_no_residue() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let a = session(store.clone()).await;
+    let lock_a = Mutex::new(&a, "cancel").unwrap();
+    let g = lock_a.acquire().await.unwrap();
+    let b = session(store.clone()).await;
+    let lock_b = Mutex::new(&b, "cancel").unwrap();
+    let res = tokio::time::timeout(Duration::from_millis(500), lock_b.acquire()).await;
+    assert!(res.is_err(), "held by a: the acquire times out");
+    // The dropped acquire's entry is removed in the background.
+    tokio::time::timeout(Duration::from_secs(1), wait_waiters(&lock_a, 0))
+        .await
+        .expect("entry removed");
+    g.release().await.unwrap();
+    let c = session(store.clone()).await;
+    let started = Instant::now();
+    let gc = Mutex::new(&c, "cancel").unwrap().try_acquire().await.unwrap();
+    assert!(gc.is_some(), "nobody is left in front of c");
+    assert!(started.elapsed() < Duration::from_millis(100));
+}
+
+#[tokio::test(start_paused = true)]
+async fn try_acquire_returns_none_while_held() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let a = session(store.clone()).await;
+    let b = session(store.clone()).await;
+    let g = Mutex::new(&a, "try").unwrap().try_acquire().await.unwrap().unwrap();
+    let lock_b = Mutex::new(&b, "try").unwrap();
+    assert!(lock_b.try_acquire().await.unwrap().is_none());
+    assert!(lock_b.info().await.unwrap().waiters.is_empty(), "try_acquire never queues");
+    g.release().await.unwrap();
+    assert!(lock_b.try_acquire().await.unwrap().is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_a_guard_releases_in_the_background() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let a = session(store.clone()).await;
+    let lock = Mutex::new(&a, "drop").unwrap();
+    drop(lock.acquire().await.unwrap());
+    let g = tokio::time::timeout(Duration::from_millis(200), lock.acquire())
+        .await
+        .expect("released without waiting for the lease")
+        .unwrap();
+    assert_eq!(g.fencing_token(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn foreign_bytes_in_the_record_are_an_error_and_are_left_alone() {
+    let mem = MemStore::new();
+    let store: Arc<dyn Store> = Arc::new(mem.clone());
+    let a = session(store.clone()).await;
+    let lock = Mutex::new(&a, "garbage").unwrap();
+    store.put(lock.key(), b"not a lock").await.unwrap();
+    let err = lock.acquire().await.unwrap_err();
+    assert!(matches!(err, Error::Decode { .. }) && err.to_string().contains("locks/garbage"), "{err}");
+    assert_eq!(store.get(lock.key(), Consistency::Linearizable).await.unwrap().unwrap(), "not a lock");
+    let err = Mutex::new(&a, "bad/name").unwrap_err();
+    assert!(err.to_string().contains("bad/name"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn fenced_put_rejects_older_tokens_and_foreign_values() {
+    let mem = MemStore::new();
+    fenced_put(&mem, b"/f", 5, b"five").await.unwrap();
+    fenced_put(&mem, b"/f", 5, b"five again").await.unwrap();
+    let err = fenced_put(&mem, b"/f", 4, b"four").await.unwrap_err();
+    assert!(matches!(err, Error::Fenced { token: 4, stored: 5, .. }), "{err}");
+    fenced_put(&mem, b"/f", 6, b"six").await.unwrap();
+    assert_eq!(fenced_get(&mem, b"/f").await.unwrap().unwrap().value, "six");
+    mem.put(b"/g", b"raw").await.unwrap();
+    let err = fenced_put(&mem, b"/g", 9, b"x").await.unwrap_err();
+    assert!(matches!(err, Error::Decode { .. }), "{err}");
+}
