@@ -1,7 +1,8 @@
 //! `dcoord`: run d-engine nodes and a local cluster, and read / write / watch keys.
 //!
 //! Data goes to stdout, diagnostics to stderr. Exit codes: 0 success, 1 key not found (`get`),
-//! 2 bad usage or input, 3 store unavailable or watch ended, 4 write outcome unknown, 5 other.
+//! 2 bad usage or input, 3 store unavailable or watch ended, 4 write outcome unknown, 5 other,
+//! 6 lock lost (`lock`: the session's lease ran out while the command ran; it was killed).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -57,6 +58,22 @@ enum Cmd {
     Del {
         /// The key.
         key: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Run a command while holding a lock (etcdctl lock parity). The command gets the fencing
+    /// token in $DCOORD_FENCING_TOKEN; dcoord exits with its status, or 6 if the lock was lost
+    /// (the command is then killed). Without a command: print the token and hold the lock
+    /// until stdin closes or Ctrl-C.
+    Lock {
+        /// The lock name ([A-Za-z0-9._-]).
+        name: String,
+        /// Seconds without a heartbeat after which others may take the lock over.
+        #[arg(long, default_value_t = 10)]
+        lease: u64,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true)]
+        command: Vec<String>,
         #[command(flatten)]
         conn: Conn,
     },
@@ -258,6 +275,12 @@ async fn run(cmd: Cmd) -> dcoord::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Lock {
+            name,
+            lease,
+            command,
+            conn,
+        } => run_lock(name, lease, command, conn).await,
         Cmd::Del { key, conn } => {
             dcoord::keys::validate_key(key.as_bytes())?;
             let store = connect(&conn).await?;
@@ -388,4 +411,91 @@ async fn run_cluster(args: ClusterArgs) -> dcoord::Result<ExitCode> {
     drop(cluster);
     eprintln!("dcoord: cluster stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+async fn run_lock(
+    name: String,
+    lease: u64,
+    command: Vec<String>,
+    conn: Conn,
+) -> dcoord::Result<ExitCode> {
+    use dcoord::lock::Mutex;
+    use dcoord::session::{Session, SessionOptions};
+    use std::sync::Arc;
+
+    dcoord::keys::validate_name("lock", &name)?;
+    if lease == 0 {
+        return Err(Error::InvalidArgument("--lease must be at least 1 second".into()));
+    }
+    let store: Arc<dyn Store> = Arc::new(connect(&conn).await?);
+    let session = Session::start(
+        store,
+        SessionOptions::default().lease(Duration::from_secs(lease)),
+    )
+    .await?;
+    let lock = Mutex::new(&session, &name)?;
+    let guard = tokio::select! {
+        g = lock.acquire() => g?,
+        _ = shutdown_signal() => return Ok(ExitCode::from(130)),
+    };
+    let token = guard.fencing_token();
+    println!("{token}");
+    eprintln!("dcoord: holding lock {name:?} with fencing token {token}");
+    let code = if command.is_empty() {
+        let stdin_closed = tokio::task::spawn_blocking(|| {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        });
+        tokio::select! {
+            _ = stdin_closed => ExitCode::SUCCESS,
+            _ = shutdown_signal() => ExitCode::from(130),
+            _ = guard.lost() => {
+                eprintln!("dcoord: lock {name:?} lost (lease ran out or taken over)");
+                return Ok(ExitCode::from(6));
+            }
+        }
+    } else {
+        let mut child = tokio::process::Command::new(&command[0])
+            .args(&command[1..])
+            .env("DCOORD_FENCING_TOKEN", token.to_string())
+            .env("DCOORD_LOCK", &name)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| Error::Io {
+                what: "cannot run the command",
+                path: command[0].clone().into(),
+                source: e,
+            })?;
+        tokio::select! {
+            status = child.wait() => {
+                let status = status.map_err(|e| Error::Io {
+                    what: "cannot wait for the command",
+                    path: command[0].clone().into(),
+                    source: e,
+                })?;
+                ExitCode::from(status.code().map_or(5, |c| c as u8))
+            }
+            _ = shutdown_signal() => {
+                let _ = child.kill().await;
+                ExitCode::from(130)
+            }
+            _ = guard.lost() => {
+                let _ = child.kill().await;
+                eprintln!("dcoord: lock {name:?} lost (lease ran out or taken over); command killed");
+                return Ok(ExitCode::from(6));
+            }
+        }
+    };
+    guard.release().await?;
+    let _ = session.close().await;
+    Ok(code)
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }

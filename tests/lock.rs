@@ -298,3 +298,173 @@ async fn fenced_put_rejects_older_tokens_and_foreign_values() {
     let err = fenced_put(&mem, b"/g", 9, b"x").await.unwrap_err();
     assert!(matches!(err, Error::Decode { .. }), "{err}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Other processes: `dcoord lock NAME -- CMD` holding the lock, SIGKILLed or SIGSTOPped.
+
+mod process {
+    use super::*;
+    use std::process::Stdio;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    /// `dcoord lock NAME --lease 2 -- cat` against the shared cluster; returns the child and
+    /// the fencing token it printed.
+    async fn holder(endpoints: &str, name: &str) -> (tokio::process::Child, u64) {
+        let mut child = tokio::process::Command::new(common::binary())
+            .args(["lock", name, "--lease", "2", "--endpoints", endpoints, "--", "cat"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("the holder prints its token")
+            .unwrap()
+            .expect("a token line");
+        (child, line.trim().parse().unwrap())
+    }
+
+    async fn remote() -> (Arc<dyn Store>, String) {
+        let cluster = tokio::task::spawn_blocking(common::shared_cluster).await.unwrap();
+        let store: Arc<dyn Store> = Arc::new(cluster.store().await.unwrap());
+        (store, cluster.endpoints().join(","))
+    }
+
+    fn signal(child: &tokio::process::Child, sig: &str) {
+        let pid = child.id().unwrap().to_string();
+        assert!(std::process::Command::new("kill").args([sig, &pid]).status().unwrap().success());
+    }
+
+    #[tokio::test]
+    async fn a_sigkilled_holder_process_is_taken_over_after_its_lease() {
+        let (store, endpoints) = remote().await;
+        let name = format!("kill-{}", uuid::Uuid::new_v4().simple());
+        let (mut child, token) = holder(&endpoints, &name).await;
+        let s = session(store.clone()).await;
+        let lock = Mutex::new(&s, &name).unwrap();
+        let waiter = tokio::spawn(async move {
+            let g = lock.acquire().await.unwrap();
+            (std::time::Instant::now(), g)
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        child.kill().await.unwrap(); // SIGKILL
+        let killed = std::time::Instant::now();
+        let (granted, g) = tokio::time::timeout(Duration::from_secs(30), waiter)
+            .await
+            .expect("taken over")
+            .unwrap();
+        let took = granted - killed;
+        println!("lease 2 s: SIGKILLed holder taken over after {took:?}");
+        assert!(g.fencing_token() > token);
+        assert!(took <= Duration::from_secs(2) + Duration::from_secs(3), "{took:?}");
+        g.release().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_paused_holder_loses_the_lock_and_its_fenced_write_is_rejected() {
+        let (store, endpoints) = remote().await;
+        let name = format!("pause-{}", uuid::Uuid::new_v4().simple());
+        let data = format!("/t/{name}/data");
+        let (mut child, old_token) = holder(&endpoints, &name).await;
+        fenced_put(&*store, data.as_bytes(), old_token, b"old holder").await.unwrap();
+        signal(&child, "-STOP");
+        let paused = std::time::Instant::now();
+        let s = session(store.clone()).await;
+        let g = tokio::time::timeout(Duration::from_secs(30), Mutex::new(&s, &name).unwrap().acquire())
+            .await
+            .expect("taken over from the paused holder")
+            .unwrap();
+        println!("paused holder's lock taken over after {:?}", paused.elapsed());
+        assert!(g.fencing_token() > old_token);
+        g.fenced_put(data.as_bytes(), b"new holder").await.unwrap();
+        signal(&child, "-CONT");
+        // On resume the old holder finds its lease gone: it kills its command and exits 6.
+        let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .expect("the resumed holder exits")
+            .unwrap();
+        let mut stderr = String::new();
+        tokio::io::AsyncReadExt::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr)
+            .await
+            .unwrap();
+        assert_eq!(status.code(), Some(6), "stderr: {stderr}");
+        assert!(stderr.contains("lost"), "{stderr}");
+        // Its fenced write, with its old token, is rejected.
+        let err = fenced_put(&*store, data.as_bytes(), old_token, b"stale").await.unwrap_err();
+        assert!(matches!(err, Error::Fenced { .. }), "{err}");
+        assert_eq!(fenced_get(&*store, data.as_bytes()).await.unwrap().unwrap().value, "new holder");
+        g.release().await.unwrap();
+    }
+
+    /// Raft leader SIGKILLed while contenders run: never two holders, tokens still increase.
+    #[tokio::test]
+    async fn leader_kill_during_contention_keeps_mutual_exclusion() {
+        use dcoord::engine::{ClusterOptions, LocalCluster};
+        use dcoord::store::{RemoteOptions, RemoteStore};
+
+        let _heavy = common::HEAVY.lock().await;
+        let mut cluster = LocalCluster::start(ClusterOptions::default().nodes(3).binary(common::binary()))
+            .await
+            .unwrap();
+        let remote = RemoteStore::connect(
+            &cluster.endpoints(),
+            RemoteOptions::default().op_deadline(Duration::from_secs(30)),
+        )
+        .await
+        .unwrap();
+        let leader = remote.leader_id().await.unwrap();
+        let store: Arc<dyn Store> = Arc::new(remote);
+        let inside = Arc::new(AtomicUsize::new(0));
+        let grants = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let (store, inside, grants, stop) = (store.clone(), inside.clone(), grants.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut s = Session::start(store.clone(), SessionOptions::default()).await.unwrap();
+                let mut errors = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    let lock = Mutex::new(&s, "leader-kill").unwrap();
+                    match lock.acquire().await {
+                        Ok(g) => {
+                            assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "two holders");
+                            grants.lock().unwrap().push(g.fencing_token());
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                            inside.fetch_sub(1, Ordering::SeqCst);
+                            if g.release().await.is_err() {
+                                errors += 1;
+                            }
+                        }
+                        Err(Error::SessionLost { .. }) => {
+                            s = Session::start(store.clone(), SessionOptions::default()).await.unwrap();
+                        }
+                        Err(e) if e.is_retryable() || e.is_ambiguous() => errors += 1,
+                        Err(e) => panic!("acquire: {e}"),
+                    }
+                }
+                errors
+            }));
+        }
+        let count = |g: &Arc<std::sync::Mutex<Vec<u64>>>| g.lock().unwrap().len();
+        while count(&grants) < 40 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cluster.kill(leader).unwrap();
+        let killed = std::time::Instant::now();
+        let before = count(&grants);
+        while count(&grants) < before + 40 {
+            assert!(killed.elapsed() < Duration::from_secs(60), "no progress after the kill");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        println!("grants resumed; {} more within {:?} of the kill", count(&grants) - before, killed.elapsed());
+        stop.store(true, Ordering::SeqCst);
+        for t in tasks {
+            tokio::time::timeout(Duration::from_secs(60), t).await.expect("contender stops").unwrap();
+        }
+        let grants = grants.lock().unwrap().clone();
+        assert!(grants.windows(2).all(|w| w[0] < w[1]), "tokens not strictly increasing: {grants:?}");
+    }
+}
