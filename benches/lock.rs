@@ -36,13 +36,16 @@ struct Report {
     rate: f64,
     handoff: Vec<Duration>,
     fairness: (usize, usize),
+    conflicts_per_grant: f64,
 }
 
 async fn run(setup: &'static str, store: Arc<dyn Store>, ops: usize, secs: u64) -> Report {
     let ns = format!("/bench/{}/", uuid::Uuid::new_v4().simple());
     let key = format!("{ns}cas");
     store.put(key.as_bytes(), b"0").await.unwrap();
-    let session = Session::start(store.clone(), SessionOptions::default()).await.unwrap();
+    let session = Session::start(store.clone(), SessionOptions::default())
+        .await
+        .unwrap();
     let lock = Mutex::new(&session, "bench-uncontended").unwrap();
     // warm-up
     for _ in 0..50 {
@@ -53,7 +56,12 @@ async fn run(setup: &'static str, store: Arc<dyn Store>, ops: usize, secs: u64) 
     for i in 0..ops {
         let (old, new) = (i.to_string(), (i + 1).to_string());
         let t = Instant::now();
-        assert!(store.compare_and_swap(key.as_bytes(), Some(old.as_bytes()), new.as_bytes()).await.unwrap());
+        assert!(
+            store
+                .compare_and_swap(key.as_bytes(), Some(old.as_bytes()), new.as_bytes())
+                .await
+                .unwrap()
+        );
         cas.push(t.elapsed());
         let t = Instant::now();
         lock.acquire().await.unwrap().release().await.unwrap();
@@ -69,10 +77,16 @@ async fn run(setup: &'static str, store: Arc<dyn Store>, ops: usize, secs: u64) 
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut tasks = Vec::new();
     for _ in 0..8 {
-        let (store, name, released_at, handoffs) =
-            (store.clone(), name.clone(), released_at.clone(), handoffs.clone());
+        let (store, name, released_at, handoffs) = (
+            store.clone(),
+            name.clone(),
+            released_at.clone(),
+            handoffs.clone(),
+        );
         tasks.push(tokio::spawn(async move {
-            let session = Session::start(store, SessionOptions::default()).await.unwrap();
+            let session = Session::start(store, SessionOptions::default())
+                .await
+                .unwrap();
             let lock = Mutex::new(&session, &name).unwrap();
             let mut n = 0usize;
             while Instant::now() < deadline {
@@ -84,13 +98,16 @@ async fn run(setup: &'static str, store: Arc<dyn Store>, ops: usize, secs: u64) 
                 *released_at.lock().unwrap() = Some(Instant::now());
                 g.release().await.unwrap();
             }
-            n
+            (n, lock.stats())
         }));
     }
     let started = Instant::now();
     let mut counts = Vec::new();
+    let mut conflicts = 0;
     for t in tasks {
-        counts.push(t.await.unwrap());
+        let (n, c) = t.await.unwrap();
+        counts.push(n);
+        conflicts += c.conflicts;
     }
     let elapsed = started.elapsed();
     let total: usize = counts.iter().sum();
@@ -103,11 +120,19 @@ async fn run(setup: &'static str, store: Arc<dyn Store>, ops: usize, secs: u64) 
         rate: total as f64 / elapsed.as_secs_f64(),
         handoff,
         fairness: (*counts.iter().min().unwrap(), *counts.iter().max().unwrap()),
+        conflicts_per_grant: conflicts as f64 / total as f64,
     }
 }
 
 #[tokio::main]
 async fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DCOORD_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
     let ops = arg("--ops", 1000) as usize;
     let secs = arg("--secs", 5);
     let mut reports = Vec::new();
@@ -117,14 +142,20 @@ async fn main() {
     reports.push(run("embedded", node.dyn_store(), ops, secs).await);
     node.stop().await.unwrap();
 
-    let cluster = LocalCluster::start(ClusterOptions::default().nodes(3).binary(env!("CARGO_BIN_EXE_dcoord")))
-        .await
-        .unwrap();
+    let cluster = LocalCluster::start(
+        ClusterOptions::default()
+            .nodes(3)
+            .binary(env!("CARGO_BIN_EXE_dcoord")),
+    )
+    .await
+    .unwrap();
     let store = cluster.store().await.unwrap();
     reports.push(run("3-node gRPC", Arc::new(store), ops, secs).await);
     drop(cluster);
 
-    println!("\n| setup | raw CAS p50 / p99 ms | acquire+release p50 / p99 ms | ratio to CAS (p50) |");
+    println!(
+        "\n| setup | raw CAS p50 / p99 ms | acquire+release p50 / p99 ms | ratio to CAS (p50) |"
+    );
     println!("|---|---|---|---|");
     for r in &reports {
         println!(
@@ -137,13 +168,15 @@ async fn main() {
             pct(&r.uncontended, 0.5).as_secs_f64() / pct(&r.cas, 0.5).as_secs_f64()
         );
     }
-    println!("\n| setup | 8 contenders: acquisitions/s | raw sequential CAS/s | ratio | handoff p50 / p99 ms | fairness min / max |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "\n| setup | 8 contenders: acquisitions/s | raw sequential CAS/s | ratio | handoff p50 / p99 ms | fairness min / max | CAS conflicts per grant |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     for r in &reports {
         let mean_cas = r.cas.iter().sum::<Duration>().as_secs_f64() / r.cas.len() as f64;
         let cas_rate = 1.0 / mean_cas;
         println!(
-            "| {} | {:.0} | {:.0} | {:.2} | {} / {} | {} / {} |",
+            "| {} | {:.0} | {:.0} | {:.2} | {} / {} | {} / {} | {:.2} |",
             r.setup,
             r.rate,
             cas_rate,
@@ -151,7 +184,8 @@ async fn main() {
             ms(pct(&r.handoff, 0.5)),
             ms(pct(&r.handoff, 0.99)),
             r.fairness.0,
-            r.fairness.1
+            r.fairness.1,
+            r.conflicts_per_grant
         );
     }
 }

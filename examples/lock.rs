@@ -31,7 +31,10 @@ async fn main() -> dcoord::Result<()> {
     let (store, _node): (Arc<dyn Store>, Option<EmbeddedNode>) = match endpoints() {
         Some(eps) => {
             println!("connecting to {eps:?}");
-            (Arc::new(RemoteStore::connect(&eps, RemoteOptions::default()).await?), None)
+            (
+                Arc::new(RemoteStore::connect(&eps, RemoteOptions::default()).await?),
+                None,
+            )
         }
         None => {
             let node = EmbeddedNode::start(dir.path()).await?;
@@ -47,15 +50,22 @@ async fn main() -> dcoord::Result<()> {
     let started = Instant::now();
     let mut workers = Vec::new();
     for w in 0..5 {
-        let (store, name, shared, options) = (store.clone(), name.clone(), shared.clone(), options.clone());
+        let (store, name, shared, options) =
+            (store.clone(), name.clone(), shared.clone(), options.clone());
         workers.push(tokio::spawn(async move {
             let session = Session::start(store, options).await?;
             let lock = Mutex::new(&session, &name)?;
             for round in 0..3 {
                 let guard = lock.acquire().await?;
-                println!("worker {w} holds the lock (round {round}), fencing token {}", guard.fencing_token());
+                println!(
+                    "worker {w} holds the lock (round {round}), fencing token {}",
+                    guard.fencing_token()
+                );
                 guard
-                    .fenced_put(shared.as_bytes(), format!("written by worker {w}").as_bytes())
+                    .fenced_put(
+                        shared.as_bytes(),
+                        format!("written by worker {w}").as_bytes(),
+                    )
                     .await?;
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 guard.release().await?;
@@ -66,7 +76,9 @@ async fn main() -> dcoord::Result<()> {
     for w in workers {
         w.await.expect("worker panicked")?;
     }
-    let last = fenced_get(&*store, shared.as_bytes()).await?.expect("written");
+    let last = fenced_get(&*store, shared.as_bytes())
+        .await?
+        .expect("written");
     println!(
         "15 grants in {:?}; last fenced write: {:?} with token {}",
         started.elapsed(),

@@ -142,7 +142,9 @@ pub enum Error {
 
     /// A fenced write was rejected: the key was already written under a newer fencing token,
     /// so the lock this token came from has moved on. Nothing was written.
-    #[error("fenced write to {key:?} rejected: token {token} is older than the stored token {stored}")]
+    #[error(
+        "fenced write to {key:?} rejected: token {token} is older than the stored token {stored}"
+    )]
     Fenced {
         /// The key, lossily decoded for display.
         key: String,

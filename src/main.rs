@@ -425,7 +425,9 @@ async fn run_lock(
 
     dcoord::keys::validate_name("lock", &name)?;
     if lease == 0 {
-        return Err(Error::InvalidArgument("--lease must be at least 1 second".into()));
+        return Err(Error::InvalidArgument(
+            "--lease must be at least 1 second".into(),
+        ));
     }
     let store: Arc<dyn Store> = Arc::new(connect(&conn).await?);
     let session = Session::start(

@@ -38,8 +38,8 @@ use tokio::time::Instant;
 
 use crate::error::{Error, Result, show};
 use crate::reconcile::{Backoff, Mirror, MirrorOptions, WatcherOptions};
-use crate::store::WatchTarget;
 use crate::store::Store;
+use crate::store::WatchTarget;
 
 /// Options of a [`Session`].
 #[derive(Debug, Clone)]
@@ -290,9 +290,14 @@ impl Session {
             .get_or_try_init(|| async {
                 let prefix = format!("{}sessions/", self.inner.root);
                 let options = MirrorOptions::default().watcher(
-                    WatcherOptions::default().resync_every(Some(self.inner.lease.max(Duration::from_secs(1)))),
+                    WatcherOptions::default()
+                        .resync_every(Some(self.inner.lease.max(Duration::from_secs(1)))),
                 );
-                let mirror = Mirror::start(self.inner.store.clone(), WatchTarget::prefix(prefix), options);
+                let mirror = Mirror::start(
+                    self.inner.store.clone(),
+                    WatchTarget::prefix(prefix),
+                    options,
+                );
                 mirror.wait_ready().await?;
                 Ok(mirror)
             })

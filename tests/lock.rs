@@ -26,7 +26,12 @@ async fn session(store: Arc<dyn Store>) -> Session {
 /// `contenders` participants, each with its own session (as separate processes would have),
 /// take the lock `rounds` times each. Mutual exclusion is checked by an in-process counter and
 /// by a fenced key; tokens must strictly increase in grant order.
-async fn contenders_exclude_each_other(store: Arc<dyn Store>, ns: &str, contenders: usize, rounds: usize) {
+async fn contenders_exclude_each_other(
+    store: Arc<dyn Store>,
+    ns: &str,
+    contenders: usize,
+    rounds: usize,
+) {
     let name = format!("mx-{}", uuid::Uuid::new_v4().simple());
     let inside = Arc::new(AtomicUsize::new(0));
     let tokens = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -34,13 +39,18 @@ async fn contenders_exclude_each_other(store: Arc<dyn Store>, ns: &str, contende
     let mut tasks = Vec::new();
     for c in 0..contenders {
         let store = store.clone();
-        let (name, inside, tokens, fenced) = (name.clone(), inside.clone(), tokens.clone(), fenced.clone());
+        let (name, inside, tokens, fenced) =
+            (name.clone(), inside.clone(), tokens.clone(), fenced.clone());
         tasks.push(tokio::spawn(async move {
             let s = session(store).await;
             let lock = Mutex::new(&s, &name).unwrap();
             for r in 0..rounds {
                 let g = lock.acquire().await.unwrap();
-                assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "two holders at once");
+                assert_eq!(
+                    inside.fetch_add(1, Ordering::SeqCst),
+                    0,
+                    "two holders at once"
+                );
                 tokens.lock().unwrap().push(g.fencing_token());
                 g.fenced_put(fenced.as_bytes(), format!("{c}/{r}").as_bytes())
                     .await
@@ -56,8 +66,14 @@ async fn contenders_exclude_each_other(store: Arc<dyn Store>, ns: &str, contende
     }
     let tokens = tokens.lock().unwrap().clone();
     assert_eq!(tokens.len(), contenders * rounds);
-    assert!(tokens.windows(2).all(|w| w[0] < w[1]), "tokens not strictly increasing: {tokens:?}");
-    let last = fenced_get(&*store, fenced.as_bytes()).await.unwrap().unwrap();
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "tokens not strictly increasing: {tokens:?}"
+    );
+    let last = fenced_get(&*store, fenced.as_bytes())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(last.token, *tokens.last().unwrap());
 }
 
@@ -133,8 +149,14 @@ async fn a_crashed_holder_is_taken_over_after_its_lease() {
     let waited = crashed.elapsed();
     assert!(g.fencing_token() > token);
     // The last renewal was at most a third of the lease before the crash.
-    assert!(waited >= Duration::from_millis(1300), "took over too early: {waited:?}");
-    assert!(waited <= Duration::from_millis(2500), "took over too late: {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(1300),
+        "took over too early: {waited:?}"
+    );
+    assert!(
+        waited <= Duration::from_millis(2500),
+        "took over too late: {waited:?}"
+    );
 }
 
 /// A store that can be cut off from the others (a partition), wrapping a shared MemStore.
@@ -175,7 +197,12 @@ impl Store for Cuttable {
         self.check("delete")?;
         self.inner.delete(key).await
     }
-    async fn compare_and_swap(&self, key: &[u8], expected: Option<&[u8]>, new: &[u8]) -> dcoord::Result<bool> {
+    async fn compare_and_swap(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: &[u8],
+    ) -> dcoord::Result<bool> {
         self.check("compare_and_swap")?;
         self.inner.compare_and_swap(key, expected, new).await
     }
@@ -193,7 +220,10 @@ impl Store for Cuttable {
 async fn a_partitioned_holder_learns_it_lost_the_lock_before_anyone_takes_it() {
     let mem = MemStore::new();
     let cut = Arc::new(AtomicBool::new(false));
-    let a_store: Arc<dyn Store> = Arc::new(Cuttable { inner: mem.clone(), cut: cut.clone() });
+    let a_store: Arc<dyn Store> = Arc::new(Cuttable {
+        inner: mem.clone(),
+        cut: cut.clone(),
+    });
     let a = session(a_store).await;
     let ga = Mutex::new(&a, "part").unwrap().acquire().await.unwrap();
     let b = session(Arc::new(mem.clone())).await;
@@ -208,19 +238,30 @@ async fn a_partitioned_holder_learns_it_lost_the_lock_before_anyone_takes_it() {
     let lost_at = Instant::now();
     assert!(ga.is_lost());
     let (granted_at, gb) = waiter.await.unwrap();
-    assert!(lost_at < granted_at, "holder learned at {lost_at:?}, waiter granted at {granted_at:?}");
+    assert!(
+        lost_at < granted_at,
+        "holder learned at {lost_at:?}, waiter granted at {granted_at:?}"
+    );
     assert!(gb.fencing_token() > ga.fencing_token());
     // The new holder writes; the old one, back from its partition, is fenced off.
     gb.fenced_put(b"/data/x", b"new").await.unwrap();
     cut.store(false, Ordering::SeqCst);
-    let err = fenced_put(&mem, b"/data/x", ga.fencing_token(), b"stale").await.unwrap_err();
+    let err = fenced_put(&mem, b"/data/x", ga.fencing_token(), b"stale")
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::Fenced { .. }), "{err}");
     let err = ga.fenced_put(b"/data/x", b"stale").await.unwrap_err();
     assert!(matches!(err, Error::SessionLost { .. }), "{err}");
-    assert_eq!(fenced_get(&mem, b"/data/x").await.unwrap().unwrap().value, "new");
+    assert_eq!(
+        fenced_get(&mem, b"/data/x").await.unwrap().unwrap().value,
+        "new"
+    );
     // Its release is a no-op: it never releases the new grant.
     ga.release().await.unwrap();
-    assert_eq!(Mutex::new(&b, "part").unwrap().info().await.unwrap().holder, Some(b.id()));
+    assert_eq!(
+        Mutex::new(&b, "part").unwrap().info().await.unwrap().holder,
+        Some(b.id())
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -240,7 +281,11 @@ async fn a_cancelled_acquire_leaves_no_residue() {
     g.release().await.unwrap();
     let c = session(store.clone()).await;
     let started = Instant::now();
-    let gc = Mutex::new(&c, "cancel").unwrap().try_acquire().await.unwrap();
+    let gc = Mutex::new(&c, "cancel")
+        .unwrap()
+        .try_acquire()
+        .await
+        .unwrap();
     assert!(gc.is_some(), "nobody is left in front of c");
     assert!(started.elapsed() < Duration::from_millis(100));
 }
@@ -250,10 +295,18 @@ async fn try_acquire_returns_none_while_held() {
     let store: Arc<dyn Store> = Arc::new(MemStore::new());
     let a = session(store.clone()).await;
     let b = session(store.clone()).await;
-    let g = Mutex::new(&a, "try").unwrap().try_acquire().await.unwrap().unwrap();
+    let g = Mutex::new(&a, "try")
+        .unwrap()
+        .try_acquire()
+        .await
+        .unwrap()
+        .unwrap();
     let lock_b = Mutex::new(&b, "try").unwrap();
     assert!(lock_b.try_acquire().await.unwrap().is_none());
-    assert!(lock_b.info().await.unwrap().waiters.is_empty(), "try_acquire never queues");
+    assert!(
+        lock_b.info().await.unwrap().waiters.is_empty(),
+        "try_acquire never queues"
+    );
     g.release().await.unwrap();
     assert!(lock_b.try_acquire().await.unwrap().is_some());
 }
@@ -279,8 +332,18 @@ async fn foreign_bytes_in_the_record_are_an_error_and_are_left_alone() {
     let lock = Mutex::new(&a, "garbage").unwrap();
     store.put(lock.key(), b"not a lock").await.unwrap();
     let err = lock.acquire().await.unwrap_err();
-    assert!(matches!(err, Error::Decode { .. }) && err.to_string().contains("locks/garbage"), "{err}");
-    assert_eq!(store.get(lock.key(), Consistency::Linearizable).await.unwrap().unwrap(), "not a lock");
+    assert!(
+        matches!(err, Error::Decode { .. }) && err.to_string().contains("locks/garbage"),
+        "{err}"
+    );
+    assert_eq!(
+        store
+            .get(lock.key(), Consistency::Linearizable)
+            .await
+            .unwrap()
+            .unwrap(),
+        "not a lock"
+    );
     let err = Mutex::new(&a, "bad/name").unwrap_err();
     assert!(err.to_string().contains("bad/name"), "{err}");
 }
@@ -291,7 +354,17 @@ async fn fenced_put_rejects_older_tokens_and_foreign_values() {
     fenced_put(&mem, b"/f", 5, b"five").await.unwrap();
     fenced_put(&mem, b"/f", 5, b"five again").await.unwrap();
     let err = fenced_put(&mem, b"/f", 4, b"four").await.unwrap_err();
-    assert!(matches!(err, Error::Fenced { token: 4, stored: 5, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::Fenced {
+                token: 4,
+                stored: 5,
+                ..
+            }
+        ),
+        "{err}"
+    );
     fenced_put(&mem, b"/f", 6, b"six").await.unwrap();
     assert_eq!(fenced_get(&mem, b"/f").await.unwrap().unwrap().value, "six");
     mem.put(b"/g", b"raw").await.unwrap();
@@ -311,7 +384,16 @@ mod process {
     /// the fencing token it printed.
     async fn holder(endpoints: &str, name: &str) -> (tokio::process::Child, u64) {
         let mut child = tokio::process::Command::new(common::binary())
-            .args(["lock", name, "--lease", "2", "--endpoints", endpoints, "--", "cat"])
+            .args([
+                "lock",
+                name,
+                "--lease",
+                "2",
+                "--endpoints",
+                endpoints,
+                "--",
+                "cat",
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -328,14 +410,22 @@ mod process {
     }
 
     async fn remote() -> (Arc<dyn Store>, String) {
-        let cluster = tokio::task::spawn_blocking(common::shared_cluster).await.unwrap();
+        let cluster = tokio::task::spawn_blocking(common::shared_cluster)
+            .await
+            .unwrap();
         let store: Arc<dyn Store> = Arc::new(cluster.store().await.unwrap());
         (store, cluster.endpoints().join(","))
     }
 
     fn signal(child: &tokio::process::Child, sig: &str) {
         let pid = child.id().unwrap().to_string();
-        assert!(std::process::Command::new("kill").args([sig, &pid]).status().unwrap().success());
+        assert!(
+            std::process::Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
     }
 
     #[tokio::test]
@@ -359,7 +449,10 @@ mod process {
         let took = granted - killed;
         println!("lease 2 s: SIGKILLed holder taken over after {took:?}");
         assert!(g.fencing_token() > token);
-        assert!(took <= Duration::from_secs(2) + Duration::from_secs(3), "{took:?}");
+        assert!(
+            took <= Duration::from_secs(2) + Duration::from_secs(3),
+            "{took:?}"
+        );
         g.release().await.unwrap();
     }
 
@@ -369,15 +462,23 @@ mod process {
         let name = format!("pause-{}", uuid::Uuid::new_v4().simple());
         let data = format!("/t/{name}/data");
         let (mut child, old_token) = holder(&endpoints, &name).await;
-        fenced_put(&*store, data.as_bytes(), old_token, b"old holder").await.unwrap();
+        fenced_put(&*store, data.as_bytes(), old_token, b"old holder")
+            .await
+            .unwrap();
         signal(&child, "-STOP");
         let paused = std::time::Instant::now();
         let s = session(store.clone()).await;
-        let g = tokio::time::timeout(Duration::from_secs(30), Mutex::new(&s, &name).unwrap().acquire())
-            .await
-            .expect("taken over from the paused holder")
-            .unwrap();
-        println!("paused holder's lock taken over after {:?}", paused.elapsed());
+        let g = tokio::time::timeout(
+            Duration::from_secs(30),
+            Mutex::new(&s, &name).unwrap().acquire(),
+        )
+        .await
+        .expect("taken over from the paused holder")
+        .unwrap();
+        println!(
+            "paused holder's lock taken over after {:?}",
+            paused.elapsed()
+        );
         assert!(g.fencing_token() > old_token);
         g.fenced_put(data.as_bytes(), b"new holder").await.unwrap();
         signal(&child, "-CONT");
@@ -393,9 +494,18 @@ mod process {
         assert_eq!(status.code(), Some(6), "stderr: {stderr}");
         assert!(stderr.contains("lost"), "{stderr}");
         // Its fenced write, with its old token, is rejected.
-        let err = fenced_put(&*store, data.as_bytes(), old_token, b"stale").await.unwrap_err();
+        let err = fenced_put(&*store, data.as_bytes(), old_token, b"stale")
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::Fenced { .. }), "{err}");
-        assert_eq!(fenced_get(&*store, data.as_bytes()).await.unwrap().unwrap().value, "new holder");
+        assert_eq!(
+            fenced_get(&*store, data.as_bytes())
+                .await
+                .unwrap()
+                .unwrap()
+                .value,
+            "new holder"
+        );
         g.release().await.unwrap();
     }
 
@@ -406,9 +516,10 @@ mod process {
         use dcoord::store::{RemoteOptions, RemoteStore};
 
         let _heavy = common::HEAVY.lock().await;
-        let mut cluster = LocalCluster::start(ClusterOptions::default().nodes(3).binary(common::binary()))
-            .await
-            .unwrap();
+        let mut cluster =
+            LocalCluster::start(ClusterOptions::default().nodes(3).binary(common::binary()))
+                .await
+                .unwrap();
         let remote = RemoteStore::connect(
             &cluster.endpoints(),
             RemoteOptions::default().op_deadline(Duration::from_secs(30)),
@@ -422,9 +533,12 @@ mod process {
         let stop = Arc::new(AtomicBool::new(false));
         let mut tasks = Vec::new();
         for _ in 0..4 {
-            let (store, inside, grants, stop) = (store.clone(), inside.clone(), grants.clone(), stop.clone());
+            let (store, inside, grants, stop) =
+                (store.clone(), inside.clone(), grants.clone(), stop.clone());
             tasks.push(tokio::spawn(async move {
-                let mut s = Session::start(store.clone(), SessionOptions::default()).await.unwrap();
+                let mut s = Session::start(store.clone(), SessionOptions::default())
+                    .await
+                    .unwrap();
                 let mut errors = 0;
                 while !stop.load(Ordering::SeqCst) {
                     let lock = Mutex::new(&s, "leader-kill").unwrap();
@@ -439,7 +553,9 @@ mod process {
                             }
                         }
                         Err(Error::SessionLost { .. }) => {
-                            s = Session::start(store.clone(), SessionOptions::default()).await.unwrap();
+                            s = Session::start(store.clone(), SessionOptions::default())
+                                .await
+                                .unwrap();
                         }
                         Err(e) if e.is_retryable() || e.is_ambiguous() => errors += 1,
                         Err(e) => panic!("acquire: {e}"),
@@ -456,15 +572,28 @@ mod process {
         let killed = std::time::Instant::now();
         let before = count(&grants);
         while count(&grants) < before + 40 {
-            assert!(killed.elapsed() < Duration::from_secs(60), "no progress after the kill");
+            assert!(
+                killed.elapsed() < Duration::from_secs(60),
+                "no progress after the kill"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        println!("grants resumed; {} more within {:?} of the kill", count(&grants) - before, killed.elapsed());
+        println!(
+            "grants resumed; {} more within {:?} of the kill",
+            count(&grants) - before,
+            killed.elapsed()
+        );
         stop.store(true, Ordering::SeqCst);
         for t in tasks {
-            tokio::time::timeout(Duration::from_secs(60), t).await.expect("contender stops").unwrap();
+            tokio::time::timeout(Duration::from_secs(60), t)
+                .await
+                .expect("contender stops")
+                .unwrap();
         }
         let grants = grants.lock().unwrap().clone();
-        assert!(grants.windows(2).all(|w| w[0] < w[1]), "tokens not strictly increasing: {grants:?}");
+        assert!(
+            grants.windows(2).all(|w| w[0] < w[1]),
+            "tokens not strictly increasing: {grants:?}"
+        );
     }
 }

@@ -23,8 +23,9 @@ impl Fenced {
         if raw.len() < HEADER || &raw[..MAGIC.len()] != MAGIC {
             return Err(Error::Decode {
                 key: show(key),
-                reason: "not a fenced value (written without fenced_put?); refusing to overwrite it"
-                    .into(),
+                reason:
+                    "not a fenced value (written without fenced_put?); refusing to overwrite it"
+                        .into(),
             });
         }
         let mut t = [0u8; 8];

@@ -67,6 +67,7 @@ mod record;
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -87,6 +88,7 @@ pub struct Mutex {
 }
 
 struct Inner {
+    stats: Counters,
     name: String,
     key: Bytes,
     session: Session,
@@ -132,6 +134,7 @@ impl Mutex {
         );
         Ok(Mutex {
             inner: Arc::new(Inner {
+                stats: Counters::default(),
                 name: name.to_string(),
                 key,
                 session: session.clone(),
@@ -177,6 +180,7 @@ impl Mutex {
             loop {
                 let rec = Record::decode(&inner.key, current.as_ref())?;
                 if rec.is_holder(&me) {
+                    bump(&inner.stats.grants);
                     pending.disarm();
                     return Ok(MutexGuard::new(inner.clone(), me, rec.epoch, current));
                 }
@@ -200,6 +204,7 @@ impl Mutex {
                 if blockers.iter().all(|b| liveness.is_dead(&b.session, now))
                     && inner.confirm_dead(&blockers, &mut liveness).await?
                 {
+                    bump(&inner.stats.takeovers);
                     let new = rec.take_over(&me).expect("we are queued").encode();
                     current = inner.cas(current, new).await?;
                     continue;
@@ -245,9 +250,20 @@ impl Mutex {
         let mut pending = Pending::new(inner.clone());
         let (me, current) = inner.join(&mut pending, true).await?;
         let Some(me) = me else { return Ok(None) };
+        bump(&inner.stats.grants);
         pending.disarm();
         let rec = Record::decode(&inner.key, current.as_ref())?;
         Ok(Some(MutexGuard::new(inner.clone(), me, rec.epoch, current)))
+    }
+
+    /// This handle's counters: grants, takeovers, CAS conflicts (a measure of contention).
+    pub fn stats(&self) -> LockStats {
+        let c = &self.inner.stats;
+        LockStats {
+            grants: c.grants.load(Ordering::Relaxed),
+            takeovers: c.takeovers.load(Ordering::Relaxed),
+            conflicts: c.conflicts.load(Ordering::Relaxed),
+        }
     }
 
     /// What the lock record says now (a linearizable read).
@@ -267,16 +283,34 @@ impl Mutex {
     }
 }
 
+#[derive(Debug, Default)]
+struct Counters {
+    grants: AtomicU64,
+    takeovers: AtomicU64,
+    conflicts: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Counters of one [`Mutex`] handle (and its clones): see [`Mutex::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LockStats {
+    /// Grants received through this handle.
+    pub grants: u64,
+    /// Takeover attempts (the holder and every waiter ahead were dead).
+    pub takeovers: u64,
+    /// Compare-and-swaps on the record that lost a race and were retried (contention).
+    pub conflicts: u64,
+}
+
 /// Of the record bytes we hold and the mirror's, the newer (higher `seq`).
 fn newer(key: &[u8], current: Option<Bytes>, snap: &Snapshot) -> Option<Bytes> {
     let Some(theirs) = snap.get(key).map(|e| e.value.clone()) else {
         return current;
     };
-    let seq = |b: &Option<Bytes>| {
-        Record::decode(key, b.as_ref())
-            .map(|r| r.seq)
-            .unwrap_or(0)
-    };
+    let seq = |b: &Option<Bytes>| Record::decode(key, b.as_ref()).map(|r| r.seq).unwrap_or(0);
     let theirs = Some(theirs);
     if seq(&theirs) > seq(&current) {
         theirs
@@ -299,7 +333,10 @@ impl Inner {
             .await
         {
             Ok(true) => Ok(Some(Bytes::from(new))),
-            Ok(false) => self.read().await,
+            Ok(false) => {
+                bump(&self.stats.conflicts);
+                self.read().await
+            }
             Err(e) if e.is_ambiguous() => self.read().await,
             Err(e) => Err(e),
         }
@@ -317,6 +354,7 @@ impl Inner {
         if current.is_none() {
             current = self.read().await?;
         }
+        let mut conflicts = 0u32;
         loop {
             let rec = Record::decode(&self.key, current.as_ref())?;
             if only_if_free && (rec.holder.is_some() || !rec.queue.is_empty()) {
@@ -331,6 +369,7 @@ impl Inner {
             let joined = rec.join(&id);
             pending.arm(joined.me.clone());
             let new = Bytes::from(joined.record.encode());
+            let sent = Instant::now();
             match self
                 .store
                 .compare_and_swap(&self.key, current.as_deref(), &new)
@@ -338,7 +377,14 @@ impl Inner {
             {
                 Ok(true) => return Ok((Some(joined.me), Some(new))),
                 Ok(false) => {
+                    bump(&self.stats.conflicts);
                     pending.disarm();
+                    // Joiners that collide back off by a random number of CAS round trips
+                    // (growing with each collision), so a burst of arrivals does not turn
+                    // into a storm of failing consensus writes. Releases never back off.
+                    conflicts += 1;
+                    let spread = f64::from(conflicts.min(8)) * fastrand::f64();
+                    tokio::time::sleep(sent.elapsed().mul_f64(spread)).await;
                     current = self.read().await?;
                 }
                 Err(e) if e.is_ambiguous() => {
@@ -364,7 +410,10 @@ impl Inner {
         for b in blockers {
             let hb = self
                 .store
-                .get(&self.session.heartbeat_key(&b.session), Consistency::Linearizable)
+                .get(
+                    &self.session.heartbeat_key(&b.session),
+                    Consistency::Linearizable,
+                )
                 .await?;
             let now = Instant::now();
             liveness.observe(&b.session, hb.as_ref(), now);
@@ -394,7 +443,10 @@ impl Inner {
                 .await
             {
                 Ok(true) => return Ok(()),
-                Ok(false) => current = self.read().await?,
+                Ok(false) => {
+                    bump(&self.stats.conflicts);
+                    current = self.read().await?;
+                }
                 Err(e) if e.is_ambiguous() => current = self.read().await?,
                 Err(e) => return Err(e),
             }
@@ -436,7 +488,8 @@ fn spawn_leave(inner: Arc<Inner>, me: Slot, known: Option<Bytes>) {
         return;
     };
     rt.spawn(async move {
-        let mut backoff = crate::reconcile::Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+        let mut backoff =
+            crate::reconcile::Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         let deadline = Instant::now() + inner.session.lease() * 3;
         loop {
             match inner.leave(&me, known.clone()).await {

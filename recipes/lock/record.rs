@@ -58,7 +58,11 @@ impl Record {
         if rec.v != Self::VERSION {
             return Err(Error::Decode {
                 key: show(key),
-                reason: format!("lock record version {} is not supported (expected {})", rec.v, Self::VERSION),
+                reason: format!(
+                    "lock record version {} is not supported (expected {})",
+                    rec.v,
+                    Self::VERSION
+                ),
             });
         }
         Ok(rec)
@@ -177,13 +181,26 @@ mod tests {
 
     #[test]
     fn release_hands_lock_to_oldest_waiter_and_bumps_the_token() {
-        let r = Record::default().join("a").record.join("b").record.join("c").record;
+        let r = Record::default()
+            .join("a")
+            .record
+            .join("b")
+            .record
+            .join("c")
+            .record;
         let r2 = r.release(&slot("a", 0)).unwrap();
         assert_eq!(r2.holder, Some(slot("b", 1)));
         assert_eq!(r2.epoch, r.epoch + 1);
         assert_eq!(r2.queue, vec![slot("c", 2)]);
-        assert!(r2.release(&slot("a", 0)).is_none(), "a second release is a no-op");
-        let r3 = r2.release(&slot("b", 1)).unwrap().release(&slot("c", 2)).unwrap();
+        assert!(
+            r2.release(&slot("a", 0)).is_none(),
+            "a second release is a no-op"
+        );
+        let r3 = r2
+            .release(&slot("b", 1))
+            .unwrap()
+            .release(&slot("c", 2))
+            .unwrap();
         assert_eq!(r3.holder, None);
         assert_eq!(r3.epoch, 3, "a release to nobody does not grant");
     }
@@ -220,7 +237,8 @@ mod tests {
 
     #[test]
     fn foreign_bytes_are_an_error_never_a_reset() {
-        let err = Record::decode(b"/dcoord/locks/x", Some(&Bytes::from_static(b"garbage"))).unwrap_err();
+        let err =
+            Record::decode(b"/dcoord/locks/x", Some(&Bytes::from_static(b"garbage"))).unwrap_err();
         assert!(err.to_string().contains("/dcoord/locks/x"), "{err}");
     }
 }
