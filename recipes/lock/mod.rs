@@ -383,8 +383,7 @@ impl Inner {
                     // (growing with each collision), so a burst of arrivals does not turn
                     // into a storm of failing consensus writes. Releases never back off.
                     conflicts += 1;
-                    let spread = f64::from(conflicts.min(8)) * fastrand::f64();
-                    tokio::time::sleep(sent.elapsed().mul_f64(spread)).await;
+                    crate::reconcile::after_collision(conflicts, sent.elapsed()).await;
                     current = self.read().await?;
                 }
                 Err(e) if e.is_ambiguous() => {

@@ -1,7 +1,8 @@
 //! A mirror (reflector): the current contents of a key or prefix, kept by a [`watcher`].
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -187,6 +188,23 @@ impl Mirror {
         });
         let task = tokio::spawn(run(shared.clone(), stream));
         Mirror { shared, task }
+    }
+
+    /// A mirror of `target` shared by every caller in this process that asks for the same
+    /// store (the same `Arc`) and target while one is alive: N readers of one key cost one
+    /// watch and one relist loop, not N. The first caller's options apply.
+    pub fn shared(store: Arc<dyn Store>, target: WatchTarget, options: MirrorOptions) -> Arc<Mirror> {
+        type Registry = HashMap<(usize, WatchTarget), Weak<Mirror>>;
+        static REGISTRY: OnceLock<Mutex<Registry>> = OnceLock::new();
+        let id = (Arc::as_ptr(&store) as *const () as usize, target.clone());
+        let mut reg = REGISTRY.get_or_init(Default::default).lock().unwrap();
+        if let Some(m) = reg.get(&id).and_then(Weak::upgrade) {
+            return m;
+        }
+        reg.retain(|_, w| w.strong_count() > 0);
+        let m = Arc::new(Mirror::start(store, target, options));
+        reg.insert(id, Arc::downgrade(&m));
+        m
     }
 
     /// What this mirror watches.

@@ -56,6 +56,7 @@ mod mirror;
 mod watcher;
 
 pub use backoff::Backoff;
+pub(crate) use backoff::after_collision;
 pub use mirror::{Change, Mirror, MirrorOptions, Snapshot};
 pub use watcher::{
     Entry, Relist, RelistCounts, StatsHandle, Watcher, WatcherEvent, WatcherOptions, WatcherStats,

@@ -1,1 +1,0 @@
-//! `config::ConfigWatch<T>`: typed config hot-reload (not built yet; see issue 6).

@@ -1,0 +1,686 @@
+//! `config::ConfigWatch<T>`: typed configuration that reloads live, never goes backwards, and
+//! keeps the last good value when someone writes a bad one.
+//!
+//! A `ConfigWatch` follows one key (JSON, or TOML for keys ending in `.toml`) or a key prefix
+//! (each key one entry: `<prefix>a/b = 1` reads as `{"a": {"b": 1}}`), decodes it into `T` with
+//! serde, runs an optional validation, and publishes the result as a
+//! `tokio::sync::watch::Receiver<Arc<T>>` plus a stream of [`ConfigEvent`]s. It is built on
+//! [`crate::reconcile::Mirror`] (shared by every `ConfigWatch` of the same store and source in
+//! the process), so it survives lost watch events, cancelled streams and leader changes, and
+//! converges to what the store holds.
+//!
+//! # Guarantees
+//! - Never backwards: a value is applied only if its revision is not older than the one in
+//!   force; a relist never brings back an older value.
+//! - A value that does not decode or validate is never applied: a [`ConfigEvent::Rejected`]
+//!   names the key and the error and the last good value stays in force. Once the key is fixed,
+//!   the fixed value applies.
+//! - The same bytes written again are not announced again.
+//! - Writers ([`ConfigWatch::update`], [`ConfigWatch::publish`]) compare-and-swap against the
+//!   stored bytes: concurrent `update`s never lose one another's changes.
+//!
+//! # NOT guaranteed
+//! - Every intermediate value: with debounce on, or when d-engine drops events, only the latest
+//!   value is seen (within one resync period at worst).
+//! - Atomic changes across keys of a prefix: a multi-key edit may be seen half-applied (each
+//!   key is written separately; d-engine has no multi-key transaction). Use one key for
+//!   settings that must change together.
+//!
+//! # Failure modes
+//! A missing key is the configured default, or [`Status::NotConfigured`] until it appears
+//! ([`ConfigWatch::wait_configured`] waits). A deleted key falls back to the default, or keeps
+//! the last good value with [`Status::Missing`]. An unreachable store only delays updates.
+//!
+//! # Example
+//! ```
+//! # #[tokio::main] async fn main() -> dcoord::Result<()> {
+//! use std::sync::Arc;
+//! use dcoord::config::{ConfigOptions, ConfigWatch, Source};
+//!
+//! #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+//! struct Flags { dark_mode: bool, max_items: u32 }
+//!
+//! let store: Arc<dyn dcoord::store::Store> = Arc::new(dcoord::testing::MemStore::new());
+//! let options = ConfigOptions::default()
+//!     .default_value(Flags { dark_mode: false, max_items: 10 })
+//!     .validate(|f: &Flags| if f.max_items == 0 { Err("max_items must be > 0".into()) } else { Ok(()) });
+//! let flags = ConfigWatch::<Flags>::open(store, Source::key("/app/flags.json"), options).await?;
+//! let mut rx = flags.wait_configured().await?;
+//! assert_eq!(rx.borrow().max_items, 10);
+//!
+//! flags.update(|f| f.max_items = 50).await?;
+//! rx.wait_for(|f| f.max_items == 50).await.unwrap();
+//! assert!(flags.update(|f| f.max_items = 0).await.is_err(), "validated before writing");
+//! # Ok(()) }
+//! ```
+
+mod decode;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::{OnceCell, broadcast, watch};
+
+pub use decode::Format;
+
+use crate::error::{Error, Result};
+use crate::reconcile::{Mirror, MirrorOptions, Snapshot, WatcherOptions};
+use crate::store::{Consistency, Store, WatchTarget};
+
+/// Where a configuration lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// One key holding the whole value.
+    Key(String),
+    /// Every key under a '/'-bounded prefix, one entry each.
+    Prefix(String),
+}
+
+impl Source {
+    /// One key.
+    pub fn key(key: impl Into<String>) -> Source {
+        Source::Key(key.into())
+    }
+
+    /// A '/'-bounded prefix.
+    pub fn prefix(prefix: impl Into<String>) -> Source {
+        Source::Prefix(prefix.into())
+    }
+
+    fn target(&self) -> WatchTarget {
+        match self {
+            Source::Key(k) => WatchTarget::key(k.clone().into_bytes()),
+            Source::Prefix(p) => WatchTarget::prefix(p.clone().into_bytes()),
+        }
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            Source::Key(k) | Source::Prefix(k) => k,
+        }
+    }
+}
+
+type Validator<T> = Arc<dyn Fn(&T) -> std::result::Result<(), String> + Send + Sync>;
+
+/// Options of a [`ConfigWatch`].
+pub struct ConfigOptions<T> {
+    default: Option<Arc<T>>,
+    validate: Option<Validator<T>>,
+    format: Option<Format>,
+    debounce: Option<(Duration, Duration)>,
+    mirror: MirrorOptions,
+    events: usize,
+}
+
+impl<T> Default for ConfigOptions<T> {
+    fn default() -> Self {
+        ConfigOptions {
+            default: None,
+            validate: None,
+            format: None,
+            debounce: None,
+            mirror: MirrorOptions::default(),
+            events: 256,
+        }
+    }
+}
+
+impl<T> fmt::Debug for ConfigOptions<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConfigOptions")
+            .field("default", &self.default.is_some())
+            .field("validate", &self.validate.is_some())
+            .field("format", &self.format)
+            .field("debounce", &self.debounce)
+            .finish()
+    }
+}
+
+impl<T> ConfigOptions<T> {
+    /// The value in force while the key is missing (and after it is deleted).
+    pub fn default_value(mut self, value: T) -> Self {
+        self.default = Some(Arc::new(value));
+        self
+    }
+
+    /// A check every value must pass before it is applied (and before `update` / `publish`
+    /// write it). The error text is reported in [`ConfigEvent::Rejected`].
+    pub fn validate(
+        mut self,
+        check: impl Fn(&T) -> std::result::Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
+        self.validate = Some(Arc::new(check));
+        self
+    }
+
+    /// The encoding of a single-key source. Default: TOML for keys ending in `.toml`, else
+    /// JSON. (Prefix entries are always JSON values; a value that is not JSON is a string.)
+    pub fn format(mut self, format: Format) -> Self {
+        self.format = Some(format);
+        self
+    }
+
+    /// Turn a burst of writes into one reload: apply once no change has come for `quiet`, or
+    /// at the latest `max` after the first change (consul-template's `wait`).
+    pub fn debounce(mut self, quiet: Duration, max: Duration) -> Self {
+        self.debounce = Some((quiet, max.max(quiet)));
+        self
+    }
+
+    /// Options of the underlying watcher (resync period, backoff).
+    pub fn watcher(mut self, options: WatcherOptions) -> Self {
+        self.mirror = self.mirror.watcher(options);
+        self
+    }
+}
+
+/// What happened to a configuration.
+#[derive(Debug)]
+pub enum ConfigEvent<T> {
+    /// A new value is in force.
+    Applied {
+        /// The value before (`None`: nothing was in force).
+        old: Option<Arc<T>>,
+        /// The value now.
+        new: Arc<T>,
+        /// The revision it was written at (0 for the default).
+        revision: u64,
+    },
+    /// A stored value was refused; the previous value stays in force.
+    Rejected {
+        /// The key whose value was refused.
+        key: String,
+        /// Why (decode or validation error).
+        error: String,
+        /// The revision of the refused value.
+        revision: u64,
+    },
+    /// The key is gone (or the prefix empty). The default is in force if there is one (an
+    /// `Applied` event follows), else the last good value stays.
+    Missing {
+        /// The revision at which it was seen missing.
+        revision: u64,
+    },
+}
+
+impl<T> Clone for ConfigEvent<T> {
+    fn clone(&self) -> Self {
+        match self {
+            ConfigEvent::Applied { old, new, revision } => ConfigEvent::Applied {
+                old: old.clone(),
+                new: new.clone(),
+                revision: *revision,
+            },
+            ConfigEvent::Rejected {
+                key,
+                error,
+                revision,
+            } => ConfigEvent::Rejected {
+                key: key.clone(),
+                error: error.clone(),
+                revision: *revision,
+            },
+            ConfigEvent::Missing { revision } => ConfigEvent::Missing {
+                revision: *revision,
+            },
+        }
+    }
+}
+
+/// Where a [`ConfigWatch`] stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// Nothing stored yet and no default: waiting.
+    NotConfigured,
+    /// The value of `revision` is in force (0: the default).
+    Current {
+        /// Its revision.
+        revision: u64,
+    },
+    /// The latest stored value was refused; the previous good value (if any) is in force.
+    Rejected {
+        /// The key.
+        key: String,
+        /// Why.
+        error: String,
+        /// The refused value's revision.
+        revision: u64,
+    },
+    /// The key is gone and there is no default; the last good value is in force.
+    Missing {
+        /// When it was seen missing.
+        revision: u64,
+    },
+}
+
+struct Shared<T> {
+    source: Source,
+    format: Format,
+    default: Option<Arc<T>>,
+    validate: Option<Validator<T>>,
+    value: OnceCell<watch::Sender<Arc<T>>>,
+    status: watch::Sender<Status>,
+    events: broadcast::Sender<ConfigEvent<T>>,
+    store: Arc<dyn Store>,
+}
+
+/// A live, typed configuration value. See the [module docs](self).
+pub struct ConfigWatch<T> {
+    shared: Arc<Shared<T>>,
+    mirror: Arc<Mirror>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl<T> fmt::Debug for ConfigWatch<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConfigWatch")
+            .field("source", &self.shared.source)
+            .field("status", &*self.shared.status.borrow())
+            .finish()
+    }
+}
+
+impl<T> Drop for ConfigWatch<T> {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl<T: DeserializeOwned + Send + Sync + 'static> ConfigWatch<T> {
+    /// Starts following `source` and returns once the store has been read once (the value,
+    /// the default, or [`Status::NotConfigured`] is then in place).
+    ///
+    /// # Errors
+    /// [`Error::InvalidKey`] / [`Error::InvalidPrefix`] for a bad source (nothing is watched);
+    /// [`Error::WatchEnded`] if the store stops before the first read.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: dropping the future stops the watch.
+    pub async fn open(
+        store: Arc<dyn Store>,
+        source: Source,
+        options: ConfigOptions<T>,
+    ) -> Result<ConfigWatch<T>> {
+        let target = source.target();
+        target.validate()?;
+        let format = options
+            .format
+            .unwrap_or_else(|| Format::for_key(source.name()));
+        let mirror = Mirror::shared(store.clone(), target, options.mirror.clone());
+        let shared = Arc::new(Shared {
+            source,
+            format,
+            default: options.default.clone(),
+            validate: options.validate.clone(),
+            value: OnceCell::new(),
+            status: watch::Sender::new(Status::NotConfigured),
+            events: broadcast::Sender::new(options.events.max(1)),
+            store,
+        });
+        let view = mirror.wait_ready().await?;
+        let mut state = State::default();
+        state.process(&shared, &view);
+        let task = tokio::spawn(follow(
+            shared.clone(),
+            mirror.subscribe(),
+            state,
+            options.debounce,
+        ));
+        Ok(ConfigWatch {
+            shared,
+            mirror,
+            task,
+        })
+    }
+
+    /// The value in force, if any.
+    pub fn current(&self) -> Option<Arc<T>> {
+        self.shared.value.get().map(|tx| tx.borrow().clone())
+    }
+
+    /// Where things stand (value in force, refused value, missing key).
+    pub fn status(&self) -> Status {
+        self.shared.status.borrow().clone()
+    }
+
+    /// A receiver of the value in force, once there is one (at once if the key exists or a
+    /// default was given).
+    ///
+    /// # Errors
+    /// [`Error::WatchEnded`] if the watch stopped for good (a stopped engine) first.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: it only observes.
+    pub async fn wait_configured(&self) -> Result<watch::Receiver<Arc<T>>> {
+        let mut status = self.shared.status.subscribe();
+        loop {
+            if let Some(tx) = self.shared.value.get() {
+                return Ok(tx.subscribe());
+            }
+            if let Some(why) = self.mirror.closed_reason() {
+                return Err(Error::WatchEnded {
+                    target: self.shared.source.name().to_string(),
+                    reason: why,
+                });
+            }
+            tokio::select! {
+                r = status.changed() => if r.is_err() { return Err(Error::Stopped) },
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// A receiver of the value in force, if there is one now.
+    pub fn receiver(&self) -> Option<watch::Receiver<Arc<T>>> {
+        self.shared.value.get().map(|tx| tx.subscribe())
+    }
+
+    /// Every event from now on. A subscriber that falls more than 256 events behind gets one
+    /// [`Error::Lagged`] and continues; the value channel never lags.
+    pub fn events(&self) -> impl Stream<Item = Result<ConfigEvent<T>>> + Send + 'static {
+        let rx = self.shared.events.subscribe();
+        let target = self.shared.source.name().to_string();
+        futures::stream::unfold((rx, target), |(mut rx, target)| async move {
+            match rx.recv().await {
+                Ok(e) => Some((Ok(e), (rx, target))),
+                Err(broadcast::error::RecvError::Lagged(skipped)) => {
+                    let e = Error::Lagged {
+                        target: target.clone(),
+                        skipped,
+                    };
+                    Some((Err(e), (rx, target)))
+                }
+                Err(broadcast::error::RecvError::Closed) => None,
+            }
+        })
+    }
+
+    /// Counters of the underlying watch (relists, events), shared with other watchers of the
+    /// same source in this process.
+    pub fn watch_stats(&self) -> crate::reconcile::WatcherStats {
+        self.mirror.stats()
+    }
+}
+
+impl<T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> ConfigWatch<T> {
+    /// Reads the stored value (or the default), applies `change`, validates, and writes it back
+    /// with compare-and-swap; a concurrent write makes it re-read and re-apply (up to 100
+    /// times). Returns the value written. Single-key sources only.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a prefix source, a value that fails validation or does
+    /// not encode; [`Error::Decode`] if the stored value does not decode (fix it, or
+    /// `publish` over it); [`Error::Ambiguous`] if a write's outcome could not be determined
+    /// and the stored value is not ours (retrying could apply `change` twice); store errors.
+    ///
+    /// # Cancel safety
+    /// If dropped, the change was written at most once.
+    pub async fn update(&self, mut change: impl FnMut(&mut T)) -> Result<Arc<T>> {
+        let key = self.single_key()?;
+        for attempt in 1..=100 {
+            let current = self
+                .shared
+                .store
+                .get(key.as_bytes(), Consistency::Linearizable)
+                .await?;
+            let mut value: T = match &current {
+                Some(bytes) => self.shared.decode(key, bytes)?,
+                None => match &self.shared.default {
+                    Some(d) => (**d).clone(),
+                    None => {
+                        return Err(Error::InvalidArgument(format!(
+                            "config {key:?} is not configured and has no default to update"
+                        )));
+                    }
+                },
+            };
+            change(&mut value);
+            let new = self.shared.encode_checked(key, &value)?;
+            if current.as_deref() == Some(&new[..]) {
+                return Ok(Arc::new(value));
+            }
+            let sent = tokio::time::Instant::now();
+            if self.shared.cas(key, current.as_deref(), &new).await? {
+                return Ok(Arc::new(value));
+            }
+            crate::reconcile::after_collision(attempt, sent.elapsed()).await;
+        }
+        Err(Error::Unavailable {
+            op: "config update",
+            message: format!("{key:?}: 100 concurrent writes in a row beat this update"),
+            source: None,
+        })
+    }
+
+    /// Writes `value` (validated first) over whatever is stored, with compare-and-swap so it is
+    /// never interleaved with a concurrent `update`. Single-key sources only.
+    ///
+    /// # Errors
+    /// As [`ConfigWatch::update`], except that stored bytes that do not decode are simply
+    /// replaced.
+    ///
+    /// # Cancel safety
+    /// If dropped, the value was written or not; nothing half-written.
+    pub async fn publish(&self, value: &T) -> Result<()> {
+        let key = self.single_key()?;
+        let new = self.shared.encode_checked(key, value)?;
+        let mut attempt = 0;
+        loop {
+            let current = self
+                .shared
+                .store
+                .get(key.as_bytes(), Consistency::Linearizable)
+                .await?;
+            if current.as_deref() == Some(&new[..]) {
+                return Ok(());
+            }
+            let sent = tokio::time::Instant::now();
+            match self.shared.cas(key, current.as_deref(), &new).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => {
+                    attempt += 1;
+                    crate::reconcile::after_collision(attempt, sent.elapsed()).await;
+                }
+                // Publishing is idempotent: a re-read decides.
+                Err(e) if e.is_ambiguous() => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn single_key(&self) -> Result<&str> {
+        match &self.shared.source {
+            Source::Key(k) => Ok(k),
+            Source::Prefix(p) => Err(Error::InvalidArgument(format!(
+                "config prefix {p:?}: update/publish need a single-key source; write the entries with the store"
+            ))),
+        }
+    }
+}
+
+impl<T: DeserializeOwned> Shared<T> {
+    fn decode(&self, key: &str, bytes: &[u8]) -> Result<T> {
+        self.format.decode(bytes).map_err(|reason| Error::Decode {
+            key: key.to_string(),
+            reason,
+        })
+    }
+
+    fn check(&self, value: &T) -> std::result::Result<(), String> {
+        match &self.validate {
+            Some(v) => v(value),
+            None => Ok(()),
+        }
+    }
+
+    fn encode_checked(&self, key: &str, value: &T) -> Result<Vec<u8>>
+    where
+        T: Serialize,
+    {
+        self.check(value).map_err(|e| {
+            Error::InvalidArgument(format!("config {key:?}: value fails validation: {e}"))
+        })?;
+        let bytes = self.format.encode(value).map_err(|e| {
+            Error::InvalidArgument(format!("config {key:?}: value does not encode: {e}"))
+        })?;
+        crate::keys::validate_value(key.as_bytes(), &bytes)?;
+        Ok(bytes)
+    }
+
+    /// CAS; an ambiguous outcome is resolved by re-reading: ours → true, else Ambiguous.
+    async fn cas(&self, key: &str, current: Option<&[u8]>, new: &[u8]) -> Result<bool> {
+        match self.store.compare_and_swap(key.as_bytes(), current, new).await {
+            Err(e) if e.is_ambiguous() => {
+                let now = self
+                    .store
+                    .get(key.as_bytes(), Consistency::Linearizable)
+                    .await?;
+                if now.as_deref() == Some(new) {
+                    Ok(true)
+                } else if now.as_deref() == current {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+/// What the follower last saw.
+#[derive(Default)]
+struct State {
+    bytes: Option<Bytes>,
+    revision: u64,
+    missing: bool,
+}
+
+impl State {
+    fn process<T: DeserializeOwned + Send + Sync + 'static>(
+        &mut self,
+        shared: &Shared<T>,
+        view: &Snapshot,
+    ) {
+        // The stored form: the key's bytes, or the prefix's entries as one JSON object.
+        let (found, revision) = match &shared.source {
+            Source::Key(k) => match view.get(k.as_bytes()) {
+                Some(e) => (Some(Ok(e.value.clone())), e.revision),
+                None => (None, view.revision()),
+            },
+            Source::Prefix(p) => {
+                if view.with_prefix(p.as_bytes()).next().is_none() {
+                    (None, view.revision())
+                } else {
+                    let obj = decode::prefix_object(p.as_bytes(), view)
+                        .map(|o| Bytes::from(serde_json::to_vec(&o).expect("JSON value")));
+                    (Some(obj), view.revision())
+                }
+            }
+        };
+        if revision < self.revision {
+            return; // never backwards
+        }
+        let Some(found) = found else {
+            if !self.missing {
+                self.missing = true;
+                self.bytes = None;
+                self.revision = revision;
+                shared.emit(ConfigEvent::Missing { revision });
+                match &shared.default {
+                    Some(d) => shared.apply(d.clone(), 0),
+                    None if shared.value.get().is_some() => {
+                        shared.status.send_replace(Status::Missing { revision });
+                    }
+                    None => {}
+                }
+            }
+            return;
+        };
+        self.missing = false;
+        let decoded: std::result::Result<T, (String, String)> = match found {
+            Ok(bytes) => {
+                if self.bytes.as_ref() == Some(&bytes) {
+                    return; // the same value again: nothing to announce
+                }
+                self.bytes = Some(bytes.clone());
+                match &shared.source {
+                    Source::Key(k) => shared.format.decode(&bytes).map_err(|e| (k.clone(), e)),
+                    Source::Prefix(p) => serde_json::from_slice(&bytes)
+                        .map_err(|e| (p.clone(), e.to_string())),
+                }
+            }
+            Err((key, e)) => Err((key, e)),
+        };
+        self.revision = revision;
+        match decoded.and_then(|v| shared.check(&v).map(|()| v).map_err(|e| (shared.source.name().to_string(), e))) {
+            Ok(value) => shared.apply(Arc::new(value), revision),
+            Err((key, error)) => {
+                tracing::warn!(config = %shared.source.name(), %key, "refusing a bad value: {error}");
+                shared.status.send_replace(Status::Rejected {
+                    key: key.clone(),
+                    error: error.clone(),
+                    revision,
+                });
+                shared.emit(ConfigEvent::Rejected {
+                    key,
+                    error,
+                    revision,
+                });
+            }
+        }
+    }
+}
+
+impl<T> Shared<T> {
+    fn emit(&self, event: ConfigEvent<T>) {
+        let _ = self.events.send(event);
+    }
+
+    fn apply(&self, new: Arc<T>, revision: u64) {
+        let old = match self.value.get() {
+            Some(tx) => Some(tx.send_replace(new.clone())),
+            None => {
+                let _ = self.value.set(watch::Sender::new(new.clone()));
+                None
+            }
+        };
+        self.status.send_replace(Status::Current { revision });
+        self.emit(ConfigEvent::Applied { old, new, revision });
+    }
+}
+
+async fn follow<T: DeserializeOwned + Send + Sync + 'static>(
+    shared: Arc<Shared<T>>,
+    mut rx: watch::Receiver<Snapshot>,
+    mut state: State,
+    debounce: Option<(Duration, Duration)>,
+) {
+    loop {
+        // Re-processing a view already seen is a no-op (same bytes), so nothing between the
+        // first read and this subscription can be missed.
+        let view = rx.borrow_and_update().clone();
+        if view.is_ready() {
+            state.process(&shared, &view);
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+        if let Some((quiet, max)) = debounce {
+            let until = tokio::time::Instant::now() + max;
+            loop {
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() { return },
+                    _ = tokio::time::sleep(quiet) => break,
+                    _ = tokio::time::sleep_until(until) => break,
+                }
+            }
+        }
+    }
+}
