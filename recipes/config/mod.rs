@@ -116,6 +116,7 @@ pub struct ConfigOptions<T> {
     debounce: Option<(Duration, Duration)>,
     mirror: MirrorOptions,
     events: usize,
+    shared: bool,
 }
 
 impl<T> Default for ConfigOptions<T> {
@@ -127,6 +128,7 @@ impl<T> Default for ConfigOptions<T> {
             debounce: None,
             mirror: MirrorOptions::default(),
             events: 256,
+            shared: true,
         }
     }
 }
@@ -170,6 +172,13 @@ impl<T> ConfigOptions<T> {
     /// at the latest `max` after the first change (consul-template's `wait`).
     pub fn debounce(mut self, quiet: Duration, max: Duration) -> Self {
         self.debounce = Some((quiet, max.max(quiet)));
+        self
+    }
+
+    /// Share one watch with every other `ConfigWatch` of the same store and source in this
+    /// process (default `true`). `false` gives this one its own watch stream.
+    pub fn shared(mut self, shared: bool) -> Self {
+        self.shared = shared;
         self
     }
 
@@ -312,7 +321,11 @@ impl<T: DeserializeOwned + Send + Sync + 'static> ConfigWatch<T> {
         let format = options
             .format
             .unwrap_or_else(|| Format::for_key(source.name()));
-        let mirror = Mirror::shared(store.clone(), target, options.mirror.clone());
+        let mirror = if options.shared {
+            Mirror::shared(store.clone(), target, options.mirror.clone())
+        } else {
+            Arc::new(Mirror::start(store.clone(), target, options.mirror.clone()))
+        };
         let shared = Arc::new(Shared {
             source,
             format,
