@@ -31,7 +31,11 @@ fn ms(d: Duration) -> String {
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     pages * 4096
 }
 
@@ -44,7 +48,12 @@ fn arg(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-async fn fan_out(store: Arc<dyn Store>, n: usize, shared: bool, writes: usize) -> (Vec<Duration>, f64) {
+async fn fan_out(
+    store: Arc<dyn Store>,
+    n: usize,
+    shared: bool,
+    writes: usize,
+) -> (Vec<Duration>, f64) {
     let key = format!("/bench/{}/flags.json", uuid::Uuid::new_v4().simple());
     let before = rss_bytes();
     let seen = Arc::new(AtomicUsize::new(0));
@@ -57,7 +66,10 @@ async fn fan_out(store: Arc<dyn Store>, n: usize, shared: bool, writes: usize) -
             store.clone(),
             Source::key(key.clone()),
             ConfigOptions::default()
-                .default_value(Flags { n: 0, dark_mode: false })
+                .default_value(Flags {
+                    n: 0,
+                    dark_mode: false,
+                })
                 .shared(shared),
         )
         .await
@@ -67,7 +79,9 @@ async fn fan_out(store: Arc<dyn Store>, n: usize, shared: bool, writes: usize) -
         tasks.push(tokio::spawn(async move {
             while rx.changed().await.is_ok() {
                 let v = rx.borrow_and_update().n as usize;
-                if v == target.load(Ordering::SeqCst) && seen.fetch_add(1, Ordering::SeqCst) + 1 == n {
+                if v == target.load(Ordering::SeqCst)
+                    && seen.fetch_add(1, Ordering::SeqCst) + 1 == n
+                {
                     all.notify_one();
                 }
             }
@@ -85,10 +99,19 @@ async fn fan_out(store: Arc<dyn Store>, n: usize, shared: bool, writes: usize) -
         notified.as_mut().enable();
         let t = Instant::now();
         store
-            .put(key.as_bytes(), &serde_json::to_vec(&Flags { n: i as u64, dark_mode: i % 2 == 0 }).unwrap())
+            .put(
+                key.as_bytes(),
+                &serde_json::to_vec(&Flags {
+                    n: i as u64,
+                    dark_mode: i % 2 == 0,
+                })
+                .unwrap(),
+            )
             .await
             .unwrap();
-        tokio::time::timeout(Duration::from_secs(30), notified).await.expect("all watchers updated");
+        tokio::time::timeout(Duration::from_secs(30), notified)
+            .await
+            .expect("all watchers updated");
         if i > 10 {
             samples.push(t.elapsed());
         }
@@ -115,9 +138,13 @@ async fn main() {
     }
     node.stop().await.unwrap();
 
-    let cluster = LocalCluster::start(ClusterOptions::default().nodes(3).binary(env!("CARGO_BIN_EXE_dcoord")))
-        .await
-        .unwrap();
+    let cluster = LocalCluster::start(
+        ClusterOptions::default()
+            .nodes(3)
+            .binary(env!("CARGO_BIN_EXE_dcoord")),
+    )
+    .await
+    .unwrap();
     let store: Arc<dyn Store> = Arc::new(cluster.store().await.unwrap());
     for &(n, shared) in cases {
         let (s, mem) = fan_out(store.clone(), n, shared, writes).await;
@@ -125,12 +152,18 @@ async fn main() {
     }
     drop(cluster);
 
-    println!("\n| setup | watchers | watch streams | write → all updated p50 ms | p99 ms | RSS per watcher |");
+    println!(
+        "\n| setup | watchers | watch streams | write → all updated p50 ms | p99 ms | RSS per watcher |"
+    );
     println!("|---|---|---|---|---|---|");
     for (setup, n, shared, s, mem) in &rows {
         println!(
             "| {setup} | {n} | {} | {} | {} | {:.1} KiB |",
-            if *shared { "1 (shared)".to_string() } else { format!("{n} (own)") },
+            if *shared {
+                "1 (shared)".to_string()
+            } else {
+                format!("{n} (own)")
+            },
             ms(pct(s, 0.5)),
             ms(pct(s, 0.99)),
             mem / 1024.0

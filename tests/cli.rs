@@ -116,3 +116,28 @@ fn cli_unreachable_cluster_exits_3_without_hanging() {
     assert!(String::from_utf8_lossy(&out.stderr).contains(&addr));
     assert!(start.elapsed() < Duration::from_secs(10));
 }
+
+#[tokio::test]
+async fn cli_config_set_get_watch_refuses_values_that_do_not_parse() {
+    let cluster = tokio::task::spawn_blocking(common::shared_cluster)
+        .await
+        .unwrap();
+    let eps = cluster.endpoints();
+    let key = format!("/cli/{}/app.toml", uuid::Uuid::new_v4().simple());
+
+    let missing = dcoord(&eps, &["config", "get", &key]);
+    assert_eq!(missing.status.code(), Some(1), "{missing:?}");
+    let set = dcoord(&eps, &["config", "set", &key, "max_items = 3"]);
+    assert!(set.status.success(), "{set:?}");
+    let bad = dcoord(&eps, &["config", "set", &key, "max_items = = 3"]);
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("nothing written"),
+        "{bad:?}"
+    );
+    let get = dcoord(&eps, &["config", "get", &key]);
+    assert_eq!(stdout(&get), "max_items = 3\n", "{get:?}");
+    let watch = dcoord(&eps, &["config", "watch", &key, "--count", "1"]);
+    assert!(watch.status.success(), "{watch:?}");
+    assert_eq!(stdout(&watch), "{\"max_items\":3}\n");
+}

@@ -57,8 +57,13 @@ async fn next_event<T>(
 async fn bad_value_keeps_the_last_good_one_and_a_fix_applies() {
     let mem = MemStore::new();
     let store: Arc<dyn Store> = Arc::new(mem.clone());
-    store.put(b"/cfg/flags", &json(&flags(false, 10))).await.unwrap();
-    let cw = ConfigWatch::open(store.clone(), Source::key("/cfg/flags"), validated()).await.unwrap();
+    store
+        .put(b"/cfg/flags", &json(&flags(false, 10)))
+        .await
+        .unwrap();
+    let cw = ConfigWatch::open(store.clone(), Source::key("/cfg/flags"), validated())
+        .await
+        .unwrap();
     let mut rx = cw.wait_configured().await.unwrap();
     assert_eq!(**rx.borrow_and_update(), flags(false, 10));
     let mut events = Box::pin(cw.events());
@@ -67,20 +72,33 @@ async fn bad_value_keeps_the_last_good_one_and_a_fix_applies() {
     match next_event(&mut events).await {
         ConfigEvent::Rejected { key, error, .. } => {
             assert_eq!(key, "/cfg/flags");
-            assert!(error.contains("key must be a string") || !error.is_empty(), "{error}");
+            assert!(
+                error.contains("key must be a string") || !error.is_empty(),
+                "{error}"
+            );
         }
         other => panic!("{other:?}"),
     }
-    store.put(b"/cfg/flags", &json(&flags(true, 0))).await.unwrap();
+    store
+        .put(b"/cfg/flags", &json(&flags(true, 0)))
+        .await
+        .unwrap();
     match next_event(&mut events).await {
         ConfigEvent::Rejected { error, .. } => assert!(error.contains("max_items"), "{error}"),
         other => panic!("{other:?}"),
     }
     assert!(matches!(cw.status(), Status::Rejected { .. }));
-    assert_eq!(*cw.current().unwrap(), flags(false, 10), "last good value in force");
+    assert_eq!(
+        *cw.current().unwrap(),
+        flags(false, 10),
+        "last good value in force"
+    );
     assert!(!rx.has_changed().unwrap());
 
-    store.put(b"/cfg/flags", &json(&flags(true, 20))).await.unwrap();
+    store
+        .put(b"/cfg/flags", &json(&flags(true, 20)))
+        .await
+        .unwrap();
     match next_event(&mut events).await {
         ConfigEvent::Applied { old, new, revision } => {
             assert_eq!(*old.unwrap(), flags(false, 10));
@@ -97,14 +115,20 @@ async fn bad_value_keeps_the_last_good_one_and_a_fix_applies() {
 async fn the_same_bytes_are_not_announced_twice() {
     let store: Arc<dyn Store> = Arc::new(MemStore::new());
     store.put(b"/cfg/a", &json(&flags(false, 1))).await.unwrap();
-    let cw = ConfigWatch::<Flags>::open(store.clone(), Source::key("/cfg/a"), ConfigOptions::default())
-        .await
-        .unwrap();
+    let cw = ConfigWatch::<Flags>::open(
+        store.clone(),
+        Source::key("/cfg/a"),
+        ConfigOptions::default(),
+    )
+    .await
+    .unwrap();
     let mut events = Box::pin(cw.events());
     store.put(b"/cfg/a", &json(&flags(false, 1))).await.unwrap();
     store.put(b"/cfg/a", &json(&flags(false, 2))).await.unwrap();
     match next_event(&mut events).await {
-        ConfigEvent::Applied { new, .. } => assert_eq!(new.max_items, 2, "the rewrite of 1 was skipped"),
+        ConfigEvent::Applied { new, .. } => {
+            assert_eq!(new.max_items, 2, "the rewrite of 1 was skipped")
+        }
         other => panic!("{other:?}"),
     }
 }
@@ -122,9 +146,13 @@ async fn missing_key_uses_the_default_or_waits() {
     assert_eq!(*with_default.current().unwrap(), flags(false, 5));
     assert_eq!(with_default.status(), Status::Current { revision: 0 });
 
-    let waiting = ConfigWatch::<Flags>::open(store.clone(), Source::key("/cfg/w"), ConfigOptions::default())
-        .await
-        .unwrap();
+    let waiting = ConfigWatch::<Flags>::open(
+        store.clone(),
+        Source::key("/cfg/w"),
+        ConfigOptions::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(waiting.status(), Status::NotConfigured);
     assert!(waiting.current().is_none());
     let store2 = store.clone();
@@ -149,10 +177,17 @@ async fn missing_key_uses_the_default_or_waits() {
 #[tokio::test(start_paused = true)]
 async fn toml_keys_and_prefix_sources_decode() {
     let store: Arc<dyn Store> = Arc::new(MemStore::new());
-    store.put(b"/cfg/app.toml", b"dark_mode = true\nmax_items = 3\n").await.unwrap();
-    let t = ConfigWatch::<Flags>::open(store.clone(), Source::key("/cfg/app.toml"), ConfigOptions::default())
+    store
+        .put(b"/cfg/app.toml", b"dark_mode = true\nmax_items = 3\n")
         .await
         .unwrap();
+    let t = ConfigWatch::<Flags>::open(
+        store.clone(),
+        Source::key("/cfg/app.toml"),
+        ConfigOptions::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(*t.current().unwrap(), flags(true, 3));
 
     #[derive(Debug, Deserialize, PartialEq)]
@@ -163,9 +198,13 @@ async fn toml_keys_and_prefix_sources_decode() {
     store.put(b"/svc/name", b"checkout").await.unwrap(); // not JSON: a string
     store.put(b"/svc/limits/rps", b"100").await.unwrap();
     store.put(b"/svc/limits/burst", b"20").await.unwrap();
-    let p = ConfigWatch::<Service>::open(store.clone(), Source::prefix("/svc/"), ConfigOptions::default())
-        .await
-        .unwrap();
+    let p = ConfigWatch::<Service>::open(
+        store.clone(),
+        Source::prefix("/svc/"),
+        ConfigOptions::default(),
+    )
+    .await
+    .unwrap();
     let v = p.current().unwrap();
     assert_eq!(v.name, "checkout");
     assert_eq!(v.limits["rps"], 100);
@@ -191,7 +230,9 @@ async fn debounce_turns_a_burst_into_one_reload() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     match next_event(&mut events).await {
-        ConfigEvent::Applied { new, .. } => assert_eq!(new.max_items, 20, "one reload, the last value"),
+        ConfigEvent::Applied { new, .. } => {
+            assert_eq!(new.max_items, 20, "one reload, the last value")
+        }
         other => panic!("{other:?}"),
     }
     let more = tokio::time::timeout(Duration::from_secs(5), events.next()).await;
@@ -205,7 +246,8 @@ async fn converges_after_dropped_events_and_cancelled_watches() {
     let cw = ConfigWatch::<Flags>::open(
         store.clone(),
         Source::key("/cfg/c"),
-        ConfigOptions::default().watcher(WatcherOptions::default().resync_every(Some(Duration::from_secs(5)))),
+        ConfigOptions::default()
+            .watcher(WatcherOptions::default().resync_every(Some(Duration::from_secs(5)))),
     )
     .await
     .unwrap();
@@ -227,27 +269,52 @@ async fn converges_after_dropped_events_and_cancelled_watches() {
 async fn writers_validate_and_refuse_bad_input() {
     let mem = MemStore::new();
     let store: Arc<dyn Store> = Arc::new(mem.clone());
-    let cw = ConfigWatch::open(store.clone(), Source::key("/cfg/v"), validated().default_value(flags(false, 1)))
-        .await
-        .unwrap();
+    let cw = ConfigWatch::open(
+        store.clone(),
+        Source::key("/cfg/v"),
+        validated().default_value(flags(false, 1)),
+    )
+    .await
+    .unwrap();
     let err = cw.publish(&flags(true, 0)).await.unwrap_err();
     assert!(err.to_string().contains("max_items"), "{err}");
-    assert!(store.get(b"/cfg/v", Consistency::Linearizable).await.unwrap().is_none(), "nothing written");
+    assert!(
+        store
+            .get(b"/cfg/v", Consistency::Linearizable)
+            .await
+            .unwrap()
+            .is_none(),
+        "nothing written"
+    );
     store.put(b"/cfg/v", b"garbage").await.unwrap();
     let err = cw.update(|f| f.max_items += 1).await.unwrap_err();
-    assert!(matches!(err, Error::Decode { .. }) && err.to_string().contains("/cfg/v"), "{err}");
+    assert!(
+        matches!(err, Error::Decode { .. }) && err.to_string().contains("/cfg/v"),
+        "{err}"
+    );
     cw.publish(&flags(true, 3)).await.unwrap(); // publish replaces undecodable bytes
     assert_eq!(cw.update(|f| f.max_items += 1).await.unwrap().max_items, 4);
 
-    let err = ConfigWatch::<Flags>::open(store.clone(), Source::prefix("/no-trailing-slash"), ConfigOptions::default())
-        .await
-        .unwrap_err();
+    let err = ConfigWatch::<Flags>::open(
+        store.clone(),
+        Source::prefix("/no-trailing-slash"),
+        ConfigOptions::default(),
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("/no-trailing-slash"), "{err}");
-    let p = ConfigWatch::<BTreeMap<String, u32>>::open(store.clone(), Source::prefix("/p/"), ConfigOptions::default())
-        .await
-        .unwrap();
+    let p = ConfigWatch::<BTreeMap<String, u32>>::open(
+        store.clone(),
+        Source::prefix("/p/"),
+        ConfigOptions::default(),
+    )
+    .await
+    .unwrap();
     let err = p.publish(&BTreeMap::new()).await.unwrap_err();
-    assert!(matches!(err, Error::InvalidArgument(_)) && err.to_string().contains("/p/"), "{err}");
+    assert!(
+        matches!(err, Error::InvalidArgument(_)) && err.to_string().contains("/p/"),
+        "{err}"
+    );
 }
 
 /// 4 writers × `n` `update()`s of one counter: no update is lost.
@@ -260,9 +327,13 @@ async fn concurrent_updates_lose_nothing(store: Arc<dyn Store>, key: String, n: 
     for _ in 0..4 {
         let (store, key) = (store.clone(), key.clone());
         tasks.push(tokio::spawn(async move {
-            let cw = ConfigWatch::open(store, Source::key(key), ConfigOptions::default().default_value(Counter { n: 0 }))
-                .await
-                .unwrap();
+            let cw = ConfigWatch::open(
+                store,
+                Source::key(key),
+                ConfigOptions::default().default_value(Counter { n: 0 }),
+            )
+            .await
+            .unwrap();
             for _ in 0..n {
                 cw.update(|c| c.n += 1).await.unwrap();
             }
@@ -271,7 +342,11 @@ async fn concurrent_updates_lose_nothing(store: Arc<dyn Store>, key: String, n: 
     for t in tasks {
         t.await.unwrap();
     }
-    let stored = store.get(key.as_bytes(), Consistency::Linearizable).await.unwrap().unwrap();
+    let stored = store
+        .get(key.as_bytes(), Consistency::Linearizable)
+        .await
+        .unwrap()
+        .unwrap();
     let c: Counter = serde_json::from_slice(&stored).unwrap();
     assert_eq!(c.n, 4 * n);
 }
@@ -300,28 +375,43 @@ async fn watchers_converge_after_a_leader_kill() {
     use dcoord::store::{RemoteOptions, RemoteStore};
 
     let _heavy = common::HEAVY.lock().await;
-    let mut cluster = LocalCluster::start(ClusterOptions::default().nodes(3).binary(common::binary()))
-        .await
-        .unwrap();
-    let remote = RemoteStore::connect(&cluster.endpoints(), RemoteOptions::default().op_deadline(Duration::from_secs(30)))
-        .await
-        .unwrap();
+    let mut cluster =
+        LocalCluster::start(ClusterOptions::default().nodes(3).binary(common::binary()))
+            .await
+            .unwrap();
+    let remote = RemoteStore::connect(
+        &cluster.endpoints(),
+        RemoteOptions::default().op_deadline(Duration::from_secs(30)),
+    )
+    .await
+    .unwrap();
     let leader = remote.leader_id().await.unwrap();
     let store: Arc<dyn Store> = Arc::new(remote);
-    let cw = ConfigWatch::open(store.clone(), Source::key("/cfg/lk"), ConfigOptions::default().default_value(flags(false, 0)))
-        .await
-        .unwrap();
+    let cw = ConfigWatch::open(
+        store.clone(),
+        Source::key("/cfg/lk"),
+        ConfigOptions::default().default_value(flags(false, 0)),
+    )
+    .await
+    .unwrap();
     cw.publish(&flags(false, 1)).await.unwrap();
     let mut rx = cw.wait_configured().await.unwrap();
     rx.wait_for(|f| f.max_items == 1).await.unwrap();
     cluster.kill(leader).unwrap();
     let killed = std::time::Instant::now();
     cw.publish(&flags(true, 2)).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(60), rx.wait_for(|f| **f == flags(true, 2)))
-        .await
-        .expect("converged")
-        .unwrap();
-    println!("config watcher converged {:?} after the leader kill; watch stats {:?}", killed.elapsed(), cw.watch_stats());
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        rx.wait_for(|f| **f == flags(true, 2)),
+    )
+    .await
+    .expect("converged")
+    .unwrap();
+    println!(
+        "config watcher converged {:?} after the leader kill; watch stats {:?}",
+        killed.elapsed(),
+        cw.watch_stats()
+    );
 }
 
 #[derive(Debug, Clone)]

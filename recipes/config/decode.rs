@@ -49,7 +49,10 @@ impl Format {
 /// The entries under `prefix` as one JSON object: `<prefix>a/b` = `1` becomes `{"a": {"b": 1}}`.
 /// A value that is not JSON is taken as a string. Returns the object, or the name of the key
 /// that does not fit (a key that is both a value and a folder).
-pub(crate) fn prefix_object(prefix: &[u8], view: &Snapshot) -> Result<serde_json::Value, (String, String)> {
+pub(crate) fn prefix_object(
+    prefix: &[u8],
+    view: &Snapshot,
+) -> Result<serde_json::Value, (String, String)> {
     use serde_json::{Map, Value};
     let mut root = Map::new();
     for entry in view.with_prefix(prefix) {

@@ -548,7 +548,11 @@ impl<T: DeserializeOwned> Shared<T> {
 
     /// CAS; an ambiguous outcome is resolved by re-reading: ours → true, else Ambiguous.
     async fn cas(&self, key: &str, current: Option<&[u8]>, new: &[u8]) -> Result<bool> {
-        match self.store.compare_and_swap(key.as_bytes(), current, new).await {
+        match self
+            .store
+            .compare_and_swap(key.as_bytes(), current, new)
+            .await
+        {
             Err(e) if e.is_ambiguous() => {
                 let now = self
                     .store
@@ -625,14 +629,20 @@ impl State {
                 self.bytes = Some(bytes.clone());
                 match &shared.source {
                     Source::Key(k) => shared.format.decode(&bytes).map_err(|e| (k.clone(), e)),
-                    Source::Prefix(p) => serde_json::from_slice(&bytes)
-                        .map_err(|e| (p.clone(), e.to_string())),
+                    Source::Prefix(p) => {
+                        serde_json::from_slice(&bytes).map_err(|e| (p.clone(), e.to_string()))
+                    }
                 }
             }
             Err((key, e)) => Err((key, e)),
         };
         self.revision = revision;
-        match decoded.and_then(|v| shared.check(&v).map(|()| v).map_err(|e| (shared.source.name().to_string(), e))) {
+        match decoded.and_then(|v| {
+            shared
+                .check(&v)
+                .map(|()| v)
+                .map_err(|e| (shared.source.name().to_string(), e))
+        }) {
             Ok(value) => shared.apply(Arc::new(value), revision),
             Err((key, error)) => {
                 tracing::warn!(config = %shared.source.name(), %key, "refusing a bad value: {error}");

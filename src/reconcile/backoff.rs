@@ -36,6 +36,14 @@ impl Backoff {
     }
 }
 
+/// After a compare-and-swap lost a race: wait a random number of CAS round trips, up to
+/// `min(conflicts, 8)` of them, so contenders that collided spread out instead of colliding
+/// again (each failed CAS is a full consensus write). `cas_took` is how long the lost CAS took.
+pub(crate) async fn after_collision(conflicts: u32, cas_took: Duration) {
+    let spread = f64::from(conflicts.clamp(1, 8)) * fastrand::f64();
+    tokio::time::sleep(cas_took.mul_f64(spread)).await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -56,12 +64,4 @@ mod tests {
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
     }
-}
-
-/// After a compare-and-swap lost a race: wait a random number of CAS round trips, up to
-/// `min(conflicts, 8)` of them, so contenders that collided spread out instead of colliding
-/// again (each failed CAS is a full consensus write). `cas_took` is how long the lost CAS took.
-pub(crate) async fn after_collision(conflicts: u32, cas_took: Duration) {
-    let spread = f64::from(conflicts.clamp(1, 8)) * fastrand::f64();
-    tokio::time::sleep(cas_took.mul_f64(spread)).await;
 }

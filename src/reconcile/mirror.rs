@@ -1,7 +1,7 @@
 //! A mirror (reflector): the current contents of a key or prefix, kept by a [`watcher`].
 
-use std::fmt;
 use std::collections::HashMap;
+use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use bytes::Bytes;
@@ -193,7 +193,11 @@ impl Mirror {
     /// A mirror of `target` shared by every caller in this process that asks for the same
     /// store (the same `Arc`) and target while one is alive: N readers of one key cost one
     /// watch and one relist loop, not N. The first caller's options apply.
-    pub fn shared(store: Arc<dyn Store>, target: WatchTarget, options: MirrorOptions) -> Arc<Mirror> {
+    pub fn shared(
+        store: Arc<dyn Store>,
+        target: WatchTarget,
+        options: MirrorOptions,
+    ) -> Arc<Mirror> {
         type Registry = HashMap<(usize, WatchTarget), Weak<Mirror>>;
         static REGISTRY: OnceLock<Mutex<Registry>> = OnceLock::new();
         let id = (Arc::as_ptr(&store) as *const () as usize, target.clone());
