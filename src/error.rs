@@ -154,6 +154,15 @@ pub enum Error {
         stored: u64,
     },
 
+    /// A queue message this consumer held was taken over by another consumer (this one was
+    /// considered dead, or the message was changed by someone else). Its effects may be
+    /// repeated by the new holder.
+    #[error("queue message {id:?} is no longer held by this consumer")]
+    ClaimLost {
+        /// The message id.
+        id: String,
+    },
+
     /// A coordination session is gone (its renewals failed for longer than its lease allows,
     /// or it was closed). Whatever it held may now belong to someone else; start a new one.
     #[error("session {id} is {state}")]

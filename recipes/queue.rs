@@ -1,2 +1,0 @@
-//! `queue::WorkQueue`: a durable, at-least-once, watch-driven work queue (not built yet; see
-//! issue 5).
