@@ -180,11 +180,18 @@ pub struct DeadLetter {
     pub payload: Bytes,
 }
 
+/// Wall-clock milliseconds, read once and then advanced by the monotonic clock: immune to
+/// clock steps while the process runs (and it follows tokio's paused clock in tests).
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    static ANCHOR: std::sync::OnceLock<(u64, Instant)> = std::sync::OnceLock::new();
+    let (wall, mono) = *ANCHOR.get_or_init(|| {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        (wall, Instant::now())
+    });
+    wall + Instant::now().saturating_duration_since(mono).as_millis() as u64
 }
 
 /// What the consumer knows about each message (from its mirror).

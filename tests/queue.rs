@@ -1,0 +1,333 @@
+//! `queue::WorkQueue`: the contract, on the in-memory store (paused time) and on the real
+//! engine (embedded, 3-node, a consumer process SIGKILLed, a leader kill).
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use dcoord::Error;
+use dcoord::queue::{EnqueueOptions, QueueOptions, WorkQueue};
+use dcoord::session::{Session, SessionOptions};
+use dcoord::store::Store;
+use dcoord::testing::MemStore;
+use serde::{Deserialize, Serialize};
+
+async fn session(store: Arc<dyn Store>) -> Session {
+    Session::start(store, SessionOptions::default().lease(Duration::from_secs(2)))
+        .await
+        .unwrap()
+}
+
+async fn open(store: Arc<dyn Store>, name: &str, options: QueueOptions) -> (Session, WorkQueue) {
+    let s = session(store).await;
+    let q = WorkQueue::open(&s, name, options).await.unwrap();
+    (s, q)
+}
+
+fn opts() -> QueueOptions {
+    QueueOptions::default()
+        .max_attempts(3)
+        .backoff(Duration::from_millis(100), Duration::from_secs(1))
+}
+
+async fn next(q: &WorkQueue) -> dcoord::queue::Delivery {
+    tokio::time::timeout(Duration::from_secs(30), q.next())
+        .await
+        .expect("a delivery within 30 s")
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn enqueue_is_idempotent_by_id_and_delivers_by_priority_then_order() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let (_s, q) = open(store, "orders", opts()).await;
+    q.enqueue(b"a", EnqueueOptions::default().id("a")).await.unwrap();
+    q.enqueue(b"a again", EnqueueOptions::default().id("a")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    q.enqueue(b"b", EnqueueOptions::default().id("b")).await.unwrap();
+    q.enqueue(b"urgent", EnqueueOptions::default().id("u").priority(5)).await.unwrap();
+    q.enqueue(b"later", EnqueueOptions::default().id("l").delay(Duration::from_secs(5))).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(1), async {
+        while q.stats().ready + q.stats().delayed < 4 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        let d = next(&q).await;
+        order.push((d.id().to_string(), d.payload().clone()));
+        d.ack().await.unwrap();
+    }
+    assert_eq!(
+        order.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
+        ["u", "a", "b"],
+        "priority first, then enqueue order; the delayed one is not visible yet"
+    );
+    assert_eq!(order[1].1, "a", "the retried enqueue did not replace the first");
+    let d = next(&q).await;
+    assert_eq!(d.id(), "l");
+    d.ack().await.unwrap();
+    // Acked ids stay deduplicated.
+    q.enqueue(b"a", EnqueueOptions::default().id("a")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(q.stats().ready, 0);
+    assert_eq!(q.stats().done, 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn failures_retry_with_backoff_then_dead_letter_and_redrive() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let (_s, q) = open(store, "retry", opts()).await;
+    q.enqueue(b"x", EnqueueOptions::default().id("x")).await.unwrap();
+    for attempt in 1..=3 {
+        let d = next(&q).await;
+        assert_eq!(d.attempt(), attempt);
+        d.nack(&format!("boom {attempt}")).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let dead = q.dead_letters();
+    assert_eq!(dead.len(), 1);
+    assert_eq!((dead[0].id.as_str(), dead[0].attempts, dead[0].error.as_str()), ("x", 3, "boom 3"));
+    assert_eq!(q.stats().dead, 1);
+    assert!(tokio::time::timeout(Duration::from_secs(5), q.next()).await.is_err(), "dead letters are not delivered");
+    assert!(q.redrive("x").await.unwrap());
+    let d = next(&q).await;
+    assert_eq!((d.id(), d.attempt()), ("x", 1));
+    d.ack().await.unwrap();
+    assert!(!q.redrive("x").await.unwrap());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_payload_that_does_not_decode_goes_to_the_dead_letters_without_blocking() {
+    #[derive(Debug, Serialize, Deserialize)]
+    struct Job {
+        n: u32,
+    }
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let (_s, q) = open(store, "typed", opts()).await;
+    q.enqueue(b"{not json", EnqueueOptions::default().id("bad")).await.unwrap();
+    q.enqueue_json(&Job { n: 7 }, EnqueueOptions::default().id("good")).await.unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let seen2 = seen.clone();
+    let q2 = q.clone();
+    let stats = q
+        .run_json(
+            2,
+            move |_msg, job: Job| {
+                let seen = seen2.clone();
+                async move {
+                    seen.fetch_add(job.n as usize, Ordering::SeqCst);
+                    Ok(())
+                }
+            },
+            async move {
+                while q2.stats().done + q2.stats().dead < 2 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(seen.load(Ordering::SeqCst), 7);
+    assert_eq!((stats.acked, stats.failed), (1, 1));
+    let dead = q.dead_letters();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].id, "bad");
+    assert_eq!(dead[0].attempts, 1, "straight to the dead letters");
+    assert!(dead[0].error.contains("payload"), "{}", dead[0].error);
+    assert_eq!(dead[0].payload, "{not json");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crashed_consumers_message_is_redelivered_after_its_lease() {
+    let mem = MemStore::new();
+    let store: Arc<dyn Store> = Arc::new(mem.clone());
+    let (crashing, q1) = open(store.clone(), "crash", opts()).await;
+    q1.enqueue(b"job", EnqueueOptions::default().id("j")).await.unwrap();
+    let d = next(&q1).await;
+    std::mem::forget(d); // the handler never finishes...
+    crashing.orphan(); // ...and the process is gone
+    let crashed = tokio::time::Instant::now();
+    let (_s2, q2) = open(store.clone(), "crash", opts()).await;
+    let d = next(&q2).await;
+    assert_eq!((d.id(), d.attempt()), ("j", 2));
+    let waited = crashed.elapsed();
+    assert!(waited >= Duration::from_millis(1300) && waited <= Duration::from_secs(4), "{waited:?}");
+    d.ack().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_consumer_makes_no_reads_and_wakes_on_a_new_message() {
+    let mem = MemStore::new();
+    let store: Arc<dyn Store> = Arc::new(mem.clone());
+    let (_s, q) = open(store.clone(), "idle", opts().rescan_every(Duration::from_secs(60))).await;
+    let waiter = tokio::spawn({
+        let q = q.clone();
+        async move {
+            let d = q.next().await.unwrap();
+            let at = tokio::time::Instant::now();
+            d.ack().await.unwrap();
+            at
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = mem.op_counts();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let after = mem.op_counts();
+    assert_eq!(after.reads(), before.reads(), "no reads while idle: {before:?} -> {after:?}");
+    let (_p, producer) = open(store.clone(), "idle", opts()).await;
+    let sent = tokio::time::Instant::now();
+    producer.enqueue(b"wake", EnqueueOptions::default()).await.unwrap();
+    let got = waiter.await.unwrap();
+    assert!(got - sent < Duration::from_millis(50), "woken by the watch, not a poll: {:?}", got - sent);
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_input_is_refused_and_garbage_is_skipped() {
+    let mem = MemStore::new();
+    let store: Arc<dyn Store> = Arc::new(mem.clone());
+    let s = session(store.clone()).await;
+    let err = WorkQueue::open(&s, "bad/name", opts()).await.unwrap_err();
+    assert!(err.to_string().contains("bad/name"), "{err}");
+    let q = WorkQueue::open(&s, "input", opts()).await.unwrap();
+    let err = q.enqueue(b"x", EnqueueOptions::default().id("no spaces")).await.unwrap_err();
+    assert!(err.to_string().contains("no spaces"), "{err}");
+    let err = q
+        .enqueue(&vec![0u8; dcoord::keys::MAX_VALUE_LEN], EnqueueOptions::default().id("big"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::ValueTooLarge { .. }), "{err}");
+    assert!(store.scan_prefix(b"/dcoord/queues/").await.unwrap().entries.is_empty(), "nothing written");
+    store.put(b"/dcoord/queues/input/m/garbage", b"\x01\x02").await.unwrap();
+    q.enqueue(b"ok", EnqueueOptions::default().id("ok")).await.unwrap();
+    let d = next(&q).await;
+    assert_eq!(d.id(), "ok");
+    d.ack().await.unwrap();
+    assert_eq!(q.stats().undecodable, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_lets_running_handlers_finish() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let (_s, q) = open(store, "drain", opts()).await;
+    for i in 0..4 {
+        q.enqueue(format!("{i}").as_bytes(), EnqueueOptions::default()).await.unwrap();
+    }
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let started = Arc::new(AtomicUsize::new(0));
+    let s2 = started.clone();
+    let run = tokio::spawn({
+        let q = q.clone();
+        async move {
+            q.run(
+                2,
+                move |_m| {
+                    let s2 = s2.clone();
+                    async move {
+                        s2.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        Ok(())
+                    }
+                },
+                async move {
+                    let _ = stop_rx.await;
+                },
+            )
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_tx.send(()).unwrap();
+    let stats = run.await.unwrap().unwrap();
+    assert_eq!(started.load(Ordering::SeqCst), 2, "no new claims after shutdown");
+    assert_eq!(stats.acked, 2, "the two running handlers finished and acked");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(q.stats().ready, 2);
+}
+
+/// `producers` × `per_producer` messages, `consumers` consumers (each its own session); every
+/// message handled, the effect (a key per message, written with `effect_once`) exactly once.
+async fn producers_and_consumers(store: Arc<dyn Store>, name: &str, producers: usize, consumers: usize, per_producer: usize) {
+    let total = producers * per_producer;
+    let handled = Arc::new(AtomicUsize::new(0));
+    let effects = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(tokio::sync::Notify::new());
+    let mut tasks = Vec::new();
+    for _ in 0..consumers {
+        let (store, handled, effects, done) = (store.clone(), handled.clone(), effects.clone(), done.clone());
+        let name = name.to_string();
+        tasks.push(tokio::spawn(async move {
+            let (_s, q) = open(store, &name, QueueOptions::default()).await;
+            let effect_prefix = format!("/t/{name}/effects/");
+            q.run(
+                4,
+                move |m| {
+                    let (handled, effects, effect_prefix) = (handled.clone(), effects.clone(), effect_prefix.clone());
+                    async move {
+                        handled.fetch_add(1, Ordering::SeqCst);
+                        let key = format!("{effect_prefix}{}", m.id);
+                        if m.effect_once(key.as_bytes(), &m.payload).await.map_err(|e| e.to_string())? {
+                            effects.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Ok(())
+                    }
+                },
+                async move { done.notified().await },
+            )
+            .await
+            .unwrap()
+        }));
+    }
+    let mut ids = Vec::new();
+    for p in 0..producers {
+        let store = store.clone();
+        let name = name.to_string();
+        ids.push(tokio::spawn(async move {
+            let (_s, q) = open(store, &name, QueueOptions::default()).await;
+            let mut ids = Vec::new();
+            for i in 0..per_producer {
+                ids.push(q.enqueue(format!("{p}/{i}").as_bytes(), EnqueueOptions::default()).await.unwrap());
+            }
+            ids
+        }));
+    }
+    let mut all = HashSet::new();
+    for t in ids {
+        all.extend(t.await.unwrap());
+    }
+    assert_eq!(all.len(), total);
+    let started = std::time::Instant::now();
+    while effects.load(Ordering::SeqCst) < total {
+        assert!(started.elapsed() < Duration::from_secs(300), "stuck at {} of {total}", effects.load(Ordering::SeqCst));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    done.notify_waiters();
+    let mut acked = 0;
+    for t in tasks {
+        acked += tokio::time::timeout(Duration::from_secs(60), t).await.unwrap().unwrap().acked;
+    }
+    let scan = store.scan_prefix(format!("/t/{name}/effects/").as_bytes()).await.unwrap();
+    assert_eq!(scan.entries.len(), total, "every message's effect exactly once");
+    assert_eq!(effects.load(Ordering::SeqCst), total);
+    assert!(acked as usize >= total);
+    println!("{total} messages: handled {} times, {acked} acks", handled.load(Ordering::SeqCst));
+}
+
+#[tokio::test]
+async fn embedded_two_producers_four_consumers_lose_nothing() {
+    let f = common::fixture(common::Backend::Embedded).await;
+    let name = format!("pc-{}", uuid::Uuid::new_v4().simple());
+    producers_and_consumers(f.store.clone(), &name, 2, 4, 2500).await;
+}
+
+#[tokio::test]
+async fn cluster_two_producers_two_consumers_lose_nothing() {
+    let f = common::fixture(common::Backend::Cluster).await;
+    let name = format!("pc-{}", uuid::Uuid::new_v4().simple());
+    producers_and_consumers(f.store.clone(), &name, 2, 2, 1000).await;
+}
