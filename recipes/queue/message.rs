@@ -41,7 +41,12 @@ impl Header {
     pub(crate) const VERSION: u32 = 1;
 
     pub(crate) fn order(&self) -> Order {
-        (-i64::from(self.prio), self.ts_ms, self.producer.clone(), self.n)
+        (
+            -i64::from(self.prio),
+            self.ts_ms,
+            self.producer.clone(),
+            self.n,
+        )
     }
 }
 
@@ -184,9 +189,17 @@ mod tests {
         let r = rec().claim("s");
         assert_eq!(r.header.attempts, 1);
         let r = r.fail("boom", 2, 99);
-        assert_eq!((r.header.state.clone(), r.header.not_before_ms), (State::Ready, 99));
+        assert_eq!(
+            (r.header.state.clone(), r.header.not_before_ms),
+            (State::Ready, 99)
+        );
         let r = r.claim("s").fail("boom again", 2, 99);
-        assert_eq!(r.header.state, State::Dead { error: "boom again".into() });
+        assert_eq!(
+            r.header.state,
+            State::Dead {
+                error: "boom again".into()
+            }
+        );
         assert_eq!(r.redrive().header.attempts, 0);
     }
 

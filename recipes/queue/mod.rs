@@ -250,7 +250,8 @@ impl Index {
             }
             _ => {}
         }
-        self.metas.insert(key.clone(), (order, h.state, h.not_before_ms));
+        self.metas
+            .insert(key.clone(), (order, h.state, h.not_before_ms));
     }
 }
 
@@ -307,9 +308,8 @@ impl WorkQueue {
         let mirror = Mirror::shared(
             store.clone(),
             WatchTarget::Prefix(prefix.clone()),
-            MirrorOptions::default().watcher(
-                WatcherOptions::default().resync_every(Some(options.rescan_every)),
-            ),
+            MirrorOptions::default()
+                .watcher(WatcherOptions::default().resync_every(Some(options.rescan_every))),
         );
         let inner = Arc::new(Inner {
             name: name.to_string(),
@@ -401,7 +401,11 @@ impl WorkQueue {
     ///
     /// # Cancel safety
     /// As [`WorkQueue::enqueue`].
-    pub async fn enqueue_json<T: Serialize>(&self, value: &T, options: EnqueueOptions) -> Result<String> {
+    pub async fn enqueue_json<T: Serialize>(
+        &self,
+        value: &T,
+        options: EnqueueOptions,
+    ) -> Result<String> {
         let payload = serde_json::to_vec(value)
             .map_err(|e| Error::InvalidArgument(format!("message does not serialize: {e}")))?;
         self.enqueue(&payload, options).await
@@ -477,7 +481,11 @@ impl WorkQueue {
                 },
                 _ = &mut shutdown => break Ok(()),
             };
-            let (handler, stats, timeout) = (handler.clone(), stats.clone(), self.inner.options.handler_timeout);
+            let (handler, stats, timeout) = (
+                handler.clone(),
+                stats.clone(),
+                self.inner.options.handler_timeout,
+            );
             running.spawn(async move {
                 let _permit = permit;
                 let msg = delivery.message();
@@ -657,9 +665,14 @@ impl Inner {
                     })
                     .cloned()
             };
-            let Some(key) = candidate else { return Ok(None) };
+            let Some(key) = candidate else {
+                return Ok(None);
+            };
             tried.insert(key.clone());
-            if let Some(d) = self.try_claim(&key, |rec| matches!(rec.header.state, State::Ready)).await? {
+            if let Some(d) = self
+                .try_claim(&key, |rec| matches!(rec.header.state, State::Ready))
+                .await?
+            {
                 return Ok(Some(d));
             }
         }
@@ -735,8 +748,12 @@ impl Inner {
         key: &Bytes,
         eligible: impl Fn(&Record) -> bool,
     ) -> Result<Option<Delivery>> {
-        let Some(entry) = self.mirror.get(key) else { return Ok(None) };
-        let Ok(rec) = Record::decode(key, &entry.value) else { return Ok(None) };
+        let Some(entry) = self.mirror.get(key) else {
+            return Ok(None);
+        };
+        let Ok(rec) = Record::decode(key, &entry.value) else {
+            return Ok(None);
+        };
         if !eligible(&rec) {
             return Ok(None);
         }
@@ -751,7 +768,11 @@ impl Inner {
         let got = match res {
             Ok(ok) => ok,
             Err(e) if e.is_ambiguous() => {
-                self.store.get(key, Consistency::Linearizable).await?.as_ref() == Some(&bytes)
+                self.store
+                    .get(key, Consistency::Linearizable)
+                    .await?
+                    .as_ref()
+                    == Some(&bytes)
             }
             Err(e) => {
                 self.claiming.lock().unwrap().remove(key);
@@ -772,13 +793,14 @@ impl Inner {
             poison: Arc::new(Mutex::new(None)),
         }))
     }
-
 }
 
 /// Keeps the index in step with the mirror, and removes expired tombstones.
 async fn maintain(
     q: std::sync::Weak<Inner>,
-    mut changes: std::pin::Pin<Box<dyn futures::Stream<Item = Result<crate::reconcile::Change>> + Send>>,
+    mut changes: std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<crate::reconcile::Change>> + Send>,
+    >,
 ) {
     let mut janitor = tokio::time::interval(Duration::from_secs(60));
     janitor.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -921,7 +943,11 @@ impl Delivery {
         self.finished = true;
         let q = &self.q;
         let new = next.encode();
-        match q.store.compare_and_swap(&self.key, Some(&self.bytes), &new).await {
+        match q
+            .store
+            .compare_and_swap(&self.key, Some(&self.bytes), &new)
+            .await
+        {
             Ok(true) => Ok(()),
             Ok(false) => Err(self.claim_lost()),
             Err(e) if e.is_ambiguous() => {
@@ -1028,7 +1054,8 @@ impl Message {
     pub async fn once(&self, scope: &str) -> Result<bool> {
         crate::keys::validate_name("once scope", scope)?;
         let key = format!("{}once/{scope}/{}", self.q.session.root(), self.id);
-        self.effect_once(key.as_bytes(), self.q.session.id().as_bytes()).await
+        self.effect_once(key.as_bytes(), self.q.session.id().as_bytes())
+            .await
     }
 
     /// Writes `value` to `key` only if `key` is absent (compare-and-swap): an effect on the
@@ -1044,11 +1071,9 @@ impl Message {
         let store = &self.q.store;
         match store.compare_and_swap(key, None, value).await {
             Ok(wrote) => Ok(wrote),
-            Err(e) if e.is_ambiguous() => Ok(store
-                .get(key, Consistency::Linearizable)
-                .await?
-                .as_deref()
-                == Some(value)),
+            Err(e) if e.is_ambiguous() => {
+                Ok(store.get(key, Consistency::Linearizable).await?.as_deref() == Some(value))
+            }
             Err(e) => Err(e),
         }
     }

@@ -120,9 +120,12 @@ enum Verdict {
 
 fn classify(e: &ClientApiError, is_write: bool) -> Verdict {
     let msg = e.message().to_ascii_lowercase();
-    let refused_before_send = msg.contains("connect")
+    // Only errors that prove the request never reached a leader's log. tonic reports a
+    // failed connect as "tcp connect error: ..."; a connection lost mid-request is a bare
+    // "transport error" or an "h2 protocol error", after which the write may have been applied.
+    let refused_before_send = msg.contains("tcp connect error")
+        || msg.contains("connection refused")
         || msg.contains("not ready")
-        || msg.contains("transport error")
         || msg.contains("not leader");
     match e.code() {
         ErrorCode::NotLeader
@@ -447,6 +450,13 @@ mod tests {
             "retry"
         );
         assert_eq!(
+            verdict(
+                Status::unavailable("tcp connect error: Connection refused (os error 111)"),
+                true
+            ),
+            "retry"
+        );
+        assert_eq!(
             verdict(Status::unavailable("Service is not ready"), true),
             "retry"
         );
@@ -467,6 +477,9 @@ mod tests {
             Status::unknown("h2 protocol error: error reading a body from connection"),
             Status::cancelled("Timeout expired"),
             Status::unavailable("keep-alive timed out"),
+            // A connection lost after the request was written (hyper, no h2 source).
+            Status::unknown("transport error"),
+            Status::unknown("h2 protocol error: connection reset"),
         ] {
             assert_eq!(verdict(s.clone(), true), "ambiguous", "{s:?}");
             assert_eq!(verdict(s, false), "retry");
