@@ -382,15 +382,22 @@ impl WorkQueue {
         };
         let bytes = rec.encode();
         crate::store::check_write(&key, &bytes)?;
-        match q.store.compare_and_swap(&key, None, &bytes).await {
-            Ok(_) => Ok(id), // false: the id exists already (idempotent)
-            Err(e) if e.is_ambiguous() => {
-                match q.store.get(&key, Consistency::Linearizable).await? {
-                    Some(_) => Ok(id),
-                    None => Err(e),
+        loop {
+            match q.store.compare_and_swap(&key, None, &bytes).await {
+                Ok(_) => return Ok(id), // false: the id exists already (idempotent)
+                // Unknown outcome: present means it landed (or the id was taken); absent
+                // means it did not apply: try again.
+                Err(e) if e.is_ambiguous() => {
+                    if q.store
+                        .get(&key, Consistency::Linearizable)
+                        .await?
+                        .is_some()
+                    {
+                        return Ok(id);
+                    }
                 }
+                Err(e) => return Err(e),
             }
-            Err(e) => Err(e),
         }
     }
 
@@ -943,27 +950,27 @@ impl Delivery {
         self.finished = true;
         let q = &self.q;
         let new = next.encode();
-        match q
-            .store
-            .compare_and_swap(&self.key, Some(&self.bytes), &new)
-            .await
-        {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(self.claim_lost()),
-            Err(e) if e.is_ambiguous() => {
-                let now = q.store.get(&self.key, Consistency::Linearizable).await?;
-                if now.as_deref() == Some(&new[..]) {
-                    Ok(())
-                } else if now.as_ref() == Some(&self.bytes) {
-                    self.finished = false; // still ours: give it back on drop
-                    Err(e)
-                } else {
-                    Err(self.claim_lost())
+        loop {
+            match q
+                .store
+                .compare_and_swap(&self.key, Some(&self.bytes), &new)
+                .await
+            {
+                Ok(true) => return Ok(()),
+                Ok(false) => return Err(self.claim_lost()),
+                Err(e) if e.is_ambiguous() => {
+                    let now = q.store.get(&self.key, Consistency::Linearizable).await?;
+                    if now.as_deref() == Some(&new[..]) {
+                        return Ok(());
+                    } else if now.as_ref() != Some(&self.bytes) {
+                        return Err(self.claim_lost());
+                    }
+                    // Still our claim: the write did not apply; try again.
                 }
-            }
-            Err(e) => {
-                self.finished = false;
-                Err(e)
+                Err(e) => {
+                    self.finished = false;
+                    return Err(e);
+                }
             }
         }
     }
@@ -1069,12 +1076,19 @@ impl Message {
     /// If dropped, the effect happened or not, never twice.
     pub async fn effect_once(&self, key: &[u8], value: &[u8]) -> Result<bool> {
         let store = &self.q.store;
-        match store.compare_and_swap(key, None, value).await {
-            Ok(wrote) => Ok(wrote),
-            Err(e) if e.is_ambiguous() => {
-                Ok(store.get(key, Consistency::Linearizable).await?.as_deref() == Some(value))
+        loop {
+            match store.compare_and_swap(key, None, value).await {
+                Ok(wrote) => return Ok(wrote),
+                // Unknown outcome: a linearizable read decides. Absent means it did not apply
+                // (the read follows the new leader's first commit), so try again.
+                Err(e) if e.is_ambiguous() => {
+                    match store.get(key, Consistency::Linearizable).await? {
+                        Some(v) => return Ok(v == value),
+                        None => continue,
+                    }
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => Err(e),
         }
     }
 }
