@@ -140,6 +140,7 @@ enum ConfigOp {
 #[derive(Subcommand)]
 enum QueueOp {
     /// Add a message; prints its id.
+    #[command(visible_alias = "push")]
     Enqueue {
         /// The queue name.
         name: String,
@@ -163,6 +164,7 @@ enum QueueOp {
     },
     /// Take messages: run the command for each (payload on stdin, $DCOORD_MESSAGE_ID and
     /// $DCOORD_ATTEMPT set; exit 0 acks, anything else retries), or print payloads and ack.
+    #[command(visible_alias = "pop")]
     Consume {
         /// The queue name.
         name: String,
@@ -186,6 +188,7 @@ enum QueueOp {
         conn: Conn,
     },
     /// List the dead letters (id, attempts, error).
+    #[command(visible_alias = "dlq")]
     Dead {
         /// The queue name.
         name: String,

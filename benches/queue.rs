@@ -1,0 +1,221 @@
+//! `queue::WorkQueue`, embedded and on a local 3-node cluster, in one run: raw put→watch
+//! latency (the limit) next to enqueue→handler latency, throughput with 2 consumers while 2
+//! producers enqueue, and the drain rate of a pre-filled queue. Prints markdown tables.
+//!
+//! Run: `cargo bench --bench queue` (optionally `-- --latency 300 --messages 4000`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dcoord::engine::{ClusterOptions, EmbeddedNode, LocalCluster};
+use dcoord::queue::{EnqueueOptions, QueueOptions, WorkQueue};
+use dcoord::session::{Session, SessionOptions};
+use dcoord::store::{Store, WatchTarget};
+use futures::StreamExt;
+use tokio::sync::Notify;
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1e3)
+}
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn queue(store: &Arc<dyn Store>, name: &str) -> (Session, WorkQueue) {
+    let s = Session::start(store.clone(), SessionOptions::default()).await.unwrap();
+    let q = WorkQueue::open(&s, name, QueueOptions::default()).await.unwrap();
+    (s, q)
+}
+
+struct Report {
+    setup: &'static str,
+    raw: Vec<Duration>,
+    e2h: Vec<Duration>,
+    throughput: f64,
+    drain: f64,
+}
+
+/// Consumers that count acks and note when each message's handler started.
+fn consumers(
+    store: &Arc<dyn Store>,
+    name: &str,
+    n: usize,
+    started: Arc<Mutex<HashMap<String, Instant>>>,
+    stop: Arc<Notify>,
+) -> Vec<tokio::task::JoinHandle<u64>> {
+    (0..n)
+        .map(|_| {
+            let (store, name, started, stop) = (store.clone(), name.to_string(), started.clone(), stop.clone());
+            tokio::spawn(async move {
+                let (_s, q) = queue(&store, &name).await;
+                q.run(
+                    16,
+                    move |m| {
+                        started.lock().unwrap().insert(m.id.clone(), Instant::now());
+                        async { Ok(()) }
+                    },
+                    async move { stop.notified().await },
+                )
+                .await
+                .unwrap()
+                .acked
+            })
+        })
+        .collect()
+}
+
+async fn wait_for(started: &Arc<Mutex<HashMap<String, Instant>>>, n: usize) {
+    while started.lock().unwrap().len() < n {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+async fn run(setup: &'static str, store: Arc<dyn Store>, latency_n: usize, messages: usize) -> Report {
+    let ns = uuid::Uuid::new_v4().simple().to_string();
+    // 1. Latency: raw put→watch and enqueue→handler, interleaved, one at a time.
+    let name = format!("lat-{ns}");
+    let started = Arc::new(Mutex::new(HashMap::new()));
+    let stop = Arc::new(Notify::new());
+    let cons = consumers(&store, &name, 1, started.clone(), stop.clone());
+    let (_ps, producer) = queue(&store, &name).await;
+    let raw_prefix = format!("/bench/{ns}/raw/");
+    let mut watch = store.watch(WatchTarget::prefix(raw_prefix.clone()), false).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut raw, mut e2h) = (Vec::new(), Vec::new());
+    for i in 0..latency_n + 20 {
+        let key = format!("{raw_prefix}{i}");
+        let t = Instant::now();
+        store.put(key.as_bytes(), b"v").await.unwrap();
+        while watch.next().await.unwrap().unwrap().key != key.as_bytes() {}
+        let r = t.elapsed();
+        let t = Instant::now();
+        let id = producer.enqueue(b"job", EnqueueOptions::default()).await.unwrap();
+        let at = loop {
+            if let Some(at) = started.lock().unwrap().get(&id) {
+                break *at;
+            }
+            tokio::task::yield_now().await;
+        };
+        if i >= 20 {
+            raw.push(r);
+            e2h.push(at - t);
+        }
+    }
+    stop.notify_waiters();
+    for c in cons {
+        c.await.unwrap();
+    }
+    raw.sort();
+    e2h.sort();
+
+    // 2. Throughput: 2 producers and 2 consumers at once.
+    let name = format!("tp-{ns}");
+    let started = Arc::new(Mutex::new(HashMap::new()));
+    let stop = Arc::new(Notify::new());
+    let cons = consumers(&store, &name, 2, started.clone(), stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    let producers: Vec<_> = (0..2)
+        .map(|_| {
+            let (store, name) = (store.clone(), name.clone());
+            tokio::spawn(async move {
+                let (_s, q) = queue(&store, &name).await;
+                let mut tasks = tokio::task::JoinSet::new();
+                for _ in 0..8 {
+                    let q = q.clone();
+                    tasks.spawn(async move {
+                        for _ in 0..messages / 16 {
+                            q.enqueue(b"job", EnqueueOptions::default()).await.unwrap();
+                        }
+                    });
+                }
+                while tasks.join_next().await.is_some() {}
+            })
+        })
+        .collect();
+    for p in producers {
+        p.await.unwrap();
+    }
+    let total = (messages / 16) * 16;
+    wait_for(&started, total).await;
+    let throughput = total as f64 / t.elapsed().as_secs_f64();
+    stop.notify_waiters();
+    for c in cons {
+        c.await.unwrap();
+    }
+
+    // 3. Drain: pre-fill, then 2 consumers.
+    let name = format!("drain-{ns}");
+    let (_s, q) = queue(&store, &name).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let q = q.clone();
+        tasks.spawn(async move {
+            for _ in 0..messages / 16 {
+                q.enqueue(b"job", EnqueueOptions::default()).await.unwrap();
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let started = Arc::new(Mutex::new(HashMap::new()));
+    let stop = Arc::new(Notify::new());
+    let t = Instant::now();
+    let cons = consumers(&store, &name, 2, started.clone(), stop.clone());
+    wait_for(&started, total).await;
+    let drain = total as f64 / t.elapsed().as_secs_f64();
+    stop.notify_waiters();
+    for c in cons {
+        c.await.unwrap();
+    }
+    Report {
+        setup,
+        raw,
+        e2h,
+        throughput,
+        drain,
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let latency_n = arg("--latency", 300);
+    let messages = arg("--messages", 4000);
+    let mut reports = Vec::new();
+    let dir = tempfile::tempdir().unwrap();
+    let node = EmbeddedNode::start(dir.path()).await.unwrap();
+    reports.push(run("embedded", node.dyn_store(), latency_n, messages).await);
+    node.stop().await.unwrap();
+    let cluster = LocalCluster::start(ClusterOptions::default().nodes(3).binary(env!("CARGO_BIN_EXE_dcoord")))
+        .await
+        .unwrap();
+    let store: Arc<dyn Store> = Arc::new(cluster.store().await.unwrap());
+    reports.push(run("3-node gRPC", store, latency_n, messages).await);
+    drop(cluster);
+
+    println!("\n| setup | put→watch p50 / p99 ms | enqueue→handler p50 / p99 ms | p50 ratio | 2 producers + 2 consumers msg/s | drain (2 consumers) msg/s |");
+    println!("|---|---|---|---|---|---|");
+    for r in &reports {
+        println!(
+            "| {} | {} / {} | {} / {} | {:.2}x | {:.0} | {:.0} |",
+            r.setup,
+            ms(pct(&r.raw, 0.5)),
+            ms(pct(&r.raw, 0.99)),
+            ms(pct(&r.e2h, 0.5)),
+            ms(pct(&r.e2h, 0.99)),
+            pct(&r.e2h, 0.5).as_secs_f64() / pct(&r.raw, 0.5).as_secs_f64(),
+            r.throughput,
+            r.drain
+        );
+    }
+}
