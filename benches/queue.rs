@@ -33,8 +33,12 @@ fn arg(name: &str, default: usize) -> usize {
 }
 
 async fn queue(store: &Arc<dyn Store>, name: &str) -> (Session, WorkQueue) {
-    let s = Session::start(store.clone(), SessionOptions::default()).await.unwrap();
-    let q = WorkQueue::open(&s, name, QueueOptions::default()).await.unwrap();
+    let s = Session::start(store.clone(), SessionOptions::default())
+        .await
+        .unwrap();
+    let q = WorkQueue::open(&s, name, QueueOptions::default())
+        .await
+        .unwrap();
     (s, q)
 }
 
@@ -56,7 +60,12 @@ fn consumers(
 ) -> Vec<tokio::task::JoinHandle<u64>> {
     (0..n)
         .map(|_| {
-            let (store, name, started, stop) = (store.clone(), name.to_string(), started.clone(), stop.clone());
+            let (store, name, started, stop) = (
+                store.clone(),
+                name.to_string(),
+                started.clone(),
+                stop.clone(),
+            );
             tokio::spawn(async move {
                 let (_s, q) = queue(&store, &name).await;
                 q.run(
@@ -81,7 +90,12 @@ async fn wait_for(started: &Arc<Mutex<HashMap<String, Instant>>>, n: usize) {
     }
 }
 
-async fn run(setup: &'static str, store: Arc<dyn Store>, latency_n: usize, messages: usize) -> Report {
+async fn run(
+    setup: &'static str,
+    store: Arc<dyn Store>,
+    latency_n: usize,
+    messages: usize,
+) -> Report {
     let ns = uuid::Uuid::new_v4().simple().to_string();
     // 1. Latency: raw put→watch and enqueue→handler, interleaved, one at a time.
     let name = format!("lat-{ns}");
@@ -90,7 +104,10 @@ async fn run(setup: &'static str, store: Arc<dyn Store>, latency_n: usize, messa
     let cons = consumers(&store, &name, 1, started.clone(), stop.clone());
     let (_ps, producer) = queue(&store, &name).await;
     let raw_prefix = format!("/bench/{ns}/raw/");
-    let mut watch = store.watch(WatchTarget::prefix(raw_prefix.clone()), false).await.unwrap();
+    let mut watch = store
+        .watch(WatchTarget::prefix(raw_prefix.clone()), false)
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (mut raw, mut e2h) = (Vec::new(), Vec::new());
     for i in 0..latency_n + 20 {
@@ -100,7 +117,10 @@ async fn run(setup: &'static str, store: Arc<dyn Store>, latency_n: usize, messa
         while watch.next().await.unwrap().unwrap().key != key.as_bytes() {}
         let r = t.elapsed();
         let t = Instant::now();
-        let id = producer.enqueue(b"job", EnqueueOptions::default()).await.unwrap();
+        let id = producer
+            .enqueue(b"job", EnqueueOptions::default())
+            .await
+            .unwrap();
         let at = loop {
             if let Some(at) = started.lock().unwrap().get(&id) {
                 break *at;
@@ -196,14 +216,20 @@ async fn main() {
     let node = EmbeddedNode::start(dir.path()).await.unwrap();
     reports.push(run("embedded", node.dyn_store(), latency_n, messages).await);
     node.stop().await.unwrap();
-    let cluster = LocalCluster::start(ClusterOptions::default().nodes(3).binary(env!("CARGO_BIN_EXE_dcoord")))
-        .await
-        .unwrap();
+    let cluster = LocalCluster::start(
+        ClusterOptions::default()
+            .nodes(3)
+            .binary(env!("CARGO_BIN_EXE_dcoord")),
+    )
+    .await
+    .unwrap();
     let store: Arc<dyn Store> = Arc::new(cluster.store().await.unwrap());
     reports.push(run("3-node gRPC", store, latency_n, messages).await);
     drop(cluster);
 
-    println!("\n| setup | put→watch p50 / p99 ms | enqueue→handler p50 / p99 ms | p50 ratio | 2 producers + 2 consumers msg/s | drain (2 consumers) msg/s |");
+    println!(
+        "\n| setup | put→watch p50 / p99 ms | enqueue→handler p50 / p99 ms | p50 ratio | 2 producers + 2 consumers msg/s | drain (2 consumers) msg/s |"
+    );
     println!("|---|---|---|---|---|---|");
     for r in &reports {
         println!(

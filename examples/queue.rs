@@ -23,16 +23,20 @@ struct Resize {
 #[tokio::main]
 async fn main() -> dcoord::Result<()> {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (store, _node): (Arc<dyn Store>, Option<EmbeddedNode>) = match std::env::var("DCOORD_ENDPOINTS") {
-        Ok(eps) => {
-            let eps: Vec<String> = eps.split(',').map(str::to_string).collect();
-            (Arc::new(RemoteStore::connect(&eps, RemoteOptions::default()).await?), None)
-        }
-        Err(_) => {
-            let node = EmbeddedNode::start(dir.path()).await?;
-            (node.dyn_store(), Some(node))
-        }
-    };
+    let (store, _node): (Arc<dyn Store>, Option<EmbeddedNode>) =
+        match std::env::var("DCOORD_ENDPOINTS") {
+            Ok(eps) => {
+                let eps: Vec<String> = eps.split(',').map(str::to_string).collect();
+                (
+                    Arc::new(RemoteStore::connect(&eps, RemoteOptions::default()).await?),
+                    None,
+                )
+            }
+            Err(_) => {
+                let node = EmbeddedNode::start(dir.path()).await?;
+                (node.dyn_store(), Some(node))
+            }
+        };
     let name = format!("images-{}", uuid::Uuid::new_v4().simple());
     let lease = SessionOptions::default().lease(Duration::from_secs(2));
     let options = QueueOptions::default()
@@ -43,10 +47,15 @@ async fn main() -> dcoord::Result<()> {
     let producer = Session::start(store.clone(), lease.clone()).await?;
     let q = WorkQueue::open(&producer, &name, options.clone()).await?;
     for i in 0..5 {
-        let job = Resize { image: format!("photo-{i}.jpg"), width: 800 };
-        q.enqueue_json(&job, EnqueueOptions::default().id(format!("job-{i}"))).await?;
+        let job = Resize {
+            image: format!("photo-{i}.jpg"),
+            width: 800,
+        };
+        q.enqueue_json(&job, EnqueueOptions::default().id(format!("job-{i}")))
+            .await?;
     }
-    q.enqueue(b"this is not JSON", EnqueueOptions::default().id("poison")).await?;
+    q.enqueue(b"this is not JSON", EnqueueOptions::default().id("poison"))
+        .await?;
     println!("enqueued 5 jobs and one poison message");
 
     // A consumer that crashes in the middle of its first job.
@@ -74,7 +83,10 @@ async fn main() -> dcoord::Result<()> {
                     } else {
                         String::new()
                     };
-                    println!("consumer B: {} attempt {}: resize {} to {}{note}", msg.id, msg.attempt, job.image, job.width);
+                    println!(
+                        "consumer B: {} attempt {}: resize {} to {}{note}",
+                        msg.id, msg.attempt, job.image, job.width
+                    );
                     Ok(())
                 }
             },
@@ -87,11 +99,18 @@ async fn main() -> dcoord::Result<()> {
         .await?;
     println!("consumer B: {} acked, {} failed", stats.acked, stats.failed);
     for dl in hq.dead_letters() {
-        println!("dead letter {}: {} attempt(s), error: {}", dl.id, dl.attempts, dl.error);
+        println!(
+            "dead letter {}: {} attempt(s), error: {}",
+            dl.id, dl.attempts, dl.error
+        );
     }
     hq.redrive("poison").await?;
     let d = hq.next().await?;
-    println!("redriven {} is back (attempt {}); acking it by hand", d.id(), d.attempt());
+    println!(
+        "redriven {} is back (attempt {}); acking it by hand",
+        d.id(),
+        d.attempt()
+    );
     d.ack().await?;
     println!("queue now: {:?}", hq.stats());
     Ok(())
