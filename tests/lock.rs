@@ -481,6 +481,9 @@ mod process {
         );
         assert!(g.fencing_token() > old_token);
         g.fenced_put(data.as_bytes(), b"new holder").await.unwrap();
+        // Keep the command's stdin open: `Child::wait` would close it, and `cat` would then
+        // exit 0 on its own, racing the lost-lock exit this test is about.
+        let _stdin = child.stdin.take();
         signal(&child, "-CONT");
         // On resume the old holder finds its lease gone: it kills its command and exits 6.
         let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
