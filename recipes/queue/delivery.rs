@@ -1,0 +1,261 @@
+//! A claimed message ([`Delivery`]) and what a handler sees ([`Message`]).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use super::message::Record;
+use super::{Inner, now_ms};
+use crate::error::{Error, Result};
+use crate::store::Consistency;
+use serde::de::DeserializeOwned;
+use std::fmt;
+
+/// A claimed message. [`Delivery::ack`] it when done or [`Delivery::nack`] it; dropping it
+/// gives it back unprocessed (in the background).
+#[must_use = "a delivery must be acked or nacked; dropping it gives the message back"]
+pub struct Delivery {
+    pub(super) q: Arc<Inner>,
+    pub(super) key: Bytes,
+    pub(super) record: Record,
+    pub(super) bytes: Bytes,
+    pub(super) finished: bool,
+    pub(super) poison: Arc<Mutex<Option<String>>>,
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("id", &self.record.header.id)
+            .field("attempt", &self.record.header.attempts)
+            .finish()
+    }
+}
+
+impl Delivery {
+    /// The message id.
+    pub fn id(&self) -> &str {
+        &self.record.header.id
+    }
+
+    /// Which attempt this is (1 for the first delivery).
+    pub fn attempt(&self) -> u32 {
+        self.record.header.attempts
+    }
+
+    /// The payload.
+    pub fn payload(&self) -> &Bytes {
+        &self.record.payload
+    }
+
+    /// The payload decoded from JSON.
+    ///
+    /// # Errors
+    /// [`Error::Decode`] naming the message.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T> {
+        self.message().json()
+    }
+
+    /// What a handler gets: id, attempt, enqueue time, payload, and the idempotency helpers.
+    pub fn message(&self) -> Message {
+        Message {
+            q: self.q.clone(),
+            id: self.record.header.id.clone(),
+            attempt: self.record.header.attempts,
+            priority: self.record.header.prio,
+            enqueued_at: UNIX_EPOCH + Duration::from_millis(self.record.header.ts_ms),
+            payload: self.record.payload.clone(),
+            poison: self.poison.clone(),
+        }
+    }
+
+    /// Done: the message leaves the queue (a tombstone stays for deduplication).
+    ///
+    /// # Errors
+    /// [`Error::ClaimLost`] if another consumer took the message over (this one was considered
+    /// dead); the store's errors (the message will then be redelivered).
+    ///
+    /// # Cancel safety
+    /// If dropped, the ack happened or the message will be redelivered.
+    pub async fn ack(mut self) -> Result<()> {
+        let done = self.record.done(now_ms());
+        self.finish(done).await
+    }
+
+    /// Failed: retried after a backoff, or dead-lettered after the last attempt, with `error`.
+    ///
+    /// # Errors
+    /// As [`Delivery::ack`].
+    ///
+    /// # Cancel safety
+    /// As [`Delivery::ack`].
+    pub async fn nack(mut self, error: &str) -> Result<()> {
+        let poison = self.poison.lock().unwrap().take();
+        let next = match poison {
+            Some(reason) => self.record.dead(&reason),
+            None => {
+                let o = &self.q.options;
+                let exp = self.record.header.attempts.saturating_sub(1).min(20);
+                let backoff = o.min_backoff.saturating_mul(1 << exp).min(o.max_backoff);
+                self.record
+                    .fail(error, o.max_attempts, now_ms() + backoff.as_millis() as u64)
+            }
+        };
+        self.finish(next).await
+    }
+
+    async fn finish(&mut self, next: Record) -> Result<()> {
+        let res = self.finish_inner(next).await;
+        if self.finished {
+            self.q.claiming.lock().unwrap().remove(&self.key);
+        }
+        res
+    }
+
+    async fn finish_inner(&mut self, next: Record) -> Result<()> {
+        self.finished = true;
+        let q = &self.q;
+        let new = next.encode();
+        loop {
+            match q
+                .store
+                .compare_and_swap(&self.key, Some(&self.bytes), &new)
+                .await
+            {
+                Ok(true) => return Ok(()),
+                Ok(false) => return Err(self.claim_lost()),
+                Err(e) if e.is_ambiguous() => {
+                    let now = q.store.get(&self.key, Consistency::Linearizable).await?;
+                    if now.as_deref() == Some(&new[..]) {
+                        return Ok(());
+                    } else if now.as_ref() != Some(&self.bytes) {
+                        return Err(self.claim_lost());
+                    }
+                    // Still our claim: the write did not apply; try again.
+                }
+                Err(e) => {
+                    self.finished = false;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    fn claim_lost(&self) -> Error {
+        Error::ClaimLost {
+            id: self.record.header.id.clone(),
+        }
+    }
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let (q, key, bytes, back) = (
+            self.q.clone(),
+            self.key.clone(),
+            self.bytes.clone(),
+            self.record.release().encode(),
+        );
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = q.store.compare_and_swap(&key, Some(&bytes), &back).await;
+                q.claiming.lock().unwrap().remove(&key);
+            });
+        }
+    }
+}
+
+/// A message as a handler sees it.
+#[derive(Clone)]
+pub struct Message {
+    q: Arc<Inner>,
+    /// The message id.
+    pub id: String,
+    /// Which attempt this is (1 for the first delivery).
+    pub attempt: u32,
+    /// Its priority.
+    pub priority: i32,
+    /// When it was enqueued (producer's wall clock).
+    pub enqueued_at: SystemTime,
+    /// The payload.
+    pub payload: Bytes,
+    poison: Arc<Mutex<Option<String>>>,
+}
+
+impl fmt::Debug for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Message")
+            .field("id", &self.id)
+            .field("attempt", &self.attempt)
+            .field("len", &self.payload.len())
+            .finish()
+    }
+}
+
+impl Message {
+    /// The payload decoded from JSON.
+    ///
+    /// # Errors
+    /// [`Error::Decode`] naming the message.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_slice(&self.payload).map_err(|e| Error::Decode {
+            key: format!("{}{}", String::from_utf8_lossy(&self.q.prefix), self.id),
+            reason: format!("message payload: {e}"),
+        })
+    }
+
+    /// Marks this message as poison: the failure that follows sends it straight to the dead
+    /// letters with `reason`, whatever attempts remain.
+    pub fn poison(&self, reason: impl Into<String>) {
+        *self.poison.lock().unwrap() = Some(reason.into());
+    }
+
+    /// True exactly once per (`scope`, message id), over every delivery of this message: a
+    /// marker written with compare-and-swap. Run a non-idempotent effect only when it returns
+    /// true: the effect then happens at most once (it is skipped if a delivery died between
+    /// marking and finishing it; put the marker and the effect in one write with
+    /// [`Message::effect_once`] when the effect is a write to the store).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a bad scope; the store's errors.
+    ///
+    /// # Cancel safety
+    /// If dropped, the marker may have been written (the effect then never runs).
+    pub async fn once(&self, scope: &str) -> Result<bool> {
+        crate::keys::validate_name("once scope", scope)?;
+        let key = format!("{}once/{scope}/{}", self.q.session.root(), self.id);
+        self.effect_once(key.as_bytes(), self.q.session.id().as_bytes())
+            .await
+    }
+
+    /// Writes `value` to `key` only if `key` is absent (compare-and-swap): an effect on the
+    /// store that happens exactly once however often the message is delivered, if `key` is
+    /// derived from the message id. Returns true if this call wrote it.
+    ///
+    /// # Errors
+    /// The store's errors (an ambiguous write is resolved by a re-read).
+    ///
+    /// # Cancel safety
+    /// If dropped, the effect happened or not, never twice.
+    pub async fn effect_once(&self, key: &[u8], value: &[u8]) -> Result<bool> {
+        let store = &self.q.store;
+        loop {
+            match store.compare_and_swap(key, None, value).await {
+                Ok(wrote) => return Ok(wrote),
+                // Unknown outcome: a linearizable read decides. Absent means it did not apply
+                // (the read follows the new leader's first commit), so try again.
+                Err(e) if e.is_ambiguous() => {
+                    match store.get(key, Consistency::Linearizable).await? {
+                        Some(v) => return Ok(v == value),
+                        None => continue,
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}

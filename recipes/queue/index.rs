@@ -1,0 +1,115 @@
+//! The consumer's index of the queue (kept from the mirror), and the task that maintains it.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+
+use super::message::{Order, Record, State};
+use super::{Inner, now_ms};
+use crate::error::Result;
+
+/// What the consumer knows about each message (from its mirror).
+#[derive(Default)]
+pub(super) struct Index {
+    pub(super) metas: HashMap<Bytes, (Order, State, u64)>,
+    pub(super) ready: BTreeSet<(Order, Bytes)>,
+    pub(super) claimed: HashMap<String, HashSet<Bytes>>,
+    pub(super) undecodable: HashSet<Bytes>,
+}
+
+impl Index {
+    pub(super) fn remove(&mut self, key: &Bytes) {
+        self.undecodable.remove(key);
+        if let Some((order, state, _)) = self.metas.remove(key) {
+            match state {
+                State::Ready => {
+                    self.ready.remove(&(order, key.clone()));
+                }
+                State::Claimed { session } => {
+                    if let Some(set) = self.claimed.get_mut(&session) {
+                        set.remove(key);
+                        if set.is_empty() {
+                            self.claimed.remove(&session);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    pub(super) fn upsert(&mut self, key: &Bytes, raw: Option<&Bytes>) {
+        self.remove(key);
+        let Some(raw) = raw else { return };
+        let rec = match Record::decode(key, raw) {
+            Ok(r) => r,
+            Err(e) => {
+                if self.undecodable.insert(key.clone()) {
+                    tracing::warn!("skipping a key in a queue: {e}");
+                }
+                return;
+            }
+        };
+        let h = rec.header;
+        let order = h.order();
+        match &h.state {
+            State::Ready => {
+                self.ready.insert((order.clone(), key.clone()));
+            }
+            State::Claimed { session } => {
+                self.claimed
+                    .entry(session.clone())
+                    .or_default()
+                    .insert(key.clone());
+            }
+            _ => {}
+        }
+        self.metas
+            .insert(key.clone(), (order, h.state, h.not_before_ms));
+    }
+}
+
+/// Keeps the index in step with the mirror, and removes expired tombstones.
+pub(super) async fn maintain(
+    q: std::sync::Weak<Inner>,
+    mut changes: std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<crate::reconcile::Change>> + Send>,
+    >,
+) {
+    let mut janitor = tokio::time::interval(Duration::from_secs(60));
+    janitor.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            change = changes.next() => {
+                let Some(change) = change else { return };
+                let Some(q) = q.upgrade() else { return };
+                match change {
+                    Ok(c) => q.index.lock().unwrap().upsert(&c.key, c.new.as_ref()),
+                    Err(_) => {
+                        // Fell behind: rebuild from the mirror's current view.
+                        let view = q.mirror.snapshot();
+                        let mut idx = q.index.lock().unwrap();
+                        *idx = Index::default();
+                        for e in view.iter() {
+                            idx.upsert(&e.key, Some(&e.value));
+                        }
+                    }
+                }
+                q.changed.notify_waiters();
+            }
+            _ = janitor.tick() => {
+                let Some(q) = q.upgrade() else { return };
+                let cutoff = now_ms().saturating_sub(q.options.retention.as_millis() as u64);
+                let expired: Vec<Bytes> = q.index.lock().unwrap().metas.iter()
+                    .filter(|(_, m)| matches!(m.1, State::Done { at_ms } if at_ms < cutoff))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for key in expired {
+                    let _ = q.store.delete(&key).await;
+                }
+            }
+        }
+    }
+}
