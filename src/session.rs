@@ -142,6 +142,7 @@ pub enum SessionState {
 }
 
 struct Inner {
+    tickets: std::sync::atomic::AtomicU64,
     id: uuid::Uuid,
     key: Bytes,
     root: String,
@@ -238,6 +239,7 @@ impl Session {
         tracing::debug!(session = %id.simple(), ?lease, ?renew_every, "session started");
         Ok(Session {
             inner: Arc::new(Inner {
+                tickets: std::sync::atomic::AtomicU64::new(1),
                 id,
                 key,
                 root: options.root.clone(),
@@ -264,6 +266,14 @@ impl Session {
     /// The lease observers apply.
     pub fn lease(&self) -> Duration {
         self.inner.lease
+    }
+
+    /// A number never handed out before by this session (recipes tell their slots apart by
+    /// session and ticket).
+    pub(crate) fn next_ticket(&self) -> u64 {
+        self.inner
+            .tickets
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The key root this session (and the recipes using it) live under.

@@ -1,10 +1,13 @@
 //! `lock::Mutex`: a fair, fenced, crash-safe distributed lock with one-write handoff.
 //!
-//! The whole state of a lock lives in ONE record (`<root>locks/<name>`), changed only by
+//! The state of a lock lives in ONE record (`<root>locks/<name>/rec`), changed only by
 //! compare-and-swap: the holder, the waiters in arrival order, and `epoch`, the fencing token
 //! of the latest grant. The record is never deleted and never has a TTL, so tokens increase
-//! forever. Liveness comes from the [`Session`] each participant names in the record: one
-//! heartbeat per process, however many locks it holds or waits for.
+//! forever. A waiter announces itself with a key of its own (`<root>locks/<name>/w/...`, a
+//! plain put that contends with nobody); the releasing holder takes every announced waiter
+//! into the queue and hands the lock to the first one in the same write. Liveness comes from
+//! the [`Session`] each participant names in the record: one heartbeat per process, however
+//! many locks it holds or waits for.
 //!
 //! # Guarantees
 //! - **At most one live holder.** A grant is a CAS on the record; a crashed holder's lock is
@@ -18,9 +21,11 @@
 //!   renewals have failed long enough that a waiter could take over, *before* one can (the
 //!   holder counts from when it sent its last successful renewal, a waiter from when it saw
 //!   it), or when the record shows another grant.
-//! - **FIFO.** Waiters are served in arrival order (among live waiters). A release hands the
-//!   lock to the first waiter *in the same write* (one consensus write + one watch
-//!   notification per handoff). No waiter sends a CAS on a release: only the new holder acts.
+//! - **FIFO.** Waiters are served in arrival order (the order of their announcements in the
+//!   Raft log; among live waiters). A release hands the lock to the first waiter *in the same
+//!   write* (one consensus write + one watch notification per handoff). No waiter sends a CAS
+//!   on a release, and announcing never conflicts with anything: under contention the record
+//!   sees one CAS per grant.
 //! - **Cancel-safe acquire.** Dropping an `acquire()` future removes its queue entry (or
 //!   releases a grant that raced with the drop) in the background; an entry left by a crashed
 //!   process is skipped once its session's lease runs out.
@@ -35,7 +40,11 @@
 //! - Fairness against waiters whose sessions die: their turn passes once their lease runs out.
 //! - Every waiter still *receives* the watch notification of a change to the record (one
 //!   exact-key watch each); only the new holder acts on it.
-//! - Size: the queue lives in one value (1 MiB), so about 10,000 waiters per lock.
+//! - Size: the queue lives in one value (1 MiB), so about 10,000 waiters per lock. The record
+//!   also remembers, per session that ever waited, its last ticket (pruned once 256 sessions
+//!   are remembered, dropping dead ones).
+//! - Strict FIFO between two waiters whose announcements a relist saw only as a snapshot
+//!   (no per-key revision): they are ordered by session id then.
 //!
 //! # Failure modes
 //! - The store unreachable: `acquire` returns the store's error after its retries
@@ -90,10 +99,14 @@ pub struct Mutex {
 struct Inner {
     stats: Counters,
     name: String,
+    /// The lock record.
     key: Bytes,
+    /// Where waiters announce themselves: `<root>locks/<name>/w/<session>.<ticket>`.
+    arrivals: Bytes,
     session: Session,
     store: Arc<dyn Store>,
-    record: Mirror,
+    /// The record and the arrivals (one prefix watch).
+    record: Arc<Mirror>,
 }
 
 impl fmt::Debug for Mutex {
@@ -124,19 +137,20 @@ impl Mutex {
     /// [`Error::InvalidArgument`] for a bad name.
     pub fn new(session: &Session, name: &str) -> Result<Mutex> {
         crate::keys::validate_name("lock", name)?;
-        let key = Bytes::from(format!("{}locks/{name}", session.root()));
+        let base = format!("{}locks/{name}/", session.root());
         let store = session.store().clone();
         let resync = session.lease().max(Duration::from_secs(1));
-        let record = Mirror::start(
+        let record = Mirror::shared(
             store.clone(),
-            WatchTarget::Key(key.clone()),
+            WatchTarget::prefix(base.clone()),
             MirrorOptions::default().watcher(WatcherOptions::default().resync_every(Some(resync))),
         );
         Ok(Mutex {
             inner: Arc::new(Inner {
                 stats: Counters::default(),
                 name: name.to_string(),
-                key,
+                key: Bytes::from(format!("{base}rec")),
+                arrivals: Bytes::from(format!("{base}w/")),
                 session: session.clone(),
                 store,
                 record,
@@ -167,31 +181,55 @@ impl Mutex {
     pub async fn acquire(&self) -> Result<MutexGuard> {
         let inner = &self.inner;
         let mut pending = Pending::new(inner.clone());
+        if let Some(guard) = inner.grab(&mut pending).await? {
+            return Ok(guard);
+        }
         'join: loop {
             inner.session.check()?;
-            let (me, mut current) = inner.join(&mut pending, false).await?;
-            let Some(me) = me else {
-                unreachable!("a waiting join always queues")
-            };
+            // Announce ourselves with a key of our own: no contention with anyone.
+            let me = inner.slot();
+            pending.arm(me.clone());
+            inner.store.put(&inner.arrival_key(&me), b"").await?;
+            let mut current = inner.current(None).await?;
             let mut liveness = Liveness::new(inner.session.lease());
             let mut rec_rx = inner.record.subscribe();
             let mut peers_rx = None;
             let mut next_read = Instant::now() + inner.session.lease() / 2;
+            let mut announced = true;
             loop {
+                let snap = rec_rx.borrow_and_update().clone();
+                current = newer(&inner.key, current, &snap);
                 let rec = Record::decode(&inner.key, current.as_ref())?;
                 if rec.is_holder(&me) {
                     bump(&inner.stats.grants);
                     pending.disarm();
+                    inner.forget_arrival(&me);
                     return Ok(MutexGuard::new(inner.clone(), me, rec.epoch, current));
                 }
-                if !rec.contains(&me) {
-                    // Only a participant that saw our session dead removes our entry.
+                if rec.seen(&me) && !rec.contains(&me) {
+                    // Only a participant that saw our session dead removes our slot.
                     pending.disarm();
                     inner.session.check()?;
                     tracing::warn!(lock = %inner.name, "our queue entry vanished; queueing again");
                     continue 'join;
                 }
-                let blockers: Vec<Slot> = rec.blockers(&me).into_iter().cloned().collect();
+                if announced && rec.contains(&me) {
+                    // Taken into the queue: the arrival key has done its job.
+                    inner.forget_arrival(&me);
+                    announced = false;
+                }
+                let mut arrivals = inner.arrivals_in(&snap);
+                if !arrivals.contains(&me) {
+                    arrivals.push(me.clone());
+                }
+                let next = rec.absorbed(&arrivals);
+                if next.is_holder(&me) {
+                    // Free, and we are first in line: take it, taking the others in too.
+                    current = inner.cas(current, next.encode()).await?;
+                    next_read = Instant::now() + inner.session.lease() / 2;
+                    continue;
+                }
+                let blockers: Vec<Slot> = next.blockers(&me).into_iter().cloned().collect();
                 let peers = inner.session.peers().await?;
                 let rx = peers_rx.get_or_insert_with(|| peers.subscribe());
                 let view = rx.borrow_and_update().clone();
@@ -201,12 +239,17 @@ impl Mutex {
                     liveness.observe(&b.session, hb.map(|e| &e.value), now);
                 }
                 liveness.retain(|id| blockers.iter().any(|b| b.session == id));
-                if blockers.iter().all(|b| liveness.is_dead(&b.session, now))
+                if !blockers.is_empty()
+                    && blockers.iter().all(|b| liveness.is_dead(&b.session, now))
                     && inner.confirm_dead(&blockers, &mut liveness).await?
                 {
                     bump(&inner.stats.takeovers);
-                    let new = rec.take_over(&me).expect("we are queued").encode();
-                    current = inner.cas(current, new).await?;
+                    let mut taken = next.take_over(&me).expect("we are queued");
+                    taken.prune(|s| view.get(&inner.session.heartbeat_key(s)).is_none());
+                    current = inner.cas(current, taken.encode()).await?;
+                    for b in &blockers {
+                        inner.forget_arrival(b);
+                    }
                     continue;
                 }
                 let expiry = blockers
@@ -220,8 +263,6 @@ impl Mutex {
                         if changed.is_err() {
                             return Err(Error::Stopped);
                         }
-                        let snap = rec_rx.borrow_and_update().clone();
-                        current = newer(&inner.key, current, &snap);
                     }
                     _ = rx.changed() => {}
                     _ = tokio::time::sleep_until(wake) => {
@@ -245,15 +286,8 @@ impl Mutex {
     /// # Cancel safety
     /// Cancel-safe: a grant that raced with the drop is released in the background.
     pub async fn try_acquire(&self) -> Result<Option<MutexGuard>> {
-        let inner = &self.inner;
-        inner.session.check()?;
-        let mut pending = Pending::new(inner.clone());
-        let (me, current) = inner.join(&mut pending, true).await?;
-        let Some(me) = me else { return Ok(None) };
-        bump(&inner.stats.grants);
-        pending.disarm();
-        let rec = Record::decode(&inner.key, current.as_ref())?;
-        Ok(Some(MutexGuard::new(inner.clone(), me, rec.epoch, current)))
+        let mut pending = Pending::new(self.inner.clone());
+        self.inner.grab(&mut pending).await
     }
 
     /// This handle's counters: grants, takeovers, CAS conflicts (a measure of contention).
@@ -274,11 +308,31 @@ impl Mutex {
     /// # Cancel safety
     /// Cancel-safe (a read).
     pub async fn info(&self) -> Result<LockInfo> {
-        let rec = Record::decode(&self.inner.key, self.inner.read().await?.as_ref())?;
+        let inner = &self.inner;
+        let base = &inner.key[..inner.key.len() - "rec".len()];
+        let scan = inner.store.scan_prefix(base).await?;
+        let record = scan
+            .entries
+            .iter()
+            .find(|(k, _)| *k == inner.key)
+            .map(|(_, v)| v);
+        let rec = Record::decode(&inner.key, record)?;
+        let mut arrivals: Vec<Slot> = scan
+            .entries
+            .iter()
+            .filter_map(|(k, _)| inner.parse_arrival(k))
+            .filter(|a| !rec.seen(a))
+            .collect();
+        arrivals.sort_by_key(|a| (a.session.clone(), a.ticket));
         Ok(LockInfo {
             token: rec.epoch,
             holder: rec.holder.map(|h| h.session),
-            waiters: rec.queue.into_iter().map(|s| s.session).collect(),
+            waiters: rec
+                .queue
+                .into_iter()
+                .chain(arrivals)
+                .map(|s| s.session)
+                .collect(),
         })
     }
 }
@@ -342,64 +396,101 @@ impl Inner {
         }
     }
 
-    /// Joins the record (queueing, or granted at once). With `only_if_free`, joins only if
-    /// the lock is free and nobody waits (`None` otherwise). Returns our slot and the record.
-    async fn join(
-        &self,
-        pending: &mut Pending,
-        only_if_free: bool,
-    ) -> Result<(Option<Slot>, Option<Bytes>)> {
-        let id = self.session.id();
-        let mut current = newer(&self.key, None, &self.record.snapshot());
-        if current.is_none() {
-            current = self.read().await?;
+    /// A fresh slot for this session.
+    fn slot(&self) -> Slot {
+        Slot {
+            session: self.session.id(),
+            ticket: self.session.next_ticket(),
         }
-        let mut conflicts = 0u32;
+    }
+
+    fn arrival_key(&self, slot: &Slot) -> Vec<u8> {
+        let mut k = self.arrivals.to_vec();
+        k.extend_from_slice(format!("{}.{}", slot.session, slot.ticket).as_bytes());
+        k
+    }
+
+    /// The slot an arrival key announces, if `key` is one.
+    fn parse_arrival(&self, key: &[u8]) -> Option<Slot> {
+        let name = std::str::from_utf8(key.strip_prefix(&self.arrivals[..])?).ok()?;
+        let (session, ticket) = name.rsplit_once('.')?;
+        Some(Slot {
+            session: session.to_string(),
+            ticket: ticket.parse().ok()?,
+        })
+    }
+
+    /// The arrivals in `snap`, oldest first (by the revision that wrote them).
+    fn arrivals_in(&self, snap: &Snapshot) -> Vec<Slot> {
+        let mut found: Vec<(u64, Slot)> = snap
+            .with_prefix(&self.arrivals)
+            .filter_map(|e| Some((e.revision, self.parse_arrival(&e.key)?)))
+            .collect();
+        found.sort_by(|a, b| (a.0, &a.1.session, a.1.ticket).cmp(&(b.0, &b.1.session, b.1.ticket)));
+        found.into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// The newest record we can see: `known`, the mirror's, or (if neither) a read.
+    async fn current(&self, known: Option<Bytes>) -> Result<Option<Bytes>> {
+        let snap = self.record.snapshot();
+        let current = newer(&self.key, known, &snap);
+        if current.is_none() && !snap.is_ready() {
+            return self.read().await;
+        }
+        Ok(current)
+    }
+
+    /// Deletes an arrival key in the background (it is harmless if it lingers: the record
+    /// never takes a slot in twice).
+    fn forget_arrival(&self, slot: &Slot) {
+        let (store, key) = (self.store.clone(), self.arrival_key(slot));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = store.delete(&key).await;
+            });
+        }
+    }
+
+    /// The fast path: take the lock with one CAS if it is free and nobody waits or arrives.
+    /// `None` if it is not free.
+    async fn grab(self: &Arc<Self>, pending: &mut Pending) -> Result<Option<MutexGuard>> {
+        self.session.check()?;
+        let me = self.slot();
+        let mut current = self.current(None).await?;
+        let mut confirmed = false;
         loop {
             let rec = Record::decode(&self.key, current.as_ref())?;
-            if only_if_free && (rec.holder.is_some() || !rec.queue.is_empty()) {
+            let waiting = self
+                .arrivals_in(&self.record.snapshot())
+                .iter()
+                .any(|a| !rec.seen(a));
+            let next = if waiting { None } else { rec.grab(&me) };
+            let Some(next) = next else {
+                if confirmed {
+                    return Ok(None);
+                }
                 // The mirror may be behind: confirm with a linearizable read before saying no.
-                let fresh = self.read().await?;
-                if fresh == current {
-                    return Ok((None, current));
-                }
-                current = fresh;
+                confirmed = true;
+                current = self.read().await?;
                 continue;
-            }
-            let joined = rec.join(&id);
-            pending.arm(joined.me.clone());
-            let new = Bytes::from(joined.record.encode());
+            };
+            pending.arm(me.clone());
             let sent = Instant::now();
-            match self
-                .store
-                .compare_and_swap(&self.key, current.as_deref(), &new)
-                .await
-            {
-                Ok(true) => return Ok((Some(joined.me), Some(new))),
-                Ok(false) => {
-                    bump(&self.stats.conflicts);
-                    pending.disarm();
-                    // Joiners that collide back off by a random number of CAS round trips
-                    // (growing with each collision), so a burst of arrivals does not turn
-                    // into a storm of failing consensus writes. Releases never back off.
-                    conflicts += 1;
-                    crate::reconcile::after_collision(conflicts, sent.elapsed()).await;
-                    current = self.read().await?;
-                }
-                Err(e) if e.is_ambiguous() => {
-                    current = self.read().await?;
-                    let rec = Record::decode(&self.key, current.as_ref())?;
-                    // Tickets are unique per (session, ticket): if it is there, it landed.
-                    if rec.contains(&joined.me) {
-                        return Ok((Some(joined.me), current));
-                    }
-                    pending.disarm();
-                }
-                Err(e) => {
-                    pending.disarm();
-                    return Err(e);
-                }
+            let after = self.cas(current.clone(), next.encode()).await?;
+            let rec = Record::decode(&self.key, after.as_ref())?;
+            if rec.is_holder(&me) {
+                bump(&self.stats.grants);
+                pending.disarm();
+                return Ok(Some(MutexGuard::new(self.clone(), me, rec.epoch, after)));
             }
+            pending.disarm();
+            if rec.seen(&me) {
+                // Our ambiguous grab landed and was undone? Never: only we release our slot.
+                return Ok(None);
+            }
+            crate::reconcile::after_collision(1, sent.elapsed()).await;
+            current = after;
+            confirmed = true;
         }
     }
 
@@ -423,22 +514,23 @@ impl Inner {
         Ok(true)
     }
 
-    /// Leaves the record: releases if holding (handing off to the first waiter), removes the
-    /// queue entry if waiting, nothing if neither. Retries conflicts.
+    /// Leaves the record: releases if holding (handing off to the first waiter, after taking
+    /// in every arrival in sight), removes the queue entry if waiting, and marks the slot seen
+    /// so its arrival key can never be taken in later. Retries conflicts.
     async fn leave(&self, me: &Slot, known: Option<Bytes>) -> Result<()> {
-        let mut current = newer(&self.key, known, &self.record.snapshot());
-        if current.is_none() {
-            current = self.read().await?;
-        }
+        let mut current = self.current(known).await?;
         loop {
+            let snap = self.record.snapshot();
+            current = newer(&self.key, current, &snap);
             let rec = Record::decode(&self.key, current.as_ref())?;
-            let Some(next) = rec.leave(me) else {
+            let mut arrivals = self.arrivals_in(&snap);
+            arrivals.retain(|a| a != me);
+            let Some(next) = rec.absorbed(&arrivals).leave(me) else {
                 return Ok(());
             };
-            let new = next.encode();
             match self
                 .store
-                .compare_and_swap(&self.key, current.as_deref(), &new)
+                .compare_and_swap(&self.key, current.as_deref(), &next.encode())
                 .await
             {
                 Ok(true) => return Ok(()),
@@ -487,6 +579,8 @@ fn spawn_leave(inner: Arc<Inner>, me: Slot, known: Option<Bytes>) {
         return;
     };
     rt.spawn(async move {
+        // First the arrival key (so no fresh observer takes the slot in), then the record.
+        let _ = inner.store.delete(&inner.arrival_key(&me)).await;
         let mut backoff =
             crate::reconcile::Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         let deadline = Instant::now() + inner.session.lease() * 3;

@@ -1,12 +1,20 @@
 //! The lock record: the whole state of one lock in one CAS-managed key, and its transitions.
 //! Pure code: no IO, no clocks.
+//!
+//! Waiters announce themselves with an *arrival* key of their own (a plain put: arrivals never
+//! contend with each other or with the holder). Whoever next writes the record (normally the
+//! releasing holder) *absorbs* the arrivals it can see into the queue, in arrival order, in the
+//! same write. `absorbed` remembers each session's highest absorbed ticket, so an arrival key
+//! that outlives its slot (its owner had not deleted it yet) is never absorbed twice.
+
+use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result, show};
 
-/// One participant: a session and a ticket unique within this lock.
+/// One participant: a session and a ticket, increasing per session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Slot {
     pub(crate) session: String,
@@ -27,20 +35,16 @@ pub(crate) struct Record {
     pub(crate) holder: Option<Slot>,
     /// Waiters in arrival order.
     pub(crate) queue: Vec<Slot>,
-    /// The ticket the next participant gets.
-    pub(crate) next_ticket: u64,
+    /// Per session, the highest ticket ever taken into the record.
+    #[serde(default)]
+    pub(crate) absorbed: BTreeMap<String, u64>,
 }
 
-/// What the record became, and whether the participant now holds the lock.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Joined {
-    pub(crate) record: Record,
-    pub(crate) me: Slot,
-    pub(crate) granted: bool,
-}
+/// Sessions remembered in `absorbed` before dead ones are pruned.
+pub(crate) const ABSORBED_PRUNE_AT: usize = 256;
 
 impl Record {
-    pub(crate) const VERSION: u32 = 1;
+    pub(crate) const VERSION: u32 = 2;
 
     /// Decodes the stored bytes (`None`: the lock was never used). Bytes that are not a lock
     /// record are an error naming the key: they are never silently reset.
@@ -72,28 +76,74 @@ impl Record {
         serde_json::to_vec(self).expect("a lock record always serializes")
     }
 
-    /// A new participant arrives: it takes the lock if it is free and nobody waits, else it
-    /// queues at the end.
-    pub(crate) fn join(&self, session: &str) -> Joined {
-        let me = Slot {
-            session: session.to_string(),
-            ticket: self.next_ticket,
-        };
+    fn note(&mut self, me: &Slot) {
+        let t = self.absorbed.entry(me.session.clone()).or_insert(0);
+        *t = (*t).max(me.ticket);
+    }
+
+    /// True if `slot` was already taken into the record once (it may have left since).
+    pub(crate) fn seen(&self, slot: &Slot) -> bool {
+        self.absorbed
+            .get(&slot.session)
+            .is_some_and(|t| *t >= slot.ticket)
+    }
+
+    /// The fast path: `me` takes the lock directly. `None` unless it is free and nobody
+    /// waits.
+    pub(crate) fn grab(&self, me: &Slot) -> Option<Record> {
+        if self.holder.is_some() || !self.queue.is_empty() {
+            return None;
+        }
         let mut record = self.clone();
         record.seq += 1;
-        record.next_ticket += 1;
-        let granted = record.holder.is_none() && record.queue.is_empty();
-        if granted {
+        record.epoch += 1;
+        record.holder = Some(me.clone());
+        record.note(me);
+        Some(record)
+    }
+
+    /// Takes `arrivals` (in arrival order) into the queue, skipping any already seen; then, if
+    /// the lock is free, grants it to the first waiter. `None` if nothing changes.
+    pub(crate) fn absorb(&self, arrivals: &[Slot]) -> Option<Record> {
+        let mut record = self.clone();
+        let mut changed = false;
+        for a in arrivals {
+            if !record.seen(a) {
+                record.queue.push(a.clone());
+                record.note(a);
+                changed = true;
+            }
+        }
+        if record.holder.is_none() && !record.queue.is_empty() {
+            record.holder = Some(record.queue.remove(0));
             record.epoch += 1;
-            record.holder = Some(me.clone());
+            changed = true;
+        }
+        if changed {
+            record.seq += 1;
+            Some(record)
         } else {
-            record.queue.push(me.clone());
+            None
         }
-        Joined {
-            record,
-            me,
-            granted,
+    }
+
+    /// The record after absorbing `arrivals` (itself if nothing changes).
+    pub(crate) fn absorbed(&self, arrivals: &[Slot]) -> Record {
+        self.absorb(arrivals).unwrap_or_else(|| self.clone())
+    }
+
+    /// Forgets sessions for which `dead` says so and that hold no slot, once the map is large.
+    pub(crate) fn prune(&mut self, mut dead: impl FnMut(&str) -> bool) {
+        if self.absorbed.len() < ABSORBED_PRUNE_AT {
+            return;
         }
+        let live: Vec<String> = self
+            .holder
+            .iter()
+            .chain(self.queue.iter())
+            .map(|s| s.session.clone())
+            .collect();
+        self.absorbed.retain(|s, _| live.contains(s) || !dead(s));
     }
 
     /// `me` holds the lock.
@@ -123,15 +173,23 @@ impl Record {
         Some(record)
     }
 
-    /// A waiter gives up (or a holder lets go): `None` if `me` is not in the record.
+    /// A participant gives up: releases if holding, leaves the queue if waiting, and in any
+    /// case marks its slot as seen so its arrival key can never be taken in later. `None` if
+    /// nothing changes.
     pub(crate) fn leave(&self, me: &Slot) -> Option<Record> {
         if self.is_holder(me) {
             return self.release(me);
         }
-        let i = self.queue.iter().position(|s| s == me)?;
         let mut record = self.clone();
+        match record.queue.iter().position(|s| s == me) {
+            Some(i) => {
+                record.queue.remove(i);
+            }
+            None if self.seen(me) => return None,
+            None => {}
+        }
+        record.note(me);
         record.seq += 1;
-        record.queue.remove(i);
         Some(record)
     }
 
@@ -168,71 +226,98 @@ mod tests {
         }
     }
 
+    fn held_by_a_with_b_c_waiting() -> Record {
+        let r = Record::decode(b"k", None)
+            .unwrap()
+            .grab(&slot("a", 1))
+            .unwrap();
+        r.absorb(&[slot("b", 1), slot("c", 1)]).unwrap()
+    }
+
     #[test]
-    fn first_joiner_is_granted_later_ones_queue_in_order() {
-        let r = Record::decode(b"k", None).unwrap();
-        let a = r.join("a");
-        assert!(a.granted && a.record.epoch == 1);
-        let b = a.record.join("b");
-        let c = b.record.join("c");
-        assert!(!b.granted && !c.granted);
-        assert_eq!(c.record.queue, vec![slot("b", 1), slot("c", 2)]);
+    fn grab_takes_a_free_lock_and_arrivals_queue_in_order() {
+        let r = held_by_a_with_b_c_waiting();
+        assert_eq!(r.epoch, 1);
+        assert!(r.is_holder(&slot("a", 1)));
+        assert_eq!(r.queue, vec![slot("b", 1), slot("c", 1)]);
+        assert!(r.grab(&slot("d", 1)).is_none(), "held");
+        assert!(
+            r.absorb(&[slot("b", 1)]).is_none(),
+            "an arrival is taken in once"
+        );
     }
 
     #[test]
     fn release_hands_lock_to_oldest_waiter_and_bumps_the_token() {
-        let r = Record::default()
-            .join("a")
-            .record
-            .join("b")
-            .record
-            .join("c")
-            .record;
-        let r2 = r.release(&slot("a", 0)).unwrap();
+        let r = held_by_a_with_b_c_waiting();
+        let r2 = r.release(&slot("a", 1)).unwrap();
         assert_eq!(r2.holder, Some(slot("b", 1)));
         assert_eq!(r2.epoch, r.epoch + 1);
-        assert_eq!(r2.queue, vec![slot("c", 2)]);
         assert!(
-            r2.release(&slot("a", 0)).is_none(),
+            r2.release(&slot("a", 1)).is_none(),
             "a second release is a no-op"
         );
         let r3 = r2
             .release(&slot("b", 1))
             .unwrap()
-            .release(&slot("c", 2))
+            .release(&slot("c", 1))
             .unwrap();
         assert_eq!(r3.holder, None);
         assert_eq!(r3.epoch, 3, "a release to nobody does not grant");
+        // A stale arrival of a slot that was served is never taken in again.
+        assert!(r3.absorb(&[slot("b", 1)]).is_none());
+        assert!(r3.absorb(&[slot("b", 2)]).unwrap().is_holder(&slot("b", 2)));
+    }
+
+    #[test]
+    fn absorbing_into_a_free_lock_grants_the_first_arrival() {
+        let r = Record::decode(b"k", None).unwrap();
+        let r2 = r.absorb(&[slot("x", 3), slot("y", 1)]).unwrap();
+        assert!(r2.is_holder(&slot("x", 3)));
+        assert_eq!(r2.queue, vec![slot("y", 1)]);
+        assert_eq!(r2.epoch, 1);
     }
 
     #[test]
     fn take_over_drops_dead_blockers_and_keeps_those_behind() {
-        let r = Record::default()
-            .join("a")
-            .record
-            .join("b")
-            .record
-            .join("c")
-            .record
-            .join("d")
-            .record;
-        let me = slot("c", 2);
+        let r = held_by_a_with_b_c_waiting()
+            .absorb(&[slot("d", 1)])
+            .unwrap();
+        let me = slot("c", 1);
         let blockers: Vec<_> = r.blockers(&me).into_iter().cloned().collect();
-        assert_eq!(blockers, vec![slot("a", 0), slot("b", 1)]);
+        assert_eq!(blockers, vec![slot("a", 1), slot("b", 1)]);
         let r2 = r.take_over(&me).unwrap();
         assert_eq!(r2.holder, Some(me));
-        assert_eq!(r2.queue, vec![slot("d", 3)]);
+        assert_eq!(r2.queue, vec![slot("d", 1)]);
         assert_eq!(r2.epoch, r.epoch + 1);
     }
 
     #[test]
-    fn leave_removes_a_waiter_or_releases_a_holder() {
-        let r = Record::default().join("a").record.join("b").record;
+    fn leave_removes_a_waiter_or_releases_and_blocks_a_late_arrival() {
+        let r = held_by_a_with_b_c_waiting();
         let r2 = r.leave(&slot("b", 1)).unwrap();
-        assert!(r2.queue.is_empty() && r2.is_holder(&slot("a", 0)));
+        assert_eq!(r2.queue, vec![slot("c", 1)]);
         assert!(r2.leave(&slot("b", 1)).is_none());
-        let r3 = r.leave(&slot("a", 0)).unwrap();
+        let r3 = r.leave(&slot("a", 1)).unwrap();
         assert!(r3.is_holder(&slot("b", 1)));
+        // Leaving before being taken in: the arrival can no longer be absorbed.
+        let r4 = r.leave(&slot("z", 9)).unwrap();
+        assert!(r4.absorb(&[slot("z", 9)]).is_none());
+    }
+
+    #[test]
+    fn prune_keeps_sessions_in_the_record() {
+        let mut r = held_by_a_with_b_c_waiting();
+        for i in 0..ABSORBED_PRUNE_AT {
+            r.absorbed.insert(format!("gone{i}"), 1);
+        }
+        r.prune(|_| true);
+        assert_eq!(
+            r.absorbed.len(),
+            3,
+            "{:?}",
+            r.absorbed.keys().collect::<Vec<_>>()
+        );
     }
 
     #[test]
