@@ -412,11 +412,28 @@ async fn producers_and_consumers(
     assert_eq!(all.len(), total);
     let started = std::time::Instant::now();
     while effects.load(Ordering::SeqCst) < total {
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "stuck at {} of {total}",
-            effects.load(Ordering::SeqCst)
-        );
+        if started.elapsed() > Duration::from_secs(180) {
+            let prefix = format!("/t/{name}/effects/");
+            let done: HashSet<Vec<u8>> = store
+                .scan_prefix(prefix.as_bytes())
+                .await
+                .unwrap()
+                .entries
+                .into_iter()
+                .map(|(k, _)| k[prefix.len()..].to_vec())
+                .collect();
+            let qp = format!("/dcoord/queues/{name}/m/");
+            for (k, v) in store.scan_prefix(qp.as_bytes()).await.unwrap().entries {
+                if !done.contains(&k[qp.len()..]) {
+                    eprintln!(
+                        "unhandled {}: {}",
+                        String::from_utf8_lossy(&k),
+                        String::from_utf8_lossy(&v)
+                    );
+                }
+            }
+            panic!("stuck at {} of {total}", effects.load(Ordering::SeqCst));
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     done.notify_waiters();

@@ -137,11 +137,19 @@ impl Inner {
         let claimed = rec.claim(&me);
         let bytes = Bytes::from(claimed.encode());
         self.claiming.lock().unwrap().insert(key.clone());
-        let res = self
+        // If this future is dropped (or fails) after the CAS was sent, give the claim back.
+        let mut attempt = Attempt {
+            q: self.clone(),
+            key: key.clone(),
+            claimed: bytes.clone(),
+            back: claimed.release().encode(),
+            armed: true,
+        };
+        let got = match self
             .store
             .compare_and_swap(key, Some(&entry.value), &bytes)
-            .await;
-        let got = match res {
+            .await
+        {
             Ok(ok) => ok,
             Err(e) if e.is_ambiguous() => {
                 self.store
@@ -150,11 +158,9 @@ impl Inner {
                     .as_ref()
                     == Some(&bytes)
             }
-            Err(e) => {
-                self.claiming.lock().unwrap().remove(key);
-                return Err(e);
-            }
+            Err(e) => return Err(e),
         };
+        attempt.armed = false;
         if !got {
             self.claiming.lock().unwrap().remove(key);
             return Ok(None);
@@ -168,5 +174,40 @@ impl Inner {
             finished: false,
             poison: Arc::new(Mutex::new(None)),
         }))
+    }
+}
+
+/// An in-flight claim: dropped while armed, it gives the message back (if the claim landed)
+/// and forgets it locally, in the background.
+struct Attempt {
+    q: Arc<Inner>,
+    key: Bytes,
+    claimed: Bytes,
+    back: Vec<u8>,
+    armed: bool,
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (q, key, claimed, back) = (
+            self.q.clone(),
+            self.key.clone(),
+            self.claimed.clone(),
+            std::mem::take(&mut self.back),
+        );
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    let _ = q.store.compare_and_swap(&key, Some(&claimed), &back).await;
+                    q.claiming.lock().unwrap().remove(&key);
+                });
+            }
+            Err(_) => {
+                q.claiming.lock().unwrap().remove(&key);
+            }
+        }
     }
 }

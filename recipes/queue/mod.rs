@@ -428,6 +428,12 @@ impl WorkQueue {
             let delivery = tokio::select! {
                 d = self.next() => match d {
                     Ok(d) => d,
+                    // A store hiccup while claiming: try again; anything else ends the run.
+                    Err(e) if e.is_retryable() || e.is_ambiguous() => {
+                        tracing::warn!(queue = %self.inner.name, "claiming failed, retrying: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
                     Err(e) => break Err(e),
                 },
                 _ = &mut shutdown => break Ok(()),
