@@ -412,6 +412,10 @@ async fn producers_and_consumers(
     assert_eq!(all.len(), total);
     let started = std::time::Instant::now();
     while effects.load(Ordering::SeqCst) < total {
+        assert!(
+            !tasks.iter().any(|t| t.is_finished()),
+            "a consumer stopped early (its panic is printed above)"
+        );
         if started.elapsed() > Duration::from_secs(180) {
             let prefix = format!("/t/{name}/effects/");
             let done: HashSet<Vec<u8>> = store
