@@ -455,7 +455,7 @@ impl Inner {
     /// `None` if it is not free.
     async fn grab(self: &Arc<Self>, pending: &mut Pending) -> Result<Option<MutexGuard>> {
         self.session.check()?;
-        let me = self.slot();
+        let mut me = self.slot();
         let mut current = self.current(None).await?;
         let mut confirmed = false;
         loop {
@@ -476,7 +476,20 @@ impl Inner {
             };
             pending.arm(me.clone());
             let sent = Instant::now();
-            let after = self.cas(current.clone(), next.encode()).await?;
+            let new = next.encode();
+            let (after, unsure) = match self
+                .store
+                .compare_and_swap(&self.key, current.as_deref(), &new)
+                .await
+            {
+                Ok(true) => (Some(Bytes::from(new)), false),
+                Ok(false) => {
+                    bump(&self.stats.conflicts);
+                    (self.read().await?, false)
+                }
+                Err(e) if e.is_ambiguous() => (self.read().await?, true),
+                Err(e) => return Err(e),
+            };
             let rec = Record::decode(&self.key, after.as_ref())?;
             if rec.is_holder(&me) {
                 bump(&self.stats.grants);
@@ -484,9 +497,11 @@ impl Inner {
                 return Ok(Some(MutexGuard::new(self.clone(), me, rec.epoch, after)));
             }
             pending.disarm();
-            if rec.seen(&me) {
-                // Our ambiguous grab landed and was undone? Never: only we release our slot.
-                return Ok(None);
+            if unsure {
+                // A write that timed out can still land after the read that says it did not:
+                // check again later and give back a grant that landed late. Use a new slot.
+                spawn_late_leave(self.clone(), me);
+                me = self.slot();
             }
             crate::reconcile::after_collision(1, sent.elapsed()).await;
             current = after;
@@ -570,6 +585,18 @@ impl Drop for Pending {
         if let Some(me) = self.me.take() {
             spawn_leave(self.inner.clone(), me, None);
         }
+    }
+}
+
+/// Leaves `me` one lease from now (a grab whose outcome was unknown may land late).
+fn spawn_late_leave(inner: Arc<Inner>, me: Slot) {
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(async move {
+            tokio::time::sleep(inner.session.lease()).await;
+            if let Err(e) = inner.leave(&me, None).await {
+                tracing::warn!(lock = %inner.name, "late check of an unsure grab failed: {e}");
+            }
+        });
     }
 }
 

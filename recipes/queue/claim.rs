@@ -15,6 +15,78 @@ use crate::session::Liveness;
 use crate::store::Consistency;
 
 impl Inner {
+    /// Brings the index up to the mirror's current view.
+    pub(super) fn sync(self: &Arc<Self>) {
+        let view = self.mirror.snapshot();
+        let me = self.session.id();
+        let orphans: Vec<(Bytes, Bytes)> = {
+            let mut idx = self.index.lock().unwrap();
+            idx.sync(&view);
+            let Some(mine) = idx.claimed.get(&me) else {
+                return;
+            };
+            let held = super::held().lock().unwrap();
+            let mut returning = self.returning.lock().unwrap();
+            let found: Vec<(Bytes, Bytes)> = mine
+                .iter()
+                .filter(|k| !held.contains(&(me.clone(), (*k).clone())) && !returning.contains(*k))
+                .filter_map(|k| Some((k.clone(), view.get(k)?.value.clone())))
+                .collect();
+            for (k, _) in &found {
+                returning.insert(k.clone());
+            }
+            found
+        };
+        for (key, claimed) in orphans {
+            tracing::info!(queue = %self.name, key = %String::from_utf8_lossy(&key), "giving back a claim nobody here holds");
+            self.give_back(key, claimed);
+        }
+    }
+
+    /// Gives a message claimed by us back (Ready, the attempt not counted), retrying until the
+    /// store answers; does nothing if it is no longer `claimed`.
+    pub(super) fn give_back(self: &Arc<Self>, key: Bytes, claimed: Bytes) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let q = self.clone();
+        rt.spawn(async move {
+            if let Ok(rec) = Record::decode(&key, &claimed) {
+                let back = rec.release().encode();
+                let mut backoff = crate::reconcile::Backoff::new(
+                    Duration::from_millis(50),
+                    Duration::from_secs(2),
+                );
+                loop {
+                    match q.store.compare_and_swap(&key, Some(&claimed), &back).await {
+                        Ok(_) => break,
+                        Err(e)
+                            if (e.is_retryable() || e.is_ambiguous()) && q.session.is_alive() =>
+                        {
+                            tokio::time::sleep(backoff.next_delay()).await;
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+            q.returning.lock().unwrap().remove(&key);
+        });
+    }
+
+    pub(super) fn hold(&self, key: &Bytes) {
+        super::held()
+            .lock()
+            .unwrap()
+            .insert((self.session.id(), key.clone()));
+    }
+
+    pub(super) fn unhold(&self, key: &Bytes) {
+        super::held()
+            .lock()
+            .unwrap()
+            .remove(&(self.session.id(), key.clone()));
+    }
+
     pub(super) fn key(&self, id: &str) -> Vec<u8> {
         let mut k = self.prefix.to_vec();
         k.extend_from_slice(id.as_bytes());
@@ -23,17 +95,19 @@ impl Inner {
 
     /// Claims the first due ready message nobody in this process is claiming.
     pub(super) async fn claim_ready(self: &Arc<Self>, now: u64) -> Result<Option<Delivery>> {
+        self.sync();
         let mut tried = HashSet::new();
         loop {
             let candidate = {
                 let idx = self.index.lock().unwrap();
-                let claiming = self.claiming.lock().unwrap();
+                let held = super::held().lock().unwrap();
+                let me = self.session.id();
                 idx.ready
                     .iter()
                     .map(|(_, k)| k)
                     .find(|k| {
                         !tried.contains(*k)
-                            && !claiming.contains(*k)
+                            && !held.contains(&(me.clone(), (*k).clone()))
                             && idx.metas.get(*k).is_some_and(|m| m.2 <= now)
                     })
                     .cloned()
@@ -136,13 +210,12 @@ impl Inner {
         let me = self.session.id();
         let claimed = rec.claim(&me);
         let bytes = Bytes::from(claimed.encode());
-        self.claiming.lock().unwrap().insert(key.clone());
+        self.hold(key);
         // If this future is dropped (or fails) after the CAS was sent, give the claim back.
         let mut attempt = Attempt {
             q: self.clone(),
             key: key.clone(),
             claimed: bytes.clone(),
-            back: claimed.release().encode(),
             armed: true,
         };
         let got = match self
@@ -151,6 +224,8 @@ impl Inner {
             .await
         {
             Ok(ok) => ok,
+            // If it lands after this read says no, `sync` finds it claimed by us and not held,
+            // and gives it back.
             Err(e) if e.is_ambiguous() => {
                 self.store
                     .get(key, Consistency::Linearizable)
@@ -162,10 +237,10 @@ impl Inner {
         };
         attempt.armed = false;
         if !got {
-            self.claiming.lock().unwrap().remove(key);
+            self.unhold(key);
             return Ok(None);
         }
-        // Stays in `claiming` while held, so local workers skip it until our claim is seen.
+        // Stays held (see `held`) until the delivery is finished, so local workers skip it.
         Ok(Some(Delivery {
             q: self.clone(),
             key: key.clone(),
@@ -183,7 +258,6 @@ struct Attempt {
     q: Arc<Inner>,
     key: Bytes,
     claimed: Bytes,
-    back: Vec<u8>,
     armed: bool,
 }
 
@@ -192,22 +266,7 @@ impl Drop for Attempt {
         if !self.armed {
             return;
         }
-        let (q, key, claimed, back) = (
-            self.q.clone(),
-            self.key.clone(),
-            self.claimed.clone(),
-            std::mem::take(&mut self.back),
-        );
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                rt.spawn(async move {
-                    let _ = q.store.compare_and_swap(&key, Some(&claimed), &back).await;
-                    q.claiming.lock().unwrap().remove(&key);
-                });
-            }
-            Err(_) => {
-                q.claiming.lock().unwrap().remove(&key);
-            }
-        }
+        self.q.unhold(&self.key);
+        self.q.give_back(self.key.clone(), self.claimed.clone());
     }
 }

@@ -108,7 +108,7 @@ impl Delivery {
     async fn finish(&mut self, next: Record) -> Result<()> {
         let res = self.finish_inner(next).await;
         if self.finished {
-            self.q.claiming.lock().unwrap().remove(&self.key);
+            self.q.unhold(&self.key);
         }
         res
     }
@@ -154,18 +154,9 @@ impl Drop for Delivery {
         if self.finished {
             return;
         }
-        let (q, key, bytes, back) = (
-            self.q.clone(),
-            self.key.clone(),
-            self.bytes.clone(),
-            self.record.release().encode(),
-        );
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                let _ = q.store.compare_and_swap(&key, Some(&bytes), &back).await;
-                q.claiming.lock().unwrap().remove(&key);
-            });
-        }
+        // Unfinished: give it back (retried until the store answers).
+        self.q.unhold(&self.key);
+        self.q.give_back(self.key.clone(), self.bytes.clone());
     }
 }
 

@@ -45,7 +45,7 @@ mod index;
 mod message;
 
 pub use delivery::{Delivery, Message};
-use index::{Index, maintain};
+use index::{Index, janitor};
 
 use std::collections::HashSet;
 use std::fmt;
@@ -57,7 +57,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use message::{Header, Record, State};
@@ -207,8 +206,8 @@ struct Inner {
     options: QueueOptions,
     mirror: Arc<Mirror>,
     index: Mutex<Index>,
-    changed: Notify,
-    claiming: Mutex<HashSet<Bytes>>,
+    /// Messages claimed by this session that nobody here holds, being given back.
+    returning: Mutex<HashSet<Bytes>>,
     producer_seq: AtomicU64,
     maintainer: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -263,20 +262,13 @@ impl WorkQueue {
             options,
             mirror,
             index: Mutex::new(Index::default()),
-            changed: Notify::new(),
-            claiming: Mutex::new(HashSet::new()),
+            returning: Mutex::new(HashSet::new()),
             producer_seq: AtomicU64::new(0),
             maintainer: Mutex::new(None),
         });
-        let changes = inner.mirror.changes();
-        let view = inner.mirror.wait_ready().await?;
-        {
-            let mut idx = inner.index.lock().unwrap();
-            for e in view.iter() {
-                idx.upsert(&e.key, Some(&e.value));
-            }
-        }
-        let task = tokio::spawn(maintain(Arc::downgrade(&inner), Box::pin(changes)));
+        inner.mirror.wait_ready().await?;
+        inner.sync();
+        let task = tokio::spawn(janitor(Arc::downgrade(&inner)));
         *inner.maintainer.lock().unwrap() = Some(task);
         Ok(WorkQueue { inner })
     }
@@ -373,11 +365,11 @@ impl WorkQueue {
     pub async fn next(&self) -> Result<Delivery> {
         let q = &self.inner;
         let mut liveness = Liveness::new(q.session.lease());
+        let mut view = q.mirror.subscribe();
         loop {
             q.session.check()?;
-            let notified = q.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
+            // Mark the current view seen before looking: any later change wakes us.
+            view.borrow_and_update();
             let now = now_ms();
             if let Some(d) = q.claim_ready(now).await? {
                 return Ok(d);
@@ -387,7 +379,7 @@ impl WorkQueue {
             }
             let wake = q.next_wake(now, &liveness);
             tokio::select! {
-                _ = &mut notified => {}
+                changed = view.changed() => if changed.is_err() { return Err(Error::Stopped) },
                 _ = tokio::time::sleep_until(wake) => {}
                 _ = q.session.lost() => {}
             }
@@ -514,6 +506,7 @@ impl WorkQueue {
 
     /// Message counts as this consumer's mirror sees them (no store access).
     pub fn stats(&self) -> QueueStats {
+        self.inner.sync();
         let idx = self.inner.index.lock().unwrap();
         let now = now_ms();
         let mut s = QueueStats {
@@ -585,6 +578,14 @@ impl WorkQueue {
     pub fn watch_stats(&self) -> crate::reconcile::WatcherStats {
         self.inner.mirror.stats()
     }
+}
+
+/// Messages (session, key) some `Delivery` or claim attempt in this process holds. A message
+/// claimed by our session that is not in here is an orphan (a claim that landed after we gave
+/// up on it, or whose give-back failed) and is given back by `Inner::sync`.
+fn held() -> &'static Mutex<HashSet<(String, Bytes)>> {
+    static HELD: std::sync::OnceLock<Mutex<HashSet<(String, Bytes)>>> = std::sync::OnceLock::new();
+    HELD.get_or_init(Default::default)
 }
 
 /// What [`WorkQueue::run`] did.
