@@ -340,6 +340,17 @@ async fn shutdown_lets_running_handlers_finish() {
     assert_eq!(q.stats().ready, 2);
 }
 
+/// How many keys are under `prefix`.
+async fn count(store: &dyn Store, prefix: &str) -> usize {
+    loop {
+        match store.scan_prefix(prefix.as_bytes()).await {
+            Ok(scan) => return scan.entries.len(),
+            Err(e) if e.is_retryable() => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => panic!("scan {prefix}: {e}"),
+        }
+    }
+}
+
 /// `producers` × `per_producer` messages, `consumers` consumers (each its own session); every
 /// message handled, the effect (a key per message, written with `effect_once`) exactly once.
 async fn producers_and_consumers(
@@ -411,7 +422,11 @@ async fn producers_and_consumers(
     }
     assert_eq!(all.len(), total);
     let started = std::time::Instant::now();
-    while effects.load(Ordering::SeqCst) < total {
+    let effect_prefix = format!("/t/{name}/effects/");
+    // Wait on the effects themselves: `effect_once` can answer false for the one write that
+    // landed (its first attempt timed out, landed late, and the retry found it), so the counter
+    // may end below `total`; the keys may not.
+    while count(&*store, &effect_prefix).await < total {
         assert!(
             !tasks.iter().any(|t| t.is_finished()),
             "a consumer stopped early (its panic is printed above)"
@@ -436,9 +451,12 @@ async fn producers_and_consumers(
                     );
                 }
             }
-            panic!("stuck at {} of {total}", effects.load(Ordering::SeqCst));
+            panic!(
+                "stuck at {} of {total}",
+                count(&*store, &effect_prefix).await
+            );
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     done.notify_waiters();
     let mut acked = 0;
@@ -458,7 +476,10 @@ async fn producers_and_consumers(
         total,
         "every message's effect exactly once"
     );
-    assert_eq!(effects.load(Ordering::SeqCst), total);
+    assert!(
+        effects.load(Ordering::SeqCst) <= total,
+        "an effect reported twice"
+    );
     assert!(acked as usize >= total);
     println!(
         "{total} messages: handled {} times, {acked} acks",
@@ -615,7 +636,7 @@ async fn leader_kill_mid_run_loses_nothing() {
     cluster.kill(leader).unwrap();
     let killed = std::time::Instant::now();
     producer.await.unwrap();
-    while effects.load(Ordering::SeqCst) < total {
+    while count(&*store, "/lk/effects/").await < total {
         if killed.elapsed() > Duration::from_secs(90) {
             let done: HashSet<Vec<u8>> = store
                 .scan_prefix(b"/lk/effects/")
@@ -643,10 +664,10 @@ async fn leader_kill_mid_run_loses_nothing() {
             let finished: Vec<bool> = consumers.iter().map(|c| c.is_finished()).collect();
             panic!(
                 "stuck at {}; consumers finished: {finished:?}",
-                effects.load(Ordering::SeqCst)
+                count(&*store, "/lk/effects/").await
             );
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     println!(
         "all {total} messages handled {:?} after the leader kill",
@@ -669,5 +690,8 @@ async fn leader_kill_mid_run_loses_nothing() {
             .unwrap();
         assert!(v.is_some(), "effect of m{i} missing");
     }
-    assert_eq!(effects.load(Ordering::SeqCst), total, "each effect once");
+    assert!(
+        effects.load(Ordering::SeqCst) <= total,
+        "an effect reported twice"
+    );
 }

@@ -205,7 +205,8 @@ impl Message {
         *self.poison.lock().unwrap() = Some(reason.into());
     }
 
-    /// True exactly once per (`scope`, message id), over every delivery of this message: a
+    /// True at most once per (`scope`, message id), over every delivery of this message
+    /// (normally exactly once; never if the marker's write timed out and landed late): a
     /// marker written with compare-and-swap. Run a non-idempotent effect only when it returns
     /// true: the effect then happens at most once (it is skipped if a delivery died between
     /// marking and finishing it; put the marker and the effect in one write with
@@ -225,7 +226,10 @@ impl Message {
 
     /// Writes `value` to `key` only if `key` is absent (compare-and-swap): an effect on the
     /// store that happens exactly once however often the message is delivered, if `key` is
-    /// derived from the message id. Returns true if this call wrote it.
+    /// derived from the message id. Returns true if this call is known to have written it.
+    /// After a write whose outcome was unknown landed late, it can return false although the
+    /// value that landed is this call's: the effect is there exactly once either way, but do
+    /// not count effects by this return value alone.
     ///
     /// # Errors
     /// The store's errors (an ambiguous write is resolved by a re-read).
