@@ -22,22 +22,41 @@ impl Inner {
         let orphans: Vec<(Bytes, Bytes)> = {
             let mut idx = self.index.lock().unwrap();
             idx.sync(&view);
-            let Some(mine) = idx.claimed.get(&me) else {
-                return;
-            };
             let held = super::held().lock().unwrap();
-            let mut returning = self.returning.lock().unwrap();
-            let found: Vec<(Bytes, Bytes)> = mine
-                .iter()
-                .filter(|k| !held.contains(&(me.clone(), (*k).clone())) && !returning.contains(*k))
-                .filter_map(|k| Some((k.clone(), view.get(k)?.value.clone())))
-                .collect();
-            for (k, _) in &found {
-                returning.insert(k.clone());
+            let mut suspects = self.suspects.lock().unwrap();
+            let mine = idx.claimed.get(&me);
+            // A message claimed by our session that nobody here holds is an orphan, unless our
+            // own ack/nack/give-back of it is just not visible yet: act only if it stays so.
+            let now = Instant::now();
+            let mut found = Vec::new();
+            let mut still = std::collections::HashMap::new();
+            for key in mine.into_iter().flatten() {
+                if held.contains(&(me.clone(), key.clone())) {
+                    continue;
+                }
+                let Some(bytes) = view.get(key).map(|e| e.value.clone()) else {
+                    continue;
+                };
+                match suspects.get(key) {
+                    Some((b, since)) if *b == bytes => {
+                        if now.duration_since(*since) >= Duration::from_secs(2) {
+                            found.push((key.clone(), bytes));
+                        } else {
+                            still.insert(key.clone(), (bytes, *since));
+                        }
+                    }
+                    _ => {
+                        still.insert(key.clone(), (bytes, now));
+                    }
+                }
             }
+            *suspects = still;
             found
         };
         for (key, claimed) in orphans {
+            if !self.returning.lock().unwrap().insert(key.clone()) {
+                continue;
+            }
             tracing::info!(queue = %self.name, key = %String::from_utf8_lossy(&key), "giving back a claim nobody here holds");
             self.give_back(key, claimed);
         }
@@ -172,8 +191,11 @@ impl Inner {
     /// When to look again without a change: the next delayed message, or the next claim
     /// that could expire.
     pub(super) fn next_wake(&self, now: u64, liveness: &Liveness) -> Instant {
-        let idx = self.index.lock().unwrap();
         let mut wake = Instant::now() + self.options.rescan_every;
+        if !self.suspects.lock().unwrap().is_empty() {
+            wake = wake.min(Instant::now() + Duration::from_millis(2100));
+        }
+        let idx = self.index.lock().unwrap();
         if let Some(due) = idx
             .metas
             .values()

@@ -208,6 +208,8 @@ struct Inner {
     index: Mutex<Index>,
     /// Messages claimed by this session that nobody here holds, being given back.
     returning: Mutex<HashSet<Bytes>>,
+    /// Messages claimed by this session and not held here, with the bytes and when first seen.
+    suspects: Mutex<std::collections::HashMap<Bytes, (Bytes, Instant)>>,
     producer_seq: AtomicU64,
     maintainer: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -263,6 +265,7 @@ impl WorkQueue {
             mirror,
             index: Mutex::new(Index::default()),
             returning: Mutex::new(HashSet::new()),
+            suspects: Mutex::new(Default::default()),
             producer_seq: AtomicU64::new(0),
             maintainer: Mutex::new(None),
         });
