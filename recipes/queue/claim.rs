@@ -20,8 +20,7 @@ impl Inner {
         let view = self.mirror.snapshot();
         let me = self.session.id();
         let orphans: Vec<(Bytes, Bytes)> = {
-            let mut idx = self.index.lock().unwrap();
-            idx.sync(&view);
+            let idx = self.index.lock().unwrap();
             let held = super::held().lock().unwrap();
             let mut suspects = self.suspects.lock().unwrap();
             let mine = idx.claimed.get(&me);

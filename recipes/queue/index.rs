@@ -4,10 +4,11 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 
 use super::message::{Order, Record, State};
 use super::{Inner, now_ms};
-use crate::reconcile::Snapshot;
+use crate::error::Result;
 
 /// What the consumer knows about each message (from its mirror).
 #[derive(Default)]
@@ -16,24 +17,9 @@ pub(super) struct Index {
     pub(super) ready: BTreeSet<(Order, Bytes)>,
     pub(super) claimed: HashMap<String, HashSet<Bytes>>,
     pub(super) undecodable: HashSet<Bytes>,
-    /// The mirror view this index reflects.
-    seen: Snapshot,
 }
 
 impl Index {
-    /// Brings the index up to `view` (only what changed since the last view is looked at).
-    pub(super) fn sync(&mut self, view: &Snapshot) {
-        let changes: Vec<(Bytes, Option<Bytes>)> = self
-            .seen
-            .diff(view)
-            .map(|(k, e)| (k.clone(), e.map(|e| e.value.clone())))
-            .collect();
-        for (key, value) in changes {
-            self.upsert(&key, value.as_ref());
-        }
-        self.seen = view.clone();
-    }
-
     pub(super) fn remove(&mut self, key: &Bytes) {
         self.undecodable.remove(key);
         if let Some((order, state, _)) = self.metas.remove(key) {
@@ -86,26 +72,44 @@ impl Index {
 }
 
 /// Keeps the index in step with the mirror, and removes expired tombstones.
-/// Deletes acked tombstones once they are older than the retention period.
-pub(super) async fn janitor(q: std::sync::Weak<Inner>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(60));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+pub(super) async fn maintain(
+    q: std::sync::Weak<Inner>,
+    mut changes: std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<crate::reconcile::Change>> + Send>,
+    >,
+) {
+    let mut janitor = tokio::time::interval(Duration::from_secs(60));
+    janitor.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
-        let Some(q) = q.upgrade() else { return };
-        q.sync();
-        let cutoff = now_ms().saturating_sub(q.options.retention.as_millis() as u64);
-        let expired: Vec<Bytes> = q
-            .index
-            .lock()
-            .unwrap()
-            .metas
-            .iter()
-            .filter(|(_, m)| matches!(m.1, State::Done { at_ms } if at_ms < cutoff))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in expired {
-            let _ = q.store.delete(&key).await;
+        tokio::select! {
+            change = changes.next() => {
+                let Some(change) = change else { return };
+                let Some(q) = q.upgrade() else { return };
+                match change {
+                    Ok(c) => q.index.lock().unwrap().upsert(&c.key, c.new.as_ref()),
+                    Err(_) => {
+                        // Fell behind: rebuild from the mirror's current view.
+                        let view = q.mirror.snapshot();
+                        let mut idx = q.index.lock().unwrap();
+                        *idx = Index::default();
+                        for e in view.iter() {
+                            idx.upsert(&e.key, Some(&e.value));
+                        }
+                    }
+                }
+                q.changed.notify_waiters();
+            }
+            _ = janitor.tick() => {
+                let Some(q) = q.upgrade() else { return };
+                let cutoff = now_ms().saturating_sub(q.options.retention.as_millis() as u64);
+                let expired: Vec<Bytes> = q.index.lock().unwrap().metas.iter()
+                    .filter(|(_, m)| matches!(m.1, State::Done { at_ms } if at_ms < cutoff))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for key in expired {
+                    let _ = q.store.delete(&key).await;
+                }
+            }
         }
     }
 }

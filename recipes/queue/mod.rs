@@ -45,7 +45,7 @@ mod index;
 mod message;
 
 pub use delivery::{Delivery, Message};
-use index::{Index, janitor};
+use index::{Index, maintain};
 
 use std::collections::HashSet;
 use std::fmt;
@@ -207,6 +207,7 @@ struct Inner {
     mirror: Arc<Mirror>,
     index: Mutex<Index>,
     /// Messages claimed by this session that nobody here holds, being given back.
+    changed: tokio::sync::Notify,
     returning: Mutex<HashSet<Bytes>>,
     /// Messages claimed by this session and not held here, with the bytes and when first seen.
     suspects: Mutex<std::collections::HashMap<Bytes, (Bytes, Instant)>>,
@@ -264,14 +265,21 @@ impl WorkQueue {
             options,
             mirror,
             index: Mutex::new(Index::default()),
+            changed: tokio::sync::Notify::new(),
             returning: Mutex::new(HashSet::new()),
             suspects: Mutex::new(Default::default()),
             producer_seq: AtomicU64::new(0),
             maintainer: Mutex::new(None),
         });
-        inner.mirror.wait_ready().await?;
-        inner.sync();
-        let task = tokio::spawn(janitor(Arc::downgrade(&inner)));
+        let changes = inner.mirror.changes();
+        let view = inner.mirror.wait_ready().await?;
+        {
+            let mut idx = inner.index.lock().unwrap();
+            for e in view.iter() {
+                idx.upsert(&e.key, Some(&e.value));
+            }
+        }
+        let task = tokio::spawn(maintain(Arc::downgrade(&inner), Box::pin(changes)));
         *inner.maintainer.lock().unwrap() = Some(task);
         Ok(WorkQueue { inner })
     }
@@ -368,11 +376,11 @@ impl WorkQueue {
     pub async fn next(&self) -> Result<Delivery> {
         let q = &self.inner;
         let mut liveness = Liveness::new(q.session.lease());
-        let mut view = q.mirror.subscribe();
         loop {
             q.session.check()?;
-            // Mark the current view seen before looking: any later change wakes us.
-            view.borrow_and_update();
+            let notified = q.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             let now = now_ms();
             if let Some(d) = q.claim_ready(now).await? {
                 return Ok(d);
@@ -382,7 +390,7 @@ impl WorkQueue {
             }
             let wake = q.next_wake(now, &liveness);
             tokio::select! {
-                changed = view.changed() => if changed.is_err() { return Err(Error::Stopped) },
+                _ = &mut notified => {}
                 _ = tokio::time::sleep_until(wake) => {}
                 _ = q.session.lost() => {}
             }

@@ -62,20 +62,6 @@ impl Snapshot {
         self.ready
     }
 
-    /// What changed from `self` to `newer`: each key added or changed (with its entry) or
-    /// removed (`None`). Cheap when the two share most of their structure (consecutive views
-    /// of one mirror do).
-    pub(crate) fn diff<'a>(
-        &'a self,
-        newer: &'a Snapshot,
-    ) -> impl Iterator<Item = (&'a Bytes, Option<&'a Entry>)> + 'a {
-        self.entries.diff(&newer.entries).map(|d| match d {
-            imbl::ordmap::DiffItem::Add(k, v) => (k, Some(v)),
-            imbl::ordmap::DiffItem::Update { new: (k, v), .. } => (k, Some(v)),
-            imbl::ordmap::DiffItem::Remove(k, _) => (k, None),
-        })
-    }
-
     /// Increases by one on every change to this view (useful to tell two views apart).
     pub fn generation(&self) -> u64 {
         self.generation
