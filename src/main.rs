@@ -267,6 +267,23 @@ fn parse_peer(s: &str) -> Result<(u32, SocketAddr), String> {
     ))
 }
 
+/// A value given inline or (clap guarantees one of the two) in a file.
+fn read_input(
+    inline: Option<String>,
+    file: Option<PathBuf>,
+    what: &'static str,
+) -> dcoord::Result<Vec<u8>> {
+    match (inline, file) {
+        (Some(v), _) => Ok(v.into_bytes()),
+        (None, Some(f)) => std::fs::read(&f).map_err(|e| Error::Io {
+            what,
+            path: f,
+            source: e,
+        }),
+        (None, None) => Err(Error::InvalidArgument("give a value or --file".into())),
+    }
+}
+
 /// Where `dcoord cluster` publishes its endpoints for the other commands.
 fn endpoints_file() -> PathBuf {
     std::env::temp_dir().join("dcoord-cluster.endpoints")
@@ -367,15 +384,7 @@ async fn run(cmd: Cmd) -> dcoord::Result<ExitCode> {
             ttl,
             conn,
         } => {
-            let value = match (value, file) {
-                (Some(v), _) => v.into_bytes(),
-                (None, Some(f)) => std::fs::read(&f).map_err(|e| Error::Io {
-                    what: "cannot read value file",
-                    path: f,
-                    source: e,
-                })?,
-                (None, None) => unreachable!("clap requires one"),
-            };
+            let value = read_input(value, file, "cannot read value file")?;
             dcoord::keys::validate_key(key.as_bytes())?;
             dcoord::keys::validate_value(key.as_bytes(), &value)?;
             let store = connect(&conn).await?;
@@ -658,15 +667,7 @@ async fn run_config(op: ConfigOp) -> dcoord::Result<ExitCode> {
             file,
             conn,
         } => {
-            let bytes = match (value, file) {
-                (Some(v), _) => v.into_bytes(),
-                (None, Some(f)) => std::fs::read(&f).map_err(|e| Error::Io {
-                    what: "cannot read value file",
-                    path: f,
-                    source: e,
-                })?,
-                (None, None) => unreachable!("clap requires one"),
-            };
+            let bytes = read_input(value, file, "cannot read value file")?;
             dcoord::keys::validate_key(key.as_bytes())?;
             dcoord::keys::validate_value(key.as_bytes(), &bytes)?;
             parse(&key, &bytes)
@@ -744,15 +745,7 @@ async fn run_queue(op: QueueOp) -> dcoord::Result<ExitCode> {
             delay_ms,
             conn,
         } => {
-            let payload = match (payload, file) {
-                (Some(p), _) => p.into_bytes(),
-                (None, Some(f)) => std::fs::read(&f).map_err(|e| Error::Io {
-                    what: "cannot read payload file",
-                    path: f,
-                    source: e,
-                })?,
-                (None, None) => unreachable!("clap requires one"),
-            };
+            let payload = read_input(payload, file, "cannot read payload file")?;
             if let Some(id) = &id {
                 dcoord::keys::validate_name("message id", id)?;
             }

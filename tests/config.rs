@@ -371,20 +371,8 @@ async fn cluster_four_writers_update_a_counter_exactly() {
 /// The leader (serving the watches) is SIGKILLed; a write after it reaches every watcher.
 #[tokio::test]
 async fn watchers_converge_after_a_leader_kill() {
-    use dcoord::engine::{ClusterOptions, LocalCluster};
-    use dcoord::store::{RemoteOptions, RemoteStore};
-
     let _heavy = common::HEAVY.lock().await;
-    let mut cluster =
-        LocalCluster::start(ClusterOptions::default().nodes(3).binary(common::binary()))
-            .await
-            .unwrap();
-    let remote = RemoteStore::connect(
-        &cluster.endpoints(),
-        RemoteOptions::default().op_deadline(Duration::from_secs(30)),
-    )
-    .await
-    .unwrap();
+    let (mut cluster, remote) = common::own_cluster().await;
     let leader = remote.leader_id().await.unwrap();
     let store: Arc<dyn Store> = Arc::new(remote);
     let cw = ConfigWatch::open(

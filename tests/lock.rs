@@ -515,20 +515,8 @@ mod process {
     /// Raft leader SIGKILLed while contenders run: never two holders, tokens still increase.
     #[tokio::test]
     async fn leader_kill_during_contention_keeps_mutual_exclusion() {
-        use dcoord::engine::{ClusterOptions, LocalCluster};
-        use dcoord::store::{RemoteOptions, RemoteStore};
-
         let _heavy = common::HEAVY.lock().await;
-        let mut cluster =
-            LocalCluster::start(ClusterOptions::default().nodes(3).binary(common::binary()))
-                .await
-                .unwrap();
-        let remote = RemoteStore::connect(
-            &cluster.endpoints(),
-            RemoteOptions::default().op_deadline(Duration::from_secs(30)),
-        )
-        .await
-        .unwrap();
+        let (mut cluster, remote) = common::own_cluster().await;
         let leader = remote.leader_id().await.unwrap();
         let store: Arc<dyn Store> = Arc::new(remote);
         let inside = Arc::new(AtomicUsize::new(0));

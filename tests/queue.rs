@@ -553,20 +553,8 @@ async fn a_sigkilled_consumer_process_message_is_redelivered() {
 /// effect happens once. Enqueues that fail are retried with the same id (idempotent).
 #[tokio::test]
 async fn leader_kill_mid_run_loses_nothing() {
-    use dcoord::engine::{ClusterOptions, LocalCluster};
-    use dcoord::store::{RemoteOptions, RemoteStore};
-
     let _heavy = common::HEAVY.lock().await;
-    let mut cluster =
-        LocalCluster::start(ClusterOptions::default().nodes(3).binary(common::binary()))
-            .await
-            .unwrap();
-    let remote = RemoteStore::connect(
-        &cluster.endpoints(),
-        RemoteOptions::default().op_deadline(Duration::from_secs(30)),
-    )
-    .await
-    .unwrap();
+    let (mut cluster, remote) = common::own_cluster().await;
     let leader = remote.leader_id().await.unwrap();
     let store: Arc<dyn Store> = Arc::new(remote);
     let total = 600;

@@ -460,20 +460,8 @@ async fn cluster_mirror_under_concurrent_writes_equals_final_scan() {
 /// mirror converges to the final scan, within a bound the test prints.
 #[tokio::test]
 async fn cluster_mirror_converges_after_the_leader_is_killed_mid_writes() {
-    use dcoord::engine::{ClusterOptions, LocalCluster};
-    use dcoord::store::{RemoteOptions, RemoteStore};
-
     let _heavy = common::HEAVY.lock().await;
-    let mut cluster =
-        LocalCluster::start(ClusterOptions::default().nodes(3).binary(common::binary()))
-            .await
-            .unwrap();
-    let remote = RemoteStore::connect(
-        &cluster.endpoints(),
-        RemoteOptions::default().op_deadline(Duration::from_secs(30)),
-    )
-    .await
-    .unwrap();
+    let (mut cluster, remote) = common::own_cluster().await;
     let leader = remote.leader_id().await.unwrap();
     let store: Arc<dyn Store> = Arc::new(remote);
     let ns = "/kill/";

@@ -123,3 +123,19 @@ pub async fn next_error(stream: &mut WatchStream, secs: u64) -> dcoord::Error {
         }
     }
 }
+
+/// A 3-node cluster of this test's own (for tests that kill nodes) and a client with a
+/// generous deadline (an election on 2 busy cores can take a while). Hold `HEAVY` around it.
+pub async fn own_cluster() -> (LocalCluster, dcoord::store::RemoteStore) {
+    use dcoord::store::{RemoteOptions, RemoteStore};
+    let cluster = LocalCluster::start(ClusterOptions::default().nodes(3).binary(binary()))
+        .await
+        .unwrap();
+    let remote = RemoteStore::connect(
+        &cluster.endpoints(),
+        RemoteOptions::default().op_deadline(Duration::from_secs(30)),
+    )
+    .await
+    .unwrap();
+    (cluster, remote)
+}
