@@ -4,6 +4,9 @@
 //!
 //! Run: `cargo bench --bench lock` (optionally `-- --ops 1000 --secs 5`).
 
+#[path = "common/mod.rs"]
+mod common;
+use common::*;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
@@ -11,23 +14,6 @@ use dcoord::engine::{ClusterOptions, EmbeddedNode, LocalCluster};
 use dcoord::lock::Mutex;
 use dcoord::session::{Session, SessionOptions};
 use dcoord::store::Store;
-
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.3}", d.as_secs_f64() * 1e3)
-}
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 struct Report {
     setup: &'static str,

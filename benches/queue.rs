@@ -4,6 +4,9 @@
 //!
 //! Run: `cargo bench --bench queue` (optionally `-- --latency 300 --messages 4000`).
 
+#[path = "common/mod.rs"]
+mod common;
+use common::*;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,23 +17,6 @@ use dcoord::session::{Session, SessionOptions};
 use dcoord::store::{Store, WatchTarget};
 use futures::StreamExt;
 use tokio::sync::Notify;
-
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.3}", d.as_secs_f64() * 1e3)
-}
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 async fn queue(store: &Arc<dyn Store>, name: &str) -> (Session, WorkQueue) {
     let s = Session::start(store.clone(), SessionOptions::default())

@@ -4,6 +4,9 @@
 //!
 //! Run: `cargo bench --bench reconcile` (optionally `-- --ops 2000 --kills 3`).
 
+#[path = "common/mod.rs"]
+mod common;
+use common::*;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,24 +14,6 @@ use dcoord::engine::{ClusterOptions, EmbeddedNode, LocalCluster};
 use dcoord::reconcile::{Mirror, MirrorOptions};
 use dcoord::store::{RemoteOptions, RemoteStore, Store, WatchTarget};
 use futures::StreamExt;
-
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.3}", d.as_secs_f64() * 1e3)
-}
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Alternates: put then wait for the raw watch event; put then wait for the mirror to show it.
 async fn raw_vs_mirror(s: Arc<dyn Store>, ops: usize) -> (Vec<Duration>, Vec<Duration>) {

@@ -4,6 +4,9 @@
 //!
 //! Run: `cargo bench --bench store` (optionally `-- --ops 2000`).
 
+#[path = "common/mod.rs"]
+mod common;
+use common::*;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,15 +20,6 @@ struct Row {
     setup: &'static str,
     op: &'static str,
     samples: Vec<Duration>,
-}
-
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.3}", d.as_secs_f64() * 1e3)
 }
 
 async fn bench_store(setup: &'static str, s: Arc<dyn Store>, ops: usize, rows: &mut Vec<Row>) {
