@@ -15,6 +15,8 @@ use dcoord::engine::{ClusterOptions, LocalCluster, NodeConfig, Timing};
 use dcoord::store::{Consistency, EventKind, RemoteOptions, RemoteStore, Store, WatchTarget};
 use futures::StreamExt;
 
+mod soak;
+
 #[derive(Parser)]
 #[command(name = "dcoord", version, about = "Coordination recipes on d-engine")]
 struct Cli {
@@ -26,6 +28,13 @@ struct Cli {
 enum Cmd {
     /// Run one standalone d-engine node (gRPC server) until Ctrl-C / SIGTERM.
     Node(NodeArgs),
+    /// Fault soak: a 3-node cluster and client processes (lock, queue, config) under a nemesis
+    /// that kills and pauses nodes and clients and writes bad input; checks the recipes'
+    /// invariants from the recorded history. Exit 1 on any violation.
+    Soak(soak::SoakArgs),
+    /// One client process of `dcoord soak` (internal).
+    #[command(hide = true)]
+    SoakWorker(soak::WorkerArgs),
     /// Run a local N-node cluster on 127.0.0.1 in the foreground until Ctrl-C.
     Cluster(ClusterArgs),
     /// Print a key's value.
@@ -353,6 +362,8 @@ async fn connect(conn: &Conn) -> dcoord::Result<RemoteStore> {
 async fn run(cmd: Cmd) -> dcoord::Result<ExitCode> {
     match cmd {
         Cmd::Node(args) => run_node(args).await,
+        Cmd::Soak(args) => soak::run(args).await,
+        Cmd::SoakWorker(args) => soak::run_worker(args).await,
         Cmd::Cluster(args) => run_cluster(args).await,
         Cmd::Get {
             key,

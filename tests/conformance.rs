@@ -12,6 +12,7 @@ use dcoord::Error;
 use dcoord::engine::{ClusterOptions, LocalCluster};
 use dcoord::keys::MAX_VALUE_LEN;
 use dcoord::store::{Consistency, EventKind, RemoteOptions, RemoteStore, Store, WatchTarget};
+use futures::StreamExt;
 
 /// Generates one `#[tokio::test]` per backend for each conformance function.
 macro_rules! conformance {
@@ -449,4 +450,56 @@ async fn embedded_node_restarts_with_its_data() {
         .unwrap();
     assert_eq!(v.unwrap(), "kept");
     node.stop().await.unwrap();
+}
+
+/// d-engine 0.2.4's file state machine, after a SIGKILL: the restart replays the WAL into
+/// memory but keeps `last_applied` at the last checkpoint, so Raft applies the same entries
+/// again. A CAS that failed the first time (`B→C` while the key held `A`) then succeeds on the
+/// later value `B`, and the node ends at `C`, a value the key never held. Pinned with dcoord's
+/// repair turned off (`DCOORD_NO_WAL_REPAIR=1`), and shown fixed with it on (see
+/// `src/engine/repair.rs`). If the first half starts failing, d-engine fixed it.
+#[tokio::test]
+async fn restart_after_sigkill_applies_cas_entries_twice_unless_repaired() {
+    let _heavy = HEAVY.lock().await;
+    for repair in [false, true] {
+        let mut options = ClusterOptions::default().nodes(1).binary(binary());
+        if !repair {
+            options = options.env("DCOORD_NO_WAL_REPAIR", "1");
+        }
+        let mut cluster = LocalCluster::start(options).await.unwrap();
+        let opts = RemoteOptions::default().op_deadline(Duration::from_secs(30));
+        let store = RemoteStore::connect(&cluster.endpoints(), opts.clone())
+            .await
+            .unwrap();
+        let key = b"/conformance/replay";
+        store.put(key, b"A").await.unwrap();
+        // 1000 more entries: a checkpoint (state.data, last_applied) now holds `A`.
+        let filler = futures::stream::iter(0..1000)
+            .map(|i| {
+                let store = store.clone();
+                async move {
+                    store
+                        .put(format!("/conformance/f/{i}").as_bytes(), b"x")
+                        .await
+                }
+            })
+            .buffer_unordered(16);
+        let filled: Vec<_> = filler.collect().await;
+        assert!(filled.iter().all(|r| r.is_ok()));
+        // Only in the WAL: a failed CAS, then a successful one.
+        assert!(!store.compare_and_swap(key, Some(b"B"), b"C").await.unwrap());
+        assert!(store.compare_and_swap(key, Some(b"A"), b"B").await.unwrap());
+        cluster.kill(1).unwrap();
+        cluster.restart(1).unwrap();
+        let store = RemoteStore::connect(&cluster.endpoints(), opts)
+            .await
+            .unwrap();
+        let got = store.get(key, Consistency::Linearizable).await.unwrap();
+        let want: &[u8] = if repair { b"B" } else { b"C" };
+        assert_eq!(
+            got.as_deref(),
+            Some(want),
+            "repair {repair}: d-engine's replay behaviour changed"
+        );
+    }
 }

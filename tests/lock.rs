@@ -522,10 +522,18 @@ mod process {
         let inside = Arc::new(AtomicUsize::new(0));
         let grants = Arc::new(std::sync::Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
+        // What each contender is doing, for the failure message.
+        let states = Arc::new(std::sync::Mutex::new(vec![String::new(); 4]));
         let mut tasks = Vec::new();
-        for _ in 0..4 {
-            let (store, inside, grants, stop) =
-                (store.clone(), inside.clone(), grants.clone(), stop.clone());
+        for i in 0..4 {
+            let (store, inside, grants, stop, states) = (
+                store.clone(),
+                inside.clone(),
+                grants.clone(),
+                stop.clone(),
+                states.clone(),
+            );
+            let set = move |what: String| states.lock().unwrap()[i] = what;
             tasks.push(tokio::spawn(async move {
                 let mut s = Session::start(store.clone(), SessionOptions::default())
                     .await
@@ -533,22 +541,29 @@ mod process {
                 let mut errors = 0;
                 while !stop.load(Ordering::SeqCst) {
                     let lock = Mutex::new(&s, "leader-kill").unwrap();
+                    set(format!("{} acquiring", s.id()));
                     match lock.acquire().await {
                         Ok(g) => {
                             assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "two holders");
                             grants.lock().unwrap().push(g.fencing_token());
+                            set(format!("{} holding {}", s.id(), g.fencing_token()));
                             tokio::time::sleep(Duration::from_millis(2)).await;
                             inside.fetch_sub(1, Ordering::SeqCst);
-                            if g.release().await.is_err() {
+                            if let Err(e) = g.release().await {
+                                set(format!("{} release failed: {e}", s.id()));
                                 errors += 1;
                             }
                         }
                         Err(Error::SessionLost { .. }) => {
+                            set(format!("{} session lost", s.id()));
                             s = Session::start(store.clone(), SessionOptions::default())
                                 .await
                                 .unwrap();
                         }
-                        Err(e) if e.is_retryable() || e.is_ambiguous() => errors += 1,
+                        Err(e) if e.is_retryable() || e.is_ambiguous() => {
+                            set(format!("{} acquire failed: {e}", s.id()));
+                            errors += 1
+                        }
                         Err(e) => panic!("acquire: {e}"),
                     }
                 }
@@ -563,10 +578,21 @@ mod process {
         let killed = std::time::Instant::now();
         let before = count(&grants);
         while count(&grants) < before + 40 {
-            assert!(
-                killed.elapsed() < Duration::from_secs(60),
-                "no progress after the kill"
-            );
+            if killed.elapsed() > Duration::from_secs(60) {
+                let rec = store
+                    .get(b"/dcoord/locks/leader-kill/rec", Consistency::Linearizable)
+                    .await;
+                let arrivals = store.scan_prefix(b"/dcoord/locks/leader-kill/w/").await;
+                let sessions = store.scan_prefix(b"/dcoord/sessions/").await;
+                panic!(
+                    "no progress after the kill ({} grants since)\nrecord: {rec:?}\n\
+                     arrivals: {arrivals:?}\nsessions: {sessions:?}\ncontenders: {:#?}\n\
+                     finished: {:?}",
+                    count(&grants) - before,
+                    states.lock().unwrap(),
+                    tasks.iter().map(|t| t.is_finished()).collect::<Vec<_>>()
+                );
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         println!(

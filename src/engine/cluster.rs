@@ -26,6 +26,8 @@ pub struct ClusterOptions {
     pub timing: Timing,
     /// How long to wait for a leader. Default 60 s.
     pub ready_timeout: Duration,
+    /// Extra environment variables of every node process.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for ClusterOptions {
@@ -36,6 +38,7 @@ impl Default for ClusterOptions {
             binary: None,
             timing: Timing::cluster(),
             ready_timeout: Duration::from_secs(60),
+            env: Vec::new(),
         }
     }
 }
@@ -58,6 +61,12 @@ impl ClusterOptions {
         self.binary = Some(bin.into());
         self
     }
+
+    /// Adds an environment variable to every node process.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
 }
 
 struct ClusterNode {
@@ -76,6 +85,7 @@ struct ClusterNode {
 pub struct LocalCluster {
     nodes: Vec<ClusterNode>,
     binary: PathBuf,
+    env: Vec<(String, String)>,
     dir: PathBuf,
     _temp: Option<tempfile::TempDir>,
 }
@@ -167,6 +177,7 @@ impl LocalCluster {
         let mut cluster = Self {
             nodes,
             binary,
+            env: options.env.clone(),
             dir,
             _temp: temp,
         };
@@ -186,6 +197,7 @@ impl LocalCluster {
 
     fn spawn(&mut self, id: u32) -> Result<()> {
         let binary = self.binary.clone();
+        let env = self.env.clone();
         let node = self.node(id)?;
         if node.process.is_some() {
             return Ok(());
@@ -204,6 +216,7 @@ impl LocalCluster {
             .arg("--config")
             .arg(&node.config_path)
             .arg("--exit-with-stdin")
+            .envs(env)
             .stdin(Stdio::piped())
             .stdout(log)
             .stderr(log2)
@@ -343,7 +356,11 @@ impl LocalCluster {
     }
 }
 
-fn signal(pid: u32, sig: &str) -> Result<()> {
+/// Sends signal `sig` (`STOP`, `CONT`, `KILL`, ...) to process `pid` with `kill(1)`.
+///
+/// # Errors
+/// [`Error::Io`] if `kill` cannot run; [`Error::InvalidArgument`] if it fails.
+pub fn signal(pid: u32, sig: &str) -> Result<()> {
     let status = Command::new("kill")
         .arg(format!("-{sig}"))
         .arg(pid.to_string())

@@ -172,6 +172,7 @@ pub(crate) async fn file_backend(
 ) -> Result<(Arc<FileStorageEngine>, Arc<FileStateMachine>)> {
     let storage = FileStorageEngine::new(dir.join("storage"))
         .map_err(|e| Error::Config(format!("cannot open raft log in {dir:?}: {e}")))?;
+    super::repair::repair_state_machine(&dir.join("state_machine"))?;
     let mut sm = FileStateMachine::new(dir.join("state_machine"))
         .await
         .map_err(|e| Error::Config(format!("cannot open state machine in {dir:?}: {e}")))?;

@@ -28,10 +28,11 @@
 mod cluster;
 mod config;
 mod embedded;
+mod repair;
 
 use std::path::Path;
 
-pub use cluster::{ClusterOptions, LocalCluster, dcoord_binary};
+pub use cluster::{ClusterOptions, LocalCluster, dcoord_binary, signal};
 pub use config::{NodeConfig, Timing};
 pub use embedded::{EmbeddedNode, EmbeddedOptions};
 
