@@ -515,6 +515,11 @@ mod process {
     /// Raft leader SIGKILLed while contenders run: never two holders, tokens still increase.
     #[tokio::test]
     async fn leader_kill_during_contention_keeps_mutual_exclusion() {
+        // Warnings (background releases that fail, ...) go to the test's output.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("dcoord=debug,lock=debug")
+            .with_test_writer()
+            .try_init();
         let _heavy = common::HEAVY.lock().await;
         let (mut cluster, remote) = common::own_cluster().await;
         let leader = remote.leader_id().await.unwrap();
@@ -549,6 +554,7 @@ mod process {
                             set(format!("{} holding {}", s.id(), g.fencing_token()));
                             tokio::time::sleep(Duration::from_millis(2)).await;
                             inside.fetch_sub(1, Ordering::SeqCst);
+                            tracing::debug!(token = g.fencing_token(), "test: releasing");
                             if let Err(e) = g.release().await {
                                 set(format!("{} release failed: {e}", s.id()));
                                 errors += 1;
@@ -585,10 +591,17 @@ mod process {
                 let arrivals = store.scan_prefix(b"/dcoord/locks/leader-kill/w/").await;
                 let sessions = store.scan_prefix(b"/dcoord/sessions/").await;
                 panic!(
-                    "no progress after the kill ({} grants since)\nrecord: {rec:?}\n\
+                    "no progress after the kill ({} grants since; last tokens {:?})\nrecord: {rec:?}\n\
                      arrivals: {arrivals:?}\nsessions: {sessions:?}\ncontenders: {:#?}\n\
                      finished: {:?}",
                     count(&grants) - before,
+                    grants
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .rev()
+                        .take(5)
+                        .collect::<Vec<_>>(),
                     states.lock().unwrap(),
                     tasks.iter().map(|t| t.is_finished()).collect::<Vec<_>>()
                 );

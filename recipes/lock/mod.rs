@@ -201,6 +201,7 @@ impl Mutex {
                 current = newer(&inner.key, current, &snap);
                 let rec = Record::decode(&inner.key, current.as_ref())?;
                 if rec.is_holder(&me) {
+                    tracing::debug!(lock = %inner.name, ?me, seq = rec.seq, epoch = rec.epoch, "granted");
                     bump(&inner.stats.grants);
                     pending.disarm();
                     inner.forget_arrival(&me);
@@ -492,6 +493,7 @@ impl Inner {
             };
             let rec = Record::decode(&self.key, after.as_ref())?;
             if rec.is_holder(&me) {
+                tracing::debug!(lock = %self.name, ?me, seq = rec.seq, epoch = rec.epoch, unsure, "granted (fast path)");
                 bump(&self.stats.grants);
                 pending.disarm();
                 return Ok(Some(MutexGuard::new(self.clone(), me, rec.epoch, after)));
@@ -541,6 +543,7 @@ impl Inner {
             let mut arrivals = self.arrivals_in(&snap);
             arrivals.retain(|a| a != me);
             let Some(next) = rec.absorbed(&arrivals).leave(me) else {
+                tracing::debug!(lock = %self.name, ?me, seq = rec.seq, "leave: nothing to do");
                 return Ok(());
             };
             match self
@@ -548,7 +551,10 @@ impl Inner {
                 .compare_and_swap(&self.key, current.as_deref(), &next.encode())
                 .await
             {
-                Ok(true) => return Ok(()),
+                Ok(true) => {
+                    tracing::debug!(lock = %self.name, ?me, seq = next.seq, holder = ?next.holder, "left");
+                    return Ok(());
+                }
                 Ok(false) => {
                     bump(&self.stats.conflicts);
                     current = self.read().await?;
@@ -605,6 +611,7 @@ fn spawn_leave(inner: Arc<Inner>, me: Slot, known: Option<Bytes>) {
         tracing::warn!(lock = %inner.name, "no runtime to release in; the lease will free it");
         return;
     };
+    tracing::debug!(lock = %inner.name, ?me, "leaving in the background");
     rt.spawn(async move {
         // First the arrival key (so no fresh observer takes the slot in), then the record.
         let _ = inner.store.delete(&inner.arrival_key(&me)).await;

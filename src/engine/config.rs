@@ -167,6 +167,11 @@ impl NodeConfig {
         );
         let _ = writeln!(s, "\n[raft.snapshot]");
         let _ = writeln!(s, "snapshots_dir = {:?}", format!("{dir}/snapshots"));
+        // d-engine 0.2.4 snapshots every 1000 entries; under heavy RPC load the snapshot and
+        // log-purge events can block behind inbound RPCs on a bounded channel while the Raft
+        // loop waits for them (d-engine #413, fixed after 0.2.4): the node stops for good.
+        // Snapshot 100x less often.
+        let _ = writeln!(s, "max_log_entries_before_snapshot = 100000");
         let _ = writeln!(s, "\n[raft.state_machine.lease]");
         let _ = writeln!(s, "enabled = true");
         let _ = writeln!(

@@ -327,7 +327,12 @@ pub async fn run(args: SoakArgs) -> Result<ExitCode> {
     )
     .await?;
     let store: Arc<dyn Store> = Arc::new(remote.clone());
-    let session = Session::start(store.clone(), SessionOptions::default().lease(lease)).await?;
+    // The harness's own session (producer, probes) must outlive every fault it injects.
+    let session = Session::start(
+        store.clone(),
+        SessionOptions::default().lease(Duration::from_secs(60)),
+    )
+    .await?;
     let queue = WorkQueue::open(&session, QUEUE, QueueOptions::default()).await?;
     let config = Arc::new(
         ConfigWatch::<SoakConfig>::open(
