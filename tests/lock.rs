@@ -264,6 +264,33 @@ async fn a_partitioned_holder_learns_it_lost_the_lock_before_anyone_takes_it() {
     );
 }
 
+/// A slot of our own session that nobody here owns (a leave that never got written) must not
+/// block us behind our own live session: the next acquire removes it at once.
+#[tokio::test(start_paused = true)]
+async fn an_abandoned_slot_of_our_own_session_is_cleaned_up() {
+    let mem = MemStore::new();
+    let s = session(Arc::new(mem.clone())).await;
+    let id = s.id();
+    let key = format!("{}locks/orphan/rec", s.root());
+    let phantom = format!(
+        r#"{{"v":2,"seq":1,"epoch":7,"holder":{{"session":"{id}","ticket":0}},"queue":[],"absorbed":{{"{id}":0}}}}"#
+    );
+    mem.put(key.as_bytes(), phantom.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let lock = Mutex::new(&s, "orphan").unwrap();
+    let g = tokio::time::timeout(s.lease() * 3, lock.acquire())
+        .await
+        .expect("stuck behind our own abandoned slot")
+        .unwrap();
+    assert!(
+        started.elapsed() < s.lease() / 2,
+        "waited {:?} behind our own abandoned slot",
+        started.elapsed()
+    );
+    assert_eq!(g.fencing_token(), 8);
+    g.release().await.unwrap();
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_cancelled_acquire_leaves_no_residue() {
     let store: Arc<dyn Store> = Arc::new(MemStore::new());

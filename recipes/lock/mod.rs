@@ -203,7 +203,7 @@ impl Mutex {
                 if rec.is_holder(&me) {
                     tracing::debug!(lock = %inner.name, ?me, seq = rec.seq, epoch = rec.epoch, "granted");
                     bump(&inner.stats.grants);
-                    pending.disarm();
+                    pending.hand_over();
                     inner.forget_arrival(&me);
                     return Ok(MutexGuard::new(inner.clone(), me, rec.epoch, current));
                 }
@@ -231,6 +231,13 @@ impl Mutex {
                     continue;
                 }
                 let blockers: Vec<Slot> = next.blockers(&me).into_iter().cloned().collect();
+                for b in &blockers {
+                    // Our own session's slot with no owner here: abandoned. Clean it up.
+                    if b.session == me.session && activate(&inner.key, b) {
+                        tracing::warn!(lock = %inner.name, slot = ?b, "removing an abandoned slot of this session");
+                        spawn_leave(inner.clone(), b.clone(), None);
+                    }
+                }
                 let peers = inner.session.peers().await?;
                 let rx = peers_rx.get_or_insert_with(|| peers.subscribe());
                 let view = rx.borrow_and_update().clone();
@@ -495,10 +502,14 @@ impl Inner {
             if rec.is_holder(&me) {
                 tracing::debug!(lock = %self.name, ?me, seq = rec.seq, epoch = rec.epoch, unsure, "granted (fast path)");
                 bump(&self.stats.grants);
-                pending.disarm();
+                pending.hand_over();
                 return Ok(Some(MutexGuard::new(self.clone(), me, rec.epoch, after)));
             }
-            pending.disarm();
+            if unsure {
+                pending.hand_over();
+            } else {
+                pending.disarm();
+            }
             if unsure {
                 // A write that timed out can still land after the read that says it did not:
                 // check again later and give back a grant that landed late. Use a new slot.
@@ -542,7 +553,7 @@ impl Inner {
             let rec = Record::decode(&self.key, current.as_ref())?;
             let mut arrivals = self.arrivals_in(&snap);
             arrivals.retain(|a| a != me);
-            let Some(next) = rec.absorbed(&arrivals).leave(me) else {
+            let Some(next) = rec.leaving(me, &arrivals) else {
                 tracing::debug!(lock = %self.name, ?me, seq = rec.seq, "leave: nothing to do");
                 return Ok(());
             };
@@ -566,6 +577,21 @@ impl Inner {
     }
 }
 
+/// Slots that have an owner in this process: an acquire in progress, a guard, or a
+/// background leave. A slot of our own session in the record that is NOT here was abandoned
+/// (a leave that failed or was never written); waiters of our session clean it up, so a
+/// transient failure can never leave a holder nobody is.
+static ACTIVE: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<(Vec<u8>, Slot)>>> =
+    std::sync::LazyLock::new(Default::default);
+
+fn activate(key: &[u8], slot: &Slot) -> bool {
+    ACTIVE.lock().unwrap().insert((key.to_vec(), slot.clone()))
+}
+
+fn deactivate(key: &[u8], slot: &Slot) {
+    ACTIVE.lock().unwrap().remove(&(key.to_vec(), slot.clone()));
+}
+
 /// Removes an acquire's entry if the acquire is dropped midway (cancel safety).
 struct Pending {
     inner: Arc<Inner>,
@@ -578,11 +604,20 @@ impl Pending {
     }
 
     fn arm(&mut self, me: Slot) {
+        activate(&self.inner.key, &me);
         self.me = Some(me);
     }
 
-    fn disarm(&mut self) {
+    /// The slot's ownership moves on (to a guard, or a late check): it stays active.
+    fn hand_over(&mut self) {
         self.me = None;
+    }
+
+    /// The slot is known not to be in the record: nothing to clean up.
+    fn disarm(&mut self) {
+        if let Some(me) = self.me.take() {
+            deactivate(&self.inner.key, &me);
+        }
     }
 }
 
@@ -599,9 +634,7 @@ fn spawn_late_leave(inner: Arc<Inner>, me: Slot) {
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
         rt.spawn(async move {
             tokio::time::sleep(inner.session.lease()).await;
-            if let Err(e) = inner.leave(&me, None).await {
-                tracing::warn!(lock = %inner.name, "late check of an unsure grab failed: {e}");
-            }
+            leave_until_done(&inner, &me, None).await;
         });
     }
 }
@@ -609,28 +642,38 @@ fn spawn_late_leave(inner: Arc<Inner>, me: Slot) {
 fn spawn_leave(inner: Arc<Inner>, me: Slot, known: Option<Bytes>) {
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
         tracing::warn!(lock = %inner.name, "no runtime to release in; the lease will free it");
+        deactivate(&inner.key, &me);
         return;
     };
     tracing::debug!(lock = %inner.name, ?me, "leaving in the background");
     rt.spawn(async move {
         // First the arrival key (so no fresh observer takes the slot in), then the record.
         let _ = inner.store.delete(&inner.arrival_key(&me)).await;
-        let mut backoff =
-            crate::reconcile::Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
-        let deadline = Instant::now() + inner.session.lease() * 3;
-        loop {
-            match inner.leave(&me, known.clone()).await {
-                Ok(()) => return,
-                Err(e) if e.is_retryable() && Instant::now() < deadline => {
-                    tokio::time::sleep(backoff.next_delay()).await;
-                }
-                Err(e) => {
-                    tracing::warn!(lock = %inner.name, "background release failed: {e}");
-                    return;
-                }
+        leave_until_done(&inner, &me, known).await;
+    });
+}
+
+/// Leaves `me`, retrying store errors for as long as the session lives (a slot abandoned in
+/// the record would block everyone behind a live session), then gives up its ownership.
+async fn leave_until_done(inner: &Arc<Inner>, me: &Slot, known: Option<Bytes>) {
+    let mut backoff =
+        crate::reconcile::Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+    loop {
+        match inner.leave(me, known.clone()).await {
+            Ok(()) => break,
+            Err(e) if (e.is_retryable() || e.is_ambiguous()) && inner.session.is_alive() => {
+                tracing::debug!(lock = %inner.name, ?me, "background release failed, retrying: {e}");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(e) => {
+                // The session is gone (others take over after its lease) or the record is
+                // foreign bytes (nobody can use the lock).
+                tracing::warn!(lock = %inner.name, ?me, "background release failed: {e}");
+                break;
             }
         }
-    });
+    }
+    deactivate(&inner.key, me);
 }
 
 /// Proof of holding a [`Mutex`]. Release it with [`MutexGuard::release`]; dropping it
@@ -739,6 +782,7 @@ impl MutexGuard {
         let res = self.inner.leave(&self.me, known).await;
         if res.is_ok() {
             self.done = true;
+            deactivate(&self.inner.key, &self.me);
         }
         res
     }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result, show};
 
 /// One participant: a session and a ticket, increasing per session.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub(crate) struct Slot {
     pub(crate) session: String,
     pub(crate) ticket: u64,
@@ -193,6 +193,24 @@ impl Record {
         Some(record)
     }
 
+    /// What `me` leaving writes, taking in `arrivals` (others') on the way: `None` only if
+    /// THIS record already shows `me` gone for good (seen, not queued, not holding).
+    ///
+    /// Absorbing a later arrival of `me`'s own session marks `me` seen as well; that write
+    /// must still happen. (Deciding "nothing to do" on the absorbed copy, unwritten, once let a
+    /// stale view of `me`'s deleted arrival key be taken in later: a holder nobody was.)
+    pub(crate) fn leaving(&self, me: &Slot, arrivals: &[Slot]) -> Option<Record> {
+        if self.seen(me) && !self.contains(me) {
+            return None;
+        }
+        let absorbed = self.absorbed(arrivals);
+        match absorbed.leave(me) {
+            Some(next) => Some(next),
+            // `me` is seen only thanks to the absorption: write that.
+            None => Some(absorbed),
+        }
+    }
+
     /// The participants whose death `me` must establish before taking the lock: the holder
     /// and every waiter ahead of `me`. Empty when `me` is not queued.
     pub(crate) fn blockers(&self, me: &Slot) -> Vec<&Slot> {
@@ -232,6 +250,26 @@ mod tests {
             .grab(&slot("a", 1))
             .unwrap();
         r.absorb(&[slot("b", 1), slot("c", 1)]).unwrap()
+    }
+
+    #[test]
+    fn leaving_persists_the_seen_mark_even_when_a_later_own_arrival_implies_it() {
+        let r = held_by_a_with_b_c_waiting();
+        // d.2 gave up before being taken in; d.4 (same session) has arrived since.
+        let next = r
+            .leaving(&slot("d", 2), &[slot("d", 4)])
+            .expect("must write");
+        assert!(next.seen(&slot("d", 2)));
+        assert!(next.queue.contains(&slot("d", 4)));
+        assert_eq!(next.seq, r.seq + 1);
+        // Once written, leaving again is a no-op; and so is an old slot the record has seen.
+        assert!(next.leaving(&slot("d", 2), &[]).is_none());
+        assert!(next.leaving(&slot("d", 1), &[]).is_none());
+        // A queued participant leaves the queue; the holder releases.
+        let gone = r.leaving(&slot("b", 1), &[]).unwrap();
+        assert_eq!(gone.queue, vec![slot("c", 1)]);
+        let released = r.leaving(&slot("a", 1), &[]).unwrap();
+        assert_eq!(released.holder, Some(slot("b", 1)));
     }
 
     #[test]
