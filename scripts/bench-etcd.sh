@@ -24,6 +24,7 @@ if ! command -v etcd >/dev/null 2>&1; then
 fi
 etcd --version | head -1 >&2
 
-# The dcoord binary runs the 3-node cluster's nodes.
-cargo build --release --bin dcoord
-exec cargo run --release -p dcoord-vs-etcd -- "$@"
+# One build of both (the dcoord binary runs the 3-node cluster's nodes); building them in two
+# commands would compile d-engine twice (the two packages unify dependency features apart).
+cargo build --release -p dcoord -p dcoord-vs-etcd --bins
+exec ./target/release/dcoord-vs-etcd "$@"

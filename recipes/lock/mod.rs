@@ -52,6 +52,10 @@
 //! - The session lost while waiting or holding: [`Error::SessionLost`]; start a new session.
 //! - The record holds bytes dcoord did not write: [`Error::Decode`] naming the key; the record
 //!   is never reset.
+//! - A release or a cancelled acquire whose write fails: it is retried in the background for
+//!   as long as the session lives. A slot of this session that no task here owns any more
+//!   (its leave never got written) is removed by the next `acquire` of the same session, so a
+//!   failure can never leave a holder nobody is behind a live session.
 //!
 //! # Example
 //! ```
@@ -581,8 +585,11 @@ impl Inner {
 /// background leave. A slot of our own session in the record that is NOT here was abandoned
 /// (a leave that failed or was never written); waiters of our session clean it up, so a
 /// transient failure can never leave a holder nobody is.
-static ACTIVE: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<(Vec<u8>, Slot)>>> =
+static ACTIVE: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<Owned>>> =
     std::sync::LazyLock::new(Default::default);
+
+/// A lock record key and a slot in it.
+type Owned = (Vec<u8>, Slot);
 
 fn activate(key: &[u8], slot: &Slot) -> bool {
     ACTIVE.lock().unwrap().insert((key.to_vec(), slot.clone()))

@@ -622,7 +622,15 @@ mod tests {
             healed: 22,
         };
         let mut out = Vec::new();
-        check_config(&clean, &writes, 3, &[fault.clone()], 5, 3, &mut out);
+        check_config(
+            &clean,
+            &writes,
+            3,
+            std::slice::from_ref(&fault),
+            5,
+            3,
+            &mut out,
+        );
         assert!(out.is_empty(), "{out:?}");
 
         let bad = [

@@ -780,24 +780,28 @@ async fn drain(
             Err(_) => BTreeMap::new(),
         };
         let dead: BTreeSet<String> = queue.dead_letters().into_iter().map(|d| d.id).collect();
-        let mut r = record.lock().unwrap();
-        let pending: Vec<&String> = r
-            .facts
-            .confirmed
-            .iter()
-            .filter(|id| {
-                if r.facts.poison.contains(*id) {
-                    !dead.contains(*id)
-                } else {
-                    !effects.contains_key(*id)
-                }
-            })
-            .collect();
-        let left = pending.len();
-        let sample: Vec<String> = pending.iter().take(5).map(|s| s.to_string()).collect();
-        r.facts.effects = effects;
-        r.facts.dead = dead;
-        drop(r);
+        let (left, sample) = {
+            let mut r = record.lock().unwrap();
+            let pending: Vec<String> = r
+                .facts
+                .confirmed
+                .iter()
+                .filter(|id| {
+                    if r.facts.poison.contains(*id) {
+                        !dead.contains(*id)
+                    } else {
+                        !effects.contains_key(*id)
+                    }
+                })
+                .cloned()
+                .collect();
+            r.facts.effects = effects;
+            r.facts.dead = dead;
+            (
+                pending.len(),
+                pending.into_iter().take(5).collect::<Vec<_>>(),
+            )
+        };
         if left == 0 {
             return Ok(());
         }
