@@ -469,6 +469,7 @@ pub async fn run(args: SoakArgs) -> Result<ExitCode> {
                 .await
             }
         };
+        let target_name = target.clone();
         let fault = Fault {
             kind,
             target,
@@ -488,7 +489,13 @@ pub async fn run(args: SoakArgs) -> Result<ExitCode> {
             );
         }
         faults.push(fault);
-        cluster.wait_for_leader(Duration::from_secs(60)).await?;
+        if let Err(e) = cluster.wait_for_leader(Duration::from_secs(60)).await {
+            violations.push(Violation {
+                invariant: "cluster: a working leader within 60 s of each fault (d-engine itself)",
+                detail: format!("after {kind} on {target_name}: {e}; the nemesis stops here"),
+            });
+            break;
+        }
         if node_fault(kind) {
             last_node_heal = Instant::now();
         }
@@ -500,7 +507,12 @@ pub async fn run(args: SoakArgs) -> Result<ExitCode> {
     let _ = writer.await;
     let _ = counter.await;
     let final_n = record.lock().unwrap().max_attempted + 1;
-    publish_final(&config, final_n, &record).await?;
+    if let Err(e) = publish_final(&config, final_n, &record).await {
+        violations.push(Violation {
+            invariant: "cluster: writable after the faults (d-engine itself)",
+            detail: format!("the final config write failed for 60 s: {e}"),
+        });
+    }
     let drained = drain(&*store, &queue, &record, Duration::from_secs(120)).await;
     settle_config(&workers.histories, final_n, Duration::from_secs(30)).await;
     let end = now_us();
@@ -592,6 +604,13 @@ pub async fn run(args: SoakArgs) -> Result<ExitCode> {
         rec.regressions.len()
     );
     println!("violations: {}", violations.len());
+    let mut by_invariant: BTreeMap<&str, usize> = BTreeMap::new();
+    for v in &violations {
+        *by_invariant.entry(v.invariant).or_default() += 1;
+    }
+    for (invariant, n) in &by_invariant {
+        println!("  {n} × {invariant}");
+    }
     if violations.is_empty() {
         return Ok(ExitCode::SUCCESS);
     }
