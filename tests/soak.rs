@@ -7,7 +7,7 @@
 //! fails on them one run in ten would be a flaky test:
 //! - across a node SIGKILL + restart it can lose acknowledged writes (it acknowledges before
 //!   writing to disk, and its crash recovery has holes; see README "Non-guarantees" and
-//!   `tests/conformance.rs`): the store probe reports it, about once per 25 restarts;
+//!   `tests/conformance.rs`): the store probe reports it, about once per 20-30 restarts;
 //! - after a leader is paused (SIGSTOP) and resumed, the cluster can stay without a working
 //!   leader for good (the resumed leader keeps its term while the others cycle between
 //!   candidate and follower in that same term; d-engine #31 describes a similar deadlock).
