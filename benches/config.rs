@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use dcoord::config::{ConfigOptions, ConfigWatch, Source};
-use dcoord::engine::{ClusterOptions, EmbeddedNode, LocalCluster};
+use dcoord::engine::EmbeddedNode;
 use dcoord::store::Store;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -124,13 +124,7 @@ async fn main() {
     }
     node.stop().await.unwrap();
 
-    let cluster = LocalCluster::start(
-        ClusterOptions::default()
-            .nodes(3)
-            .binary(env!("CARGO_BIN_EXE_dcoord")),
-    )
-    .await
-    .unwrap();
+    let cluster = common::cluster().await;
     let store: Arc<dyn Store> = Arc::new(cluster.store().await.unwrap());
     for &(n, shared) in cases {
         let (s, mem) = fan_out(store.clone(), n, shared, writes).await;

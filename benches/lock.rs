@@ -10,7 +10,7 @@ use common::*;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
-use dcoord::engine::{ClusterOptions, EmbeddedNode, LocalCluster};
+use dcoord::engine::EmbeddedNode;
 use dcoord::lock::Mutex;
 use dcoord::session::{Session, SessionOptions};
 use dcoord::store::Store;
@@ -128,13 +128,7 @@ async fn main() {
     reports.push(run("embedded", node.dyn_store(), ops, secs).await);
     node.stop().await.unwrap();
 
-    let cluster = LocalCluster::start(
-        ClusterOptions::default()
-            .nodes(3)
-            .binary(env!("CARGO_BIN_EXE_dcoord")),
-    )
-    .await
-    .unwrap();
+    let cluster = common::cluster().await;
     let store = cluster.store().await.unwrap();
     reports.push(run("3-node gRPC", Arc::new(store), ops, secs).await);
     drop(cluster);

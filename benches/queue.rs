@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dcoord::engine::{ClusterOptions, EmbeddedNode, LocalCluster};
+use dcoord::engine::EmbeddedNode;
 use dcoord::queue::{EnqueueOptions, QueueOptions, WorkQueue};
 use dcoord::session::{Session, SessionOptions};
 use dcoord::store::{Store, WatchTarget};
@@ -202,13 +202,7 @@ async fn main() {
     let node = EmbeddedNode::start(dir.path()).await.unwrap();
     reports.push(run("embedded", node.dyn_store(), latency_n, messages).await);
     node.stop().await.unwrap();
-    let cluster = LocalCluster::start(
-        ClusterOptions::default()
-            .nodes(3)
-            .binary(env!("CARGO_BIN_EXE_dcoord")),
-    )
-    .await
-    .unwrap();
+    let cluster = common::cluster().await;
     let store: Arc<dyn Store> = Arc::new(cluster.store().await.unwrap());
     reports.push(run("3-node gRPC", store, latency_n, messages).await);
     drop(cluster);

@@ -10,7 +10,7 @@ use common::*;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dcoord::engine::{ClusterOptions, EmbeddedNode, LocalCluster};
+use dcoord::engine::EmbeddedNode;
 use dcoord::reconcile::{Mirror, MirrorOptions};
 use dcoord::store::{RemoteOptions, RemoteStore, Store, WatchTarget};
 use futures::StreamExt;
@@ -57,13 +57,7 @@ async fn raw_vs_mirror(s: Arc<dyn Store>, ops: usize) -> (Vec<Duration>, Vec<Dur
 /// Kills the leader while a writer keeps writing; measures kill → first write accepted again,
 /// and kill → the mirror shows that write.
 async fn leader_kills(kills: usize) -> Vec<(Duration, Duration)> {
-    let mut cluster = LocalCluster::start(
-        ClusterOptions::default()
-            .nodes(3)
-            .binary(env!("CARGO_BIN_EXE_dcoord")),
-    )
-    .await
-    .unwrap();
+    let mut cluster = common::cluster().await;
     let remote = RemoteStore::connect(
         &cluster.endpoints(),
         RemoteOptions::default().op_deadline(Duration::from_secs(60)),
@@ -123,13 +117,7 @@ async fn main() {
     rows.push(("embedded", raw_vs_mirror(node.dyn_store(), ops).await));
     node.stop().await.unwrap();
 
-    let cluster = LocalCluster::start(
-        ClusterOptions::default()
-            .nodes(3)
-            .binary(env!("CARGO_BIN_EXE_dcoord")),
-    )
-    .await
-    .unwrap();
+    let cluster = common::cluster().await;
     let store = cluster.store().await.unwrap();
     rows.push(("3-node gRPC", raw_vs_mirror(Arc::new(store), ops).await));
     drop(cluster);

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use d_engine_proto::client::WatchRequest;
 use d_engine_proto::client::raft_client_service_client::RaftClientServiceClient;
-use dcoord::engine::{ClusterOptions, EmbeddedNode, LocalCluster};
+use dcoord::engine::EmbeddedNode;
 use dcoord::store::{Consistency, RemoteStore, Store, WatchTarget};
 use futures::StreamExt;
 
@@ -147,13 +147,7 @@ async fn main() {
     bench_store("embedded", node.dyn_store(), ops, &mut rows).await;
     node.stop().await.unwrap();
 
-    let cluster = LocalCluster::start(
-        ClusterOptions::default()
-            .nodes(3)
-            .binary(env!("CARGO_BIN_EXE_dcoord")),
-    )
-    .await
-    .unwrap();
+    let cluster = common::cluster().await;
     let store = cluster.store().await.unwrap();
     bench_store("3-node gRPC", Arc::new(store.clone()), ops, &mut rows).await;
     let leader = store.leader_id().await.unwrap();

@@ -5,12 +5,12 @@
 //! Run: `cargo run --release --example config`
 //! Against a cluster: `DCOORD_ENDPOINTS=127.0.0.1:9081,... cargo run --release --example config`
 
-use std::sync::Arc;
+#[path = "common/mod.rs"]
+mod common;
+
 use std::time::Duration;
 
 use dcoord::config::{ConfigEvent, ConfigOptions, ConfigWatch, Source};
-use dcoord::engine::EmbeddedNode;
-use dcoord::store::{RemoteOptions, RemoteStore, Store};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
@@ -34,20 +34,7 @@ fn validate(f: &Flags) -> Result<(), String> {
 #[tokio::main]
 async fn main() -> dcoord::Result<()> {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (store, _node): (Arc<dyn Store>, Option<EmbeddedNode>) =
-        match std::env::var("DCOORD_ENDPOINTS") {
-            Ok(eps) => {
-                let eps: Vec<String> = eps.split(',').map(str::to_string).collect();
-                (
-                    Arc::new(RemoteStore::connect(&eps, RemoteOptions::default()).await?),
-                    None,
-                )
-            }
-            Err(_) => {
-                let node = EmbeddedNode::start(dir.path()).await?;
-                (node.dyn_store(), Some(node))
-            }
-        };
+    let (store, _node) = common::store(dir.path()).await?;
     let key = format!("/example/{}/flags.json", uuid::Uuid::new_v4().simple());
     let defaults = Flags {
         dark_mode: false,

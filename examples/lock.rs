@@ -7,41 +7,18 @@
 //! Against a cluster: `cargo run --release --example lock -- --endpoints 127.0.0.1:9081,...`
 //! (or set `DCOORD_ENDPOINTS`; `dcoord cluster` prints them).
 
-use std::sync::Arc;
+#[path = "common/mod.rs"]
+mod common;
+
 use std::time::{Duration, Instant};
 
-use dcoord::engine::EmbeddedNode;
 use dcoord::lock::{Mutex, fenced_get};
 use dcoord::session::{Session, SessionOptions};
-use dcoord::store::{RemoteOptions, RemoteStore, Store};
-
-fn endpoints() -> Option<Vec<String>> {
-    let args: Vec<String> = std::env::args().collect();
-    let flag = args
-        .iter()
-        .position(|a| a == "--endpoints")
-        .and_then(|i| args.get(i + 1).cloned());
-    flag.or_else(|| std::env::var("DCOORD_ENDPOINTS").ok())
-        .map(|s| s.split(',').map(str::to_string).collect())
-}
 
 #[tokio::main]
 async fn main() -> dcoord::Result<()> {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (store, _node): (Arc<dyn Store>, Option<EmbeddedNode>) = match endpoints() {
-        Some(eps) => {
-            println!("connecting to {eps:?}");
-            (
-                Arc::new(RemoteStore::connect(&eps, RemoteOptions::default()).await?),
-                None,
-            )
-        }
-        None => {
-            let node = EmbeddedNode::start(dir.path()).await?;
-            println!("embedded d-engine at {}", node.endpoint());
-            (node.dyn_store(), Some(node))
-        }
-    };
+    let (store, _node) = common::store(dir.path()).await?;
     let name = format!("example-{}", uuid::Uuid::new_v4().simple());
     let shared = format!("/example/{name}/balance");
     let options = SessionOptions::default().lease(Duration::from_secs(2));

@@ -5,13 +5,13 @@
 //! Run: `cargo run --release --example queue`
 //! Against a cluster: `DCOORD_ENDPOINTS=127.0.0.1:9081,... cargo run --release --example queue`
 
-use std::sync::Arc;
+#[path = "common/mod.rs"]
+mod common;
+
 use std::time::{Duration, Instant};
 
-use dcoord::engine::EmbeddedNode;
 use dcoord::queue::{EnqueueOptions, QueueOptions, WorkQueue};
 use dcoord::session::{Session, SessionOptions};
-use dcoord::store::{RemoteOptions, RemoteStore, Store};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -23,20 +23,7 @@ struct Resize {
 #[tokio::main]
 async fn main() -> dcoord::Result<()> {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (store, _node): (Arc<dyn Store>, Option<EmbeddedNode>) =
-        match std::env::var("DCOORD_ENDPOINTS") {
-            Ok(eps) => {
-                let eps: Vec<String> = eps.split(',').map(str::to_string).collect();
-                (
-                    Arc::new(RemoteStore::connect(&eps, RemoteOptions::default()).await?),
-                    None,
-                )
-            }
-            Err(_) => {
-                let node = EmbeddedNode::start(dir.path()).await?;
-                (node.dyn_store(), Some(node))
-            }
-        };
+    let (store, _node) = common::store(dir.path()).await?;
     let name = format!("images-{}", uuid::Uuid::new_v4().simple());
     let lease = SessionOptions::default().lease(Duration::from_secs(2));
     let options = QueueOptions::default()

@@ -4,36 +4,18 @@
 //!
 //! Run: `cargo run --release --example quickstart`
 
-use std::sync::Arc;
+#[path = "common/mod.rs"]
+mod common;
+
 use std::time::Instant;
 
-use dcoord::engine::EmbeddedNode;
-use dcoord::store::{EventKind, RemoteOptions, RemoteStore, Store, WatchTarget};
+use dcoord::store::{EventKind, WatchTarget};
 use futures::StreamExt;
 
 #[tokio::main]
 async fn main() -> dcoord::Result<()> {
     let dir = tempfile::tempdir().expect("temp dir");
-    // The embedded default, or a cluster when DCOORD_ENDPOINTS is set.
-    let (store, _node): (Arc<dyn Store>, Option<EmbeddedNode>) =
-        match std::env::var("DCOORD_ENDPOINTS") {
-            Ok(eps) => {
-                let eps: Vec<String> = eps.split(',').map(str::to_string).collect();
-                println!("connecting to {eps:?}");
-                let remote = RemoteStore::connect(&eps, RemoteOptions::default()).await?;
-                (Arc::new(remote), None)
-            }
-            Err(_) => {
-                let t = Instant::now();
-                let node = EmbeddedNode::start(dir.path()).await?;
-                println!(
-                    "embedded d-engine ready in {:?} at {}",
-                    t.elapsed(),
-                    node.endpoint()
-                );
-                (node.dyn_store(), Some(node))
-            }
-        };
+    let (store, _node) = common::store(dir.path()).await?;
 
     // Watch first, then scan: every change after the scan's revision arrives on the watch.
     let mut watch = store

@@ -6,23 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-./scripts/setup.sh
-
-if ! command -v etcd >/dev/null 2>&1; then
-  SUDO=""
-  if [ "$(id -u)" != "0" ]; then
-    if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
-      echo "bench-etcd: etcd is missing and this is not root; install etcd-server" >&2; exit 1
-    fi
-  fi
-  export DEBIAN_FRONTEND=noninteractive
-  echo "bench-etcd: installing etcd-server with apt-get" >&2
-  if ! $SUDO apt-get install -y --no-install-recommends etcd-server >/dev/null 2>&1; then
-    $SUDO apt-get update >/dev/null
-    $SUDO apt-get install -y --no-install-recommends etcd-server >/dev/null
-  fi
-fi
-etcd --version | head -1 >&2
+./scripts/setup.sh etcd
 
 # One build of both (the dcoord binary runs the 3-node cluster's nodes); building them in two
 # commands would compile d-engine twice (the two packages unify dependency features apart).

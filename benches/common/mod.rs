@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use dcoord::engine::{ClusterOptions, LocalCluster};
+
 /// The `p` quantile (0..=1) of sorted samples.
 pub fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
@@ -21,4 +23,15 @@ pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// A local 3-node cluster of this build's `dcoord` binary.
+pub async fn cluster() -> LocalCluster {
+    LocalCluster::start(
+        ClusterOptions::default()
+            .nodes(3)
+            .binary(env!("CARGO_BIN_EXE_dcoord")),
+    )
+    .await
+    .unwrap()
 }
