@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::config::{self, NodeConfig, Timing};
+use super::probe::{NodeState, probe};
 use crate::error::{Error, Result};
 use crate::store::{RemoteOptions, RemoteStore};
 
@@ -125,10 +126,12 @@ pub fn dcoord_binary() -> Result<PathBuf> {
 }
 
 impl LocalCluster {
-    /// Starts the nodes and waits until the cluster has a leader.
+    /// Starts the nodes and waits until the cluster is ready ([`LocalCluster::wait_ready`]):
+    /// every node serves and follows the same leader.
     ///
     /// # Errors
-    /// [`Error::Config`] when the binary is missing or no leader is elected in time;
+    /// [`Error::Config`] when the binary is missing; [`Error::Unavailable`] (naming each
+    /// node's state and the tail of its log) when the cluster is not ready in time;
     /// [`Error::Io`] when the directory cannot be written.
     ///
     /// # Cancel safety
@@ -184,7 +187,7 @@ impl LocalCluster {
         for id in 1..=options.nodes as u32 {
             cluster.spawn(id)?;
         }
-        cluster.wait_for_leader(options.ready_timeout).await?;
+        cluster.wait_ready(options.ready_timeout).await?;
         Ok(cluster)
     }
 
@@ -356,6 +359,98 @@ impl LocalCluster {
     }
 }
 
+impl LocalCluster {
+    /// What every node says about itself right now, in id order (a node that is not running
+    /// is [`NodeState::Down`]).
+    ///
+    /// # Cancel safety
+    /// Dropping the future has no effect.
+    pub async fn states(&self) -> Vec<(u32, NodeState)> {
+        let probes = self.nodes.iter().map(|n| {
+            let running = n.process.is_some();
+            let (id, addr) = (n.id, n.addr);
+            async move {
+                if running {
+                    (id, probe(addr, Duration::from_secs(2)).await)
+                } else {
+                    (id, NodeState::Down)
+                }
+            }
+        });
+        futures::future::join_all(probes).await
+    }
+
+    /// Waits until every running node serves and all of them follow the same leader; returns
+    /// the leader's id. A node that answers "not ready" is not ready, even if the others
+    /// already elected a leader: d-engine 0.2.4 cannot bring such a node into service once any
+    /// peer dies, so a cluster with one is one fault away from an outage.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] after `timeout`, naming every node's state and the tail of its
+    /// log.
+    ///
+    /// # Cancel safety
+    /// Dropping the future has no effect.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<u32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let states = self.states().await;
+            let running: Vec<&(u32, NodeState)> = states
+                .iter()
+                .filter(|(id, _)| self.pid(*id).is_some())
+                .collect();
+            let leaders: Vec<Option<u32>> = running.iter().map(|(_, s)| s.leader()).collect();
+            if let Some(Some(leader)) = leaders.first()
+                && leaders.iter().all(|l| *l == Some(*leader))
+                && running.iter().any(|(id, _)| id == leader)
+            {
+                return Ok(*leader);
+            }
+            if Instant::now() >= deadline {
+                let report: Vec<String> = states
+                    .iter()
+                    .map(|(id, s)| format!("node {id}: {s}"))
+                    .collect();
+                return Err(Error::Unavailable {
+                    op: "cluster ready",
+                    message: format!(
+                        "not every node serves one leader within {timeout:?} ({}); data in {:?}\n{}",
+                        report.join("; "),
+                        self.dir,
+                        self.log_tails(40)
+                    ),
+                    source: None,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The last `lines` lines of every node's `node.log`, headed by the node's id.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for n in &self.nodes {
+            let path = n.dir.join("node.log");
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            let from = all.len().saturating_sub(lines);
+            out.push_str(&format!(
+                "----- node {} ({}), last {} of {} lines of {:?}\n",
+                n.id,
+                n.addr,
+                all.len() - from,
+                all.len(),
+                path
+            ));
+            for l in &all[from..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
 /// Sends signal `sig` (`STOP`, `CONT`, `KILL`, ...) to process `pid` with `kill(1)`.
 ///
 /// # Errors
@@ -377,6 +472,17 @@ pub fn signal(pid: u32, sig: &str) -> Result<()> {
 
 impl Drop for LocalCluster {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failing test: keep the data and say what the nodes did.
+            if let Some(temp) = self._temp.take() {
+                let _ = temp.keep();
+            }
+            eprintln!(
+                "LocalCluster: kept {:?} for the failure\n{}",
+                self.dir,
+                self.log_tails(60)
+            );
+        }
         for node in &mut self.nodes {
             if let Some((mut child, stdin)) = node.process.take() {
                 let _ = signal(child.id(), "CONT");

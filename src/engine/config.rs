@@ -12,6 +12,10 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 
+/// How many times a node retries its start-up health check of a peer (about 1 s apart after
+/// the first few): about a day. d-engine's node gives up and exits after the last one.
+const STARTUP_CHECK_RETRIES: u32 = 100_000;
+
 /// Raft timing of a node. The defaults are sized for shared, busy machines: an election
 /// timeout well above any scheduling hiccup, and an operation timeout far above d-engine's
 /// 50 ms default (which fails writes under load while they still commit).
@@ -181,6 +185,18 @@ impl NodeConfig {
         );
         let _ = writeln!(s, "\n[raft.watch]");
         let _ = writeln!(s, "heartbeat_interval_ms = 1000");
+        // d-engine 0.2.4: a voter serves nothing until EVERY peer in its config has answered its
+        // start-up health check, retried with this policy. Its default (first retry after 3 s,
+        // doubling to 60 s) turns "a peer came up 50 ms later" into seconds of a node that
+        // answers "not ready", and, if any peer dies in that window, into an outage that lasts
+        // until the peer returns. Peers started together come up within milliseconds of each
+        // other: retry every 100 ms, capped at 1 s, for as long as the node runs (the node
+        // reports itself loudly when it is still not serving; see `engine::run_node`).
+        let _ = writeln!(s, "\n[retry.membership]");
+        let _ = writeln!(s, "max_retries = {STARTUP_CHECK_RETRIES}");
+        let _ = writeln!(s, "timeout_ms = 500");
+        let _ = writeln!(s, "base_delay_ms = 100");
+        let _ = writeln!(s, "max_delay_ms = 1000");
         s
     }
 
@@ -267,6 +283,8 @@ mod tests {
         assert!(loaded.raft.state_machine.lease.enabled);
         assert_eq!(loaded.raft.general_raft_timeout_duration_in_ms, 5000);
         assert!(loaded.raft.snapshot.snapshots_dir.starts_with(dir.path()));
+        assert_eq!(loaded.retry.membership.base_delay_ms, 100);
+        assert_eq!(loaded.retry.membership.max_delay_ms, 1000);
     }
 
     #[test]

@@ -20,6 +20,9 @@
 //!   restarting a second one does not bring the quorum back until the first returns too
 //!   (pinned in `tests/conformance.rs`).
 //!
+//! - A node reports itself loudly (an error line in its log, see [`watchdog`]) when it does not
+//!   serve, knows no leader, or leads with no follower for 10 s.
+//!
 //! # Failure modes
 //! - A data directory that cannot be written: [`crate::Error::Io`] naming it.
 //! - A port in use: [`crate::Error::PortInUse`] (d-engine itself only logs it and runs on
@@ -28,13 +31,16 @@
 mod cluster;
 mod config;
 mod embedded;
+mod probe;
 mod repair;
+pub mod watchdog;
 
 use std::path::Path;
 
 pub use cluster::{ClusterOptions, LocalCluster, dcoord_binary, signal};
 pub use config::{NodeConfig, Timing};
 pub use embedded::{EmbeddedNode, EmbeddedOptions};
+pub use probe::{NodeState, probe};
 
 use crate::error::{Error, Result};
 
@@ -55,8 +61,28 @@ pub async fn run_node(
     let dir = cfg.cluster.db_root_dir.clone();
     std::fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create data dir", &dir, e))?;
     let (storage, sm) = embedded::file_backend(&dir, &cfg).await?;
+    let peers: Vec<(u32, std::net::SocketAddr)> = cfg
+        .cluster
+        .initial_cluster
+        .iter()
+        .filter_map(|m| Some((m.id, m.address.parse().ok()?)))
+        .collect();
+    let watchdog = tokio::spawn(watchdog::run(
+        cfg.cluster.node_id,
+        cfg.cluster.listen_address,
+        peers,
+    ));
+    let _stop_watchdog = AbortOnDrop(watchdog);
     let path = config_path.to_str().expect("checked by config::load");
     d_engine::StandaloneEngine::run_custom(storage, sm, shutdown, Some(path))
         .await
         .map_err(|e| Error::Config(format!("node {path} failed: {e}")))
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
