@@ -546,7 +546,11 @@ impl<T: DeserializeOwned> Shared<T> {
         Ok(bytes)
     }
 
-    /// CAS; an ambiguous outcome is resolved by re-reading: ours → true, else Ambiguous.
+    /// CAS; an ambiguous outcome is decided after a [`crate::store::barrier`] (so our write is
+    /// applied or never will be) by a re-read: unchanged → not applied (`false`, the caller
+    /// may try again); anything else → [`Error::Ambiguous`]. Config values are the caller's
+    /// bytes, not unique: if the stored value equals ours, another writer may have written the
+    /// same bytes from the same value, and calling it ours would lose their change.
     async fn cas(&self, key: &str, current: Option<&[u8]>, new: &[u8]) -> Result<bool> {
         match self
             .store
@@ -554,13 +558,12 @@ impl<T: DeserializeOwned> Shared<T> {
             .await
         {
             Err(e) if e.is_ambiguous() => {
+                crate::store::barrier(&*self.store).await?;
                 let now = self
                     .store
                     .get(key.as_bytes(), Consistency::Linearizable)
                     .await?;
-                if now.as_deref() == Some(new) {
-                    Ok(true)
-                } else if now.as_deref() == current {
+                if now.as_deref() == current {
                     Ok(false)
                 } else {
                     Err(e)

@@ -217,3 +217,45 @@ pub(crate) fn check_write(key: &[u8], value: &[u8]) -> Result<()> {
     crate::keys::validate_key(key)?;
     crate::keys::validate_value(key, value)
 }
+
+/// A write barrier: returns once every write this process sent BEFORE the call is decided,
+/// applied or never to be applied. Use it after an [`crate::Error::Ambiguous`] write, before
+/// the re-read that decides what happened.
+///
+/// Why: a write reported as ambiguous (a timeout, a leader stepping down) can still be in the
+/// leader's log, uncommitted. A linearizable read does not wait for it, so a read alone may show
+/// the old value and the write land later. The barrier is a write of its own (a put to a key of
+/// this process under `/dcoord/barrier/`, with a TTL so it is collected). Raft commits entries
+/// in log order, so once the barrier is acknowledged, every earlier entry in the same leader's
+/// log is committed; and once a new leader commits anything, an earlier leader's uncommitted
+/// entries it does not hold can never commit.
+///
+/// NOT guaranteed: a request still on its way to a node (sent, not yet received) when the
+/// barrier overtakes it. `RemoteStore` waits longer for an answer than the server does, so a
+/// request it calls ambiguous has normally reached the server's Raft loop.
+///
+/// # Errors
+/// [`crate::Error::Unavailable`] or other store errors when the barrier cannot be written
+/// (an ambiguous barrier is written again: a put is idempotent).
+///
+/// # Cancel safety
+/// Dropping the future leaves at most the barrier key behind (collected by its TTL).
+pub async fn barrier(store: &dyn Store) -> Result<()> {
+    static KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let key = KEY.get_or_init(|| {
+        format!(
+            "{}barrier/{}",
+            crate::keys::DEFAULT_ROOT,
+            uuid::Uuid::new_v4().simple()
+        )
+    });
+    loop {
+        match store
+            .put_with_ttl(key.as_bytes(), b"1", Duration::from_secs(600))
+            .await
+        {
+            Err(e) if e.is_ambiguous() => continue,
+            other => return other,
+        }
+    }
+}

@@ -40,7 +40,10 @@ pub struct RemoteOptions {
     /// How long one operation may keep retrying through failover before it gives up with
     /// [`Error::Unavailable`]. Default 10 s.
     pub op_deadline: Duration,
-    /// Timeout of one gRPC request. A write that hits it is [`Error::Ambiguous`]. Default 5 s.
+    /// Timeout of one gRPC request. A write that hits it is [`Error::Ambiguous`]. Default 7 s:
+    /// longer than the server's own operation timeout (5 s on nodes dcoord starts), so a write
+    /// the client gives up on has reached the leader's Raft loop, and a
+    /// [`crate::store::barrier`] after it orders behind it.
     pub request_timeout: Duration,
     /// Timeout of one TCP connect. Default 1 s.
     pub connect_timeout: Duration,
@@ -54,7 +57,7 @@ impl Default for RemoteOptions {
     fn default() -> Self {
         Self {
             op_deadline: Duration::from_secs(10),
-            request_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(7),
             connect_timeout: Duration::from_secs(1),
             min_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(500),
@@ -213,16 +216,21 @@ impl RemoteStore {
     }
 
     /// Rediscovers the leader, unless another task already did since `seen_generation`.
-    async fn refresh(&self, seen_generation: u64) {
+    /// Returns the refresh's error, if it ran and failed.
+    async fn refresh(&self, seen_generation: u64) -> Option<String> {
         let _guard = self.inner.refresh_lock.lock().await;
         if self.inner.generation.load(Ordering::Acquire) != seen_generation {
-            return;
+            return None;
         }
         match self.inner.client.refresh(None).await {
             Ok(()) => {
                 self.inner.generation.fetch_add(1, Ordering::AcqRel);
+                None
             }
-            Err(e) => tracing::debug!("refresh failed: {e}"),
+            Err(e) => {
+                tracing::debug!("refresh failed: {e}");
+                Some(e.to_string())
+            }
         }
     }
 
@@ -239,7 +247,9 @@ impl RemoteStore {
     {
         let deadline = Instant::now() + self.inner.options.op_deadline;
         let mut backoff = self.inner.options.min_backoff;
+        let (mut attempts, mut last_refresh) = (0u32, None::<String>);
         loop {
+            attempts += 1;
             let generation = self.inner.generation.load(Ordering::Acquire);
             let err = match attempt(self.inner.client.clone()).await {
                 Ok(v) => return Ok(v),
@@ -266,7 +276,13 @@ impl RemoteStore {
             if Instant::now() + backoff >= deadline {
                 return Err(Error::Unavailable {
                     op,
-                    message: format!("gave up after {:?}: {err}", self.inner.options.op_deadline),
+                    message: format!(
+                        "gave up after {:?} and {attempts} attempts: {err}{}",
+                        self.inner.options.op_deadline,
+                        last_refresh
+                            .map(|e| format!("; last leader rediscovery failed: {e}"))
+                            .unwrap_or_default()
+                    ),
                     source: Some(Box::new(err)),
                 });
             }
@@ -274,7 +290,10 @@ impl RemoteStore {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(self.inner.options.max_backoff);
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let _ = tokio::time::timeout(remaining, self.refresh(generation)).await;
+            match tokio::time::timeout(remaining, self.refresh(generation)).await {
+                Ok(failed) => last_refresh = failed.or(last_refresh),
+                Err(_) => last_refresh = Some("timed out".into()),
+            }
         }
     }
 

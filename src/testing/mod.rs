@@ -13,7 +13,8 @@
 //! [`MemStore::cancel_watches`], [`MemStore::end_watches`], [`MemStore::drop_next_events`]
 //! (silent loss, like d-engine's broadcast lag), [`MemStore::fail_next_ops`] (retryable,
 //! nothing applied), [`MemStore::ambiguous_next_writes`] (applied, reported as
-//! [`Error::Ambiguous`]), [`MemStore::set_latency`]. [`MemStore::op_counts`] counts operations.
+//! [`Error::Ambiguous`]), [`MemStore::late_next_writes`] (reported as ambiguous, applied
+//! only before the next write), [`MemStore::set_latency`]. [`MemStore::op_counts`] counts operations.
 //!
 //! Everything runs on tokio's clock, so tests can use `start_paused = true`.
 
@@ -101,6 +102,7 @@ struct Faults {
     drop_events: u64,
     fail_ops: u64,
     ambiguous_writes: u64,
+    late_writes: u64,
     latency: Duration,
 }
 
@@ -111,6 +113,9 @@ struct State {
     watchers: Vec<Watcher>,
     faults: Faults,
     ops: OpCounts,
+    /// Writes reported as ambiguous and not applied yet: applied, in order, just before the
+    /// next write (like uncommitted Raft entries ahead of it in the leader's log).
+    in_flight: Vec<(Bytes, Write)>,
 }
 
 struct Shared {
@@ -136,10 +141,10 @@ impl Default for MemStore {
     }
 }
 
-enum Write<'a> {
-    Put(&'a [u8], Option<Instant>),
+enum Write {
+    Put(Bytes, Option<Instant>),
     Delete,
-    Cas(Option<&'a [u8]>, &'a [u8]),
+    Cas(Option<Bytes>, Bytes),
 }
 
 impl MemStore {
@@ -192,6 +197,14 @@ impl MemStore {
         self.lock().faults.ambiguous_writes += n;
     }
 
+    /// The next `n` writes are reported as [`Error::Ambiguous`] WITHOUT being applied yet;
+    /// each is applied just before the next write that follows it (reads in between do not
+    /// see it). This is a Raft leader's uncommitted entry whose client timed out: a read
+    /// served meanwhile does not show it, and it still commits ahead of any later write.
+    pub fn late_next_writes(&self, n: u64) {
+        self.lock().faults.late_writes += n;
+    }
+
     /// Every operation first waits `latency`.
     pub fn set_latency(&self, latency: Duration) {
         self.lock().faults.latency = latency;
@@ -233,64 +246,24 @@ impl MemStore {
         Ok(())
     }
 
-    async fn write(&self, op: &'static str, key: &[u8], w: Write<'_>) -> Result<bool> {
+    async fn write(&self, op: &'static str, key: &[u8], w: Write) -> Result<bool> {
         self.enter(op, |c| c.writes += 1).await?;
+        let buffer = self.shared.options.watcher_buffer;
         let mut st = self.lock();
-        st.revision += 1;
-        let revision = st.revision;
-        let prev = st.data.get(key).map(|e| e.value.clone());
-        let (applied, event) = match w {
-            Write::Put(value, ttl) => {
-                let expires_at = match ttl {
-                    Some(at) => Some(at),
-                    // d-engine keeps a key's lease across a plain put.
-                    None => st.data.get(key).and_then(|e| e.expires_at),
-                };
-                let value = Bytes::copy_from_slice(value);
-                st.data.insert(
-                    Bytes::copy_from_slice(key),
-                    Entry {
-                        value: value.clone(),
-                        expires_at,
-                    },
-                );
-                (true, Some((EventKind::Put, value)))
-            }
-            Write::Delete => {
-                st.data.remove(key);
-                (true, Some((EventKind::Delete, Bytes::new())))
-            }
-            Write::Cas(expected, new) => {
-                if prev.as_deref() == expected {
-                    let expires_at = st.data.get(key).and_then(|e| e.expires_at);
-                    let value = Bytes::copy_from_slice(new);
-                    st.data.insert(
-                        Bytes::copy_from_slice(key),
-                        Entry {
-                            value: value.clone(),
-                            expires_at,
-                        },
-                    );
-                    (true, Some((EventKind::Put, value)))
-                } else {
-                    (false, None)
-                }
-            }
-        };
-        if let Some((kind, value)) = event {
-            if st.faults.drop_events > 0 {
-                st.faults.drop_events -= 1;
-            } else {
-                let event = Event {
-                    kind,
-                    key: Bytes::copy_from_slice(key),
-                    value,
-                    prev_value: None,
-                    revision,
-                };
-                dispatch(&mut st, event, prev, self.shared.options.watcher_buffer);
-            }
+        for (k, late) in std::mem::take(&mut st.in_flight) {
+            apply(&mut st, &k, late, buffer);
         }
+        if st.faults.late_writes > 0 {
+            st.faults.late_writes -= 1;
+            st.in_flight.push((Bytes::copy_from_slice(key), w));
+            return Err(Error::Ambiguous {
+                op,
+                key: show(key),
+                message: "injected: not applied yet, applied before the next write".into(),
+                source: None,
+            });
+        }
+        let applied = apply(&mut st, key, w, buffer);
         if st.faults.ambiguous_writes > 0 {
             st.faults.ambiguous_writes -= 1;
             return Err(Error::Ambiguous {
@@ -302,6 +275,65 @@ impl MemStore {
         }
         Ok(applied)
     }
+}
+
+/// Applies one write: bumps the revision, changes the data, tells the watchers. Returns
+/// whether it took effect (false only for a failed CAS).
+fn apply(st: &mut State, key: &[u8], w: Write, buffer: usize) -> bool {
+    st.revision += 1;
+    let revision = st.revision;
+    let prev = st.data.get(key).map(|e| e.value.clone());
+    let (applied, event) = match w {
+        Write::Put(value, ttl) => {
+            let expires_at = match ttl {
+                Some(at) => Some(at),
+                // d-engine keeps a key's lease across a plain put.
+                None => st.data.get(key).and_then(|e| e.expires_at),
+            };
+            st.data.insert(
+                Bytes::copy_from_slice(key),
+                Entry {
+                    value: value.clone(),
+                    expires_at,
+                },
+            );
+            (true, Some((EventKind::Put, value)))
+        }
+        Write::Delete => {
+            st.data.remove(key);
+            (true, Some((EventKind::Delete, Bytes::new())))
+        }
+        Write::Cas(expected, new) => {
+            if prev.as_deref() == expected.as_deref() {
+                let expires_at = st.data.get(key).and_then(|e| e.expires_at);
+                st.data.insert(
+                    Bytes::copy_from_slice(key),
+                    Entry {
+                        value: new.clone(),
+                        expires_at,
+                    },
+                );
+                (true, Some((EventKind::Put, new)))
+            } else {
+                (false, None)
+            }
+        }
+    };
+    if let Some((kind, value)) = event {
+        if st.faults.drop_events > 0 {
+            st.faults.drop_events -= 1;
+        } else {
+            let event = Event {
+                kind,
+                key: Bytes::copy_from_slice(key),
+                value,
+                prev_value: None,
+                revision,
+            };
+            dispatch(st, event, prev, buffer);
+        }
+    }
+    applied
 }
 
 fn dispatch(st: &mut State, event: Event, prev: Option<Bytes>, buffer: usize) {
@@ -355,7 +387,7 @@ impl Store for MemStore {
 
     async fn put(&self, key: &[u8], value: &[u8]) -> Result<()> {
         check_write(key, value)?;
-        self.write("put", key, Write::Put(value, None)).await?;
+        self.write("put", key, Write::Put(Bytes::copy_from_slice(value), None)).await?;
         Ok(())
     }
 
@@ -363,7 +395,7 @@ impl Store for MemStore {
         check_write(key, value)?;
         let secs = ttl_secs(ttl)?;
         let at = Instant::now() + Duration::from_secs(secs);
-        self.write("put_with_ttl", key, Write::Put(value, Some(at)))
+        self.write("put_with_ttl", key, Write::Put(Bytes::copy_from_slice(value), Some(at)))
             .await?;
         Ok(())
     }
@@ -381,7 +413,7 @@ impl Store for MemStore {
         new: &[u8],
     ) -> Result<bool> {
         check_write(key, new)?;
-        self.write("compare_and_swap", key, Write::Cas(expected, new))
+        self.write("compare_and_swap", key, Write::Cas(expected.map(Bytes::copy_from_slice), Bytes::copy_from_slice(new)))
             .await
     }
 
