@@ -71,16 +71,14 @@ fn role_changes_since(before: &[String], now: &[String]) -> Vec<String> {
 async fn main() {
     let kills: usize = arg("--kills", 30);
     let hogs: usize = arg("--hog", 0);
-    let _hog = Hog(
-        (0..hogs)
-            .map(|_| {
-                Command::new("yes")
-                    .stdout(Stdio::null())
-                    .spawn()
-                    .expect("run `yes` as a CPU hog")
-            })
-            .collect(),
-    );
+    let _hog = Hog((0..hogs)
+        .map(|_| {
+            Command::new("yes")
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("run `yes` as a CPU hog")
+        })
+        .collect());
     let mut cluster = common::cluster().await;
     let store = RemoteStore::connect(
         &cluster.endpoints(),
@@ -89,7 +87,10 @@ async fn main() {
     .await
     .unwrap();
     println!("failover: {kills} leader SIGKILLs, 3 nodes, {hogs} CPU hog(s)");
-    println!("{:>4}  {:>6}  {:>10}  {:>5}", "kill", "leader", "write_ms", "terms");
+    println!(
+        "{:>4}  {:>6}  {:>10}  {:>5}",
+        "kill", "leader", "write_ms", "terms"
+    );
     let mut samples = Vec::new();
     let mut slow = Vec::new();
     for k in 1..=kills {
@@ -133,7 +134,10 @@ async fn main() {
         slow.len()
     );
     for (k, took, terms, lines) in slow {
-        println!("--- kill {k}: {} ms, {terms} terms; role changes:", ms(took));
+        println!(
+            "--- kill {k}: {} ms, {terms} terms; role changes:",
+            ms(took)
+        );
         for l in lines {
             println!("    {l}");
         }

@@ -16,7 +16,8 @@
 //!   for data.
 //!
 //! - A restarting voter (d-engine 0.2.4) does not serve until EVERY peer in its config answers
-//!   its startup health check (retried with backoff for minutes). So with one node of three down,
+//!   its startup health check (dcoord's configs retry it every 100 ms..1 s; d-engine's default
+//!   backoff grows to a minute). So with one node of three down,
 //!   restarting a second one does not bring the quorum back until the first returns too
 //!   (pinned in `tests/conformance.rs`).
 //!

@@ -387,7 +387,8 @@ impl Store for MemStore {
 
     async fn put(&self, key: &[u8], value: &[u8]) -> Result<()> {
         check_write(key, value)?;
-        self.write("put", key, Write::Put(Bytes::copy_from_slice(value), None)).await?;
+        self.write("put", key, Write::Put(Bytes::copy_from_slice(value), None))
+            .await?;
         Ok(())
     }
 
@@ -395,8 +396,12 @@ impl Store for MemStore {
         check_write(key, value)?;
         let secs = ttl_secs(ttl)?;
         let at = Instant::now() + Duration::from_secs(secs);
-        self.write("put_with_ttl", key, Write::Put(Bytes::copy_from_slice(value), Some(at)))
-            .await?;
+        self.write(
+            "put_with_ttl",
+            key,
+            Write::Put(Bytes::copy_from_slice(value), Some(at)),
+        )
+        .await?;
         Ok(())
     }
 
@@ -413,8 +418,15 @@ impl Store for MemStore {
         new: &[u8],
     ) -> Result<bool> {
         check_write(key, new)?;
-        self.write("compare_and_swap", key, Write::Cas(expected.map(Bytes::copy_from_slice), Bytes::copy_from_slice(new)))
-            .await
+        self.write(
+            "compare_and_swap",
+            key,
+            Write::Cas(
+                expected.map(Bytes::copy_from_slice),
+                Bytes::copy_from_slice(new),
+            ),
+        )
+        .await
     }
 
     async fn scan_prefix(&self, prefix: &[u8]) -> Result<Scan> {
