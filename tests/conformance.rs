@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::{Backend, Fixture, HEAVY, binary, fixture, next_error, next_event};
 use dcoord::Error;
-use dcoord::engine::{ClusterOptions, LocalCluster};
+use dcoord::engine::{ClusterOptions, LocalCluster, NodeState};
 use dcoord::keys::MAX_VALUE_LEN;
 use dcoord::store::{Consistency, EventKind, RemoteOptions, RemoteStore, Store, WatchTarget};
 use futures::StreamExt;
@@ -368,6 +368,30 @@ async fn cluster_watch_errors_and_writes_resume_after_leader_sigkill() {
     .unwrap();
     let err = short.put(b"/k/quorum", b"4").await.unwrap_err();
     assert!(err.is_retryable() || err.is_ambiguous(), "{err}");
+    // ... and says so: its probe answers "not serving", and its watchdog logs an error naming
+    // the peer that is down (after 10 s).
+    let states = cluster.states().await;
+    assert!(
+        states.contains(&(leader, NodeState::NotServing)),
+        "{states:?}"
+    );
+    let log = cluster.dir().join(format!("n{leader}/node.log"));
+    let wanted = format!("node {other}: down");
+    let waiting = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text
+            .lines()
+            .any(|l| l.contains("does not serve yet") && l.contains(&wanted))
+        {
+            break;
+        }
+        assert!(
+            waiting.elapsed() < Duration::from_secs(60),
+            "node {leader} never reported that it does not serve (waiting for node {other})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     cluster.restart(other).unwrap();
     let restarted = Instant::now();
     loop {
