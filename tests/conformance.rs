@@ -368,13 +368,8 @@ async fn cluster_watch_errors_and_writes_resume_after_leader_sigkill() {
     .unwrap();
     let err = short.put(b"/k/quorum", b"4").await.unwrap_err();
     assert!(err.is_retryable() || err.is_ambiguous(), "{err}");
-    // ... and says so: its probe answers "not serving", and its watchdog logs an error naming
-    // the peer that is down (after 10 s).
-    let states = cluster.states().await;
-    assert!(
-        states.contains(&(leader, NodeState::NotServing)),
-        "{states:?}"
-    );
+    // ... and says so: its watchdog logs an error naming the peer that is down (after 10 s),
+    // and its probe answers "not serving".
     let log = cluster.dir().join(format!("n{leader}/node.log"));
     let wanted = format!("node {other}: down");
     let waiting = Instant::now();
@@ -392,6 +387,11 @@ async fn cluster_watch_errors_and_writes_resume_after_leader_sigkill() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let states = cluster.states().await;
+    assert!(
+        states.contains(&(leader, NodeState::NotServing)),
+        "{states:?}"
+    );
     cluster.restart(other).unwrap();
     let restarted = Instant::now();
     loop {
