@@ -381,6 +381,14 @@ async fn ambiguous_in_flight_update_is_applied_once() {
     struct Counter {
         n: u32,
     }
+    async fn stored(store: &Arc<dyn Store>) -> Counter {
+        let bytes = store
+            .get(b"/cfg/late", Consistency::Linearizable)
+            .await
+            .unwrap()
+            .unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
     let mem = MemStore::new();
     let store: Arc<dyn Store> = Arc::new(mem.clone());
     let cw = ConfigWatch::open(
@@ -396,25 +404,13 @@ async fn ambiguous_in_flight_update_is_applied_once() {
         Ok(v) => assert_eq!(v.n, 11),
         Err(e) => assert!(e.is_ambiguous(), "{e}"),
     }
-    let stored = store
-        .get(b"/cfg/late", Consistency::Linearizable)
-        .await
-        .unwrap()
-        .unwrap();
-    let c: Counter = serde_json::from_slice(&stored).unwrap();
-    assert_eq!(c.n, 11, "one update, applied once");
+    assert_eq!(stored(&store).await.n, 11, "one update, applied once");
 
     // The same when nobody else writes in between: the barrier lands the late write, the
     // re-read sees a value that is not the old one, and the outcome is reported, not guessed.
     mem.late_next_writes(1);
     let r = cw.update(|c| c.n += 1).await;
-    let stored = store
-        .get(b"/cfg/late", Consistency::Linearizable)
-        .await
-        .unwrap()
-        .unwrap();
-    let c: Counter = serde_json::from_slice(&stored).unwrap();
-    assert_eq!(c.n, 12, "{r:?}");
+    assert_eq!(stored(&store).await.n, 12, "{r:?}");
 }
 
 #[tokio::test(start_paused = true)]
