@@ -479,16 +479,17 @@ async fn embedded_node_restarts_with_its_data() {
 /// d-engine 0.2.4's file state machine, after a SIGKILL: the restart replays the WAL into
 /// memory but keeps `last_applied` at the last checkpoint, so Raft applies the same entries
 /// again. A CAS that failed the first time (`B→C` while the key held `A`) then succeeds on the
-/// later value `B`, and the node ends at `C`, a value the key never held. Pinned with dcoord's
-/// repair turned off (`DCOORD_NO_WAL_REPAIR=1`), and shown fixed with it on (see
-/// `src/engine/repair.rs`). If the first half starts failing, d-engine fixed it.
+/// later value `B`, and the node ends at `C`, a value the key never held; and the replay drops
+/// an empty value, which Raft's second application brings back. Pinned on d-engine's
+/// `FileStateMachine` (the benchmark switch), and shown absent from dcoord's state machine with
+/// no repair step. If the first half starts failing, d-engine fixed it.
 #[tokio::test]
-async fn restart_after_sigkill_applies_cas_entries_twice_unless_repaired() {
+async fn restart_after_sigkill_applies_cas_entries_twice_on_d_engines_file_state_machine() {
     let _heavy = HEAVY.lock().await;
-    for repair in [false, true] {
+    for dcoord_sm in [false, true] {
         let mut options = ClusterOptions::default().nodes(1).binary(binary());
-        if !repair {
-            options = options.env("DCOORD_NO_WAL_REPAIR", "1");
+        if !dcoord_sm {
+            options = options.env("DCOORD_BENCH_FILE_STATE_MACHINE", "1");
         }
         let mut cluster = LocalCluster::start(options).await.unwrap();
         let opts = RemoteOptions::default().op_deadline(Duration::from_secs(30));
@@ -521,21 +522,19 @@ async fn restart_after_sigkill_applies_cas_entries_twice_unless_repaired() {
             .await
             .unwrap();
         let got = store.get(key, Consistency::Linearizable).await.unwrap();
-        let want: &[u8] = if repair { b"B" } else { b"C" };
+        let want: &[u8] = if dcoord_sm { b"B" } else { b"C" };
         assert_eq!(
             got.as_deref(),
             Some(want),
-            "repair {repair}: d-engine's replay behaviour changed"
+            "dcoord's state machine {dcoord_sm}: d-engine's replay behaviour changed"
         );
-        // d-engine's WAL replay skips an insert of an empty value ("INSERT operation without
-        // value"): once the repair stops Raft from applying the entry a second time, the key
-        // is gone. dcoord never writes empty values.
+        // An empty value survives the crash on dcoord's state machine. (d-engine's WAL replay
+        // skips it, "INSERT operation without value"; Raft's second application restores it.)
         let got = store.get(empty, Consistency::Linearizable).await.unwrap();
-        let want: Option<&[u8]> = if repair { None } else { Some(b"") };
         assert_eq!(
             got.as_deref(),
-            want,
-            "repair {repair}: empty value after replay"
+            Some(&b""[..]),
+            "dcoord's state machine {dcoord_sm}: empty value after the crash"
         );
     }
 }

@@ -216,8 +216,7 @@ impl NodeConfig {
 }
 
 /// Loads a node's config the way d-engine will (defaults, then the file, then `RAFT__*`
-/// environment variables) and refuses one that would break dcoord: TTL (lease) disabled — a
-/// `put_with_ttl` on such a node kills its apply loop for good.
+/// environment variables), refusing what d-engine refuses.
 pub(crate) fn load(path: &Path) -> Result<d_engine_core::RaftNodeConfig> {
     let path_str = path
         .to_str()
@@ -231,12 +230,6 @@ pub(crate) fn load(path: &Path) -> Result<d_engine_core::RaftNodeConfig> {
         .with_override_config(path_str)
         .and_then(|c| c.validate())
         .map_err(|e| Error::Config(format!("{path:?}: {e}")))?;
-    if !cfg.raft.state_machine.lease.enabled {
-        return Err(Error::Config(format!(
-            "{path:?}: [raft.state_machine.lease] enabled must be true (a TTL write on a node \
-             without it kills d-engine's apply loop); check RAFT__* environment variables"
-        )));
-    }
     Ok(cfg)
 }
 

@@ -10,6 +10,7 @@ use d_engine::{EmbeddedEngine, FileStateMachine, FileStorageEngine};
 use tokio::sync::watch;
 
 use super::config::{self, NodeConfig};
+use super::state_machine::{RedbStateMachine, TICK_KEY, open_state_machine, run_clock};
 use crate::error::{Error, Result};
 use crate::store::{EmbeddedStore, Store};
 
@@ -46,6 +47,8 @@ pub struct EmbeddedNode {
     stopped: watch::Sender<bool>,
     listen: SocketAddr,
     dir: PathBuf,
+    /// The clock ticker and the failure watcher: aborted on stop and drop.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for EmbeddedNode {
@@ -90,9 +93,14 @@ impl EmbeddedNode {
         };
         let cfg = NodeConfig::single(&dir, listen);
         let path = cfg.write()?;
-        let engine = start_engine(&dir, &path).await?;
+        let (engine, backend) = start_engine(&dir, &path).await?;
         let ready = options.ready_timeout.unwrap_or(Duration::from_secs(30));
-        if let Err(e) = engine.wait_ready(ready).await {
+        let mut failure = backend.failure();
+        let waited = tokio::select! {
+            r = engine.wait_ready(ready) => r.map_err(|e| e.to_string()),
+            reason = failed(&mut failure) => Err(reason),
+        };
+        if let Err(e) = waited {
             let _ = engine.stop().await;
             return Err(Error::Config(format!(
                 "embedded node in {dir:?} did not become ready within {ready:?}: {e}"
@@ -100,12 +108,29 @@ impl EmbeddedNode {
         }
         let (stopped, stopped_rx) = watch::channel(false);
         let store = Arc::new(EmbeddedStore::new(engine.client(), stopped_rx));
+        let mut tasks = Vec::new();
+        // A state machine that stopped the node (a gap in the raft log) ends every watch and
+        // fails every later operation with `Stopped`, instead of leaving calls to time out.
+        let on_failure = stopped.clone();
+        tasks.push(tokio::spawn(async move {
+            let reason = failed(&mut failure).await;
+            tracing::error!("embedded node stopped by its state machine: {reason}");
+            on_failure.send_replace(true);
+        }));
+        if let Backend::Redb(sm) = &backend {
+            let client = engine.client();
+            tasks.push(tokio::spawn(run_clock(sm.clone(), move |tick| {
+                let client = client.clone();
+                async move { client.put(TICK_KEY, tick).await.map_err(|e| e.to_string()) }
+            })));
+        }
         Ok(Self {
             engine,
             store,
             stopped,
             listen,
             dir,
+            tasks,
         })
     }
 
@@ -139,6 +164,7 @@ impl EmbeddedNode {
     /// Watches are ended first; dropping the future may leave the engine's shutdown unfinished.
     pub async fn stop(&self) -> Result<()> {
         self.stopped.send_replace(true);
+        self.tasks.iter().for_each(|t| t.abort());
         self.engine.stop().await.map_err(|e| Error::Engine {
             op: "stop",
             message: e.to_string(),
@@ -151,33 +177,81 @@ impl Drop for EmbeddedNode {
     fn drop(&mut self) {
         // d-engine's own Drop signals its shutdown; make sure our watches end too.
         self.stopped.send_replace(true);
+        self.tasks.iter().for_each(|t| t.abort());
     }
 }
 
-/// Builds d-engine's file backend with the lease attached and starts the engine.
-async fn start_engine(dir: &Path, config_path: &Path) -> Result<EmbeddedEngine> {
+/// Starts the engine on dcoord's backend (d-engine's file raft log, dcoord's state machine).
+async fn start_engine(dir: &Path, config_path: &Path) -> Result<(EmbeddedEngine, Backend)> {
     let cfg = config::load(config_path)?;
-    let (storage, sm) = file_backend(dir, &cfg).await?;
     let path = config_path.to_str().expect("checked by config::load");
-    EmbeddedEngine::start_custom(storage, sm, Some(path))
-        .await
-        .map_err(|e| Error::Config(format!("d-engine did not start in {dir:?}: {e}")))
+    let backend = Backend::open(dir, &cfg).await?;
+    let storage = raft_log(dir)?;
+    let started = match &backend {
+        Backend::Redb(sm) => {
+            EmbeddedEngine::start_custom(storage, Arc::new(sm.clone()), Some(path)).await
+        }
+        Backend::File(sm) => EmbeddedEngine::start_custom(storage, sm.clone(), Some(path)).await,
+    };
+    let engine =
+        started.map_err(|e| Error::Config(format!("d-engine did not start in {dir:?}: {e}")))?;
+    Ok((engine, backend))
 }
 
-/// d-engine's file storage engine and state machine, with the TTL lease attached (d-engine only
-/// does this itself for RocksDB; without it a TTL write poisons the node).
-pub(crate) async fn file_backend(
-    dir: &Path,
-    cfg: &d_engine_core::RaftNodeConfig,
-) -> Result<(Arc<FileStorageEngine>, Arc<FileStateMachine>)> {
-    let storage = FileStorageEngine::new(dir.join("storage"))
-        .map_err(|e| Error::Config(format!("cannot open raft log in {dir:?}: {e}")))?;
-    super::repair::repair_state_machine(&dir.join("state_machine"))?;
-    let mut sm = FileStateMachine::new(dir.join("state_machine"))
+/// d-engine's file raft log in `<dir>/storage`.
+pub(crate) fn raft_log(dir: &Path) -> Result<Arc<FileStorageEngine>> {
+    FileStorageEngine::new(dir.join("storage"))
+        .map(Arc::new)
+        .map_err(|e| Error::Config(format!("cannot open raft log in {dir:?}: {e}")))
+}
+
+/// The state machine a node runs.
+pub(crate) enum Backend {
+    /// dcoord's own ([`RedbStateMachine`]), always, except:
+    Redb(RedbStateMachine),
+    /// d-engine's `FileStateMachine`, only for side-by-side benchmarks, when
+    /// `DCOORD_BENCH_FILE_STATE_MACHINE=1`. It is unsafe across crashes (see the README).
+    File(Arc<FileStateMachine>),
+}
+
+/// Environment variable that selects d-engine's `FileStateMachine` (benchmarks only).
+pub(crate) const FILE_SM_SWITCH: &str = "DCOORD_BENCH_FILE_STATE_MACHINE";
+
+impl Backend {
+    pub(crate) async fn open(dir: &Path, cfg: &d_engine_core::RaftNodeConfig) -> Result<Self> {
+        if std::env::var_os(FILE_SM_SWITCH).is_some_and(|v| v == "1") {
+            tracing::warn!(
+                "{FILE_SM_SWITCH}=1: running d-engine's FileStateMachine, which is not crash-safe \
+                 (benchmarks only)"
+            );
+            let mut sm = FileStateMachine::new(dir.join("file_state_machine"))
+                .await
+                .map_err(|e| Error::Config(format!("cannot open state machine in {dir:?}: {e}")))?;
+            sm.set_lease(Arc::new(DefaultLease::new(
+                cfg.raft.state_machine.lease.clone(),
+            )));
+            return Ok(Self::File(Arc::new(sm)));
+        }
+        open_state_machine(dir).await.map(Self::Redb)
+    }
+
+    /// Why the state machine stopped the node, once it has (never, for the file one).
+    pub(crate) fn failure(&self) -> watch::Receiver<Option<String>> {
+        match self {
+            Self::Redb(sm) => sm.failure(),
+            Self::File(_) => watch::channel(None).1,
+        }
+    }
+}
+
+/// Resolves with the reason once the state machine has stopped the node; never, if it cannot.
+pub(crate) async fn failed(failure: &mut watch::Receiver<Option<String>>) -> String {
+    let reason = failure
+        .wait_for(Option::is_some)
         .await
-        .map_err(|e| Error::Config(format!("cannot open state machine in {dir:?}: {e}")))?;
-    sm.set_lease(Arc::new(DefaultLease::new(
-        cfg.raft.state_machine.lease.clone(),
-    )));
-    Ok((Arc::new(storage), Arc::new(sm)))
+        .map(|r| r.clone().unwrap_or_default());
+    match reason {
+        Ok(reason) => reason,
+        Err(_) => std::future::pending().await,
+    }
 }

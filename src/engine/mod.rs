@@ -33,7 +33,7 @@ mod cluster;
 mod config;
 mod embedded;
 mod probe;
-mod repair;
+mod state_machine;
 pub mod watchdog;
 
 use std::path::Path;
@@ -61,23 +61,67 @@ pub async fn run_node(
     config::check_bindable(cfg.cluster.listen_address)?;
     let dir = cfg.cluster.db_root_dir.clone();
     std::fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create data dir", &dir, e))?;
-    let (storage, sm) = embedded::file_backend(&dir, &cfg).await?;
+    let backend = embedded::Backend::open(&dir, &cfg).await?;
+    let storage = embedded::raft_log(&dir)?;
     let peers: Vec<(u32, std::net::SocketAddr)> = cfg
         .cluster
         .initial_cluster
         .iter()
         .filter_map(|m| Some((m.id, m.address.parse().ok()?)))
         .collect();
-    let watchdog = tokio::spawn(watchdog::run(
-        cfg.cluster.node_id,
-        cfg.cluster.listen_address,
-        peers,
-    ));
-    let _stop_watchdog = AbortOnDrop(watchdog);
+    let (id, listen) = (cfg.cluster.node_id, cfg.cluster.listen_address);
+    let _watchdog = AbortOnDrop(tokio::spawn(watchdog::run(id, listen, peers)));
+    let mut failure = backend.failure();
     let path = config_path.to_str().expect("checked by config::load");
-    d_engine::StandaloneEngine::run_custom(storage, sm, shutdown, Some(path))
-        .await
-        .map_err(|e| Error::Config(format!("node {path} failed: {e}")))
+    let run = async {
+        match &backend {
+            embedded::Backend::Redb(sm) => {
+                let _clock = AbortOnDrop(tokio::spawn(leader_clock(sm.clone(), id, listen)));
+                let sm = std::sync::Arc::new(sm.clone());
+                d_engine::StandaloneEngine::run_custom(storage, sm, shutdown, Some(path)).await
+            }
+            embedded::Backend::File(sm) => {
+                d_engine::StandaloneEngine::run_custom(storage, sm.clone(), shutdown, Some(path))
+                    .await
+            }
+        }
+    };
+    tokio::select! {
+        r = run => r.map_err(|e| Error::Config(format!("node {path} failed: {e}"))),
+        reason = embedded::failed(&mut failure) => Err(Error::Engine {
+            op: "apply",
+            message: format!("node {path} stopped by its state machine: {reason}"),
+            source: None,
+        }),
+    }
+}
+
+/// The clock ticks of a cluster node: proposed while this node leads (see
+/// [`state_machine::run_clock`]), through a gRPC client of its own address.
+async fn leader_clock(sm: state_machine::RedbStateMachine, id: u32, listen: std::net::SocketAddr) {
+    let client = std::sync::Arc::new(tokio::sync::Mutex::new(None::<d_engine::Client>));
+    state_machine::run_clock(sm, move |tick| {
+        let client = client.clone();
+        async move {
+            let state = probe(listen, std::time::Duration::from_secs(1)).await;
+            if !matches!(state, NodeState::Serving { leader: Some(l) } if l == id) {
+                return Ok(());
+            }
+            let mut slot = client.lock().await;
+            if slot.is_none() {
+                let built = d_engine::Client::builder(vec![format!("http://{listen}")])
+                    .build()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                *slot = Some(built);
+            }
+            let c = slot.as_ref().expect("set above");
+            d_engine::ClientApi::put(&**c, state_machine::TICK_KEY, tick)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
