@@ -1206,19 +1206,27 @@ mod tests {
     }
 
     fn put(index: u64, key: &str, value: &str) -> ApplyEntry {
-        entry(index, 1, Command::Insert {
-            key: Bytes::copy_from_slice(key.as_bytes()),
-            value: Bytes::copy_from_slice(value.as_bytes()),
-            ttl_secs: None,
-        })
+        entry(
+            index,
+            1,
+            Command::Insert {
+                key: Bytes::copy_from_slice(key.as_bytes()),
+                value: Bytes::copy_from_slice(value.as_bytes()),
+                ttl_secs: None,
+            },
+        )
     }
 
     fn cas(index: u64, key: &str, expected: Option<&str>, value: &str) -> ApplyEntry {
-        entry(index, 1, Command::CompareAndSwap {
-            key: Bytes::copy_from_slice(key.as_bytes()),
-            expected: expected.map(|e| Bytes::copy_from_slice(e.as_bytes())),
-            value: Bytes::copy_from_slice(value.as_bytes()),
-        })
+        entry(
+            index,
+            1,
+            Command::CompareAndSwap {
+                key: Bytes::copy_from_slice(key.as_bytes()),
+                expected: expected.map(|e| Bytes::copy_from_slice(e.as_bytes())),
+                value: Bytes::copy_from_slice(value.as_bytes()),
+            },
+        )
     }
 
     fn entry(index: u64, term: u64, command: Command) -> ApplyEntry {
@@ -1230,7 +1238,12 @@ mod tests {
     }
 
     fn apply(sm: &RedbStateMachine, chunk: &[ApplyEntry]) -> Result<Vec<bool>, Error> {
-        Ok(sm.inner.apply(chunk)?.into_iter().map(|r| r.succeeded).collect())
+        Ok(sm
+            .inner
+            .apply(chunk)?
+            .into_iter()
+            .map(|r| r.succeeded)
+            .collect())
     }
 
     fn value(sm: &RedbStateMachine, key: &str) -> Option<String> {
@@ -1311,19 +1324,27 @@ mod tests {
     }
 
     fn ttl_put(index: u64, key: &str, secs: u64) -> ApplyEntry {
-        entry(index, 1, Command::Insert {
-            key: Bytes::copy_from_slice(key.as_bytes()),
-            value: Bytes::from_static(b"v"),
-            ttl_secs: Some(secs),
-        })
+        entry(
+            index,
+            1,
+            Command::Insert {
+                key: Bytes::copy_from_slice(key.as_bytes()),
+                value: Bytes::from_static(b"v"),
+                ttl_secs: Some(secs),
+            },
+        )
     }
 
     fn tick(index: u64, ms: u64) -> ApplyEntry {
-        entry(index, 1, Command::Insert {
-            key: Bytes::from_static(TICK_KEY),
-            value: Bytes::copy_from_slice(&ms.to_be_bytes()),
-            ttl_secs: None,
-        })
+        entry(
+            index,
+            1,
+            Command::Insert {
+                key: Bytes::from_static(TICK_KEY),
+                value: Bytes::copy_from_slice(&ms.to_be_bytes()),
+                ttl_secs: None,
+            },
+        )
     }
 
     #[test]
@@ -1331,13 +1352,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sm = open(dir.path());
         assert!(!sm.has_ttl_keys());
-        apply(&sm, &[ttl_put(1, "t", 2), ttl_put(2, "d", 2), put(3, "p", "x")]).unwrap();
+        apply(
+            &sm,
+            &[ttl_put(1, "t", 2), ttl_put(2, "d", 2), put(3, "p", "x")],
+        )
+        .unwrap();
         assert!(sm.has_ttl_keys());
         // A clock that was stale (the cluster was down) starts no countdown before the write.
         apply(&sm, &[tick(4, 10_000)]).unwrap();
-        apply(&sm, &[tick(5, 11_999), entry(6, 1, Command::Delete {
-            key: Bytes::from_static(b"d"),
-        })])
+        apply(
+            &sm,
+            &[
+                tick(5, 11_999),
+                entry(
+                    6,
+                    1,
+                    Command::Delete {
+                        key: Bytes::from_static(b"d"),
+                    },
+                ),
+            ],
+        )
         .unwrap();
         assert_eq!(value(&sm, "t").as_deref(), Some("v"));
         // A plain put keeps the TTL; the tick key itself is never stored.
@@ -1357,13 +1392,16 @@ mod tests {
     fn a_snapshot_carries_state_applied_index_ttls_and_cas_results() {
         let a = tempfile::tempdir().unwrap();
         let sm = open(a.path());
-        apply(&sm, &[
-            put(1, "a", "1"),
-            cas(2, "a", Some("0"), "x"),
-            ttl_put(3, "t", 5),
-            put(4, "b", ""),
-            tick(5, 1_000),
-        ])
+        apply(
+            &sm,
+            &[
+                put(1, "a", "1"),
+                cas(2, "a", Some("0"), "x"),
+                ttl_put(3, "t", 5),
+                put(4, "b", ""),
+                tick(5, 1_000),
+            ],
+        )
         .unwrap();
         let label = LogId { index: 2, term: 1 };
         let snap = tempfile::tempdir().unwrap();
@@ -1377,7 +1415,11 @@ mod tests {
         let b = tempfile::tempdir().unwrap();
         let other = open(b.path());
         other.inner.install(&meta, snap.path()).unwrap();
-        assert_eq!(other.last_applied().index, 5, "the dump's real applied index");
+        assert_eq!(
+            other.last_applied().index,
+            5,
+            "the dump's real applied index"
+        );
         assert_eq!(value(&other, "a").as_deref(), Some("1"));
         assert_eq!(value(&other, "b").as_deref(), Some(""));
         // d-engine resends from below the snapshot: skipped, with the first CAS result.
@@ -1389,7 +1431,11 @@ mod tests {
         assert_eq!(value(&other, "t"), None, "the running countdown came along");
         drop(other);
         let other = open(b.path());
-        assert_eq!(other.snapshot_metadata(), Some(meta.clone()), "metadata persisted");
+        assert_eq!(
+            other.snapshot_metadata(),
+            Some(meta.clone()),
+            "metadata persisted"
+        );
         assert_eq!(other.last_applied().index, 7);
 
         // A corrupt dump is refused and the live state is untouched.
