@@ -1,8 +1,10 @@
 //! Store latency: put, CAS, linearizable get, and put→watch-event, on the embedded engine and on
 //! a local 3-node cluster over gRPC (watch on the leader, as `RemoteStore` does, next to a raw
-//! watch on a follower for comparison). Prints a markdown table.
+//! watch on a follower for comparison), with dcoord's state machine and, side by side in the
+//! same run (alternating rounds), d-engine's `FileStateMachine`. Then the disk bytes each
+//! state machine needs for 100k small keys. Prints markdown tables.
 //!
-//! Run: `cargo bench --bench store` (optionally `-- --ops 2000`).
+//! Run: `cargo bench --bench store` (optionally `-- --ops 2000 --rounds 2 --disk-keys 100000`).
 
 #[path = "common/mod.rs"]
 mod common;
@@ -12,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use d_engine_proto::client::WatchRequest;
 use d_engine_proto::client::raft_client_service_client::RaftClientServiceClient;
-use dcoord::engine::EmbeddedNode;
+use dcoord::engine::{ClusterOptions, EmbeddedNode, EmbeddedOptions, LocalCluster};
 use dcoord::store::{Consistency, RemoteStore, Store, WatchTarget};
 use futures::StreamExt;
 
@@ -131,46 +133,181 @@ async fn bench_follower_watch(s: &RemoteStore, follower: String, ops: usize, row
     });
 }
 
+/// Which state machine a run uses.
+#[derive(Clone, Copy, PartialEq)]
+enum Sm {
+    File,
+    Dcoord,
+}
+
+impl Sm {
+    fn embedded(self) -> EmbeddedOptions {
+        let mut o = EmbeddedOptions::default();
+        o.bench_file_state_machine = self == Sm::File;
+        o
+    }
+
+    fn cluster(self) -> ClusterOptions {
+        let o = ClusterOptions::default()
+            .nodes(3)
+            .binary(env!("CARGO_BIN_EXE_dcoord"));
+        match self {
+            Sm::File => o.env("DCOORD_BENCH_FILE_STATE_MACHINE", "1"),
+            Sm::Dcoord => o,
+        }
+    }
+
+    /// The directory its state lives in, inside a node's data directory.
+    fn state_dir(self) -> &'static str {
+        match self {
+            Sm::File => "file_state_machine",
+            Sm::Dcoord => "state",
+        }
+    }
+}
+
+fn dir_bytes(path: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// Disk bytes after `keys` puts of 16-byte values under ~20-byte keys on an embedded node
+/// (state machine directory, raft log directory).
+async fn disk(sm: Sm, keys: usize) -> (u64, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let node = EmbeddedNode::start_with(dir.path(), sm.embedded())
+        .await
+        .unwrap();
+    let store = node.dyn_store();
+    futures::stream::iter(0..keys)
+        .map(|i| {
+            let store = store.clone();
+            async move {
+                store
+                    .put(format!("/disk/{i:010}").as_bytes(), b"value-0123456789")
+                    .await
+                    .unwrap()
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<()>>()
+        .await;
+    node.stop().await.unwrap();
+    drop(node);
+    (
+        dir_bytes(&dir.path().join(sm.state_dir())),
+        dir_bytes(&dir.path().join("storage")),
+    )
+}
+
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let ops = args
-        .iter()
-        .position(|a| a == "--ops")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2000usize);
-    let mut rows = Vec::new();
+    let ops = arg("--ops", 2000usize);
+    let rounds = arg("--rounds", 2usize).max(1);
+    let disk_keys = arg("--disk-keys", 100_000usize);
+    let per_round = (ops / rounds).max(1);
+    // (setup, op) → samples of [file, dcoord], in first-seen order.
+    let mut table: Vec<((&'static str, &'static str), [Vec<Duration>; 2])> = Vec::new();
+    let mut add = |sm: Sm, rows: Vec<Row>| {
+        for r in rows {
+            let key = (r.setup, r.op);
+            let at = match table.iter().position(|(k, _)| *k == key) {
+                Some(at) => at,
+                None => {
+                    table.push((key, [Vec::new(), Vec::new()]));
+                    table.len() - 1
+                }
+            };
+            table[at].1[(sm == Sm::Dcoord) as usize].extend(r.samples);
+        }
+    };
+    for round in 0..rounds {
+        let order = if round % 2 == 0 {
+            [Sm::File, Sm::Dcoord]
+        } else {
+            [Sm::Dcoord, Sm::File]
+        };
+        for sm in order {
+            let mut rows = Vec::new();
+            let dir = tempfile::tempdir().unwrap();
+            let node = EmbeddedNode::start_with(dir.path(), sm.embedded())
+                .await
+                .unwrap();
+            bench_store("embedded", node.dyn_store(), per_round, &mut rows).await;
+            node.stop().await.unwrap();
+            drop(node);
 
-    let dir = tempfile::tempdir().unwrap();
-    let node = EmbeddedNode::start(dir.path()).await.unwrap();
-    bench_store("embedded", node.dyn_store(), ops, &mut rows).await;
-    node.stop().await.unwrap();
+            let cluster = LocalCluster::start(sm.cluster()).await.unwrap();
+            let store = cluster.store().await.unwrap();
+            bench_store("3-node gRPC", Arc::new(store.clone()), per_round, &mut rows).await;
+            if sm == Sm::Dcoord && round == 0 {
+                let leader = store.leader_id().await.unwrap();
+                let follower = cluster
+                    .ids()
+                    .into_iter()
+                    .find(|id| *id != leader)
+                    .and_then(|id| cluster.endpoint(id))
+                    .unwrap();
+                bench_follower_watch(&store, follower, per_round.min(300), &mut rows).await;
+            }
+            drop(cluster);
+            add(sm, rows);
+        }
+    }
 
-    let cluster = common::cluster().await;
-    let store = cluster.store().await.unwrap();
-    bench_store("3-node gRPC", Arc::new(store.clone()), ops, &mut rows).await;
-    let leader = store.leader_id().await.unwrap();
-    let follower = cluster
-        .ids()
-        .into_iter()
-        .find(|id| *id != leader)
-        .and_then(|id| cluster.endpoint(id))
-        .unwrap();
-    bench_follower_watch(&store, follower, ops.min(300), &mut rows).await;
-
-    println!("\n| setup | operation | n | p50 ms | p90 ms | p99 ms |");
-    println!("|---|---|---|---|---|---|");
-    for r in &mut rows {
-        r.samples.sort();
+    println!(
+        "\n| setup | operation | n | file p50 ms | file p99 ms | dcoord p50 ms | dcoord p99 ms | dcoord/file p50 |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for ((setup, op), samples) in &mut table {
+        for s in samples.iter_mut() {
+            s.sort();
+        }
+        let cell = |s: &Vec<Duration>, p: f64| {
+            if s.is_empty() {
+                "-".to_string()
+            } else {
+                ms(pct(s, p))
+            }
+        };
+        let ratio = if samples[0].is_empty() || samples[1].is_empty() {
+            "-".to_string()
+        } else {
+            format!(
+                "{:.2}",
+                pct(&samples[1], 0.5).as_secs_f64() / pct(&samples[0], 0.5).as_secs_f64()
+            )
+        };
         println!(
-            "| {} | {} | {} | {} | {} | {} |",
-            r.setup,
-            r.op,
-            r.samples.len(),
-            ms(pct(&r.samples, 0.5)),
-            ms(pct(&r.samples, 0.9)),
-            ms(pct(&r.samples, 0.99))
+            "| {setup} | {op} | {} | {} | {} | {} | {} | {ratio} |",
+            samples[1].len().max(samples[0].len()),
+            cell(&samples[0], 0.5),
+            cell(&samples[0], 0.99),
+            cell(&samples[1], 0.5),
+            cell(&samples[1], 0.99),
         );
+    }
+
+    if disk_keys > 0 {
+        println!("\n| state machine | keys | state machine bytes | raft log bytes |");
+        println!("|---|---|---|---|");
+        for sm in [Sm::File, Sm::Dcoord] {
+            let (state, log) = disk(sm, disk_keys).await;
+            let name = if sm == Sm::File {
+                "d-engine FileStateMachine"
+            } else {
+                "dcoord (redb)"
+            };
+            println!("| {name} | {disk_keys} | {state} | {log} |");
+        }
     }
 }

@@ -22,6 +22,10 @@ pub struct EmbeddedOptions {
     pub port: Option<u16>,
     /// How long to wait for the node to become leader. Default 30 s.
     pub ready_timeout: Option<Duration>,
+    /// Runs d-engine's `FileStateMachine` instead of dcoord's: for side-by-side benchmarks
+    /// only; it is not crash-safe (see the README).
+    #[doc(hidden)]
+    pub bench_file_state_machine: bool,
 }
 
 /// A single-node d-engine cluster running inside this process, with its data in one directory.
@@ -93,7 +97,7 @@ impl EmbeddedNode {
         };
         let cfg = NodeConfig::single(&dir, listen);
         let path = cfg.write()?;
-        let (engine, backend) = start_engine(&dir, &path).await?;
+        let (engine, backend) = start_engine(&dir, &path, options.bench_file_state_machine).await?;
         let ready = options.ready_timeout.unwrap_or(Duration::from_secs(30));
         let mut failure = backend.failure();
         let waited = tokio::select! {
@@ -182,10 +186,14 @@ impl Drop for EmbeddedNode {
 }
 
 /// Starts the engine on dcoord's backend (d-engine's file raft log, dcoord's state machine).
-async fn start_engine(dir: &Path, config_path: &Path) -> Result<(EmbeddedEngine, Backend)> {
+async fn start_engine(
+    dir: &Path,
+    config_path: &Path,
+    file_sm: bool,
+) -> Result<(EmbeddedEngine, Backend)> {
     let cfg = config::load(config_path)?;
     let path = config_path.to_str().expect("checked by config::load");
-    let backend = Backend::open(dir, &cfg).await?;
+    let backend = Backend::open(dir, &cfg, file_sm).await?;
     let storage = raft_log(dir)?;
     let started = match &backend {
         Backend::Redb(sm) => {
@@ -210,7 +218,8 @@ pub(crate) enum Backend {
     /// dcoord's own ([`RedbStateMachine`]), always, except:
     Redb(RedbStateMachine),
     /// d-engine's `FileStateMachine`, only for side-by-side benchmarks, when
-    /// `DCOORD_BENCH_FILE_STATE_MACHINE=1`. It is unsafe across crashes (see the README).
+    /// `DCOORD_BENCH_FILE_STATE_MACHINE=1` (nodes) or `bench_file_state_machine` (embedded).
+    /// It is not crash-safe (see the README).
     File(Arc<FileStateMachine>),
 }
 
@@ -218,8 +227,12 @@ pub(crate) enum Backend {
 pub(crate) const FILE_SM_SWITCH: &str = "DCOORD_BENCH_FILE_STATE_MACHINE";
 
 impl Backend {
-    pub(crate) async fn open(dir: &Path, cfg: &d_engine_core::RaftNodeConfig) -> Result<Self> {
-        if std::env::var_os(FILE_SM_SWITCH).is_some_and(|v| v == "1") {
+    pub(crate) async fn open(
+        dir: &Path,
+        cfg: &d_engine_core::RaftNodeConfig,
+        file_sm: bool,
+    ) -> Result<Self> {
+        if file_sm {
             tracing::warn!(
                 "{FILE_SM_SWITCH}=1: running d-engine's FileStateMachine, which is not crash-safe \
                  (benchmarks only)"

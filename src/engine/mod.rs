@@ -4,14 +4,15 @@
 //! - Every node dcoord starts has watch and TTL (lease) enabled, its snapshots and logs inside
 //!   its own data directory, and a server-side operation timeout of 5 s (d-engine's 50 ms
 //!   default fails writes under load while they still commit).
-//! - A node is never started with TTL disabled: a `put_with_ttl` on such a node kills
-//!   d-engine's apply loop for good, and the poisoned entry re-kills it on every restart.
-//! - Storage is d-engine's file backend (`FileStorageEngine` + `FileStateMachine`). RocksDB is
-//!   an opt-in cargo feature, never the default.
+//! - Storage is d-engine's file raft log (`FileStorageEngine`) and dcoord's own state machine
+//!   ([`state_machine`], on redb): crash-safe, never applies an entry twice, stops the node
+//!   with an error naming the indexes instead of skipping a hole in the log, keeps empty values
+//!   and its snapshot metadata. RocksDB is an opt-in cargo feature, never the default.
+//! - TTL expiry is driven by clock ticks the leader writes through Raft, so every replica
+//!   expires the same keys at the same log index; no lease setting can poison a node.
 //!
 //! # NOT guaranteed
-//! - `RAFT__*` environment variables override what dcoord writes (d-engine's rule). dcoord
-//!   still refuses a config whose lease ends up disabled.
+//! - `RAFT__*` environment variables override what dcoord writes (d-engine's rule).
 //! - d-engine prints role changes to stdout; a process that runs a node should not use stdout
 //!   for data.
 //!
@@ -33,7 +34,7 @@ mod cluster;
 mod config;
 mod embedded;
 mod probe;
-mod state_machine;
+pub mod state_machine;
 pub mod watchdog;
 
 use std::path::Path;
@@ -61,7 +62,8 @@ pub async fn run_node(
     config::check_bindable(cfg.cluster.listen_address)?;
     let dir = cfg.cluster.db_root_dir.clone();
     std::fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create data dir", &dir, e))?;
-    let backend = embedded::Backend::open(&dir, &cfg).await?;
+    let file_sm = std::env::var_os(embedded::FILE_SM_SWITCH).is_some_and(|v| v == "1");
+    let backend = embedded::Backend::open(&dir, &cfg, file_sm).await?;
     let storage = embedded::raft_log(&dir)?;
     let peers: Vec<(u32, std::net::SocketAddr)> = cfg
         .cluster

@@ -27,9 +27,11 @@
 //!   mean nothing. There is no watch-from-revision.
 //! - A `Delete` event does not prove the key existed: deleting an absent key emits one.
 //! - `prev_value` cannot tell "absent" from "empty": both are `Some(b"")`.
-//! - TTL ([`Store::put_with_ttl`]) is garbage collection only: expiry is decided by each node's
-//!   clock, emits NO watch event, and an expired key stays readable (and CAS-able) until that
-//!   node's sweeper removes it. Never let CAS manage a key that has a TTL.
+//! - TTL ([`Store::put_with_ttl`]) is garbage collection only: it emits NO watch event, and an
+//!   expired key stays readable (and CAS-able) until it is removed. On dcoord's nodes the
+//!   removal is a replicated clock tick (about once a second while a leader is known; see
+//!   [`crate::engine::state_machine`]); in [`crate::testing::MemStore`], its sweeper. Never
+//!   let CAS manage a key that has a TTL.
 //!
 //! # Failure modes
 //! - [`Error::Unavailable`]: nothing applied, retry is safe.
