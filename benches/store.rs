@@ -133,6 +133,9 @@ async fn bench_follower_watch(s: &RemoteStore, follower: String, ops: usize, row
     });
 }
 
+/// (setup, operation).
+type RowKey = (&'static str, &'static str);
+
 /// Which state machine a run uses.
 #[derive(Clone, Copy, PartialEq)]
 enum Sm {
@@ -216,7 +219,7 @@ async fn main() {
     let disk_keys = arg("--disk-keys", 100_000usize);
     let per_round = (ops / rounds).max(1);
     // (setup, op) → samples of [file, dcoord], in first-seen order.
-    let mut table: Vec<((&'static str, &'static str), [Vec<Duration>; 2])> = Vec::new();
+    let mut table: Vec<(RowKey, [Vec<Duration>; 2])> = Vec::new();
     let mut add = |sm: Sm, rows: Vec<Row>| {
         for r in rows {
             let key = (r.setup, r.op);

@@ -455,6 +455,26 @@ async fn embedded_node_on_a_taken_port_is_refused() {
     assert!(matches!(err, Error::PortInUse { .. }), "{err}");
 }
 
+/// A data directory of d-engine's FileStateMachine (older dcoord) is refused with a clear
+/// error, never misread, and nothing in it is changed.
+#[tokio::test]
+async fn embedded_node_refuses_a_file_state_machine_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("state_machine");
+    std::fs::create_dir_all(&old).unwrap();
+    std::fs::write(old.join("state.data"), b"old").unwrap();
+    let e = dcoord::engine::EmbeddedNode::start(dir.path())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("FileStateMachine") && e.contains("move its data directory away"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(old.join("state.data")).unwrap(), b"old");
+    assert!(!dir.path().join("state").exists());
+}
+
 #[tokio::test]
 async fn embedded_node_restarts_with_its_data() {
     let dir = tempfile::tempdir().unwrap();

@@ -143,7 +143,7 @@ async fn kill_loop(nodes: usize, pace: Duration, pick: impl Fn(usize, u32, &[u32
     let store = RemoteStore::connect(&cluster.endpoints(), opts)
         .await
         .unwrap();
-    let seen = seen.lock().unwrap();
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
     assert!(seen.violations.is_empty(), "{:#?}", seen.violations);
     let n = parse(store.get(COUNTER, Consistency::Linearizable).await.unwrap());
     assert!(

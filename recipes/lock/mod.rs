@@ -193,7 +193,8 @@ impl Mutex {
             // Announce ourselves with a key of our own: no contention with anyone.
             let me = inner.slot();
             pending.arm(me.clone());
-            // Not empty: d-engine 0.2.4's crash recovery drops empty values (see engine docs).
+            // Not empty: d-engine 0.2.4's own FileStateMachine drops empty values after a crash
+            // (a cluster not run by dcoord may use it).
             inner.store.put(&inner.arrival_key(&me), b"w").await?;
             let mut current = inner.current(None).await?;
             let mut liveness = Liveness::new(inner.session.lease());

@@ -613,7 +613,7 @@ impl<'t> Tables<'t> {
         match command {
             Command::Noop => Ok(true),
             Command::Insert { key, value, .. } if &key[..] == TICK_KEY => {
-                let tick = (value.len() == 8).then(|| be_u64(value)).unwrap_or(0);
+                let tick = if value.len() == 8 { be_u64(value) } else { 0 };
                 self.tick(meta, tick)?;
                 Ok(true)
             }
