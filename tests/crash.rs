@@ -305,3 +305,123 @@ async fn a_state_machine_behind_the_purged_log_stops_the_node_with_the_gap() {
     assert!(line.contains("are missing"), "{line}");
     eprintln!("the node stopped: {line}");
 }
+
+/// A follower that was down while the leader snapshotted and purged its log catches up by a
+/// snapshot install, and then holds exactly the leader's keys (read from its own file after a
+/// graceful stop).
+#[tokio::test]
+async fn a_follower_behind_the_purged_log_catches_up_by_snapshot_with_every_key() {
+    use d_engine_proto::client::WatchRequest;
+    use d_engine_proto::client::raft_client_service_client::RaftClientServiceClient;
+    use dcoord::engine::state_machine::RedbStateMachine;
+    use futures::StreamExt;
+
+    let _heavy = HEAVY.lock().await;
+    let options = ClusterOptions::default()
+        .nodes(3)
+        .binary(binary())
+        .env(
+            "RAFT__RAFT__SNAPSHOT__MAX_LOG_ENTRIES_BEFORE_SNAPSHOT",
+            "50",
+        )
+        .env("RAFT__RAFT__SNAPSHOT__RETAINED_LOG_ENTRIES", "5")
+        .env("DCOORD_LOG", "warn,dcoord::engine::state_machine=info");
+    let mut cluster = LocalCluster::start(options).await.unwrap();
+    let opts = RemoteOptions::default().op_deadline(Duration::from_secs(30));
+    let store = RemoteStore::connect(&cluster.endpoints(), opts.clone())
+        .await
+        .unwrap();
+    for i in 0..10 {
+        store
+            .put(format!("/snap/a/{i}").as_bytes(), b"1")
+            .await
+            .unwrap();
+    }
+    let leader = cluster
+        .wait_for_leader(Duration::from_secs(30))
+        .await
+        .unwrap();
+    let follower = *cluster.ids().iter().find(|&&id| id != leader).unwrap();
+    cluster.kill(follower).unwrap();
+    // Sequential writes, some CAS-updated twice, an empty value: the leader snapshots (one
+    // per minute at most: d-engine's cool-down) and purges its log.
+    for i in 0..300 {
+        let k = format!("/snap/b/{i}");
+        store.put(k.as_bytes(), b"0").await.unwrap();
+        if i % 7 == 0 {
+            assert!(
+                store
+                    .compare_and_swap(k.as_bytes(), Some(b"0"), b"1")
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                !store
+                    .compare_and_swap(k.as_bytes(), Some(b"0"), b"2")
+                    .await
+                    .unwrap()
+            );
+        }
+    }
+    store.put(b"/snap/empty", b"").await.unwrap();
+    cluster.restart(follower).unwrap();
+    cluster.wait_ready(Duration::from_secs(60)).await.unwrap();
+    let endpoint = cluster.endpoint(follower).unwrap();
+    let mut raw = RaftClientServiceClient::connect(endpoint).await.unwrap();
+    let mut events = raw
+        .watch(WatchRequest {
+            client_id: 0,
+            key: "/snap/marker".into(),
+            prefix: false,
+            prev_kv: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    store.put(b"/snap/marker", b"1").await.unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(60), events.next()).await;
+    assert!(
+        matches!(seen, Ok(Some(Ok(_)))),
+        "the follower never applied the marker: {seen:?}\n{}",
+        cluster.log_tails(60)
+    );
+    let want = store.scan_prefix(b"/snap/").await.unwrap();
+    drop(events);
+
+    // Stop it gracefully (its state machine syncs at shutdown) and read its file.
+    let dir = cluster.dir().join(format!("n{follower}"));
+    dcoord::engine::signal(cluster.pid(follower).unwrap(), "TERM").unwrap();
+    let started = std::time::Instant::now();
+    let sm = loop {
+        match RedbStateMachine::open(dir.join("state")).await {
+            Ok(sm) => break sm,
+            Err(e) => assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "cannot open the follower's state: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let got = d_engine_core::StateMachine::scan_prefix(&sm, b"/snap/").unwrap();
+    let got: Vec<(Vec<u8>, Vec<u8>)> = got
+        .entries
+        .iter()
+        .map(|(k, v)| (k.to_vec(), v.to_vec()))
+        .collect();
+    let want: Vec<(Vec<u8>, Vec<u8>)> = want
+        .entries
+        .iter()
+        .map(|(k, v)| (k.to_vec(), v.to_vec()))
+        .collect();
+    assert_eq!(got.len(), want.len(), "keys on the follower vs the leader");
+    assert!(
+        got == want,
+        "the follower's state differs from the leader's"
+    );
+    let log = std::fs::read_to_string(dir.join("node.log")).unwrap();
+    assert!(
+        log.contains("snapshot installed"),
+        "the follower caught up without a snapshot install\n{}",
+        cluster.log_tails(60)
+    );
+}

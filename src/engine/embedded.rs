@@ -53,6 +53,7 @@ pub struct EmbeddedNode {
     dir: PathBuf,
     /// The clock ticker and the failure watcher: aborted on stop and drop.
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    backend: Backend,
 }
 
 impl std::fmt::Debug for EmbeddedNode {
@@ -135,6 +136,7 @@ impl EmbeddedNode {
             listen,
             dir,
             tasks,
+            backend,
         })
     }
 
@@ -169,11 +171,13 @@ impl EmbeddedNode {
     pub async fn stop(&self) -> Result<()> {
         self.stopped.send_replace(true);
         self.tasks.iter().for_each(|t| t.abort());
-        self.engine.stop().await.map_err(|e| Error::Engine {
+        let stopped = self.engine.stop().await.map_err(|e| Error::Engine {
             op: "stop",
             message: e.to_string(),
             source: None,
-        })
+        });
+        self.backend.sync();
+        stopped
     }
 }
 
@@ -246,6 +250,16 @@ impl Backend {
             return Ok(Self::File(Arc::new(sm)));
         }
         open_state_machine(dir).await.map(Self::Redb)
+    }
+
+    /// Makes every applied entry durable (d-engine never calls `StateMachine::stop`). A failure
+    /// is logged: the raft log still holds the entries.
+    pub(crate) fn sync(&self) {
+        if let Self::Redb(sm) = self
+            && let Err(e) = sm.sync()
+        {
+            tracing::warn!("state machine sync at shutdown failed: {e}");
+        }
     }
 
     /// Why the state machine stopped the node, once it has (never, for the file one).

@@ -88,14 +88,16 @@ pub async fn run_node(
             }
         }
     };
-    tokio::select! {
+    let result = tokio::select! {
         r = run => r.map_err(|e| Error::Config(format!("node {path} failed: {e}"))),
         reason = embedded::failed(&mut failure) => Err(Error::Engine {
             op: "apply",
             message: format!("node {path} stopped by its state machine: {reason}"),
             source: None,
         }),
-    }
+    };
+    backend.sync();
+    result
 }
 
 /// The clock ticks of a cluster node: proposed while this node leads (see
