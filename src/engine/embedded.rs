@@ -255,10 +255,11 @@ impl Backend {
     /// Makes every applied entry durable (d-engine never calls `StateMachine::stop`). A failure
     /// is logged: the raft log still holds the entries.
     pub(crate) fn sync(&self) {
-        if let Self::Redb(sm) = self
-            && let Err(e) = sm.sync()
-        {
-            tracing::warn!("state machine sync at shutdown failed: {e}");
+        if let Self::Redb(sm) = self {
+            match sm.sync() {
+                Ok(()) => tracing::info!("state machine synced at shutdown"),
+                Err(e) => tracing::warn!("state machine sync at shutdown failed: {e}"),
+            }
         }
     }
 
