@@ -163,12 +163,19 @@ impl Store for EmbeddedStore {
         let name = target.to_string();
         Ok(Box::pin(async_stream::stream! {
             let mut handle = handle;
+            // d-engine 0.2.4 re-sends committed ranges to the state machine while it applies,
+            // and emits a watch event for every send: drop what this stream already delivered.
+            let mut last = 0u64;
             loop {
                 tokio::select! {
                     biased;
                     ev = handle.receiver_mut().recv() => match ev {
                         Some(ev) => match convert(ev, prev_value) {
-                            Converted::Event(e) => yield Ok(e),
+                            Converted::Event(e) if e.revision > last => {
+                                last = e.revision;
+                                yield Ok(e);
+                            }
+                            Converted::Event(_) => {}
                             Converted::Skip => {}
                             Converted::Canceled => {
                                 yield Err(Error::WatchCanceled { target: name.clone() });

@@ -23,6 +23,10 @@
 //! - Watch delivery is at-most-once: under a burst, d-engine can drop events for every watcher
 //!   with no signal at all. Anything that must not miss a change re-scans periodically
 //!   (`reconcile` does).
+//! - d-engine 0.2.4 hands committed ranges to the state machine again while it still applies
+//!   them, and emits watch events for every hand-over. dcoord's state machine applies each entry
+//!   once, and a watch stream drops events at or below the last revision it delivered; but an
+//!   entry applied just BEFORE a watch was opened can still arrive as its first event.
 //! - Revisions are global (shared by all keys and by Raft's own entries): gaps are normal and
 //!   mean nothing. There is no watch-from-revision.
 //! - A `Delete` event does not prove the key existed: deleting an absent key emits one.

@@ -402,10 +402,17 @@ impl Store for RemoteStore {
         let name = target.to_string();
         Ok(Box::pin(async_stream::stream! {
             let mut stream = stream;
+            // d-engine 0.2.4 re-sends committed ranges to the state machine while it applies,
+            // and emits a watch event for every send: drop what this stream already delivered.
+            let mut last = 0u64;
             loop {
                 match stream.next().await {
                     Some(Ok(resp)) => match convert(resp, prev_value) {
-                        Some(Ok(ev)) => yield Ok(ev),
+                        Some(Ok(ev)) if ev.revision > last => {
+                            last = ev.revision;
+                            yield Ok(ev);
+                        }
+                        Some(Ok(_)) => {}
                         Some(Err(())) => {
                             yield Err(Error::WatchCanceled { target: name.clone() });
                             break;
