@@ -399,7 +399,10 @@ async fn concurrent_writes(store: Arc<dyn Store>, ns: &str, total: usize) -> (us
                 };
                 match res {
                     Ok(()) => ok += 1,
-                    Err(e) if e.is_ambiguous() || e.is_retryable() => ambiguous += 1,
+                    Err(e) if e.is_ambiguous() || e.is_retryable() => {
+                        eprintln!("write {n}: {e}");
+                        ambiguous += 1
+                    }
                     Err(e) => panic!("write failed: {e}"),
                 }
             }

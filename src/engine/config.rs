@@ -183,6 +183,13 @@ impl NodeConfig {
             "cleanup_interval_ms = {}",
             t.ttl_sweep_interval.as_millis()
         );
+        // d-engine 0.2.4 gives its gRPC server the control-plane request timeout, 100 ms, for
+        // EVERY RPC, client writes included: a write that takes longer on a busy host is
+        // cancelled ("Timeout expired") while it still commits, so the client sees an ambiguous
+        // outcome. Longer than the Raft operation timeout (5 s), shorter than RemoteStore's 7 s.
+        // Peer RPCs keep their own per-call timeouts ([retry.*]).
+        let _ = writeln!(s, "\n[network.control]");
+        let _ = writeln!(s, "request_timeout_in_ms = {SERVER_REQUEST_TIMEOUT_MS}");
         let _ = writeln!(s, "\n[raft.watch]");
         let _ = writeln!(s, "heartbeat_interval_ms = 1000");
         // d-engine 0.2.4: a voter serves nothing until EVERY peer in its config has answered its
@@ -214,6 +221,9 @@ impl NodeConfig {
         Ok(path)
     }
 }
+
+/// The gRPC server's timeout for any request (see the node config).
+pub(crate) const SERVER_REQUEST_TIMEOUT_MS: u64 = 6000;
 
 /// Loads a node's config the way d-engine will (defaults, then the file, then `RAFT__*`
 /// environment variables), refusing what d-engine refuses.
@@ -278,6 +288,11 @@ mod tests {
         assert!(loaded.raft.snapshot.snapshots_dir.starts_with(dir.path()));
         assert_eq!(loaded.retry.membership.base_delay_ms, 100);
         assert_eq!(loaded.retry.membership.max_delay_ms, 1000);
+        assert_eq!(
+            loaded.network.control.request_timeout_in_ms,
+            SERVER_REQUEST_TIMEOUT_MS
+        );
+        assert_eq!(loaded.network.control.connect_timeout_in_ms, 20, "defaults kept");
     }
 
     #[test]
