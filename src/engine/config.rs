@@ -292,7 +292,10 @@ mod tests {
             loaded.network.control.request_timeout_in_ms,
             SERVER_REQUEST_TIMEOUT_MS
         );
-        assert_eq!(loaded.network.control.connect_timeout_in_ms, 20, "defaults kept");
+        assert_eq!(
+            loaded.network.control.connect_timeout_in_ms, 20,
+            "defaults kept"
+        );
     }
 
     #[test]
