@@ -91,7 +91,7 @@ use tracing::{error, info, warn};
 /// state machine does not store it; a watch on the empty prefix sees its events.
 pub const TICK_KEY: &[u8] = b"\0dcoord/clock";
 /// The longest time an applied chunk stays non-durable (until the next apply).
-pub const DURABLE_EVERY: Duration = Duration::from_millis(100);
+pub const DURABLE_EVERY: Duration = Duration::from_secs(1);
 /// How many recent CAS results are kept to answer a re-sent CAS.
 pub const CAS_RESULT_SLOTS: u64 = 65_536;
 
