@@ -195,20 +195,25 @@ async fn three_nodes_killed_50_times_under_cas_and_puts_lose_nothing_acknowledge
     .await;
 }
 
+/// `nodes` nodes that snapshot every 50 entries, keeping 5 below the snapshot in the log.
+fn snapshot_every_50(nodes: usize) -> ClusterOptions {
+    ClusterOptions::default()
+        .nodes(nodes)
+        .binary(binary())
+        .env(
+            "RAFT__RAFT__SNAPSHOT__MAX_LOG_ENTRIES_BEFORE_SNAPSHOT",
+            "50",
+        )
+        .env("RAFT__RAFT__SNAPSHOT__RETAINED_LOG_ENTRIES", "5")
+}
+
 /// A restart keeps the snapshot metadata (no snapshot at once, as d-engine's FileStateMachine
 /// does), and a state machine restored from an old copy, below the purged log, stops the node
 /// with an error naming the missing entries instead of serving a state with a hole.
 #[tokio::test]
 async fn a_state_machine_behind_the_purged_log_stops_the_node_with_the_gap() {
     let _heavy = HEAVY.lock().await;
-    let options = ClusterOptions::default()
-        .nodes(1)
-        .binary(binary())
-        .env(
-            "RAFT__RAFT__SNAPSHOT__MAX_LOG_ENTRIES_BEFORE_SNAPSHOT",
-            "50",
-        )
-        .env("RAFT__RAFT__SNAPSHOT__RETAINED_LOG_ENTRIES", "5");
+    let options = snapshot_every_50(1);
     let mut cluster = LocalCluster::start(options).await.unwrap();
     let opts = RemoteOptions::default().op_deadline(Duration::from_secs(30));
     let store = RemoteStore::connect(&cluster.endpoints(), opts.clone())
@@ -317,15 +322,7 @@ async fn a_follower_behind_the_purged_log_catches_up_by_snapshot_with_every_key(
     use futures::StreamExt;
 
     let _heavy = HEAVY.lock().await;
-    let options = ClusterOptions::default()
-        .nodes(3)
-        .binary(binary())
-        .env(
-            "RAFT__RAFT__SNAPSHOT__MAX_LOG_ENTRIES_BEFORE_SNAPSHOT",
-            "50",
-        )
-        .env("RAFT__RAFT__SNAPSHOT__RETAINED_LOG_ENTRIES", "5")
-        .env("DCOORD_LOG", "warn,dcoord::engine=info");
+    let options = snapshot_every_50(3).env("DCOORD_LOG", "warn,dcoord::engine=info");
     let mut cluster = LocalCluster::start(options).await.unwrap();
     let opts = RemoteOptions::default().op_deadline(Duration::from_secs(30));
     let store = RemoteStore::connect(&cluster.endpoints(), opts.clone())
