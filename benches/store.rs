@@ -1,8 +1,9 @@
 //! Store latency: put, CAS, linearizable get, and put→watch-event, on the embedded engine and on
 //! a local 3-node cluster over gRPC (watch on the leader, as `RemoteStore` does, next to a raw
 //! watch on a follower for comparison), with dcoord's state machine and, side by side in the
-//! same run (alternating rounds), d-engine's `FileStateMachine`. Then the disk bytes each
-//! state machine needs for 100k small keys. Prints markdown tables.
+//! same run (alternating rounds), d-engine's stock storage (`FileStateMachine` and
+//! `FileStorageEngine`). Then the disk bytes each needs for 100k small keys. Prints markdown
+//! tables.
 //!
 //! Run: `cargo bench --bench store` (optionally `-- --ops 2000 --rounds 2 --disk-keys 100000`).
 
@@ -136,7 +137,7 @@ async fn bench_follower_watch(s: &RemoteStore, follower: String, ops: usize, row
 /// (setup, operation).
 type RowKey = (&'static str, &'static str);
 
-/// Which state machine a run uses.
+/// Which storage a run uses: d-engine's file state machine and raft log, or dcoord's.
 #[derive(Clone, Copy, PartialEq)]
 enum Sm {
     File,
@@ -165,6 +166,14 @@ impl Sm {
         match self {
             Sm::File => "file_state_machine",
             Sm::Dcoord => "state",
+        }
+    }
+
+    /// The directory its raft log lives in, inside a node's data directory.
+    fn log_dir(self) -> &'static str {
+        match self {
+            Sm::File => "file_storage",
+            Sm::Dcoord => "storage",
         }
     }
 }
@@ -208,7 +217,7 @@ async fn disk(sm: Sm, keys: usize) -> (u64, u64) {
     drop(node);
     (
         dir_bytes(&dir.path().join(sm.state_dir())),
-        dir_bytes(&dir.path().join("storage")),
+        dir_bytes(&dir.path().join(sm.log_dir())),
     )
 }
 
@@ -301,14 +310,14 @@ async fn main() {
     }
 
     if disk_keys > 0 {
-        println!("\n| state machine | keys | state machine bytes | raft log bytes |");
+        println!("\n| storage | keys | state machine bytes | raft log bytes |");
         println!("|---|---|---|---|");
         for sm in [Sm::File, Sm::Dcoord] {
             let (state, log) = disk(sm, disk_keys).await;
             let name = if sm == Sm::File {
-                "d-engine FileStateMachine"
+                "d-engine FileStateMachine + FileStorageEngine"
             } else {
-                "dcoord (redb)"
+                "dcoord (redb state machine + redb raft log)"
             };
             println!("| {name} | {disk_keys} | {state} | {log} |");
         }

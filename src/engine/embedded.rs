@@ -10,6 +10,7 @@ use d_engine::{EmbeddedEngine, FileStateMachine, FileStorageEngine};
 use tokio::sync::watch;
 
 use super::config::{self, NodeConfig};
+use super::raft_log::{RaftStorage, open_raft_log};
 use super::state_machine::{RedbStateMachine, TICK_KEY, open_state_machine, run_clock};
 use crate::error::{Error, Result};
 use crate::store::{EmbeddedStore, Store};
@@ -122,7 +123,7 @@ impl EmbeddedNode {
             tracing::error!("embedded node stopped by its state machine: {reason}");
             on_failure.send_replace(true);
         }));
-        if let Backend::Redb(sm) = &backend {
+        if let Backend::Redb(sm, _) = &backend {
             let client = engine.client();
             tasks.push(tokio::spawn(run_clock(sm.clone(), move |tick| {
                 let client = client.clone();
@@ -198,32 +199,34 @@ async fn start_engine(
     let cfg = config::load(config_path)?;
     let path = config_path.to_str().expect("checked by config::load");
     let backend = Backend::open(dir, &cfg, file_sm).await?;
-    let storage = raft_log(dir)?;
     let started = match &backend {
-        Backend::Redb(sm) => {
-            EmbeddedEngine::start_custom(storage, Arc::new(sm.clone()), Some(path)).await
+        Backend::Redb(sm, log) => {
+            EmbeddedEngine::start_custom(log.clone(), Arc::new(sm.clone()), Some(path)).await
         }
-        Backend::File(sm) => EmbeddedEngine::start_custom(storage, sm.clone(), Some(path)).await,
+        Backend::File(sm) => {
+            EmbeddedEngine::start_custom(file_raft_log(dir)?, sm.clone(), Some(path)).await
+        }
     };
     let engine =
         started.map_err(|e| Error::Config(format!("d-engine did not start in {dir:?}: {e}")))?;
     Ok((engine, backend))
 }
 
-/// d-engine's file raft log in `<dir>/storage`.
-pub(crate) fn raft_log(dir: &Path) -> Result<Arc<FileStorageEngine>> {
-    FileStorageEngine::new(dir.join("storage"))
+/// d-engine's file raft log in `<dir>/file_storage` (benchmarks only).
+pub(crate) fn file_raft_log(dir: &Path) -> Result<Arc<FileStorageEngine>> {
+    FileStorageEngine::new(dir.join("file_storage"))
         .map(Arc::new)
         .map_err(|e| Error::Config(format!("cannot open raft log in {dir:?}: {e}")))
 }
 
-/// The state machine a node runs.
+/// The storage a node runs.
 pub(crate) enum Backend {
-    /// dcoord's own ([`RedbStateMachine`]), always, except:
-    Redb(RedbStateMachine),
-    /// d-engine's `FileStateMachine`, only for side-by-side benchmarks, when
-    /// `DCOORD_BENCH_FILE_STATE_MACHINE=1` (nodes) or `bench_file_state_machine` (embedded).
-    /// It is not crash-safe (see the README).
+    /// dcoord's own state machine ([`RedbStateMachine`]) and raft log ([`RaftStorage`]),
+    /// always, except:
+    Redb(RedbStateMachine, Arc<RaftStorage>),
+    /// d-engine's `FileStateMachine` and `FileStorageEngine`, only for side-by-side
+    /// benchmarks, when `DCOORD_BENCH_FILE_STATE_MACHINE=1` (nodes) or
+    /// `bench_file_state_machine` (embedded). Neither is crash-safe (see the README).
     File(Arc<FileStateMachine>),
 }
 
@@ -238,8 +241,8 @@ impl Backend {
     ) -> Result<Self> {
         if file_sm {
             tracing::warn!(
-                "{FILE_SM_SWITCH}=1: running d-engine's FileStateMachine, which is not crash-safe \
-                 (benchmarks only)"
+                "{FILE_SM_SWITCH}=1: running d-engine's FileStateMachine and file raft log, which \
+                 are not crash-safe (benchmarks only)"
             );
             let mut sm = FileStateMachine::new(dir.join("file_state_machine"))
                 .await
@@ -249,13 +252,15 @@ impl Backend {
             )));
             return Ok(Self::File(Arc::new(sm)));
         }
-        open_state_machine(dir).await.map(Self::Redb)
+        let log = open_raft_log(dir)?;
+        let sm = open_state_machine(dir).await?;
+        Ok(Self::Redb(sm, log))
     }
 
     /// Makes every applied entry durable (d-engine never calls `StateMachine::stop`). A failure
     /// is logged: the raft log still holds the entries.
     pub(crate) fn sync(&self) {
-        if let Self::Redb(sm) = self {
+        if let Self::Redb(sm, _) = self {
             match sm.sync() {
                 Ok(()) => tracing::info!("state machine synced at shutdown"),
                 Err(e) => tracing::warn!("state machine sync at shutdown failed: {e}"),
@@ -266,7 +271,7 @@ impl Backend {
     /// Why the state machine stopped the node, once it has (never, for the file one).
     pub(crate) fn failure(&self) -> watch::Receiver<Option<String>> {
         match self {
-            Self::Redb(sm) => sm.failure(),
+            Self::Redb(sm, _) => sm.failure(),
             Self::File(_) => watch::channel(None).1,
         }
     }

@@ -4,10 +4,10 @@
 //! - Every node dcoord starts has watch and TTL (lease) enabled, its snapshots and logs inside
 //!   its own data directory, and a server-side operation timeout of 5 s (d-engine's 50 ms
 //!   default fails writes under load while they still commit).
-//! - Storage is d-engine's file raft log (`FileStorageEngine`) and dcoord's own state machine
-//!   ([`state_machine`], on redb): crash-safe, never applies an entry twice, stops the node
-//!   with an error naming the indexes instead of skipping a hole in the log, keeps empty values
-//!   and its snapshot metadata. RocksDB is an opt-in cargo feature, never the default.
+//! - Storage is dcoord's own raft log ([`raft_log`], on redb: no torn records, a durable vote)
+//!   and state machine ([`state_machine`], on redb): crash-safe, never applies an entry twice,
+//!   stops the node with an error naming the indexes instead of skipping a hole in the log,
+//!   keeps empty values and its snapshot metadata. RocksDB is an opt-in cargo feature, never the default.
 //! - TTL expiry is driven by clock ticks the leader writes through Raft, so every replica
 //!   expires the same keys at the same log index; no lease setting can poison a node.
 //!
@@ -34,6 +34,7 @@ mod cluster;
 mod config;
 mod embedded;
 mod probe;
+pub mod raft_log;
 pub mod state_machine;
 pub mod watchdog;
 
@@ -64,7 +65,10 @@ pub async fn run_node(
     std::fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create data dir", &dir, e))?;
     let file_sm = std::env::var_os(embedded::FILE_SM_SWITCH).is_some_and(|v| v == "1");
     let backend = embedded::Backend::open(&dir, &cfg, file_sm).await?;
-    let storage = embedded::raft_log(&dir)?;
+    let file_log = match &backend {
+        embedded::Backend::File(_) => Some(embedded::file_raft_log(&dir)?),
+        embedded::Backend::Redb(..) => None,
+    };
     let peers: Vec<(u32, std::net::SocketAddr)> = cfg
         .cluster
         .initial_cluster
@@ -77,14 +81,14 @@ pub async fn run_node(
     let path = config_path.to_str().expect("checked by config::load");
     let run = async {
         match &backend {
-            embedded::Backend::Redb(sm) => {
+            embedded::Backend::Redb(sm, log) => {
                 let _clock = AbortOnDrop(tokio::spawn(leader_clock(sm.clone(), id, listen)));
                 let sm = std::sync::Arc::new(sm.clone());
-                d_engine::StandaloneEngine::run_custom(storage, sm, shutdown, Some(path)).await
+                d_engine::StandaloneEngine::run_custom(log.clone(), sm, shutdown, Some(path)).await
             }
             embedded::Backend::File(sm) => {
-                d_engine::StandaloneEngine::run_custom(storage, sm.clone(), shutdown, Some(path))
-                    .await
+                let log = file_log.expect("opened for the file backend");
+                d_engine::StandaloneEngine::run_custom(log, sm.clone(), shutdown, Some(path)).await
             }
         }
     };
