@@ -564,3 +564,126 @@ async fn restart_after_sigkill_applies_cas_entries_twice_on_d_engines_file_state
         );
     }
 }
+
+/// d-engine 0.2.4's file raft log (`FileStorageEngine`) writes a record as two writes (length,
+/// then body). A SIGKILL between them leaves a torn record; the next start stops reading there
+/// but does not cut it off, so later appends land behind the torn bytes and the start after
+/// that misreads them: entries that were appended and flushed are gone (in `tests/crash.rs` the
+/// node then could no longer commit). Pinned on d-engine's engine, and shown absent from
+/// dcoord's raft log (each append is one redb transaction; there is no torn record to leave).
+/// If the first half starts failing, d-engine fixed it.
+#[tokio::test]
+async fn a_torn_record_in_d_engines_file_raft_log_loses_later_flushed_entries() {
+    use d_engine_core::{LogStore, StorageEngine};
+    use d_engine_proto::common::Entry;
+    let entry = |index| Entry {
+        index,
+        term: 1,
+        ..Default::default()
+    };
+    let indexes = |log: &dyn LogStore| -> Vec<u64> {
+        let entries = log.get_entries(1..=10).unwrap();
+        entries.iter().map(|e| e.index).collect()
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    {
+        let engine = d_engine::FileStorageEngine::new(path.clone()).unwrap();
+        let log = engine.log_store();
+        log.persist_entries((1..=3).map(entry).collect())
+            .await
+            .unwrap();
+        log.flush().unwrap();
+    }
+    // What a SIGKILL between the two writes leaves: a length with only part of its body.
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(path.join("logs").join("log.data"))
+        .unwrap();
+    file.write_all(&100u64.to_be_bytes()).unwrap();
+    file.write_all(&[0x08, 0x04]).unwrap();
+    drop(file);
+    {
+        let engine = d_engine::FileStorageEngine::new(path.clone()).unwrap();
+        let log = engine.log_store();
+        assert_eq!(log.last_index(), 3);
+        log.persist_entries((4..=5).map(entry).collect())
+            .await
+            .unwrap();
+        log.flush().unwrap();
+        assert_eq!(indexes(&*log), [1, 2, 3, 4, 5]);
+    }
+    let engine = d_engine::FileStorageEngine::new(path).unwrap();
+    assert_eq!(
+        indexes(&*engine.log_store()),
+        [1, 2, 3],
+        "d-engine's file raft log kept the entries behind a torn record"
+    );
+
+    // dcoord's raft log: the same appends survive every reopen.
+    let dir = tempfile::tempdir().unwrap();
+    for batch in [1..=3, 4..=5] {
+        let storage = dcoord::engine::raft_log::RaftStorage::open(dir.path()).unwrap();
+        let log = storage.log_store();
+        log.persist_entries(batch.map(entry).collect())
+            .await
+            .unwrap();
+        log.flush().unwrap();
+    }
+    let storage = dcoord::engine::raft_log::RaftStorage::open(dir.path()).unwrap();
+    assert_eq!(indexes(&*storage.log_store()), [1, 2, 3, 4, 5]);
+}
+
+/// d-engine 0.2.4 saves the term and vote only when its `Raft` is dropped (`raft.rs`, `impl
+/// Drop for Raft`): never while it runs. A node killed with SIGKILL restarts with the term and
+/// vote of its last graceful stop (or none), whatever it voted since (Raft requires both on
+/// disk before any reply), so it can vote twice in one term. Pinned here: after SIGKILLs the
+/// saved term stays 0; after a graceful stop it is saved. dcoord's workaround: a node starts
+/// at least at its log's last term (so every restart elects a higher term than the last and
+/// log terms never go backwards), checked here too. If the first half starts failing,
+/// d-engine fixed it.
+#[tokio::test]
+async fn d_engine_saves_the_term_and_vote_only_at_a_graceful_stop() {
+    use dcoord::engine::raft_log::RaftStorage;
+    let _heavy = HEAVY.lock().await;
+    let mut cluster = LocalCluster::start(ClusterOptions::default().nodes(1).binary(binary()))
+        .await
+        .unwrap();
+    let dir = cluster.dir().join("n1").join("storage");
+    let mut terms = Vec::new();
+    for _ in 0..3 {
+        cluster.kill(1).unwrap();
+        let summary = RaftStorage::open(&dir).unwrap().summary().unwrap();
+        assert_eq!(
+            summary.saved_term, 0,
+            "d-engine saved the term while running"
+        );
+        terms.push(summary.last_term);
+        cluster.restart(1).unwrap();
+        cluster.wait_ready(Duration::from_secs(60)).await.unwrap();
+    }
+    assert!(
+        terms[0] >= 1 && terms.windows(2).all(|w| w[0] < w[1]),
+        "the leader's term after each restart: {terms:?} (must rise)"
+    );
+    dcoord::engine::signal(cluster.pid(1).unwrap(), "TERM").unwrap();
+    let started = Instant::now();
+    let storage = loop {
+        match RaftStorage::open(&dir) {
+            Ok(s) => break s,
+            Err(e) => assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the node did not stop: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let summary = storage.summary().unwrap();
+    assert!(
+        summary.saved_term > terms[2],
+        "saved term {} after a graceful stop, terms {terms:?}",
+        summary.saved_term
+    );
+}

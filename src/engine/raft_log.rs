@@ -83,8 +83,10 @@ pub struct LogSummary {
     pub holes: Vec<RangeInclusive<u64>>,
     /// The last purged entry (index, term), if the log was ever purged.
     pub purged: Option<(u64, u64)>,
-    /// The persisted current term.
-    pub term: u64,
+    /// The term d-engine last saved (0 if never; d-engine 0.2.4 saves only at a graceful stop).
+    pub saved_term: u64,
+    /// The term of the last stored entry (of the purge boundary if the log is empty).
+    pub last_term: u64,
 }
 
 /// Opens the raft log of a node's data directory (`<data_dir>/storage/raft.redb`).
@@ -105,9 +107,9 @@ pub(crate) fn open_raft_log(data_dir: &Path) -> crate::Result<Arc<RaftStorage>> 
             dir.join(DB_FILE)
         )));
     }
-    RaftStorage::open(&dir).map(Arc::new).map_err(|e| {
-        crate::Error::Config(format!("cannot open the raft log in {data_dir:?}: {e}"))
-    })
+    RaftStorage::open(&dir)
+        .map(Arc::new)
+        .map_err(|e| crate::Error::Config(format!("cannot open the raft log in {data_dir:?}: {e}")))
 }
 
 impl RaftStorage {
@@ -124,7 +126,10 @@ impl RaftStorage {
         {
             txn.open_table(LOG).ctx("open log")?;
             let mut meta = txn.open_table(META).ctx("open meta")?;
-            let format = meta.get("format").ctx("read format")?.map(|g| g.value().to_vec());
+            let format = meta
+                .get("format")
+                .ctx("read format")?
+                .map(|g| g.value().to_vec());
             match format {
                 None => {
                     meta.insert("format", FORMAT).ctx("write format")?;
@@ -177,12 +182,13 @@ impl RaftStorage {
             });
         }
         let purged = read_purged(&self.log.db)?.map(|l| (l.index, l.term));
-        let term = self.meta.load_hard_state()?.map_or(0, |h| h.current_term);
+        let saved_term = read_saved_hard_state(&self.meta.db)?.map_or(0, |h| h.current_term);
         Ok(LogSummary {
             bounds,
             holes,
             purged,
-            term,
+            saved_term,
+            last_term: last_log_term(&self.log.db)?,
         })
     }
 }
@@ -254,8 +260,7 @@ impl LogStore for RaftLogStore {
         let txn = begin(&self.db, true)?;
         {
             let mut log = txn.open_table(LOG).ctx("open log")?;
-            log.retain_in(..=cutoff.index, |_, _| false)
-                .ctx("purge")?;
+            log.retain_in(..=cutoff.index, |_, _| false).ctx("purge")?;
             let mut meta = txn.open_table(META).ctx("open meta")?;
             meta.insert("purged", cutoff.encode_to_vec().as_slice())
                 .ctx("write purge boundary")?;
@@ -318,13 +323,57 @@ impl MetaStore for HardStateStore {
         txn.commit().ctx("commit hard state")
     }
 
+    /// The saved hard state, raised to the last log entry's term when that is higher (with no
+    /// vote in it). d-engine 0.2.4 saves the hard state only at a graceful stop, so after a crash
+    /// the saved term is stale or absent; a node that restarted below the terms in its own log
+    /// would lead in an old term and append entries whose terms go backwards, and Raft's
+    /// up-to-date check would then rank its log wrongly. Raising one's own term is always
+    /// allowed in Raft. (The vote of the crashed run is still lost: issue 14.)
     fn load_hard_state(&self) -> Result<Option<HardState>, Error> {
-        let txn = self.db.begin_read().ctx("begin_read")?;
-        let meta = txn.open_table(META).ctx("open meta")?;
-        meta.get("hard_state")
-            .ctx("read hard state")?
-            .map(|g| decode_hard_state(g.value()))
-            .transpose()
+        let saved = read_saved_hard_state(&self.db)?;
+        let floor = last_log_term(&self.db)?;
+        Ok(match saved {
+            Some(h) if h.current_term >= floor => Some(h),
+            _ if floor == 0 => saved,
+            _ => {
+                tracing::warn!(
+                    saved_term = saved.map_or(0, |h| h.current_term),
+                    log_term = floor,
+                    "the saved term is behind the raft log (d-engine saves it only at a graceful \
+                     stop); starting at the log's term, with no vote"
+                );
+                Some(HardState {
+                    current_term: floor,
+                    voted_for: None,
+                })
+            }
+        })
+    }
+}
+
+fn read_saved_hard_state(db: &Database) -> Result<Option<HardState>, Error> {
+    let txn = db.begin_read().ctx("begin_read")?;
+    let meta = txn.open_table(META).ctx("open meta")?;
+    meta.get("hard_state")
+        .ctx("read hard state")?
+        .map(|g| decode_hard_state(g.value()))
+        .transpose()
+}
+
+/// The term of the last stored entry, else of the purge boundary, else 0.
+fn last_log_term(db: &Database) -> Result<u64, Error> {
+    let last = {
+        let txn = db.begin_read().ctx("begin_read")?;
+        let log = txn.open_table(LOG).ctx("open log")?;
+        let row = log.last().ctx("read last")?;
+        match row {
+            Some((k, v)) => Some(decode(k.value(), v.value())?.term),
+            None => None,
+        }
+    };
+    match last {
+        Some(term) => Ok(term),
+        None => Ok(read_purged(db)?.map_or(0, |l| l.term)),
     }
 }
 
@@ -463,7 +512,8 @@ mod tests {
                 bounds: Some((4, 9)),
                 holes: vec![],
                 purged: Some((3, 1)),
-                term: 2,
+                saved_term: 2,
+                last_term: 2,
             }
         );
         log.truncate(5).await.unwrap();
@@ -471,6 +521,33 @@ mod tests {
         log.reset().await.unwrap();
         assert_eq!(log.last_index(), 0);
         assert_eq!(log.load_purge_boundary().unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_saved_term_behind_the_log_is_raised_to_the_log_term_without_a_vote() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RaftStorage::open(dir.path()).unwrap();
+        let meta = s.meta_store();
+        assert!(meta.load_hard_state().unwrap().is_none());
+        let vote = VotedFor {
+            voted_for_id: 1,
+            voted_for_term: 2,
+            committed: false,
+        };
+        let saved = HardState {
+            current_term: 2,
+            voted_for: Some(vote),
+        };
+        meta.save_hard_state(&saved).unwrap();
+        let log = s.log_store();
+        log.persist_entries(vec![entry(1, 2)]).await.unwrap();
+        let got = meta.load_hard_state().unwrap().unwrap();
+        assert_eq!((got.current_term, got.voted_for), (2, Some(vote)));
+        log.persist_entries(vec![entry(2, 5)]).await.unwrap();
+        let got = meta.load_hard_state().unwrap().unwrap();
+        assert_eq!((got.current_term, got.voted_for), (5, None));
+        log.purge(LogId { index: 2, term: 5 }).await.unwrap();
+        assert_eq!(meta.load_hard_state().unwrap().unwrap().current_term, 5);
     }
 
     #[tokio::test]
