@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building dcoord needs on a fresh Debian/Ubuntu machine: protoc (d-engine's
-# build script runs it). `setup.sh etcd` also installs etcd (for scripts/bench-etcd.sh).
-# Skips everything that is already there. Safe to run again.
+# build script runs it), and d-engine-core 0.2.4 with dcoord's own patch in .patched/ (the
+# README's "Patched d-engine-core" says why). `setup.sh etcd` also installs etcd (for
+# scripts/bench-etcd.sh). Skips everything that is already there. Safe to run again.
 set -euo pipefail
 
 # ensure COMMAND PACKAGE: installs PACKAGE with apt-get unless COMMAND is on the PATH.
@@ -25,8 +26,55 @@ ensure() {
   fi
 }
 
+# patch_crate NAME VERSION SHA256: fetches the pristine crate through cargo (its registry
+# cache, else a throwaway project's `cargo fetch`), checks it against crates.io's checksum
+# (the one Cargo.lock had before the patch), applies patches/NAME-VERSION.patch, and puts the
+# result in .patched/NAME, where Cargo.toml's [patch.crates-io] points. Redone only when the
+# patch changes.
+patch_crate() {
+  local name=$1 version=$2 sum=$3
+  local root; root=$(cd "$(dirname "$0")/.." && pwd)
+  local patch="$root/patches/$name-$version.patch" dest="$root/.patched/$name"
+  local stamp; stamp="$version $(sha256sum "$patch" | cut -d' ' -f1)"
+  if [ -f "$dest/.dcoord-patch" ] && [ "$(cat "$dest/.dcoord-patch")" = "$stamp" ]; then
+    echo "setup: patched $name $version present" >&2
+    return
+  fi
+  local cache="${CARGO_HOME:-$HOME/.cargo}/registry/cache"
+  local crate; crate=$(ls "$cache"/*/"$name-$version.crate" 2>/dev/null | head -1 || true)
+  if [ -z "$crate" ]; then
+    echo "setup: fetching $name $version through cargo" >&2
+    local tmp; tmp=$(mktemp -d)
+    mkdir "$tmp/src"
+    : > "$tmp/src/lib.rs"
+    printf '[package]\nname = "dcoord-fetch-pristine"\nversion = "0.0.0"\nedition = "2021"\n\n[dependencies]\n%s = "=%s"\n' \
+      "$name" "$version" > "$tmp/Cargo.toml"
+    cargo fetch --quiet --manifest-path "$tmp/Cargo.toml"
+    rm -rf "$tmp"
+    crate=$(ls "$cache"/*/"$name-$version.crate" | head -1)
+  fi
+  if ! echo "$sum  $crate" | sha256sum --check --quiet - >/dev/null 2>&1; then
+    echo "setup: $crate does not have crates.io's checksum $sum; refusing to patch it" >&2
+    exit 1
+  fi
+  local work; work=$(mktemp -d)
+  tar xzf "$crate" -C "$work"
+  if ! (cd "$work/$name-$version" && git apply --whitespace=nowarn "$patch"); then
+    echo "setup: $patch does not apply to $name $version" >&2
+    exit 1
+  fi
+  echo "$stamp" > "$work/$name-$version/.dcoord-patch"
+  rm -rf "$dest"
+  mkdir -p "$(dirname "$dest")"
+  mv "$work/$name-$version" "$dest"
+  rm -rf "$work"
+  echo "setup: patched $name $version into $dest" >&2
+}
+
 ensure protoc protobuf-compiler
 protoc --version >&2
+ensure git git
+patch_crate d-engine-core 0.2.4 1f0df85c4c123417ee95ac56eb9736b67cef6bfc1cb885dcb738c5a289894bb7
 for extra in "$@"; do
   case "$extra" in
     etcd) ensure etcd etcd-server; etcd --version | head -1 >&2 ;;

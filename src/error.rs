@@ -13,6 +13,7 @@
 //! | [`Error::Decode`] | a stored value is not what the recipe wrote | inspect the key; nothing was changed |
 //! | [`Error::Fenced`] | a newer lock holder already wrote the key | stop: you no longer hold the lock |
 //! | [`Error::SessionLost`] | the session's lease ran out (or it was closed) | start a new session |
+//! | [`Error::ReplicaMismatch`] | a replica check found nodes that differ | wipe the named node's data dir; it catches up |
 //! | [`Error::Engine`], [`Error::Config`], [`Error::Io`], [`Error::PortInUse`] | everything else | read the message |
 
 use std::path::PathBuf;
@@ -115,6 +116,14 @@ pub enum Error {
         target: String,
         /// The transport error.
         message: String,
+    },
+
+    /// The replicas of a cluster differ (keys, values, TTL state) or a node's raft log has a
+    /// hole: see [`crate::engine::replica::check`].
+    #[error("replicas differ: {report}")]
+    ReplicaMismatch {
+        /// Which nodes, keys and index ranges.
+        report: String,
     },
 
     /// The embedded engine behind this store has been stopped.

@@ -37,6 +37,17 @@ enum Cmd {
     SoakWorker(soak::WorkerArgs),
     /// Run a local N-node cluster on 127.0.0.1 in the foreground until Ctrl-C.
     Cluster(ClusterArgs),
+    /// Check that every node holds the same state and a raft log without holes (after writes
+    /// stop). Reads each node's admin endpoint (`dcoord node --admin`; `dcoord cluster` prints
+    /// them). Exit 0 when they agree, 1 naming the nodes, keys and index ranges that differ.
+    Check {
+        /// Every node's admin address (host:port), comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        admin: Vec<String>,
+        /// Give up after this many seconds without a moment when all nodes stand at one index.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
     /// Print a key's value.
     Get {
         /// The key.
@@ -232,6 +243,9 @@ struct NodeArgs {
     /// Data directory.
     #[arg(long, default_value = "./dcoord-data")]
     dir: PathBuf,
+    /// Serve this node's replica view (for `dcoord check`) on this address.
+    #[arg(long)]
+    admin: Option<SocketAddr>,
     /// Exit when stdin closes (used by `dcoord cluster` and tests so nodes never outlive them).
     #[arg(long, hide = true)]
     exit_with_stdin: bool,
@@ -370,6 +384,19 @@ async fn run(cmd: Cmd) -> dcoord::Result<ExitCode> {
         Cmd::Soak(args) => soak::run(args).await,
         Cmd::SoakWorker(args) => soak::run_worker(args).await,
         Cmd::Cluster(args) => run_cluster(args).await,
+        Cmd::Check { admin, timeout } => {
+            match dcoord::engine::replica::check(&admin, Duration::from_secs(timeout)).await {
+                Ok(report) => {
+                    println!("{report}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(Error::ReplicaMismatch { report }) => {
+                    println!("replicas differ: {report}");
+                    Ok(ExitCode::from(1))
+                }
+                Err(e) => Err(e),
+            }
+        }
         Cmd::Get {
             key,
             consistency,
@@ -513,7 +540,7 @@ async fn run_node(args: NodeArgs) -> dcoord::Result<ExitCode> {
         let _ = shutdown_tx.send(());
     });
     eprintln!("dcoord: node starting with {config_path:?}");
-    dcoord::engine::run_node(&config_path, shutdown_rx).await?;
+    dcoord::engine::run_node(&config_path, shutdown_rx, args.admin).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -543,6 +570,7 @@ async fn run_cluster(args: ClusterArgs) -> dcoord::Result<ExitCode> {
         println!("node {id}: {e} (pid {})", cluster.pid(*id).unwrap_or(0));
     }
     println!("DCOORD_ENDPOINTS={}", endpoints.join(","));
+    println!("check replicas: dcoord check --admin {}", cluster.admins().join(","));
     eprintln!(
         "dcoord: cluster running, data in {:?}; Ctrl-C to stop",
         cluster.dir()

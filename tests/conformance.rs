@@ -636,16 +636,14 @@ async fn a_torn_record_in_d_engines_file_raft_log_loses_later_flushed_entries() 
     assert_eq!(indexes(&*storage.log_store()), [1, 2, 3, 4, 5]);
 }
 
-/// d-engine 0.2.4 saves the term and vote only when its `Raft` is dropped (`raft.rs`, `impl
-/// Drop for Raft`): never while it runs. A node killed with SIGKILL restarts with the term and
-/// vote of its last graceful stop (or none), whatever it voted since (Raft requires both on
-/// disk before any reply), so it can vote twice in one term. Pinned here: after SIGKILLs the
-/// saved term stays 0; after a graceful stop it is saved. dcoord's workaround: a node starts
-/// at least at its log's last term (so every restart elects a higher term than the last and
-/// log terms never go backwards), checked here too. If the first half starts failing,
-/// d-engine fixed it.
+/// Stock d-engine 0.2.4 saves the term and vote only when its `Raft` is dropped (`raft.rs`,
+/// `impl Drop for Raft`), never while it runs: a node killed with SIGKILL came back at term 0
+/// with no vote, free to vote twice in one term. dcoord's patched d-engine-core saves them
+/// before it asks for votes or grants one, so after each SIGKILL the saved term is the term the
+/// node led in (a 1-node cluster elects itself), and each restart leads in a higher term.
+/// (Against stock 0.2.4 the saved term here was 0 every time.)
 #[tokio::test]
-async fn d_engine_saves_the_term_and_vote_only_at_a_graceful_stop() {
+async fn a_node_killed_with_sigkill_keeps_its_term_and_vote() {
     use dcoord::engine::raft_log::RaftStorage;
     let _heavy = HEAVY.lock().await;
     let mut cluster = LocalCluster::start(ClusterOptions::default().nodes(1).binary(binary()))

@@ -169,8 +169,12 @@ async fn kill_loop(nodes: usize, pace: Duration, pick: impl Fn(usize, u32, &[u32
         "only {} increments acknowledged",
         seen.acked
     );
+    let report = cluster
+        .check_replicas(Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("after {total} kills: {e}"));
     eprintln!(
-        "{nodes} node(s), {total} kills: counter {n} ({} acknowledged), {} puts checked",
+        "{nodes} node(s), {total} kills: counter {n} ({} acknowledged), {} puts checked; {report}",
         seen.acked,
         seen.puts.len()
     );

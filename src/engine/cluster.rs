@@ -73,6 +73,8 @@ impl ClusterOptions {
 struct ClusterNode {
     id: u32,
     addr: SocketAddr,
+    /// The node's admin endpoint (its replica view, see [`super::replica`]).
+    admin: SocketAddr,
     config_path: PathBuf,
     dir: PathBuf,
     process: Option<(Child, ChildStdin)>,
@@ -157,10 +159,11 @@ impl LocalCluster {
                 (t.path().to_path_buf(), Some(t))
             }
         };
-        let addrs = config::free_addrs(options.nodes)?;
+        let all = config::free_addrs(options.nodes * 2)?;
+        let (addrs, admins) = all.split_at(options.nodes);
         let peers: Vec<(u32, SocketAddr)> = (1..).zip(addrs.iter().copied()).collect();
         let mut nodes = Vec::with_capacity(options.nodes);
-        for &(id, addr) in &peers {
+        for (&(id, addr), &admin) in peers.iter().zip(admins) {
             let cfg = NodeConfig {
                 node_id: id,
                 listen: addr,
@@ -172,6 +175,7 @@ impl LocalCluster {
             nodes.push(ClusterNode {
                 id,
                 addr,
+                admin,
                 config_path,
                 dir: cfg.data_dir,
                 process: None,
@@ -219,6 +223,8 @@ impl LocalCluster {
             .arg("--config")
             .arg(&node.config_path)
             .arg("--exit-with-stdin")
+            .arg("--admin")
+            .arg(node.admin.to_string())
             .envs(env)
             .stdin(Stdio::piped())
             .stdout(log)
@@ -236,6 +242,44 @@ impl LocalCluster {
             .iter()
             .map(|n| format!("http://{}", n.addr))
             .collect()
+    }
+
+    /// The admin addresses (`127.0.0.1:port`, see [`super::replica`]) of all nodes, running
+    /// or not.
+    pub fn admins(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.admin.to_string()).collect()
+    }
+
+    /// Checks that every running node holds the same state and a raft log without holes
+    /// ([`super::replica::check`]); call it after writes stop.
+    ///
+    /// # Errors
+    /// [`Error::ReplicaMismatch`] naming the nodes, keys and index ranges that differ (the
+    /// message also carries every node's log tail); [`Error::Unavailable`] when the running
+    /// nodes did not stand at one applied index within `timeout`.
+    ///
+    /// # Cancel safety
+    /// Dropping the future has no effect (it only reads).
+    pub async fn check_replicas(&self, timeout: Duration) -> Result<super::replica::ReplicaReport> {
+        let admins: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|n| n.process.is_some())
+            .map(|n| n.admin.to_string())
+            .collect();
+        super::replica::check(&admins, timeout)
+            .await
+            .map_err(|e| match e {
+                Error::ReplicaMismatch { report } => Error::ReplicaMismatch {
+                    report: format!("{report}; data in {:?}\n{}", self.dir, self.log_tails(40)),
+                },
+                Error::Unavailable { op, message, source } => Error::Unavailable {
+                    op,
+                    message: format!("{message}; data in {:?}\n{}", self.dir, self.log_tails(40)),
+                    source,
+                },
+                e => e,
+            })
     }
 
     /// The endpoint of one node.

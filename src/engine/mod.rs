@@ -35,6 +35,7 @@ mod config;
 mod embedded;
 mod probe;
 pub mod raft_log;
+pub mod replica;
 pub mod state_machine;
 pub mod watchdog;
 
@@ -47,7 +48,8 @@ pub use probe::{NodeState, probe};
 
 use crate::error::{Error, Result};
 
-/// Runs one standalone node (gRPC server) from a TOML config until `shutdown` fires.
+/// Runs one standalone node (gRPC server) from a TOML config until `shutdown` fires; with
+/// `admin`, it also serves its replica view there ([`replica`]).
 ///
 /// # Errors
 /// [`Error::Config`] for a config d-engine or dcoord refuses (including TTL disabled),
@@ -58,6 +60,7 @@ use crate::error::{Error, Result};
 pub async fn run_node(
     config_path: &Path,
     shutdown: tokio::sync::watch::Receiver<()>,
+    admin: Option<std::net::SocketAddr>,
 ) -> Result<()> {
     let cfg = config::load(config_path)?;
     config::check_bindable(cfg.cluster.listen_address)?;
@@ -77,6 +80,24 @@ pub async fn run_node(
         .collect();
     let (id, listen) = (cfg.cluster.node_id, cfg.cluster.listen_address);
     let _watchdog = AbortOnDrop(tokio::spawn(watchdog::run(id, listen, peers)));
+    let _admin = match (admin, &backend) {
+        (Some(addr), embedded::Backend::Redb(sm, log)) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AddrInUse {
+                    Error::PortInUse { addr }
+                } else {
+                    Error::Config(format!("cannot listen on admin address {addr}: {e}"))
+                }
+            })?;
+            let task = replica::serve(listener, id, sm.clone(), log.clone());
+            Some(AbortOnDrop(tokio::spawn(task)))
+        }
+        (Some(_), embedded::Backend::File(_)) => {
+            tracing::warn!("no admin endpoint with d-engine's file storage (benchmarks only)");
+            None
+        }
+        (None, _) => None,
+    };
     let mut failure = backend.failure();
     let path = config_path.to_str().expect("checked by config::load");
     let run = async {

@@ -133,6 +133,55 @@ const META_APPLIED: &[u8] = b"applied";
 const META_CLOCK: &[u8] = b"clock";
 const META_SNAPSHOT: &[u8] = b"snapshot";
 
+/// One replica's replicated state at one applied index ([`RedbStateMachine::replica_state`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaState {
+    /// The last applied raft index.
+    pub applied_index: u64,
+    /// The term of that entry.
+    pub applied_term: u64,
+    /// Every key with the 64-bit FNV-1a hash of its value, in key order.
+    pub entries: Vec<(Vec<u8>, u64)>,
+    /// FNV-1a over the TTL tables and the replicated clock.
+    pub ttl_digest: u64,
+}
+
+impl ReplicaState {
+    /// FNV-1a over every (key, value hash), in key order.
+    pub fn kv_digest(&self) -> u64 {
+        let mut h = Fnv::default();
+        for (k, v) in &self.entries {
+            h.write(k);
+            h.write(&v.to_be_bytes());
+        }
+        h.0
+    }
+}
+
+/// 64-bit FNV-1a over length-prefixed parts (so ("ab","c") and ("a","bc") differ).
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    fn write(&mut self, part: &[u8]) {
+        for b in (part.len() as u64).to_be_bytes().iter().chain(part) {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h = Fnv::default();
+    parts.iter().for_each(|p| h.write(p));
+    h.0
+}
+
 /// The redb-backed state machine. Clones share one database.
 #[derive(Clone)]
 pub struct RedbStateMachine {
@@ -288,6 +337,42 @@ impl RedbStateMachine {
     pub fn sync(&self) -> Result<(), Error> {
         let mut w = lock(&self.inner.write);
         self.inner.sync_locked(&mut w)
+    }
+
+    /// This replica's replicated state, read in one transaction: the applied index and term,
+    /// every key with a hash of its value (in key order), and a hash of the TTL bookkeeping
+    /// and the replicated clock. Two replicas at the same applied index must agree on all of it.
+    ///
+    /// # Errors
+    /// redb errors.
+    pub fn replica_state(&self) -> Result<ReplicaState, Error> {
+        self.inner.read(|txn| {
+            let meta = txn.open_table(META).ctx("open meta")?;
+            let applied = read_applied(&meta)?;
+            let kv = txn.open_table(KV).ctx("open kv")?;
+            let mut entries = Vec::new();
+            for item in kv.iter().ctx("iterate kv")? {
+                let (k, v) = item.ctx("iterate kv")?;
+                entries.push((k.value().to_vec(), fnv1a(&[v.value()])));
+            }
+            let mut ttl = Fnv::default();
+            for table in [TTL_PENDING, TTL_DEADLINE] {
+                for item in txn.open_table(table).ctx("open ttl")?.iter().ctx("iterate ttl")? {
+                    let (k, v) = item.ctx("iterate ttl")?;
+                    ttl.write(k.value());
+                    ttl.write(v.value());
+                }
+            }
+            if let Some(clock) = meta.get(META_CLOCK).ctx("read clock")? {
+                ttl.write(clock.value());
+            }
+            Ok(ReplicaState {
+                applied_index: applied.index,
+                applied_term: applied.term,
+                entries,
+                ttl_digest: ttl.0,
+            })
+        })
     }
 }
 

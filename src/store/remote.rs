@@ -8,7 +8,8 @@
 //!   and a retry, with capped exponential backoff, until [`RemoteOptions::op_deadline`].
 //!   Reads are retried on any transient error.
 //! - **Ambiguity.** A write that fails after it may have reached the leader (a timeout, a
-//!   connection reset mid-call) is returned as [`Error::Ambiguous`] and never retried.
+//!   connection reset mid-call) is returned as [`Error::Ambiguous`] and never retried; the
+//!   leader is rediscovered first, so the next call does not go to a paused or dead node.
 //! - **Fresh watches.** d-engine's `Client::watch` picks a random node; on a follower events
 //!   arrive one Raft heartbeat late (~100 ms by default). `RemoteStore` opens every watch on the
 //!   current leader (measured: ~0.5–0.8 ms put→event, vs ~102 ms on a follower). After a leader
@@ -258,6 +259,10 @@ impl RemoteStore {
             match classify(&err, write_key.is_some()) {
                 Verdict::Retry => {}
                 Verdict::Ambiguous => {
+                    // The node may be gone or paused (a timeout): find the leader again, or
+                    // every later write is sent to the same silent node.
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    let _ = tokio::time::timeout(remaining, self.refresh(generation)).await;
                     return Err(Error::Ambiguous {
                         op,
                         key: show(write_key.unwrap_or_default()),

@@ -1,0 +1,409 @@
+//! Replica checks: every node of a cluster holds the same state and a raft log without holes.
+//!
+//! A node dcoord runs with an admin address (`dcoord node --admin ADDR`; every node of a
+//! [`super::LocalCluster`] has one) serves a read-only view of its own replica over HTTP:
+//! - `GET /v1/replica`: a [`ReplicaSummary`] (applied index, key count, digests, raft log
+//!   bounds and holes);
+//! - `GET /v1/replica/keys`: [`ReplicaKeys`], every key (hex) with a hash of its value.
+//!
+//! [`check`] reads every node until all report the same applied index, then compares them.
+//!
+//! # Guarantees
+//! - A node's view is one read transaction of its state machine: the applied index and the
+//!   keys belong together.
+//! - [`check`] passes only when every listed node answered, all are at one applied index,
+//!   their keys, values and TTL state agree, and no raft log has a hole. Otherwise it fails
+//!   naming the node and the keys (missing, extra, different value) or the missing index range.
+//!
+//! # NOT guaranteed
+//! - The check needs a moment when every node has applied the same index: while writes go on
+//!   (or the TTL clock ticks, once a second while TTL keys exist) it retries until one comes,
+//!   and fails naming each node's applied index if none comes before the timeout.
+//! - Digests are 64-bit FNV-1a: good against accidents, not against an adversary.
+//! - The admin endpoint has no authentication: bind it to a private address.
+//!
+//! # Failure modes
+//! - A node that does not answer: the check fails after its timeout naming the node and the
+//!   error.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::raft_log::RaftStorage;
+use super::state_machine::{RedbStateMachine, ReplicaState};
+use crate::error::{Error, Result};
+
+/// What `GET /v1/replica` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaSummary {
+    /// The node's id.
+    pub node: u32,
+    /// The last applied raft index.
+    pub applied_index: u64,
+    /// The term of that entry.
+    pub applied_term: u64,
+    /// How many keys the state machine holds.
+    pub keys: u64,
+    /// FNV-1a over every (key, value hash), hex.
+    pub kv_digest: String,
+    /// FNV-1a over the TTL bookkeeping and the replicated clock, hex.
+    pub ttl_digest: String,
+    /// The lowest and highest index in the node's raft log.
+    pub log_bounds: Option<(u64, u64)>,
+    /// Missing index ranges inside the bounds (inclusive).
+    pub log_holes: Vec<(u64, u64)>,
+}
+
+/// What `GET /v1/replica/keys` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaKeys {
+    /// The node's id.
+    pub node: u32,
+    /// The applied index the keys belong to.
+    pub applied_index: u64,
+    /// Every key (hex) with the FNV-1a hash of its value (hex), in key order.
+    pub entries: Vec<(String, String)>,
+}
+
+/// What a passing [`check`] saw.
+#[derive(Debug, Clone)]
+pub struct ReplicaReport {
+    /// Every node's summary, in the order asked.
+    pub nodes: Vec<ReplicaSummary>,
+}
+
+impl fmt::Display for ReplicaReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Some(first) = self.nodes.first() else {
+            return write!(f, "no nodes");
+        };
+        write!(
+            f,
+            "{} node(s) agree at applied index {} (term {}): {} keys, kv digest {}, ttl digest {}; \
+             raft logs without holes:",
+            self.nodes.len(),
+            first.applied_index,
+            first.applied_term,
+            first.keys,
+            first.kv_digest,
+            first.ttl_digest
+        )?;
+        for n in &self.nodes {
+            match n.log_bounds {
+                Some((a, b)) => write!(f, " node {} {a}..={b};", n.node)?,
+                None => write!(f, " node {} empty;", n.node)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Admin {
+    node: u32,
+    sm: RedbStateMachine,
+    log: Arc<RaftStorage>,
+}
+
+/// Serves the admin endpoints on `listener` until the task is dropped.
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    node: u32,
+    sm: RedbStateMachine,
+    log: Arc<RaftStorage>,
+) {
+    let state = Arc::new(Admin { node, sm, log });
+    let app = Router::new()
+        .route("/v1/replica", get(summary_handler))
+        .route("/v1/replica/keys", get(keys_handler))
+        .with_state(state);
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!("admin endpoint stopped: {e}");
+    }
+}
+
+type Reply<T> = std::result::Result<Json<T>, (StatusCode, String)>;
+
+async fn summary_handler(State(admin): State<Arc<Admin>>) -> Reply<ReplicaSummary> {
+    blocking(move || summarize(&admin)).await
+}
+
+async fn keys_handler(State(admin): State<Arc<Admin>>) -> Reply<ReplicaKeys> {
+    blocking(move || {
+        let state = admin.sm.replica_state().map_err(|e| e.to_string())?;
+        Ok(ReplicaKeys {
+            node: admin.node,
+            applied_index: state.applied_index,
+            entries: state
+                .entries
+                .iter()
+                .map(|(k, v)| (hex(k), format!("{v:016x}")))
+                .collect(),
+        })
+    })
+    .await
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::result::Result<T, String> + Send + 'static,
+) -> Reply<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(Json(v)),
+        Ok(Err(e)) => Err((StatusCode::INTERNAL_SERVER_ERROR, e)),
+        Err(e) => Err((StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
+}
+
+fn summarize(admin: &Admin) -> std::result::Result<ReplicaSummary, String> {
+    let state: ReplicaState = admin.sm.replica_state().map_err(|e| e.to_string())?;
+    let log = admin.log.summary().map_err(|e| e.to_string())?;
+    Ok(ReplicaSummary {
+        node: admin.node,
+        applied_index: state.applied_index,
+        applied_term: state.applied_term,
+        keys: state.entries.len() as u64,
+        kv_digest: format!("{:016x}", state.kv_digest()),
+        ttl_digest: format!("{:016x}", state.ttl_digest),
+        log_bounds: log.bounds,
+        log_holes: log
+            .holes
+            .iter()
+            .map(|h| (*h.start(), *h.end()))
+            .collect(),
+    })
+}
+
+/// Compares the replicas behind `admins` (each node's admin address, `host:port`).
+///
+/// Reads every node's summary every 100 ms until all answer at one applied index, then
+/// compares them; on a difference it reads every node's keys and names them.
+///
+/// # Errors
+/// [`Error::ReplicaMismatch`] naming the nodes and keys that differ or the holes in a raft log;
+/// [`Error::Unavailable`] when some node did not answer, or the nodes never stood at one
+/// applied index, within `timeout` (naming each node's last answer).
+///
+/// # Cancel safety
+/// Dropping the future has no effect (it only reads).
+pub async fn check(admins: &[String], timeout: Duration) -> Result<ReplicaReport> {
+    if admins.is_empty() {
+        return Err(Error::InvalidArgument(
+            "a replica check needs at least one node's admin address".into(),
+        ));
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        let answers =
+            futures::future::join_all(admins.iter().map(|a| get_json::<ReplicaSummary>(a, "/v1/replica")))
+                .await;
+        let summaries: Vec<ReplicaSummary> = answers.iter().flatten().cloned().collect();
+        if summaries.len() == admins.len() {
+            let holes: Vec<String> = summaries
+                .iter()
+                .flat_map(|s| {
+                    s.log_holes.iter().map(move |(a, b)| {
+                        format!("node {}: raft log is missing entries {a}..={b}", s.node)
+                    })
+                })
+                .collect();
+            if !holes.is_empty() {
+                return Err(Error::ReplicaMismatch {
+                    report: holes.join("; "),
+                });
+            }
+            let first = &summaries[0];
+            if summaries.iter().all(|s| s.applied_index == first.applied_index) {
+                let same = |s: &ReplicaSummary| {
+                    (s.applied_term, s.keys, &s.kv_digest, &s.ttl_digest)
+                        == (first.applied_term, first.keys, &first.kv_digest, &first.ttl_digest)
+                };
+                if summaries.iter().all(same) {
+                    return Ok(ReplicaReport { nodes: summaries });
+                }
+                if let Some(report) = explain(admins, &summaries).await {
+                    return Err(Error::ReplicaMismatch { report });
+                }
+                // The keys were read at another index: read everything again.
+            }
+        }
+        if Instant::now() >= deadline {
+            let report: Vec<String> = admins
+                .iter()
+                .zip(&answers)
+                .map(|(a, r)| match r {
+                    Ok(s) => format!("node {} ({a}): applied {}", s.node, s.applied_index),
+                    Err(e) => format!("{a}: {e}"),
+                })
+                .collect();
+            return Err(Error::Unavailable {
+                op: "replica check",
+                message: format!(
+                    "the nodes did not stand at one applied index within {timeout:?}: {}",
+                    report.join("; ")
+                ),
+                source: None,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Names what differs between replicas that report the same applied index; `None` if the keys
+/// could not be read at that one index (the nodes moved on meanwhile).
+async fn explain(admins: &[String], summaries: &[ReplicaSummary]) -> Option<String> {
+    let index = summaries[0].applied_index;
+    let answers =
+        futures::future::join_all(admins.iter().map(|a| get_json::<ReplicaKeys>(a, "/v1/replica/keys")))
+            .await;
+    let keys: Vec<ReplicaKeys> = answers.into_iter().collect::<std::result::Result<_, _>>().ok()?;
+    if keys.iter().any(|k| k.applied_index != index) {
+        return None;
+    }
+    let mut lines = Vec::new();
+    // Compare against a node whose digest most nodes share, so the odd one is the one named.
+    let votes = |d: &str| summaries.iter().filter(|s| s.kv_digest == d).count();
+    let at = (0..summaries.len())
+        .max_by_key(|&i| (votes(&summaries[i].kv_digest), std::cmp::Reverse(i)))
+        .unwrap_or(0);
+    let base = &keys[at];
+    let base_map: std::collections::BTreeMap<&str, &str> =
+        base.entries.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    for other in keys.iter().filter(|k| k.node != base.node) {
+        let map: std::collections::BTreeMap<&str, &str> =
+            other.entries.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let mut missing = Vec::new();
+        let mut extra = Vec::new();
+        let mut differ = Vec::new();
+        for (k, v) in &base_map {
+            match map.get(k) {
+                None => missing.push(show(k)),
+                Some(w) if w != v => differ.push(show(k)),
+                Some(_) => {}
+            }
+        }
+        for k in map.keys() {
+            if !base_map.contains_key(k) {
+                extra.push(show(k));
+            }
+        }
+        let mut parts = Vec::new();
+        for (what, list) in [
+            ("lacks", missing),
+            ("has extra", extra),
+            ("has other values for", differ),
+        ] {
+            if !list.is_empty() {
+                parts.push(format!("{what} {} key(s) {}", list.len(), preview(&list)));
+            }
+        }
+        if !parts.is_empty() {
+            lines.push(format!(
+                "node {} vs node {}: {}",
+                other.node,
+                base.node,
+                parts.join(", ")
+            ));
+        }
+    }
+    let b = &summaries[at];
+    for s in summaries {
+        if s.ttl_digest != b.ttl_digest {
+            lines.push(format!("node {} vs node {}: TTL state differs", s.node, b.node));
+        }
+        if s.applied_term != b.applied_term {
+            lines.push(format!(
+                "node {} applied index {index} in term {}, node {} in term {}",
+                s.node, s.applied_term, b.node, b.applied_term
+            ));
+        }
+    }
+    if lines.is_empty() {
+        lines.push("the digests differ but every key matches (a hash collision?)".into());
+    }
+    Some(format!("at applied index {index}: {}", lines.join("; ")))
+}
+
+fn preview(keys: &[String]) -> String {
+    const SHOWN: usize = 5;
+    let mut s = keys.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
+    if keys.len() > SHOWN {
+        s.push_str(&format!(", … ({} more)", keys.len() - SHOWN));
+    }
+    s
+}
+
+/// A hex key shown as text when it is UTF-8, else as hex.
+fn show(hex_key: &str) -> String {
+    let bytes: Option<Vec<u8>> = (0..hex_key.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex_key.get(i..i + 2)?, 16).ok())
+        .collect();
+    match bytes.map(String::from_utf8) {
+        Some(Ok(s)) => format!("{s:?}"),
+        _ => format!("0x{hex_key}"),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `GET path` over HTTP/1.0 to `addr`, decoded from JSON; errors as text.
+async fn get_json<T: serde::de::DeserializeOwned>(
+    addr: &str,
+    path: &str,
+) -> std::result::Result<T, String> {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("send: {e}"))?;
+        let mut response = Vec::new();
+        stream
+            .read_to_end(&mut response)
+            .await
+            .map_err(|e| format!("receive: {e}"))?;
+        Ok::<_, String>(response)
+    };
+    let response = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| format!("GET {path}: no answer within 10 s"))??;
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| format!("GET {path}: not an HTTP response"))?;
+    let head = String::from_utf8_lossy(&response[..split]);
+    let body = &response[split + 4..];
+    let status = head.lines().next().unwrap_or_default();
+    if !status.contains(" 200 ") {
+        return Err(format!(
+            "GET {path}: {status}: {}",
+            String::from_utf8_lossy(body)
+        ));
+    }
+    serde_json::from_slice(body).map_err(|e| format!("GET {path}: bad JSON: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_shown_as_text_or_hex() {
+        assert_eq!(show(&hex(b"/a/b")), "\"/a/b\"");
+        assert_eq!(show(&hex(&[0xff, 0x00])), "0xff00");
+        let many: Vec<String> = (0..7).map(|i| i.to_string()).collect();
+        assert_eq!(preview(&many), "0, 1, 2, 3, 4, … (2 more)");
+    }
+}
