@@ -59,6 +59,9 @@ patch_crate() {
   fi
   local work; work=$(mktemp -d)
   tar xzf "$crate" -C "$work"
+  # Fresh mtimes: cargo rebuilds a path dependency only when a source file is newer than its
+  # last build, and the crate's files carry their 2006 publish-time stamps.
+  find "$work" -type f -exec touch {} +
   if ! (cd "$work/$name-$version" && git apply --whitespace=nowarn "$patch"); then
     echo "setup: $patch does not apply to $name $version" >&2
     exit 1

@@ -570,7 +570,10 @@ async fn run_cluster(args: ClusterArgs) -> dcoord::Result<ExitCode> {
         println!("node {id}: {e} (pid {})", cluster.pid(*id).unwrap_or(0));
     }
     println!("DCOORD_ENDPOINTS={}", endpoints.join(","));
-    println!("check replicas: dcoord check --admin {}", cluster.admins().join(","));
+    println!(
+        "check replicas: dcoord check --admin {}",
+        cluster.admins().join(",")
+    );
     eprintln!(
         "dcoord: cluster running, data in {:?}; Ctrl-C to stop",
         cluster.dir()

@@ -273,7 +273,11 @@ impl LocalCluster {
                 Error::ReplicaMismatch { report } => Error::ReplicaMismatch {
                     report: format!("{report}; data in {:?}\n{}", self.dir, self.log_tails(40)),
                 },
-                Error::Unavailable { op, message, source } => Error::Unavailable {
+                Error::Unavailable {
+                    op,
+                    message,
+                    source,
+                } => Error::Unavailable {
                     op,
                     message: format!("{message}; data in {:?}\n{}", self.dir, self.log_tails(40)),
                     source,

@@ -172,12 +172,25 @@ fn summarize(admin: &Admin) -> std::result::Result<ReplicaSummary, String> {
         kv_digest: format!("{:016x}", state.kv_digest()),
         ttl_digest: format!("{:016x}", state.ttl_digest),
         log_bounds: log.bounds,
-        log_holes: log
-            .holes
-            .iter()
-            .map(|h| (*h.start(), *h.end()))
-            .collect(),
+        log_holes: log.holes.iter().map(|h| (*h.start(), *h.end())).collect(),
     })
+}
+
+/// One node's summary, read from its admin address (`host:port`).
+///
+/// # Errors
+/// [`Error::Unavailable`] naming the address and what went wrong.
+///
+/// # Cancel safety
+/// Dropping the future has no effect (it only reads).
+pub async fn summary(admin: &str) -> Result<ReplicaSummary> {
+    get_json(admin, "/v1/replica")
+        .await
+        .map_err(|message| Error::Unavailable {
+            op: "replica summary",
+            message: format!("{admin}: {message}"),
+            source: None,
+        })
 }
 
 /// Compares the replicas behind `admins` (each node's admin address, `host:port`).
@@ -200,9 +213,12 @@ pub async fn check(admins: &[String], timeout: Duration) -> Result<ReplicaReport
     }
     let deadline = Instant::now() + timeout;
     loop {
-        let answers =
-            futures::future::join_all(admins.iter().map(|a| get_json::<ReplicaSummary>(a, "/v1/replica")))
-                .await;
+        let answers = futures::future::join_all(
+            admins
+                .iter()
+                .map(|a| get_json::<ReplicaSummary>(a, "/v1/replica")),
+        )
+        .await;
         let summaries: Vec<ReplicaSummary> = answers.iter().flatten().cloned().collect();
         if summaries.len() == admins.len() {
             let holes: Vec<String> = summaries
@@ -219,10 +235,18 @@ pub async fn check(admins: &[String], timeout: Duration) -> Result<ReplicaReport
                 });
             }
             let first = &summaries[0];
-            if summaries.iter().all(|s| s.applied_index == first.applied_index) {
+            if summaries
+                .iter()
+                .all(|s| s.applied_index == first.applied_index)
+            {
                 let same = |s: &ReplicaSummary| {
                     (s.applied_term, s.keys, &s.kv_digest, &s.ttl_digest)
-                        == (first.applied_term, first.keys, &first.kv_digest, &first.ttl_digest)
+                        == (
+                            first.applied_term,
+                            first.keys,
+                            &first.kv_digest,
+                            &first.ttl_digest,
+                        )
                 };
                 if summaries.iter().all(same) {
                     return Ok(ReplicaReport { nodes: summaries });
@@ -259,10 +283,16 @@ pub async fn check(admins: &[String], timeout: Duration) -> Result<ReplicaReport
 /// could not be read at that one index (the nodes moved on meanwhile).
 async fn explain(admins: &[String], summaries: &[ReplicaSummary]) -> Option<String> {
     let index = summaries[0].applied_index;
-    let answers =
-        futures::future::join_all(admins.iter().map(|a| get_json::<ReplicaKeys>(a, "/v1/replica/keys")))
-            .await;
-    let keys: Vec<ReplicaKeys> = answers.into_iter().collect::<std::result::Result<_, _>>().ok()?;
+    let answers = futures::future::join_all(
+        admins
+            .iter()
+            .map(|a| get_json::<ReplicaKeys>(a, "/v1/replica/keys")),
+    )
+    .await;
+    let keys: Vec<ReplicaKeys> = answers
+        .into_iter()
+        .collect::<std::result::Result<_, _>>()
+        .ok()?;
     if keys.iter().any(|k| k.applied_index != index) {
         return None;
     }
@@ -273,11 +303,17 @@ async fn explain(admins: &[String], summaries: &[ReplicaSummary]) -> Option<Stri
         .max_by_key(|&i| (votes(&summaries[i].kv_digest), std::cmp::Reverse(i)))
         .unwrap_or(0);
     let base = &keys[at];
-    let base_map: std::collections::BTreeMap<&str, &str> =
-        base.entries.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let base_map: std::collections::BTreeMap<&str, &str> = base
+        .entries
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     for other in keys.iter().filter(|k| k.node != base.node) {
-        let map: std::collections::BTreeMap<&str, &str> =
-            other.entries.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let map: std::collections::BTreeMap<&str, &str> = other
+            .entries
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         let mut missing = Vec::new();
         let mut extra = Vec::new();
         let mut differ = Vec::new();
@@ -315,7 +351,10 @@ async fn explain(admins: &[String], summaries: &[ReplicaSummary]) -> Option<Stri
     let b = &summaries[at];
     for s in summaries {
         if s.ttl_digest != b.ttl_digest {
-            lines.push(format!("node {} vs node {}: TTL state differs", s.node, b.node));
+            lines.push(format!(
+                "node {} vs node {}: TTL state differs",
+                s.node, b.node
+            ));
         }
         if s.applied_term != b.applied_term {
             lines.push(format!(
@@ -332,7 +371,12 @@ async fn explain(admins: &[String], summaries: &[ReplicaSummary]) -> Option<Stri
 
 fn preview(keys: &[String]) -> String {
     const SHOWN: usize = 5;
-    let mut s = keys.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
+    let mut s = keys
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
     if keys.len() > SHOWN {
         s.push_str(&format!(", … ({} more)", keys.len() - SHOWN));
     }

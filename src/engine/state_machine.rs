@@ -357,7 +357,12 @@ impl RedbStateMachine {
             }
             let mut ttl = Fnv::default();
             for table in [TTL_PENDING, TTL_DEADLINE] {
-                for item in txn.open_table(table).ctx("open ttl")?.iter().ctx("iterate ttl")? {
+                for item in txn
+                    .open_table(table)
+                    .ctx("open ttl")?
+                    .iter()
+                    .ctx("iterate ttl")?
+                {
                     let (k, v) = item.ctx("iterate ttl")?;
                     ttl.write(k.value());
                     ttl.write(v.value());
