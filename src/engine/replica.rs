@@ -4,21 +4,25 @@
 //! [`super::LocalCluster`] has one) serves a read-only view of its own replica over HTTP:
 //! - `GET /v1/replica`: a [`ReplicaSummary`] (applied index, key count, digests, raft log
 //!   bounds and holes);
-//! - `GET /v1/replica/keys`: [`ReplicaKeys`], every key (hex) with a hash of its value.
+//! - `GET /v1/replica/keys`: [`ReplicaKeys`], every key (hex) with a hash of its value;
+//! - `GET /v1/replica/digests`: [`ReplicaDigests`], the state digest after each of the node's
+//!   last 4096 applied entries.
 //!
-//! [`check`] reads every node until all report the same applied index, then compares them.
+//! [`check`] compares the nodes in full when they stand at one applied index, and by digest at
+//! every index they all remember while writes go on.
 //!
 //! # Guarantees
 //! - A node's view is one read transaction of its state machine: the applied index and the
 //!   keys belong together.
-//! - [`check`] passes only when every listed node answered, all are at one applied index,
-//!   their keys, values and TTL state agree, and no raft log has a hole. Otherwise it fails
+//! - [`check`] passes only when every listed node answered, no raft log has a hole, and
+//!   either all stand at one applied index with the same keys, values and TTL state, or they
+//!   hold the same state digest at every index they all remember. Otherwise it fails
 //!   naming the node and the keys (missing, extra, different value) or the missing index range.
 //!
 //! # NOT guaranteed
-//! - The check needs a moment when every node has applied the same index: while writes go on
-//!   (or the TTL clock ticks, once a second while TTL keys exist) it retries until one comes,
-//!   and fails naming each node's applied index if none comes before the timeout.
+//! - While writes go on, nodes are compared by digest only (no key names on a difference), and
+//!   only if their last 4096 applied indexes overlap: a node further behind is waited for, and
+//!   the check fails naming each node's applied index if it does not catch up in time.
 //! - Digests are 64-bit FNV-1a: good against accidents, not against an adversary.
 //! - The admin endpoint has no authentication: bind it to a private address.
 //!
@@ -52,14 +56,27 @@ pub struct ReplicaSummary {
     pub applied_term: u64,
     /// How many keys the state machine holds.
     pub keys: u64,
-    /// FNV-1a over every (key, value hash), hex.
+    /// The state digest recomputed from the table (XOR over every key of FNV-1a of the key and
+    /// its value), hex.
     pub kv_digest: String,
+    /// The digest the state machine maintains as it applies, at `applied_index`, hex. It
+    /// equals `kv_digest` unless the node itself is broken.
+    pub maintained_digest: String,
     /// FNV-1a over the TTL bookkeeping and the replicated clock, hex.
     pub ttl_digest: String,
     /// The lowest and highest index in the node's raft log.
     pub log_bounds: Option<(u64, u64)>,
     /// Missing index ranges inside the bounds (inclusive).
     pub log_holes: Vec<(u64, u64)>,
+}
+
+/// What `GET /v1/replica/digests` answers: the state digest after each recent applied entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaDigests {
+    /// The node's id.
+    pub node: u32,
+    /// (index, digest hex), oldest first.
+    pub digests: Vec<(u64, String)>,
 }
 
 /// What `GET /v1/replica/keys` answers.
@@ -78,6 +95,10 @@ pub struct ReplicaKeys {
 pub struct ReplicaReport {
     /// Every node's summary, in the order asked.
     pub nodes: Vec<ReplicaSummary>,
+    /// When the nodes were compared by digest history (writes going on): the lowest and
+    /// highest common index and how many indexes were compared. `None`: compared in full at
+    /// one applied index.
+    pub agreed: Option<(u64, u64, usize)>,
 }
 
 impl fmt::Display for ReplicaReport {
@@ -85,6 +106,18 @@ impl fmt::Display for ReplicaReport {
         let Some(first) = self.nodes.first() else {
             return write!(f, "no nodes");
         };
+        if let Some((lo, hi, n)) = self.agreed {
+            write!(
+                f,
+                "{} node(s) hold the same state at each of {n} applied indexes {lo}..={hi} \
+                 (compared by digest while writes go on); raft logs without holes:",
+                self.nodes.len()
+            )?;
+            for s in &self.nodes {
+                write!(f, " node {} applied {};", s.node, s.applied_index)?;
+            }
+            return Ok(());
+        }
         write!(
             f,
             "{} node(s) agree at applied index {} (term {}): {} keys, kv digest {}, ttl digest {}; \
@@ -123,6 +156,7 @@ pub(crate) async fn serve(
     let app = Router::new()
         .route("/v1/replica", get(summary_handler))
         .route("/v1/replica/keys", get(keys_handler))
+        .route("/v1/replica/digests", get(digests_handler))
         .with_state(state);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!("admin endpoint stopped: {e}");
@@ -151,6 +185,17 @@ async fn keys_handler(State(admin): State<Arc<Admin>>) -> Reply<ReplicaKeys> {
     .await
 }
 
+async fn digests_handler(State(admin): State<Arc<Admin>>) -> Reply<ReplicaDigests> {
+    let digests = admin.sm.digests();
+    Ok(Json(ReplicaDigests {
+        node: admin.node,
+        digests: digests
+            .into_iter()
+            .map(|(i, d)| (i, format!("{d:016x}")))
+            .collect(),
+    }))
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> std::result::Result<T, String> + Send + 'static,
 ) -> Reply<T> {
@@ -163,13 +208,24 @@ async fn blocking<T: Send + 'static>(
 
 fn summarize(admin: &Admin) -> std::result::Result<ReplicaSummary, String> {
     let state: ReplicaState = admin.sm.replica_state().map_err(|e| e.to_string())?;
+    // The maintained digest at the index the state was read at (empty if an apply already
+    // pushed it out of the history, which cannot happen within one summary in practice).
+    let maintained = admin
+        .sm
+        .digests()
+        .iter()
+        .rev()
+        .find(|(i, _)| *i == state.applied_index)
+        .map(|(_, d)| format!("{d:016x}"))
+        .unwrap_or_default();
     let log = admin.log.summary().map_err(|e| e.to_string())?;
     Ok(ReplicaSummary {
         node: admin.node,
         applied_index: state.applied_index,
         applied_term: state.applied_term,
         keys: state.entries.len() as u64,
-        kv_digest: format!("{:016x}", state.kv_digest()),
+        kv_digest: format!("{:016x}", state.kv_xor),
+        maintained_digest: maintained,
         ttl_digest: format!("{:016x}", state.ttl_digest),
         log_bounds: log.bounds,
         log_holes: log.holes.iter().map(|h| (*h.start(), *h.end())).collect(),
@@ -234,7 +290,30 @@ pub async fn check(admins: &[String], timeout: Duration) -> Result<ReplicaReport
                     report: holes.join("; "),
                 });
             }
+            let broken: Vec<String> = summaries
+                .iter()
+                .filter(|s| !s.maintained_digest.is_empty() && s.maintained_digest != s.kv_digest)
+                .map(|s| {
+                    format!(
+                        "node {}: its maintained digest {} is not the digest {} of its state at \
+                         index {}",
+                        s.node, s.maintained_digest, s.kv_digest, s.applied_index
+                    )
+                })
+                .collect();
+            if !broken.is_empty() {
+                return Err(Error::ReplicaMismatch {
+                    report: broken.join("; "),
+                });
+            }
             let first = &summaries[0];
+            if summaries
+                .iter()
+                .any(|s| s.applied_index != first.applied_index)
+                && let Some(outcome) = compare_histories(admins).await
+            {
+                return outcome;
+            }
             if summaries
                 .iter()
                 .all(|s| s.applied_index == first.applied_index)
@@ -249,7 +328,10 @@ pub async fn check(admins: &[String], timeout: Duration) -> Result<ReplicaReport
                         )
                 };
                 if summaries.iter().all(same) {
-                    return Ok(ReplicaReport { nodes: summaries });
+                    return Ok(ReplicaReport {
+                        nodes: summaries,
+                        agreed: None,
+                    });
                 }
                 if let Some(report) = explain(admins, &summaries).await {
                     return Err(Error::ReplicaMismatch { report });
@@ -277,6 +359,51 @@ pub async fn check(admins: &[String], timeout: Duration) -> Result<ReplicaReport
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// While the nodes stand at different indexes: compares their digest histories at every index
+/// all of them remember. `None` when they share no index (try again later).
+async fn compare_histories(admins: &[String]) -> Option<Result<ReplicaReport>> {
+    let answers = futures::future::join_all(
+        admins
+            .iter()
+            .map(|a| get_json::<ReplicaDigests>(a, "/v1/replica/digests")),
+    )
+    .await;
+    let histories: Vec<ReplicaDigests> = answers
+        .into_iter()
+        .collect::<std::result::Result<_, _>>()
+        .ok()?;
+    let maps: Vec<std::collections::BTreeMap<u64, &str>> = histories
+        .iter()
+        .map(|h| h.digests.iter().map(|(i, d)| (*i, d.as_str())).collect())
+        .collect();
+    let common: Vec<u64> = maps[0]
+        .keys()
+        .copied()
+        .filter(|i| maps[1..].iter().all(|m| m.contains_key(i)))
+        .collect();
+    let (&lo, &hi) = (common.first()?, common.last()?);
+    for &i in &common {
+        let d0 = maps[0][&i];
+        if let Some((h, m)) = histories.iter().zip(&maps).find(|(_, m)| m[&i] != d0) {
+            return Some(Err(Error::ReplicaMismatch {
+                report: format!(
+                    "at applied index {i}: node {} has state digest {}, node {} has {} (the \
+                     nodes applied the same entries and hold different states)",
+                    h.node, m[&i], histories[0].node, d0
+                ),
+            }));
+        }
+    }
+    let mut nodes = Vec::new();
+    for a in admins {
+        nodes.push(get_json::<ReplicaSummary>(a, "/v1/replica").await.ok()?);
+    }
+    Some(Ok(ReplicaReport {
+        nodes,
+        agreed: Some((lo, hi, common.len())),
+    }))
 }
 
 /// Names what differs between replicas that report the same applied index; `None` if the keys

@@ -142,20 +142,11 @@ pub struct ReplicaState {
     pub applied_term: u64,
     /// Every key with the 64-bit FNV-1a hash of its value, in key order.
     pub entries: Vec<(Vec<u8>, u64)>,
+    /// The state digest recomputed from the table: XOR over every key of FNV-1a of the key
+    /// and its value (what [`RedbStateMachine::digests`] maintains incrementally).
+    pub kv_xor: u64,
     /// FNV-1a over the TTL tables and the replicated clock.
     pub ttl_digest: u64,
-}
-
-impl ReplicaState {
-    /// FNV-1a over every (key, value hash), in key order.
-    pub fn kv_digest(&self) -> u64 {
-        let mut h = Fnv::default();
-        for (k, v) in &self.entries {
-            h.write(k);
-            h.write(&v.to_be_bytes());
-        }
-        h.0
-    }
 }
 
 /// 64-bit FNV-1a over length-prefixed parts (so ("ab","c") and ("a","bc") differ).
@@ -196,6 +187,8 @@ struct Inner {
     /// Serialises writers: apply, install, metadata, reset.
     write: Mutex<Writer>,
     applied: Mutex<LogId>,
+    /// The state's digest and its recent history (see [`RedbStateMachine::digests`]).
+    digests: Mutex<Digests>,
     snapshot: RwLock<Option<SnapshotMetadata>>,
     running: AtomicBool,
     /// Why this state machine refused to go on (first failure), for the node to report.
@@ -288,6 +281,7 @@ impl RedbStateMachine {
             let meta = txn.open_table(META).ctx("open meta")?;
             (read_applied(&meta)?, read_snapshot_meta(&meta)?)
         };
+        let digest = state_xor(&db)?;
         info!(?dir, ?applied, ?snapshot, "state machine opened");
         Ok(Self {
             inner: Arc::new(Inner {
@@ -298,6 +292,7 @@ impl RedbStateMachine {
                     dirty: false,
                 }),
                 applied: Mutex::new(applied),
+                digests: Mutex::new(Digests::new(applied.index, digest)),
                 snapshot: RwLock::new(snapshot),
                 running: AtomicBool::new(true),
                 failure: watch::channel(None).0,
@@ -339,6 +334,14 @@ impl RedbStateMachine {
         self.inner.sync_locked(&mut w)
     }
 
+    /// The state digest (XOR over every key of a 64-bit hash of the key and its value) after
+    /// each of the last [`DIGEST_HISTORY`] applied entries, as (index, digest), oldest first.
+    /// Replicas that applied the same entries have the same digest at each index, so two
+    /// replicas can be compared while writes go on, at any index both still remember.
+    pub fn digests(&self) -> Vec<(u64, u64)> {
+        lock(&self.inner.digests).history.iter().copied().collect()
+    }
+
     /// This replica's replicated state, read in one transaction: the applied index and term,
     /// every key with a hash of its value (in key order), and a hash of the TTL bookkeeping
     /// and the replicated clock. Two replicas at the same applied index must agree on all of it.
@@ -351,8 +354,10 @@ impl RedbStateMachine {
             let applied = read_applied(&meta)?;
             let kv = txn.open_table(KV).ctx("open kv")?;
             let mut entries = Vec::new();
+            let mut kv_xor = 0;
             for item in kv.iter().ctx("iterate kv")? {
                 let (k, v) = item.ctx("iterate kv")?;
+                kv_xor ^= pair_hash(k.value(), v.value());
                 entries.push((k.value().to_vec(), fnv1a(&[v.value()])));
             }
             let mut ttl = Fnv::default();
@@ -375,6 +380,7 @@ impl RedbStateMachine {
                 applied_index: applied.index,
                 applied_term: applied.term,
                 entries,
+                kv_xor,
                 ttl_digest: ttl.0,
             })
         })
@@ -431,7 +437,7 @@ impl Inner {
         }
         let durable = w.dirty && w.last_durable.elapsed() >= DURABLE_EVERY;
         let txn = begin(&self.db(), durable)?;
-        let (results, applied) = match apply_in(&txn, chunk) {
+        let (results, applied, deltas) = match apply_in(&txn, chunk) {
             Ok(done) => done,
             Err(e) => return Err(self.fail(e)),
         };
@@ -448,6 +454,8 @@ impl Inner {
             w.dirty = true;
         }
         *lock(&self.applied) = applied;
+        let mut digests = lock(&self.digests);
+        deltas.into_iter().for_each(|(i, d)| digests.push(i, d));
         Ok(results)
     }
 
@@ -509,8 +517,10 @@ impl Inner {
         let db = Database::open(&live)
             .ctx("reopen after a snapshot install")
             .map_err(|e| self.fail(e))?;
+        let digest = state_xor(&db).map_err(|e| self.fail(e))?;
         *self.db.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(db);
         *lock(&self.applied) = applied;
+        *lock(&self.digests) = Digests::new(applied.index, digest);
         *self
             .snapshot
             .write()
@@ -550,6 +560,7 @@ impl Inner {
         txn.commit().ctx("commit reset")?;
         w.dirty = false;
         *lock(&self.applied) = LogId { index: 0, term: 0 };
+        *lock(&self.digests) = Digests::new(0, 0);
         *self
             .snapshot
             .write()
@@ -560,10 +571,7 @@ impl Inner {
 
 /// Applies a chunk inside `txn`. Returns the results and the new applied id (`None` when every
 /// entry was a re-send).
-fn apply_in(
-    txn: &WriteTransaction,
-    chunk: &[ApplyEntry],
-) -> Result<(Vec<ApplyResult>, Option<LogId>), Error> {
+fn apply_in(txn: &WriteTransaction, chunk: &[ApplyEntry]) -> Result<Applied, Error> {
     let mut meta = txn.open_table(META).ctx("open meta")?;
     let applied = read_applied(&meta)?;
     let first_new = plan_chunk(chunk, applied.index)?;
@@ -599,8 +607,9 @@ fn apply_in(
     }
     let fresh = &chunk[first_new..];
     let Some(last) = fresh.last() else {
-        return Ok((results, None));
+        return Ok((results, None, Vec::new()));
     };
+    let mut deltas = Vec::with_capacity(fresh.len());
     let mut kv = Tables::open(txn)?;
     let mut prev_term = applied.term;
     for entry in fresh {
@@ -621,6 +630,7 @@ fn apply_in(
             prev_term = entry.term;
         }
         let succeeded = kv.apply(&mut meta, &entry.command)?;
+        deltas.push((entry.index, std::mem::take(&mut kv.delta)));
         if matches!(entry.command, Command::CompareAndSwap { .. }) {
             let mut v = u64_key(entry.index).to_vec();
             v.push(u8::from(succeeded));
@@ -641,7 +651,58 @@ fn apply_in(
     };
     meta.insert(META_APPLIED, encode_log_id(id).as_slice())
         .ctx("record the applied index")?;
-    Ok((results, Some(id)))
+    Ok((results, Some(id), deltas))
+}
+
+/// What [`apply_in`] did: the results, the new applied id (`None` when every entry was a
+/// re-send), and each fresh entry's change to the state digest.
+type Applied = (Vec<ApplyResult>, Option<LogId>, Vec<(u64, u64)>);
+
+/// How many (index, digest) pairs a state machine remembers.
+pub const DIGEST_HISTORY: usize = 4096;
+
+/// The digest of the state (XOR of [`pair_hash`] over every key) and its value after each of
+/// the last [`DIGEST_HISTORY`] applied entries. Kept in memory: rebuilt from the table at open
+/// and after an install.
+struct Digests {
+    current: u64,
+    history: std::collections::VecDeque<(u64, u64)>,
+}
+
+impl Digests {
+    fn new(applied: u64, digest: u64) -> Self {
+        let mut history = std::collections::VecDeque::with_capacity(DIGEST_HISTORY);
+        history.push_back((applied, digest));
+        Self {
+            current: digest,
+            history,
+        }
+    }
+
+    fn push(&mut self, index: u64, delta: u64) {
+        self.current ^= delta;
+        if self.history.len() == DIGEST_HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back((index, self.current));
+    }
+}
+
+/// The hash of one (key, value) pair in the state digest.
+fn pair_hash(key: &[u8], value: &[u8]) -> u64 {
+    fnv1a(&[key, value])
+}
+
+/// XOR of [`pair_hash`] over every key of `db`.
+fn state_xor(db: &Database) -> Result<u64, Error> {
+    let txn = db.begin_read().ctx("begin_read")?;
+    let kv = txn.open_table(KV).ctx("open kv")?;
+    let mut x = 0;
+    for item in kv.iter().ctx("iterate kv")? {
+        let (k, v) = item.ctx("iterate kv")?;
+        x ^= pair_hash(k.value(), v.value());
+    }
+    Ok(x)
 }
 
 /// Checks a chunk against the applied index; returns the position of its first new entry.
@@ -687,6 +748,8 @@ fn plan_chunk(chunk: &[ApplyEntry], applied: u64) -> Result<usize, Error> {
 /// The tables one command touches.
 struct Tables<'t> {
     kv: redb::Table<'t, &'static [u8], &'static [u8]>,
+    /// XOR of the pair hashes removed and added since it was last taken.
+    delta: u64,
     pending: redb::Table<'t, &'static [u8], &'static [u8]>,
     deadline: redb::Table<'t, &'static [u8], &'static [u8]>,
     due: redb::Table<'t, &'static [u8], &'static [u8]>,
@@ -696,6 +759,7 @@ impl<'t> Tables<'t> {
     fn open(txn: &'t WriteTransaction) -> Result<Self, Error> {
         Ok(Self {
             kv: txn.open_table(KV).ctx("open kv")?,
+            delta: 0,
             pending: txn.open_table(TTL_PENDING).ctx("open ttl")?,
             deadline: txn.open_table(TTL_DEADLINE).ctx("open ttl")?,
             due: txn.open_table(TTL_DUE).ctx("open ttl")?,
@@ -721,7 +785,7 @@ impl<'t> Tables<'t> {
                 value,
                 ttl_secs,
             } => {
-                self.kv.insert(&key[..], &value[..]).ctx("insert")?;
+                self.put(key, value)?;
                 if let Some(secs) = ttl_secs.filter(|s| *s > 0) {
                     self.clear_ttl(key)?;
                     self.pending
@@ -731,7 +795,7 @@ impl<'t> Tables<'t> {
                 Ok(true)
             }
             Command::Delete { key } => {
-                self.kv.remove(&key[..]).ctx("delete")?;
+                self.remove(key)?;
                 self.clear_ttl(key)?;
                 Ok(true)
             }
@@ -749,11 +813,27 @@ impl<'t> Tables<'t> {
                     }
                 };
                 if matches {
-                    self.kv.insert(&key[..], &value[..]).ctx("insert for cas")?;
+                    self.put(key, value)?;
                 }
                 Ok(matches)
             }
         }
+    }
+
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), Error> {
+        let old = self.kv.insert(key, value).ctx("insert")?;
+        if let Some(old) = old {
+            self.delta ^= pair_hash(key, old.value());
+        }
+        self.delta ^= pair_hash(key, value);
+        Ok(())
+    }
+
+    fn remove(&mut self, key: &[u8]) -> Result<(), Error> {
+        if let Some(old) = self.kv.remove(key).ctx("delete")? {
+            self.delta ^= pair_hash(key, old.value());
+        }
+        Ok(())
     }
 
     fn clear_ttl(&mut self, key: &[u8]) -> Result<(), Error> {
@@ -818,7 +898,7 @@ impl<'t> Tables<'t> {
             let key = &due[8..];
             self.due.remove(due.as_slice()).ctx("expire")?;
             self.deadline.remove(key).ctx("expire")?;
-            self.kv.remove(key).ctx("expire")?;
+            self.remove(key)?;
         }
         Ok(())
     }
@@ -1730,6 +1810,9 @@ mod tests {
                 prop_assert_eq!(got, want, "chunk {}..={} (log had {})", from, to, known);
                 prop_assert_eq!(sm.last_applied().index, to);
                 prop_assert_eq!(sm_state(&sm), model.state(to));
+                // The maintained digest is the digest of the state.
+                let state = sm.replica_state().unwrap();
+                prop_assert_eq!(sm.digests().last().copied(), Some((to, state.kv_xor)));
             }
         }
     }

@@ -12,7 +12,9 @@
 //!
 //! What it checks is listed on [`check::check_lock`], [`check::check_queue`] and
 //! [`check::check_config`], plus: bad input is refused with a clear error and leaves nothing
-//! behind.
+//! behind, and every node holds the same state after each node fault's heal and at the end
+//! ([`dcoord::engine::replica`]: compared by state digest at every index all nodes remember,
+//! while the workers keep writing).
 
 pub mod check;
 pub mod worker;
@@ -387,6 +389,7 @@ pub async fn run(args: SoakArgs) -> Result<ExitCode> {
     let start = Instant::now();
     let mut probe = 0u32;
     let mut last_node_heal = Instant::now();
+    let mut replica_checks = 0u32;
     while start.elapsed() < args.duration {
         tokio::time::sleep(Duration::from_millis(rng.u64(500..2500))).await;
         let node_fault = |k: &str| matches!(k, "kill-leader" | "kill-follower" | "pause-node");
@@ -498,6 +501,13 @@ pub async fn run(args: SoakArgs) -> Result<ExitCode> {
         }
         if node_fault(kind) {
             last_node_heal = Instant::now();
+            replica_checks += 1;
+            if let Err(e) = cluster.check_replicas(Duration::from_secs(60)).await {
+                violations.push(Violation {
+                    invariant: "cluster: replicas agree after each heal (d-engine itself)",
+                    detail: format!("after {kind} on {target_name}: {e}"),
+                });
+            }
         }
     }
 
@@ -516,6 +526,17 @@ pub async fn run(args: SoakArgs) -> Result<ExitCode> {
     let drained = drain(&*store, &queue, &record, Duration::from_secs(120)).await;
     settle_config(&workers.histories, final_n, Duration::from_secs(30)).await;
     let end = now_us();
+    replica_checks += 1;
+    let final_replicas = match cluster.check_replicas(Duration::from_secs(60)).await {
+        Ok(report) => report.to_string(),
+        Err(e) => {
+            violations.push(Violation {
+                invariant: "cluster: replicas agree at the end (d-engine itself)",
+                detail: e.to_string(),
+            });
+            format!("FAILED: {e}")
+        }
+    };
     workers.stop_all().await;
     drop(cluster);
 
@@ -602,6 +623,9 @@ pub async fn run(args: SoakArgs) -> Result<ExitCode> {
         "store probe: {} acknowledged counter increments, {} regressions",
         rec.counter_writes,
         rec.regressions.len()
+    );
+    println!(
+        "replica checks: {replica_checks} (after each node fault's heal and at the end); final: {final_replicas}"
     );
     println!("violations: {}", violations.len());
     let mut by_invariant: BTreeMap<&str, usize> = BTreeMap::new();
