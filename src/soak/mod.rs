@@ -76,9 +76,8 @@ pub struct SoakArgs {
     #[arg(long, value_delimiter = ',')]
     faults: Vec<String>,
     /// Seconds between a node's recovery and the next node fault (client faults and bad input
-    /// go on meanwhile). d-engine 0.2.4 acknowledges writes before they are on disk, so
-    /// crashing nodes back to back can lose acknowledged writes (the store probe reports it);
-    /// 0 allows that.
+    /// go on meanwhile). 0 crashes nodes back to back (stock d-engine 0.2.4 lost acknowledged
+    /// writes that way; the store probe reports any loss).
     #[arg(long, default_value_t = 12)]
     node_cooldown: u64,
 }
