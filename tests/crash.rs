@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{HEAVY, binary};
+use common::{HEAVY, binary, snapshot_every_50};
 use dcoord::engine::{ClusterOptions, LocalCluster};
 use dcoord::store::{Consistency, RemoteOptions, RemoteStore, Store};
 use tokio::sync::watch;
@@ -198,18 +198,6 @@ async fn three_nodes_killed_50_times_under_cas_and_puts_lose_nothing_acknowledge
         }
     })
     .await;
-}
-
-/// `nodes` nodes that snapshot every 50 entries, keeping 5 below the snapshot in the log.
-fn snapshot_every_50(nodes: usize) -> ClusterOptions {
-    ClusterOptions::default()
-        .nodes(nodes)
-        .binary(binary())
-        .env(
-            "RAFT__RAFT__SNAPSHOT__MAX_LOG_ENTRIES_BEFORE_SNAPSHOT",
-            "50",
-        )
-        .env("RAFT__RAFT__SNAPSHOT__RETAINED_LOG_ENTRIES", "5")
 }
 
 /// A restart keeps the snapshot metadata (no snapshot at once, as d-engine's FileStateMachine

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{HEAVY, binary};
+use common::{HEAVY, binary, snapshot_every_50};
 use dcoord::engine::{ClusterOptions, LocalCluster};
 use dcoord::store::{Consistency, RemoteOptions, RemoteStore, Store};
 use futures::StreamExt;
@@ -68,18 +68,6 @@ fn background_writer(
             acked.fetch_add(ok.iter().filter(|o| **o).count() as u64, Ordering::Relaxed);
         }
     })
-}
-
-/// `nodes` nodes that snapshot every 50 entries, keeping 5 below the snapshot in the log.
-fn snapshot_every_50(nodes: usize) -> ClusterOptions {
-    ClusterOptions::default()
-        .nodes(nodes)
-        .binary(binary())
-        .env(
-            "RAFT__RAFT__SNAPSHOT__MAX_LOG_ENTRIES_BEFORE_SNAPSHOT",
-            "50",
-        )
-        .env("RAFT__RAFT__SNAPSHOT__RETAINED_LOG_ENTRIES", "5")
 }
 
 /// Fact 1 of issue 14: a follower far behind got 100 old entries and then the newest ones (a

@@ -139,3 +139,15 @@ pub async fn own_cluster() -> (LocalCluster, dcoord::store::RemoteStore) {
     .unwrap();
     (cluster, remote)
 }
+
+/// `nodes` nodes that snapshot every 50 entries, keeping 5 below the snapshot in the log.
+pub fn snapshot_every_50(nodes: usize) -> ClusterOptions {
+    ClusterOptions::default()
+        .nodes(nodes)
+        .binary(binary())
+        .env(
+            "RAFT__RAFT__SNAPSHOT__MAX_LOG_ENTRIES_BEFORE_SNAPSHOT",
+            "50",
+        )
+        .env("RAFT__RAFT__SNAPSHOT__RETAINED_LOG_ENTRIES", "5")
+}
