@@ -43,16 +43,41 @@ pub fn binary() -> std::path::PathBuf {
 pub fn shared_cluster() -> &'static LocalCluster {
     static CLUSTER: OnceLock<LocalCluster> = OnceLock::new();
     CLUSTER.get_or_init(|| {
-        std::thread::spawn(|| {
+        let dir = shared_cluster_dir();
+        std::thread::spawn(move || {
             let rt = tokio::runtime::Runtime::new().unwrap();
             rt.block_on(LocalCluster::start(
-                ClusterOptions::default().nodes(3).binary(binary()),
+                ClusterOptions::default()
+                    .nodes(3)
+                    .binary(binary())
+                    .dir(&dir),
             ))
             .expect("start the shared 3-node cluster")
         })
         .join()
         .unwrap()
     })
+}
+
+/// The shared cluster's directory: `target/tmp/shared-cluster/<test binary>-<pid>`. A static
+/// is never dropped, so the cluster cannot remove its own directory; instead each run removes
+/// the directories of runs whose process is gone, and keeps the last one for a look after a
+/// failure (its path is in the failing test's output: `LocalCluster::log_tails`).
+fn shared_cluster_dir() -> std::path::PathBuf {
+    let parent = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("shared-cluster");
+    let exe = std::env::current_exe().unwrap();
+    let name = exe.file_name().unwrap().to_string_lossy().into_owned();
+    if let Ok(entries) = std::fs::read_dir(&parent) {
+        for entry in entries.flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let pid = file.rsplit('-').next().and_then(|p| p.parse::<u32>().ok());
+            let alive = pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+            if !alive {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    parent.join(format!("{name}-{}", std::process::id()))
 }
 
 /// Serializes tests that start clusters of their own, so 2 busy cores are not asked to run
