@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use dcoord::Error;
-use dcoord::engine::{ClusterOptions, LocalCluster, NodeConfig, Timing};
+use dcoord::engine::{ClusterOptions, LocalCluster, NodeConfig, NodeExit, Timing};
 use dcoord::store::{Consistency, EventKind, RemoteOptions, RemoteStore, Store, WatchTarget};
 use futures::StreamExt;
 
@@ -26,7 +26,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run one standalone d-engine node (gRPC server) until Ctrl-C / SIGTERM.
+    /// Run one standalone d-engine node (gRPC server) until Ctrl-C / SIGTERM. SIGHUP, or a
+    /// stall its watchdog cannot wait out, restarts it in place (same pid and arguments).
     Node(NodeArgs),
     /// Fault soak: a 3-node cluster and client processes (lock, queue, config) under a nemesis
     /// that kills and pauses nodes and clients and writes bad input; checks the recipes'
@@ -523,6 +524,7 @@ async fn run_node(args: NodeArgs) -> dcoord::Result<ExitCode> {
         }
     };
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(());
+    let hangup = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     if args.exit_with_stdin {
         // The parent holds our stdin; when it dies, the pipe closes and we go too.
         std::thread::spawn(|| {
@@ -530,18 +532,67 @@ async fn run_node(args: NodeArgs) -> dcoord::Result<ExitCode> {
             std::process::exit(0);
         });
     }
+    let hung_up = hangup.clone();
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
+            _ = hup.recv() => hung_up.store(true, std::sync::atomic::Ordering::SeqCst),
         }
         let _ = shutdown_tx.send(());
     });
-    eprintln!("dcoord: node starting with {config_path:?}");
-    dcoord::engine::run_node(&config_path, shutdown_rx, args.admin).await?;
-    Ok(ExitCode::SUCCESS)
+    let restarts: u32 = std::env::var(RESTARTS_VAR)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    match restarts {
+        0 => eprintln!("dcoord: node starting with {config_path:?}"),
+        n => eprintln!("dcoord: node restarted in place (restart {n}) with {config_path:?}"),
+    }
+    let reason = match dcoord::engine::run_node(&config_path, shutdown_rx, args.admin).await? {
+        NodeExit::Shutdown if !hangup.load(std::sync::atomic::Ordering::SeqCst) => {
+            return Ok(ExitCode::SUCCESS);
+        }
+        NodeExit::Shutdown => "SIGHUP".to_string(),
+        NodeExit::Restart { reason } => reason,
+    };
+    eprintln!("dcoord: node restarting in place: {reason}");
+    Err(reexec(restarts + 1))
+}
+
+/// How many times `dcoord node` re-executed itself (for its log).
+const RESTARTS_VAR: &str = "DCOORD_NODE_RESTARTS";
+
+/// Replaces this process with a fresh run of the same binary and arguments (same pid, so a
+/// supervisor's handle, the stdin pipe and the log redirection stay). Returns only on failure.
+fn reexec(restarts: u32) -> Error {
+    use std::os::unix::process::CommandExt;
+    // /proc/self/exe still runs when the file was replaced (a rebuild), unlike current_exe().
+    let exe = match std::path::Path::new("/proc/self/exe") {
+        p if p.exists() => p.to_path_buf(),
+        _ => match std::env::current_exe() {
+            Ok(p) => p,
+            Err(source) => {
+                return Error::Io {
+                    what: "cannot find this binary to restart",
+                    path: "/proc/self/exe".into(),
+                    source,
+                };
+            }
+        },
+    };
+    let e = std::process::Command::new(&exe)
+        .args(std::env::args_os().skip(1))
+        .env(RESTARTS_VAR, restarts.to_string())
+        .exec();
+    Error::Io {
+        what: "cannot re-execute this binary to restart",
+        path: exe,
+        source: e,
+    }
 }
 
 async fn run_cluster(args: ClusterArgs) -> dcoord::Result<ExitCode> {

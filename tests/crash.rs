@@ -89,9 +89,46 @@ async fn writer(
     }
 }
 
+/// The leader on even rounds, a follower on odd ones.
+fn alternate(k: usize, leader: u32, ids: &[u32]) -> u32 {
+    if k % 2 == 0 {
+        leader
+    } else {
+        *ids.iter().find(|&&id| id != leader).expect("a follower")
+    }
+}
+
+/// How a node is taken down and brought back.
+#[derive(Clone, Copy, PartialEq)]
+enum Fault {
+    /// SIGKILL, then a new process.
+    Kill,
+    /// SIGHUP: the node stops and re-executes itself in place (what its watchdog does on a
+    /// stall).
+    Hangup,
+}
+
+/// How many times node `id`'s log says it restarted in place.
+fn in_place_restarts(cluster: &LocalCluster, id: u32) -> usize {
+    let log = cluster.dir().join(format!("n{id}/node.log"));
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.matches("dcoord: node restarted in place").count()
+}
+
 /// Kills a node `kills()` times (`pick` chooses which, given the leader), each time after the
 /// writer made progress, restarts it, and checks what the writer saw.
 async fn kill_loop(nodes: usize, pace: Duration, pick: impl Fn(usize, u32, &[u32]) -> u32) {
+    fault_loop(Fault::Kill, kills(), nodes, pace, pick).await;
+}
+
+/// [`kill_loop`] with any [`Fault`], `total` times.
+async fn fault_loop(
+    fault: Fault,
+    total: usize,
+    nodes: usize,
+    pace: Duration,
+    pick: impl Fn(usize, u32, &[u32]) -> u32,
+) {
     let _heavy = HEAVY.lock().await;
     let mut cluster = LocalCluster::start(ClusterOptions::default().nodes(nodes).binary(binary()))
         .await
@@ -103,7 +140,6 @@ async fn kill_loop(nodes: usize, pace: Duration, pick: impl Fn(usize, u32, &[u32
     let seen = Arc::new(Mutex::new(Seen::default()));
     let (progress, mut watched) = watch::channel(0u64);
     let task = tokio::spawn(writer(store, seen.clone(), progress, pace));
-    let total = kills();
     for k in 0..total {
         let from = *watched.borrow_and_update();
         let progressed = tokio::time::timeout(
@@ -122,10 +158,29 @@ async fn kill_loop(nodes: usize, pace: Duration, pick: impl Fn(usize, u32, &[u32
             .await
             .unwrap();
         let victim = pick(k, leader, &cluster.ids());
-        cluster.kill(victim).unwrap();
-        cluster.restart(victim).unwrap();
+        match fault {
+            Fault::Kill => {
+                cluster.kill(victim).unwrap();
+                cluster.restart(victim).unwrap();
+            }
+            Fault::Hangup => {
+                let pid = cluster.pid(victim).unwrap();
+                let before = in_place_restarts(&cluster, victim);
+                dcoord::engine::signal(pid, "HUP").unwrap();
+                let waiting = tokio::time::Instant::now();
+                while in_place_restarts(&cluster, victim) == before {
+                    assert!(
+                        waiting.elapsed() < Duration::from_secs(30),
+                        "round {k}: node {victim} did not restart in place on SIGHUP\n{}",
+                        cluster.log_tails(40)
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                assert_eq!(cluster.pid(victim), Some(pid), "the same process");
+            }
+        }
         if let Err(e) = cluster.wait_ready(Duration::from_secs(60)).await {
-            panic!("kill {k} of node {victim}: the cluster did not recover: {e}");
+            panic!("round {k}, node {victim}: the cluster did not recover: {e}");
         }
     }
     let from = *watched.borrow_and_update();
@@ -180,6 +235,13 @@ async fn kill_loop(nodes: usize, pace: Duration, pick: impl Fn(usize, u32, &[u32
     );
 }
 
+/// `dcoord node` restarts in place on SIGHUP (the path its watchdog takes on a stall): the same
+/// process serves again, leaders and followers alike, and nothing acknowledged is lost.
+#[tokio::test]
+async fn three_nodes_restarted_in_place_by_sighup_lose_nothing_acknowledged() {
+    fault_loop(Fault::Hangup, 10, 3, Duration::from_millis(20), alternate).await;
+}
+
 #[tokio::test]
 async fn one_node_killed_50_times_under_cas_and_puts_loses_nothing_acknowledged() {
     kill_loop(1, Duration::ZERO, |_, _, _| 1).await;
@@ -190,14 +252,7 @@ async fn one_node_killed_50_times_under_cas_and_puts_loses_nothing_acknowledged(
 /// does not, see `tests/replica.rs`. The writer is paced to keep the run short.)
 #[tokio::test]
 async fn three_nodes_killed_50_times_under_cas_and_puts_lose_nothing_acknowledged() {
-    kill_loop(3, Duration::from_millis(20), |k, leader, ids| {
-        if k % 2 == 0 {
-            leader
-        } else {
-            *ids.iter().find(|&&id| id != leader).expect("a follower")
-        }
-    })
-    .await;
+    kill_loop(3, Duration::from_millis(20), alternate).await;
 }
 
 /// A restart keeps the snapshot metadata (no snapshot at once, as d-engine's FileStateMachine

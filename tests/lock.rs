@@ -44,7 +44,9 @@ async fn contenders_exclude_each_other(
         tasks.push(tokio::spawn(async move {
             // The default 10 s lease: this test times no lease, and a 2 s one is lost when a
             // renewal stalls for about 1.5 s on a loaded host.
-            let s = Session::start(store, SessionOptions::default()).await.unwrap();
+            let s = Session::start(store, SessionOptions::default())
+                .await
+                .unwrap();
             let lock = Mutex::new(&s, &name).unwrap();
             for r in 0..rounds {
                 let g = lock.acquire().await.unwrap();

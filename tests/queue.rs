@@ -39,7 +39,9 @@ async fn open_long_lease(
     name: &str,
     options: QueueOptions,
 ) -> (Session, WorkQueue) {
-    let s = Session::start(store, SessionOptions::default()).await.unwrap();
+    let s = Session::start(store, SessionOptions::default())
+        .await
+        .unwrap();
     let q = WorkQueue::open(&s, name, options).await.unwrap();
     (s, q)
 }

@@ -176,6 +176,17 @@ impl NodeConfig {
         // loop waits for them (d-engine #413, fixed after 0.2.4): the node stops for good.
         // Snapshot 100x less often.
         let _ = writeln!(s, "max_log_entries_before_snapshot = 100000");
+        // A follower behind the purged log gets the snapshot pushed, and d-engine 0.2.4 sends
+        // it no heartbeats meanwhile: a push longer than an election timeout (1 s) turns the
+        // follower into a candidate that refuses the rest of the push. d-engine's defaults
+        // (1 KiB chunks, 1 Mbit/s) take 80 s for 10 MB; 256 KiB chunks (well under gRPC's
+        // 4 MiB message limit) without a rate limit take a fraction of a second. And keep
+        // 10,000 entries below each snapshot, so a follower that was down for a short while
+        // catches up from the log, with no push at all (the state machine skips what a
+        // snapshot already holds, see `state_machine`).
+        let _ = writeln!(s, "chunk_size = {}", 256 * 1024);
+        let _ = writeln!(s, "max_bandwidth_mbps = 0");
+        let _ = writeln!(s, "retained_log_entries = 10000");
         let _ = writeln!(s, "\n[raft.state_machine.lease]");
         let _ = writeln!(s, "enabled = true");
         let _ = writeln!(

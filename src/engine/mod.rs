@@ -23,7 +23,8 @@
 //!   (pinned in `tests/conformance.rs`).
 //!
 //! - A node reports itself loudly (an error line in its log, see [`watchdog`]) when it does not
-//!   serve, knows no leader, or leads with no follower for 10 s.
+//!   serve, knows no leader, or leads with no follower for 10 s; when that lasts 30-45 s while
+//!   every peer serves, it restarts ([`NodeExit::Restart`]: `dcoord node` re-executes itself).
 //!
 //! # Failure modes
 //! - A data directory that cannot be written: [`crate::Error::Io`] naming it.
@@ -45,11 +46,18 @@ pub use cluster::{ClusterOptions, LocalCluster, dcoord_binary, signal};
 pub use config::{NodeConfig, Timing};
 pub use embedded::{EmbeddedNode, EmbeddedOptions};
 pub use probe::{NodeState, probe};
+pub use watchdog::NodeExit;
 
 use crate::error::{Error, Result};
 
-/// Runs one standalone node (gRPC server) from a TOML config until `shutdown` fires; with
-/// `admin`, it also serves its replica view there ([`replica`]).
+/// Runs one standalone node (gRPC server) from a TOML config until `shutdown` fires or its
+/// [`watchdog`] asks for a restart; with `admin`, it also serves its replica view there
+/// ([`replica`]).
+///
+/// On [`NodeExit::Restart`] the node has stopped (or was abandoned after
+/// [`watchdog::STOP_GRACE`]) and its storage is synced: start it again with the same config,
+/// best in a fresh process (`dcoord node` re-executes itself), since d-engine 0.2.4 may leave
+/// background tasks of an abandoned node behind.
 ///
 /// # Errors
 /// [`Error::Config`] for a config d-engine or dcoord refuses (including TTL disabled),
@@ -59,9 +67,9 @@ use crate::error::{Error, Result};
 /// Dropping the future stops serving abruptly (like a crash); the data stays consistent.
 pub async fn run_node(
     config_path: &Path,
-    shutdown: tokio::sync::watch::Receiver<()>,
+    mut shutdown: tokio::sync::watch::Receiver<()>,
     admin: Option<std::net::SocketAddr>,
-) -> Result<()> {
+) -> Result<NodeExit> {
     let cfg = config::load(config_path)?;
     config::check_bindable(cfg.cluster.listen_address)?;
     let dir = cfg.cluster.db_root_dir.clone();
@@ -79,7 +87,7 @@ pub async fn run_node(
         .filter_map(|m| Some((m.id, m.address.parse().ok()?)))
         .collect();
     let (id, listen) = (cfg.cluster.node_id, cfg.cluster.listen_address);
-    let _watchdog = AbortOnDrop(tokio::spawn(watchdog::run(id, listen, peers)));
+    let mut dog = AbortOnDrop(tokio::spawn(watchdog::run(id, listen, peers)));
     let _admin = match (admin, &backend) {
         (Some(addr), embedded::Backend::Redb(sm, log)) => {
             let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
@@ -100,29 +108,55 @@ pub async fn run_node(
     };
     let mut failure = backend.failure();
     let path = config_path.to_str().expect("checked by config::load");
+    // d-engine stops on its own signal, so that a restart can stop it too.
+    let (stop, stopped) = tokio::sync::watch::channel(());
     let run = async {
         match &backend {
             embedded::Backend::Redb(sm, log) => {
                 let _clock = AbortOnDrop(tokio::spawn(leader_clock(sm.clone(), id, listen)));
                 let sm = std::sync::Arc::new(sm.clone());
-                d_engine::StandaloneEngine::run_custom(log.clone(), sm, shutdown, Some(path)).await
+                d_engine::StandaloneEngine::run_custom(log.clone(), sm, stopped, Some(path)).await
             }
             embedded::Backend::File(sm) => {
                 let log = file_log.expect("opened for the file backend");
-                d_engine::StandaloneEngine::run_custom(log, sm.clone(), shutdown, Some(path)).await
+                d_engine::StandaloneEngine::run_custom(log, sm.clone(), stopped, Some(path)).await
             }
         }
     };
-    let result = tokio::select! {
-        r = run => r.map_err(|e| Error::Config(format!("node {path} failed: {e}"))),
-        reason = embedded::failed(&mut failure) => Err(Error::Engine {
-            op: "apply",
-            message: format!("node {path} stopped by its state machine: {reason}"),
-            source: None,
-        }),
+    tokio::pin!(run);
+    shutdown.borrow_and_update();
+    let node_failed = |e: d_engine::Error| Error::Config(format!("node {path} failed: {e}"));
+    let exit = tokio::select! {
+        r = &mut run => {
+            backend.sync();
+            return r.map(|()| NodeExit::Shutdown).map_err(node_failed);
+        }
+        reason = embedded::failed(&mut failure) => {
+            backend.sync();
+            return Err(Error::Engine {
+                op: "apply",
+                message: format!("node {path} stopped by its state machine: {reason}"),
+                source: None,
+            });
+        }
+        _ = shutdown.changed() => NodeExit::Shutdown,
+        reason = &mut dog.0 => NodeExit::Restart {
+            reason: reason.unwrap_or_else(|e| format!("the watchdog ended: {e}")),
+        },
+    };
+    let _ = stop.send(());
+    let result = match tokio::time::timeout(watchdog::STOP_GRACE, &mut run).await {
+        Ok(r) => r.map_err(node_failed),
+        Err(_) => {
+            tracing::warn!(
+                "node {path}: d-engine did not stop within {:?}; abandoning it",
+                watchdog::STOP_GRACE
+            );
+            Ok(())
+        }
     };
     backend.sync();
-    result
+    result.map(|()| exit)
 }
 
 /// The clock ticks of a cluster node: proposed while this node leads (see
@@ -153,9 +187,9 @@ async fn leader_clock(sm: state_machine::RedbStateMachine, id: u32, listen: std:
     .await
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
-impl Drop for AbortOnDrop {
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }
