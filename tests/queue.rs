@@ -200,6 +200,48 @@ async fn a_payload_that_does_not_decode_goes_to_the_dead_letters_without_blockin
     assert_eq!(dead[0].payload, "{not json");
 }
 
+/// An acked message is never delivered again, even when this consumer's index lags its mirror
+/// for seconds (found by the fault soak: the index stalled behind a slow tombstone sweep, the
+/// orphan check took our own Done tombstone for a claim nobody holds, and gave it back as a
+/// Ready message without a payload, which then went to the dead letters as undecodable).
+#[tokio::test(start_paused = true)]
+async fn an_acked_message_stays_done_while_the_index_lags() {
+    let mem = MemStore::new();
+    let store: Arc<dyn Store> = Arc::new(mem.clone());
+    let t0 = tokio::time::Instant::now();
+    let (_s, q) = open_long_lease(store, "lag", opts().retention(Duration::ZERO)).await;
+    // Tombstones for the sweep one minute after the queue opened.
+    for i in 0..200 {
+        q.enqueue(b"{}", EnqueueOptions::default().id(format!("old-{i}")))
+            .await
+            .unwrap();
+        next(&q).await.ack().await.unwrap();
+    }
+    q.enqueue(br#"{"i":1}"#, EnqueueOptions::default().id("m"))
+        .await
+        .unwrap();
+    let d = next(&q).await;
+    assert_eq!(d.id(), "m");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // A slow store: the sweep's 200 deletes take seconds.
+    mem.set_latency(Duration::from_millis(20));
+    tokio::time::sleep_until(t0 + Duration::from_millis(60_200)).await;
+    d.ack().await.unwrap();
+    for _ in 0..5 {
+        let _ = q.stats(); // runs the orphan check
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    mem.set_latency(Duration::ZERO);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let again = tokio::time::timeout(Duration::from_secs(30), q.next()).await;
+    assert!(
+        again.is_err(),
+        "an acked message was delivered again: {:?}",
+        again.map(|d| d.map(|d| (d.id().to_string(), d.attempt(), d.payload().len())))
+    );
+    assert!(q.dead_letters().is_empty(), "{:?}", q.dead_letters());
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_crashed_consumers_message_is_redelivered_after_its_lease() {
     let mem = MemStore::new();

@@ -36,6 +36,12 @@ impl Inner {
                 let Some(bytes) = view.get(key).map(|e| e.value.clone()) else {
                     continue;
                 };
+                // The index can lag the mirror (it is rebuilt from the same changes, later):
+                // only a record the view still shows as claimed by us can be our orphan. Our
+                // own ack, nack or give-back, or a takeover, is not.
+                if !Record::decode(key, &bytes).is_ok_and(|r| r.claimed_by(&me)) {
+                    continue;
+                }
                 match suspects.get(key) {
                     Some((b, since)) if *b == bytes => {
                         if now.duration_since(*since) >= Duration::from_secs(2) {
@@ -62,15 +68,20 @@ impl Inner {
     }
 
     /// Gives a message claimed by us back (Ready, the attempt not counted), retrying until the
-    /// store answers; does nothing if it is no longer `claimed`.
+    /// store answers; does nothing if `claimed` is not our claim or is no longer stored.
     pub(super) fn give_back(self: &Arc<Self>, key: Bytes, claimed: Bytes) {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let q = self.clone();
         rt.spawn(async move {
-            if let Ok(rec) = Record::decode(&key, &claimed) {
-                let back = rec.release().encode();
+            let me = q.session.id();
+            let ours = Record::decode(&key, &claimed)
+                .ok()
+                .filter(|r| r.claimed_by(&me))
+                .and_then(|r| r.release());
+            if let Some(back) = ours {
+                let back = back.encode();
                 let mut backoff = crate::reconcile::Backoff::new(
                     Duration::from_millis(50),
                     Duration::from_secs(2),

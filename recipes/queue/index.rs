@@ -80,6 +80,7 @@ pub(super) async fn maintain(
 ) {
     let mut janitor = tokio::time::interval(Duration::from_secs(60));
     janitor.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sweep: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tokio::select! {
             change = changes.next() => {
@@ -100,16 +101,40 @@ pub(super) async fn maintain(
                 q.changed.notify_waiters();
             }
             _ = janitor.tick() => {
-                let Some(q) = q.upgrade() else { return };
-                let cutoff = now_ms().saturating_sub(q.options.retention.as_millis() as u64);
-                let expired: Vec<Bytes> = q.index.lock().unwrap().metas.iter()
-                    .filter(|(_, m)| matches!(m.1, State::Done { at_ms } if at_ms < cutoff))
+                let Some(inner) = q.upgrade() else { return };
+                if sweep.as_ref().is_some_and(|t| !t.is_finished()) {
+                    continue;
+                }
+                let cutoff = now_ms().saturating_sub(inner.options.retention.as_millis() as u64);
+                let expired: Vec<Bytes> = inner.index.lock().unwrap().metas.iter()
+                    .filter(|(_, m)| expired_at(&m.1, cutoff))
                     .map(|(k, _)| k.clone())
                     .collect();
-                for key in expired {
-                    let _ = q.store.delete(&key).await;
-                }
+                // In a task of its own: a sweep of many tombstones on a slow store takes
+                // seconds, and the index must keep up with the changes meanwhile.
+                sweep = Some(tokio::spawn(sweep_tombstones(q.clone(), expired, cutoff)));
             }
+        }
+    }
+}
+
+fn expired_at(state: &State, cutoff_ms: u64) -> bool {
+    matches!(state, State::Done { at_ms } if *at_ms < cutoff_ms)
+}
+
+/// Deletes the expired Done tombstones in `keys`, each only if the mirror still shows it as one
+/// (a message enqueued again under its id since the list was made stays).
+///
+/// NOT guaranteed: the check and the delete are two steps (the store has no conditional
+/// delete), so an enqueue of the same id in between can still be deleted with the tombstone.
+async fn sweep_tombstones(q: std::sync::Weak<Inner>, keys: Vec<Bytes>, cutoff_ms: u64) {
+    for key in keys {
+        let Some(q) = q.upgrade() else { return };
+        let still = q.mirror.snapshot().get(&key).is_some_and(|e| {
+            Record::decode(&key, &e.value).is_ok_and(|r| expired_at(&r.header.state, cutoff_ms))
+        });
+        if still {
+            let _ = q.store.delete(&key).await;
         }
     }
 }

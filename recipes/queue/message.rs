@@ -138,11 +138,16 @@ impl Record {
     }
 
     /// Given back unprocessed (the consumer stopped): Ready again, the attempt not counted.
-    pub(crate) fn release(&self) -> Record {
+    /// `None` unless it is claimed: a done, dead or ready record is never made ready by this
+    /// (a done tombstone has no payload left to deliver).
+    pub(crate) fn release(&self) -> Option<Record> {
+        if !matches!(self.header.state, State::Claimed { .. }) {
+            return None;
+        }
         let mut r = self.clone();
         r.header.attempts = r.header.attempts.saturating_sub(1);
         r.header.state = State::Ready;
-        r
+        Some(r)
     }
 
     /// Out of the dead letters, with a fresh attempt budget.
@@ -201,6 +206,21 @@ mod tests {
             }
         );
         assert_eq!(r.redrive().header.attempts, 0);
+    }
+
+    #[test]
+    fn only_a_claim_can_be_released() {
+        let claimed = rec().claim("s");
+        let back = claimed.release().expect("a claim is released");
+        assert_eq!((back.header.state, back.header.attempts), (State::Ready, 0));
+        assert_eq!(back.payload, rec().payload);
+        assert_eq!(
+            claimed.done(5).release(),
+            None,
+            "a done tombstone stays done"
+        );
+        assert_eq!(claimed.dead("bad").release(), None);
+        assert_eq!(rec().release(), None);
     }
 
     #[test]
