@@ -2,8 +2,9 @@
 //! a local 3-node cluster over gRPC (watch on the leader, as `RemoteStore` does, next to a raw
 //! watch on a follower for comparison), with dcoord's state machine and, side by side in the
 //! same run (alternating rounds), d-engine's stock storage (`FileStateMachine` and
-//! `FileStorageEngine`). Then the disk bytes each needs for 100k small keys. Prints markdown
-//! tables.
+//! `FileStorageEngine`) and, on the cluster, dcoord's storage with d-engine's acknowledgement
+//! from memory (`DCOORD_BENCH_MEMORY_ACK=1`: what the patched core's fsync before every ACK
+//! costs). Then the disk bytes each needs for 100k small keys. Prints markdown tables.
 //!
 //! Run: `cargo bench --bench store` (optionally `-- --ops 2000 --rounds 2 --disk-keys 100000`).
 
@@ -137,12 +138,17 @@ async fn bench_follower_watch(s: &RemoteStore, follower: String, ops: usize, row
 /// (setup, operation).
 type RowKey = (&'static str, &'static str);
 
-/// Which storage a run uses: d-engine's file state machine and raft log, or dcoord's.
+/// Which storage a run uses: d-engine's file state machine and raft log, dcoord's, or dcoord's
+/// with d-engine 0.2.4's acknowledgement from memory (cluster only: the switch is read once
+/// per process, and the embedded node runs in this one).
 #[derive(Clone, Copy, PartialEq)]
 enum Sm {
     File,
     Dcoord,
+    MemoryAck,
 }
+
+const ALL: [Sm; 3] = [Sm::File, Sm::Dcoord, Sm::MemoryAck];
 
 impl Sm {
     fn embedded(self) -> EmbeddedOptions {
@@ -158,6 +164,7 @@ impl Sm {
         match self {
             Sm::File => o.env("DCOORD_BENCH_FILE_STATE_MACHINE", "1"),
             Sm::Dcoord => o,
+            Sm::MemoryAck => o.env("DCOORD_BENCH_MEMORY_ACK", "1"),
         }
     }
 
@@ -165,7 +172,7 @@ impl Sm {
     fn state_dir(self) -> &'static str {
         match self {
             Sm::File => "file_state_machine",
-            Sm::Dcoord => "state",
+            Sm::Dcoord | Sm::MemoryAck => "state",
         }
     }
 
@@ -173,7 +180,7 @@ impl Sm {
     fn log_dir(self) -> &'static str {
         match self {
             Sm::File => "file_storage",
-            Sm::Dcoord => "storage",
+            Sm::Dcoord | Sm::MemoryAck => "storage",
         }
     }
 }
@@ -227,36 +234,35 @@ async fn main() {
     let rounds = arg("--rounds", 2usize).max(1);
     let disk_keys = arg("--disk-keys", 100_000usize);
     let per_round = (ops / rounds).max(1);
-    // (setup, op) → samples of [file, dcoord], in first-seen order.
-    let mut table: Vec<(RowKey, [Vec<Duration>; 2])> = Vec::new();
+    // (setup, op) → samples of [file, dcoord, memory ACK], in first-seen order.
+    let mut table: Vec<(RowKey, [Vec<Duration>; 3])> = Vec::new();
     let mut add = |sm: Sm, rows: Vec<Row>| {
         for r in rows {
             let key = (r.setup, r.op);
             let at = match table.iter().position(|(k, _)| *k == key) {
                 Some(at) => at,
                 None => {
-                    table.push((key, [Vec::new(), Vec::new()]));
+                    table.push((key, Default::default()));
                     table.len() - 1
                 }
             };
-            table[at].1[(sm == Sm::Dcoord) as usize].extend(r.samples);
+            table[at].1[sm as usize].extend(r.samples);
         }
     };
     for round in 0..rounds {
-        let order = if round % 2 == 0 {
-            [Sm::File, Sm::Dcoord]
-        } else {
-            [Sm::Dcoord, Sm::File]
-        };
+        let mut order = ALL;
+        order.rotate_left(round % ALL.len());
         for sm in order {
             let mut rows = Vec::new();
-            let dir = tempfile::tempdir().unwrap();
-            let node = EmbeddedNode::start_with(dir.path(), sm.embedded())
-                .await
-                .unwrap();
-            bench_store("embedded", node.dyn_store(), per_round, &mut rows).await;
-            node.stop().await.unwrap();
-            drop(node);
+            if sm != Sm::MemoryAck {
+                let dir = tempfile::tempdir().unwrap();
+                let node = EmbeddedNode::start_with(dir.path(), sm.embedded())
+                    .await
+                    .unwrap();
+                bench_store("embedded", node.dyn_store(), per_round, &mut rows).await;
+                node.stop().await.unwrap();
+                drop(node);
+            }
 
             let cluster = LocalCluster::start(sm.cluster()).await.unwrap();
             let store = cluster.store().await.unwrap();
@@ -277,9 +283,10 @@ async fn main() {
     }
 
     println!(
-        "\n| setup | operation | n | file p50 ms | file p99 ms | dcoord p50 ms | dcoord p99 ms | dcoord/file p50 |"
+        "\n| setup | operation | n | file p50 ms | file p99 ms | dcoord p50 ms | dcoord p99 ms \
+         | memory-ACK p50 ms | memory-ACK p99 ms | dcoord/file p50 | dcoord/memory-ACK p50 |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for ((setup, op), samples) in &mut table {
         for s in samples.iter_mut() {
             s.sort();
@@ -291,21 +298,27 @@ async fn main() {
                 ms(pct(s, p))
             }
         };
-        let ratio = if samples[0].is_empty() || samples[1].is_empty() {
-            "-".to_string()
-        } else {
-            format!(
-                "{:.2}",
-                pct(&samples[1], 0.5).as_secs_f64() / pct(&samples[0], 0.5).as_secs_f64()
-            )
+        let ratio = |a: &Vec<Duration>, b: &Vec<Duration>| {
+            if a.is_empty() || b.is_empty() {
+                "-".to_string()
+            } else {
+                format!(
+                    "{:.2}",
+                    pct(a, 0.5).as_secs_f64() / pct(b, 0.5).as_secs_f64()
+                )
+            }
         };
         println!(
-            "| {setup} | {op} | {} | {} | {} | {} | {} | {ratio} |",
-            samples[1].len().max(samples[0].len()),
+            "| {setup} | {op} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            samples.iter().map(Vec::len).max().unwrap_or(0),
             cell(&samples[0], 0.5),
             cell(&samples[0], 0.99),
             cell(&samples[1], 0.5),
             cell(&samples[1], 0.99),
+            cell(&samples[2], 0.5),
+            cell(&samples[2], 0.99),
+            ratio(&samples[1], &samples[0]),
+            ratio(&samples[1], &samples[2]),
         );
     }
 

@@ -1,5 +1,5 @@
-//! The recipes, one module each. Recipes use only `crate::store` (and, once it lands,
-//! `crate::reconcile`); they never import each other.
+//! The recipes, one module each. Recipes are built on `crate::store`, `crate::reconcile` and
+//! `crate::session`; they never import each other.
 
 pub mod config;
 pub mod lock;

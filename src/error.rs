@@ -1,20 +1,4 @@
-//! The one error type of dcoord.
-//!
-//! Variants are split by what the caller should do next:
-//!
-//! | variant | what it means | what to do |
-//! |---|---|---|
-//! | [`Error::InvalidKey`], [`Error::InvalidPrefix`], [`Error::ValueTooLarge`], [`Error::InvalidArgument`] | bad input; nothing was sent | fix the input |
-//! | [`Error::Unavailable`] | the store could not be reached in time; nothing was applied | retry later |
-//! | [`Error::Ambiguous`] | a write was sent but its outcome is unknown | re-read, then decide |
-//! | [`Error::WatchCanceled`], [`Error::WatchEnded`], [`Error::WatchTransport`] | a watch stream ended | re-watch and re-scan (`reconcile` does it) |
-//! | [`Error::Stopped`] | the embedded engine was stopped | nothing: the store is gone |
-//! | [`Error::Lagged`] | a change subscriber fell behind | re-read the mirror's snapshot |
-//! | [`Error::Decode`] | a stored value is not what the recipe wrote | inspect the key; nothing was changed |
-//! | [`Error::Fenced`] | a newer lock holder already wrote the key | stop: you no longer hold the lock |
-//! | [`Error::SessionLost`] | the session's lease ran out (or it was closed) | start a new session |
-//! | [`Error::ReplicaMismatch`] | a replica check found nodes that differ | wipe the named node's data dir; it catches up |
-//! | [`Error::Engine`], [`Error::Config`], [`Error::Io`], [`Error::PortInUse`] | everything else | read the message |
+//! The one error type of dcoord: see [`Error`] for what to do with each variant.
 
 use std::path::PathBuf;
 
@@ -24,6 +8,22 @@ use d_engine::ClientApiError;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in dcoord.
+///
+/// Variants are split by what the caller should do next:
+///
+/// | variant | what it means | what to do |
+/// |---|---|---|
+/// | [`Error::InvalidKey`], [`Error::InvalidPrefix`], [`Error::ValueTooLarge`], [`Error::InvalidArgument`] | bad input; nothing was sent | fix the input |
+/// | [`Error::Unavailable`] | the store could not be reached in time; nothing was applied | retry later |
+/// | [`Error::Ambiguous`] | a write was sent but its outcome is unknown | re-read, then decide |
+/// | [`Error::WatchCanceled`], [`Error::WatchEnded`], [`Error::WatchTransport`] | a watch stream ended | re-watch and re-scan (`reconcile` does it) |
+/// | [`Error::Stopped`] | the embedded engine was stopped | nothing: the store is gone |
+/// | [`Error::Lagged`] | a change subscriber fell behind | re-read the mirror's snapshot |
+/// | [`Error::Decode`] | a stored value is not what the recipe wrote | inspect the key; nothing was changed |
+/// | [`Error::Fenced`] | a newer lock holder already wrote the key | stop: you no longer hold the lock |
+/// | [`Error::SessionLost`] | the session's lease ran out (or it was closed) | start a new session |
+/// | [`Error::ReplicaMismatch`] | a replica check found nodes that differ | wipe the named node's data dir; it catches up |
+/// | [`Error::Engine`], [`Error::Config`], [`Error::Io`], [`Error::PortInUse`] | everything else | read the message |
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {

@@ -13,6 +13,14 @@
 //! - [`session`]: a process identity with a liveness lease, shared by the recipes.
 //! - [`keys`]: the rules for keys, prefixes, values and names.
 //!
+//! The recipes, each on a [`session::Session`] (or, for config, a store):
+//! - [`lock`]: a fair (FIFO) mutex with fencing tokens; a crashed holder is taken over one
+//!   lease after its last heartbeat.
+//! - [`queue`]: a work queue with at-least-once delivery, one holder per message at a time,
+//!   retries with backoff, dead letters and idempotent enqueue.
+//! - [`config`]: a typed configuration value, validated before it is applied, that never goes
+//!   backwards.
+//!
 //! ```
 //! # #[tokio::main] async fn main() -> dcoord::Result<()> {
 //! use dcoord::store::{Consistency, Store};

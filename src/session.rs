@@ -66,18 +66,21 @@ impl Default for SessionOptions {
 impl SessionOptions {
     /// How long observers wait, after the last heartbeat change they saw, before they treat
     /// this session as dead (and take over its locks and claims). Default 10 s. Minimum 1 s.
+    #[must_use]
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease.max(Duration::from_secs(1));
         self
     }
 
     /// How often to renew. Default: a third of the lease.
+    #[must_use]
     pub fn renew_every(mut self, every: Duration) -> Self {
         self.renew_every = Some(every);
         self
     }
 
     /// The key root all dcoord records live under. Default `/dcoord/`.
+    #[must_use]
     pub fn root(mut self, root: impl Into<String>) -> Self {
         self.root = root.into();
         self
@@ -87,6 +90,7 @@ impl SessionOptions {
     /// eventually (garbage collection only; never part of the liveness decision). `None`
     /// writes without TTL (needed if the cluster runs with d-engine's lease feature off).
     /// Default 10 min, and at least 10 leases.
+    #[must_use]
     pub fn gc_ttl(mut self, ttl: Option<Duration>) -> Self {
         self.gc_ttl = ttl;
         self

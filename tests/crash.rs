@@ -91,7 +91,7 @@ async fn writer(
 
 /// The leader on even rounds, a follower on odd ones.
 fn alternate(k: usize, leader: u32, ids: &[u32]) -> u32 {
-    if k % 2 == 0 {
+    if k.is_multiple_of(2) {
         leader
     } else {
         *ids.iter().find(|&&id| id != leader).expect("a follower")

@@ -242,6 +242,28 @@ async fn an_acked_message_stays_done_while_the_index_lags() {
     assert!(q.dead_letters().is_empty(), "{:?}", q.dead_letters());
 }
 
+/// `once` is true at most once per message, even for a later delivery to the same session
+/// whose marker write has an unknown outcome (its re-read finds the earlier delivery's marker).
+#[tokio::test(start_paused = true)]
+async fn once_stays_once_when_a_redelivery_to_the_same_session_is_ambiguous() {
+    let mem = MemStore::new();
+    let store: Arc<dyn Store> = Arc::new(mem.clone());
+    let (_s, q) = open(store, "once", opts()).await;
+    q.enqueue(b"{}", EnqueueOptions::default().id("m"))
+        .await
+        .unwrap();
+    let first = next(&q).await;
+    assert!(first.message().once("effect").await.unwrap());
+    first.nack("failed after the effect").await.unwrap();
+    let second = next(&q).await;
+    assert_eq!((second.id(), second.attempt()), ("m", 2));
+    mem.ambiguous_next_writes(1);
+    assert!(
+        !second.message().once("effect").await.unwrap(),
+        "the effect would run twice"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_crashed_consumers_message_is_redelivered_after_its_lease() {
     let mem = MemStore::new();

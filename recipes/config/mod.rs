@@ -146,6 +146,7 @@ impl<T> fmt::Debug for ConfigOptions<T> {
 
 impl<T> ConfigOptions<T> {
     /// The value in force while the key is missing (and after it is deleted).
+    #[must_use]
     pub fn default_value(mut self, value: T) -> Self {
         self.default = Some(Arc::new(value));
         self
@@ -163,6 +164,7 @@ impl<T> ConfigOptions<T> {
 
     /// The encoding of a single-key source. Default: TOML for keys ending in `.toml`, else
     /// JSON. (Prefix entries are always JSON values; a value that is not JSON is a string.)
+    #[must_use]
     pub fn format(mut self, format: Format) -> Self {
         self.format = Some(format);
         self
@@ -170,6 +172,7 @@ impl<T> ConfigOptions<T> {
 
     /// Turn a burst of writes into one reload: apply once no change has come for `quiet`, or
     /// at the latest `max` after the first change (consul-template's `wait`).
+    #[must_use]
     pub fn debounce(mut self, quiet: Duration, max: Duration) -> Self {
         self.debounce = Some((quiet, max.max(quiet)));
         self
@@ -177,12 +180,14 @@ impl<T> ConfigOptions<T> {
 
     /// Share one watch with every other `ConfigWatch` of the same store and source in this
     /// process (default `true`). `false` gives this one its own watch stream.
+    #[must_use]
     pub fn shared(mut self, shared: bool) -> Self {
         self.shared = shared;
         self
     }
 
     /// Options of the underlying watcher (resync period, backoff).
+    #[must_use]
     pub fn watcher(mut self, options: WatcherOptions) -> Self {
         self.mirror = self.mirror.watcher(options);
         self

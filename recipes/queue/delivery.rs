@@ -220,8 +220,16 @@ impl Message {
     pub async fn once(&self, scope: &str) -> Result<bool> {
         crate::keys::validate_name("once scope", scope)?;
         let key = format!("{}once/{scope}/{}", self.q.session.root(), self.id);
-        self.effect_once(key.as_bytes(), self.q.session.id().as_bytes())
-            .await
+        // A marker unique to this call: with the session id alone, a later delivery of the
+        // same message to the same session whose write had an unknown outcome would read the
+        // earlier delivery's marker back as its own and run the effect a second time.
+        let marker = format!(
+            "{}/{}/{}",
+            self.q.session.id(),
+            self.attempt,
+            uuid::Uuid::new_v4().simple()
+        );
+        self.effect_once(key.as_bytes(), marker.as_bytes()).await
     }
 
     /// Writes `value` to `key` only if `key` is absent (compare-and-swap): an effect on the
@@ -229,7 +237,10 @@ impl Message {
     /// derived from the message id. Returns true if this call is known to have written it.
     /// After a write whose outcome was unknown landed late, it can return false although the
     /// value that landed is this call's: the effect is there exactly once either way, but do
-    /// not count effects by this return value alone.
+    /// not count effects by this return value alone. And if an earlier call (another delivery)
+    /// wrote the same `value`, an unknown outcome resolved by the re-read returns true for a
+    /// write that was not this call's: when the return value matters, make `value` unique to
+    /// the call, as [`Message::once`] does.
     ///
     /// # Errors
     /// The store's errors (an ambiguous write is resolved by a re-read).

@@ -92,12 +92,14 @@ impl Default for QueueOptions {
 
 impl QueueOptions {
     /// Attempts before a message goes to the dead letters (default 5, at least 1).
+    #[must_use]
     pub fn max_attempts(mut self, n: u32) -> Self {
         self.max_attempts = n.max(1);
         self
     }
 
     /// Retry backoff bounds: the n-th retry waits `min * 2^(n-1)`, capped (default 200 ms, 30 s).
+    #[must_use]
     pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
         self.min_backoff = min;
         self.max_backoff = max.max(min);
@@ -106,12 +108,14 @@ impl QueueOptions {
 
     /// The safety-net rescan period: repairs watch events d-engine dropped (default 30 s; an
     /// idle consumer reads nothing in between).
+    #[must_use]
     pub fn rescan_every(mut self, every: Duration) -> Self {
         self.rescan_every = every.max(Duration::from_millis(100));
         self
     }
 
     /// How long acked tombstones are kept for enqueue deduplication (default 10 min).
+    #[must_use]
     pub fn retention(mut self, d: Duration) -> Self {
         self.retention = d;
         self
@@ -119,6 +123,7 @@ impl QueueOptions {
 
     /// Cancel a handler (and count a failed attempt) after this long (default: none; a hung
     /// handler holds its message as long as its process lives).
+    #[must_use]
     pub fn handler_timeout(mut self, d: Duration) -> Self {
         self.handler_timeout = Some(d);
         self
@@ -136,18 +141,21 @@ pub struct EnqueueOptions {
 impl EnqueueOptions {
     /// The message id ([A-Za-z0-9._-], at most 128 bytes). Enqueue is idempotent by id; the
     /// default is a random one.
+    #[must_use]
     pub fn id(mut self, id: impl Into<String>) -> Self {
         self.id = Some(id.into());
         self
     }
 
     /// Higher runs first (default 0).
+    #[must_use]
     pub fn priority(mut self, p: i32) -> Self {
         self.priority = p;
         self
     }
 
     /// Not visible to consumers before this delay has passed (by wall clock).
+    #[must_use]
     pub fn delay(mut self, d: Duration) -> Self {
         self.delay = d;
         self
@@ -206,8 +214,9 @@ struct Inner {
     options: QueueOptions,
     mirror: Arc<Mirror>,
     index: Mutex<Index>,
-    /// Messages claimed by this session that nobody here holds, being given back.
+    /// Notified whenever the index changes.
     changed: tokio::sync::Notify,
+    /// Messages claimed by this session that nobody here holds, being given back.
     returning: Mutex<HashSet<Bytes>>,
     /// Messages claimed by this session and not held here, with the bytes and when first seen.
     suspects: Mutex<std::collections::HashMap<Bytes, (Bytes, Instant)>>,

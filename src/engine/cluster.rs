@@ -46,24 +46,28 @@ impl Default for ClusterOptions {
 
 impl ClusterOptions {
     /// Sets the number of nodes.
+    #[must_use]
     pub fn nodes(mut self, n: usize) -> Self {
         self.nodes = n;
         self
     }
 
     /// Sets the data directory (kept after drop).
+    #[must_use]
     pub fn dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.dir = Some(dir.into());
         self
     }
 
     /// Sets the `dcoord` binary.
+    #[must_use]
     pub fn binary(mut self, bin: impl Into<PathBuf>) -> Self {
         self.binary = Some(bin.into());
         self
     }
 
     /// Adds an environment variable to every node process.
+    #[must_use]
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.env.push((key.into(), value.into()));
         self

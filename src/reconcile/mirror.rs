@@ -109,6 +109,7 @@ impl Default for MirrorOptions {
 
 impl MirrorOptions {
     /// The watcher's options (resync period, idle timeout, backoff).
+    #[must_use]
     pub fn watcher(mut self, options: WatcherOptions) -> Self {
         self.watcher = options;
         self
@@ -116,6 +117,7 @@ impl MirrorOptions {
 
     /// How many changes a slow [`Mirror::changes`] subscriber may fall behind before it gets
     /// [`Error::Lagged`]. Default 1024.
+    #[must_use]
     pub fn change_buffer(mut self, n: usize) -> Self {
         self.change_buffer = n.max(1);
         self

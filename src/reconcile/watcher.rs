@@ -43,6 +43,7 @@ impl WatcherOptions {
     /// d-engine dropped without a signal. `None` disables it (not recommended: a lost event
     /// then stays lost until the stream fails). Default 30 s. Each relist costs one watch
     /// registration and one scan.
+    #[must_use]
     pub fn resync_every(mut self, every: Option<Duration>) -> Self {
         self.resync_every = every;
         self
@@ -52,12 +53,14 @@ impl WatcherOptions {
     /// heartbeats are not a liveness signal (they keep flowing from a stopped node), so a quiet
     /// key would be relisted for nothing; the periodic resync bounds how long a silently dead
     /// stream goes unnoticed instead.
+    #[must_use]
     pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.idle_timeout = timeout;
         self
     }
 
     /// Delay bounds between failed attempts (exponential, jittered). Default 50 ms .. 5 s.
+    #[must_use]
     pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
         self.min_backoff = min;
         self.max_backoff = max.max(min);

@@ -68,12 +68,14 @@ impl Default for RemoteOptions {
 
 impl RemoteOptions {
     /// Sets [`RemoteOptions::op_deadline`].
+    #[must_use]
     pub fn op_deadline(mut self, d: Duration) -> Self {
         self.op_deadline = d;
         self
     }
 
     /// Sets [`RemoteOptions::request_timeout`].
+    #[must_use]
     pub fn request_timeout(mut self, d: Duration) -> Self {
         self.request_timeout = d;
         self

@@ -54,12 +54,14 @@ impl Default for MemOptions {
 
 impl MemOptions {
     /// Sets [`MemOptions::watcher_buffer`].
+    #[must_use]
     pub fn watcher_buffer(mut self, n: usize) -> Self {
         self.watcher_buffer = n.max(1);
         self
     }
 
     /// Sets [`MemOptions::ttl_sweep_interval`].
+    #[must_use]
     pub fn ttl_sweep_interval(mut self, d: Duration) -> Self {
         self.ttl_sweep_interval = d;
         self

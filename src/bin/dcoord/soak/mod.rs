@@ -275,7 +275,12 @@ struct Record {
     write_errors: usize,
     counter_writes: u64,
     regressions: Vec<(u64, String)>,
+    /// The longest time without an acknowledged counter increment (µs), and when it ended.
+    longest_stall: (u64, u64),
 }
+
+/// The longest the store may go without acknowledging a write, faults included.
+const STALL_BOUND: Duration = Duration::from_secs(60);
 
 /// Runs the soak and prints its summary. Exit status 1 on a violation.
 pub async fn run(args: SoakArgs) -> Result<ExitCode> {
@@ -554,6 +559,16 @@ pub async fn run(args: SoakArgs) -> Result<ExitCode> {
         final_n,
         &mut violations,
     );
+    let (stall_us, stall_end) = rec.longest_stall;
+    if stall_us > STALL_BOUND.as_micros() as u64 {
+        violations.push(Violation {
+            invariant: "store: acknowledges writes again within 60 s of any fault",
+            detail: format!(
+                "no acknowledged write for {:.1} s, until {stall_end}",
+                stall_us as f64 / 1e6
+            ),
+        });
+    }
     for (at, detail) in &rec.regressions {
         violations.push(Violation {
             invariant: "store: an acknowledged write never goes backwards (d-engine itself)",
@@ -619,9 +634,12 @@ pub async fn run(args: SoakArgs) -> Result<ExitCode> {
         rec.write_errors
     );
     println!(
-        "store probe: {} acknowledged counter increments, {} regressions",
+        "store probe: {} acknowledged counter increments, {} regressions, longest time \
+         without an acknowledged write {:.1} s (until {}; bound {STALL_BOUND:?})",
         rec.counter_writes,
-        rec.regressions.len()
+        rec.regressions.len(),
+        rec.longest_stall.0 as f64 / 1e6,
+        rec.longest_stall.1
     );
     println!(
         "replica checks: {replica_checks} (after each node fault's heal and at the end); final: {final_replicas}"
@@ -745,6 +763,7 @@ async fn produce(q: WorkQueue, stop: watch::Receiver<bool>, record: Arc<StdMutex
 async fn count(store: RemoteStore, stop: watch::Receiver<bool>, record: Arc<StdMutex<Record>>) {
     let key = b"/soak/counter";
     let mut acked = 0u64;
+    let mut last_ack = now_us();
     while !*stop.borrow() {
         tokio::time::sleep(Duration::from_millis(30)).await;
         let Ok(current) = store.get(key, Consistency::Linearizable).await else {
@@ -772,7 +791,14 @@ async fn count(store: RemoteStore, stop: watch::Receiver<bool>, record: Arc<StdM
             .await
         {
             acked = value + 1;
-            record.lock().unwrap().counter_writes += 1;
+            let now = now_us();
+            let mut r = record.lock().unwrap();
+            r.counter_writes += 1;
+            let gap = now.saturating_sub(last_ack);
+            if gap > r.longest_stall.0 {
+                r.longest_stall = (gap, now);
+            }
+            last_ack = now;
         }
     }
 }

@@ -1,0 +1,103 @@
+//! `get`, `put`, `del`, `watch`: single keys.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::ValueEnum;
+use dcoord::store::{Consistency, EventKind, Store, WatchTarget};
+use futures::StreamExt;
+
+use crate::{Conn, connect, read_input};
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ConsistencyArg {
+    Linearizable,
+    Lease,
+    Eventual,
+}
+
+pub async fn get(key: String, consistency: ConsistencyArg, conn: Conn) -> dcoord::Result<ExitCode> {
+    dcoord::keys::validate_key(key.as_bytes())?;
+    let store = connect(&conn).await?;
+    let c = match consistency {
+        ConsistencyArg::Linearizable => Consistency::Linearizable,
+        ConsistencyArg::Lease => Consistency::Lease,
+        ConsistencyArg::Eventual => Consistency::Eventual,
+    };
+    match store.get(key.as_bytes(), c).await? {
+        Some(v) => {
+            println!("{}", String::from_utf8_lossy(&v));
+            Ok(ExitCode::SUCCESS)
+        }
+        None => {
+            eprintln!("dcoord: key {key:?} not found");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+pub async fn put(
+    key: String,
+    value: Option<String>,
+    file: Option<PathBuf>,
+    ttl: Option<u64>,
+    conn: Conn,
+) -> dcoord::Result<ExitCode> {
+    let value = read_input(value, file, "cannot read value file")?;
+    dcoord::keys::validate_key(key.as_bytes())?;
+    dcoord::keys::validate_value(key.as_bytes(), &value)?;
+    let store = connect(&conn).await?;
+    match ttl {
+        Some(secs) => {
+            store
+                .put_with_ttl(key.as_bytes(), &value, Duration::from_secs(secs))
+                .await?
+        }
+        None => store.put(key.as_bytes(), &value).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn del(key: String, conn: Conn) -> dcoord::Result<ExitCode> {
+    dcoord::keys::validate_key(key.as_bytes())?;
+    let store = connect(&conn).await?;
+    store.delete(key.as_bytes()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn watch(
+    key: String,
+    prefix: bool,
+    count: Option<usize>,
+    conn: Conn,
+) -> dcoord::Result<ExitCode> {
+    let target = if prefix {
+        WatchTarget::prefix(key.into_bytes())
+    } else {
+        WatchTarget::key(key.into_bytes())
+    };
+    target.validate()?;
+    let store = connect(&conn).await?;
+    let mut stream = store.watch(target, false).await?;
+    eprintln!("dcoord: watching (Ctrl-C to stop)");
+    let mut seen = 0;
+    while let Some(item) = stream.next().await {
+        let ev = item?;
+        let kind = match ev.kind {
+            EventKind::Put => "PUT",
+            EventKind::Delete => "DELETE",
+        };
+        println!(
+            "{}\t{kind}\t{}\t{}",
+            ev.revision,
+            String::from_utf8_lossy(&ev.key),
+            String::from_utf8_lossy(&ev.value)
+        );
+        seen += 1;
+        if count.is_some_and(|c| seen >= c) {
+            break;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

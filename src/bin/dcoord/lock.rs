@@ -1,0 +1,88 @@
+//! `lock NAME [-- CMD]`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use dcoord::Error;
+use dcoord::store::Store;
+
+use crate::{Conn, connect, shutdown_signal};
+
+pub async fn run(
+    name: String,
+    lease: u64,
+    command: Vec<String>,
+    conn: Conn,
+) -> dcoord::Result<ExitCode> {
+    use dcoord::lock::Mutex;
+    use dcoord::session::{Session, SessionOptions};
+    use std::sync::Arc;
+
+    dcoord::keys::validate_name("lock", &name)?;
+    if lease == 0 {
+        return Err(Error::InvalidArgument(
+            "--lease must be at least 1 second".into(),
+        ));
+    }
+    let store: Arc<dyn Store> = Arc::new(connect(&conn).await?);
+    let session = Session::start(
+        store,
+        SessionOptions::default().lease(Duration::from_secs(lease)),
+    )
+    .await?;
+    let lock = Mutex::new(&session, &name)?;
+    let guard = tokio::select! {
+        g = lock.acquire() => g?,
+        _ = shutdown_signal() => return Ok(ExitCode::from(130)),
+    };
+    let token = guard.fencing_token();
+    println!("{token}");
+    eprintln!("dcoord: holding lock {name:?} with fencing token {token}");
+    let code = if command.is_empty() {
+        let stdin_closed = tokio::task::spawn_blocking(|| {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        });
+        tokio::select! {
+            _ = stdin_closed => ExitCode::SUCCESS,
+            _ = shutdown_signal() => ExitCode::from(130),
+            _ = guard.lost() => {
+                eprintln!("dcoord: lock {name:?} lost (lease ran out or taken over)");
+                return Ok(ExitCode::from(6));
+            }
+        }
+    } else {
+        let mut child = tokio::process::Command::new(&command[0])
+            .args(&command[1..])
+            .env("DCOORD_FENCING_TOKEN", token.to_string())
+            .env("DCOORD_LOCK", &name)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| Error::Io {
+                what: "cannot run the command",
+                path: command[0].clone().into(),
+                source: e,
+            })?;
+        tokio::select! {
+            status = child.wait() => {
+                let status = status.map_err(|e| Error::Io {
+                    what: "cannot wait for the command",
+                    path: command[0].clone().into(),
+                    source: e,
+                })?;
+                ExitCode::from(status.code().map_or(5, |c| c as u8))
+            }
+            _ = shutdown_signal() => {
+                let _ = child.kill().await;
+                ExitCode::from(130)
+            }
+            _ = guard.lost() => {
+                let _ = child.kill().await;
+                eprintln!("dcoord: lock {name:?} lost (lease ran out or taken over); command killed");
+                return Ok(ExitCode::from(6));
+            }
+        }
+    };
+    guard.release().await?;
+    let _ = session.close().await;
+    Ok(code)
+}

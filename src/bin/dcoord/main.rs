@@ -1,0 +1,275 @@
+//! `dcoord`: run d-engine nodes and a local cluster, and read / write / watch keys.
+//!
+//! Data goes to stdout, diagnostics to stderr. Exit codes: 0 success, 1 key not found (`get`),
+//! 2 bad usage or input, 3 store unavailable or watch ended, 4 write outcome unknown, 5 other,
+//! 6 lock lost (`lock`: the session's lease ran out while the command ran; it was killed).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use dcoord::Error;
+use dcoord::store::{RemoteOptions, RemoteStore};
+
+mod config;
+mod kv;
+mod lock;
+mod node;
+mod queue;
+mod soak;
+
+#[derive(Parser)]
+#[command(name = "dcoord", version, about = "Coordination recipes on d-engine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one standalone d-engine node (gRPC server) until Ctrl-C / SIGTERM. SIGHUP, or a
+    /// stall its watchdog cannot wait out, restarts it in place (same pid and arguments).
+    Node(node::NodeArgs),
+    /// Fault soak: a 3-node cluster and client processes (lock, queue, config) under a nemesis
+    /// that kills and pauses nodes and clients and writes bad input; checks the recipes'
+    /// invariants from the recorded history. Exit 1 on any violation.
+    Soak(soak::SoakArgs),
+    /// One client process of `dcoord soak` (internal).
+    #[command(hide = true)]
+    SoakWorker(soak::WorkerArgs),
+    /// Run a local N-node cluster on 127.0.0.1 in the foreground until Ctrl-C.
+    Cluster(node::ClusterArgs),
+    /// Check that every node holds the same state and a raft log without holes (after writes
+    /// stop). Reads each node's admin endpoint (`dcoord node --admin`; `dcoord cluster` prints
+    /// them). Exit 0 when they agree, 1 naming the nodes, keys and index ranges that differ.
+    Check {
+        /// Every node's admin address (host:port), comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        admin: Vec<String>,
+        /// Give up after this many seconds without a moment when all nodes stand at one index.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Print a key's value.
+    Get {
+        /// The key.
+        key: String,
+        /// Read consistency.
+        #[arg(long, value_enum, default_value = "linearizable")]
+        consistency: kv::ConsistencyArg,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Write a key.
+    Put {
+        /// The key.
+        key: String,
+        /// The value (or use --file).
+        #[arg(required_unless_present = "file")]
+        value: Option<String>,
+        /// Read the value from this file.
+        #[arg(long, conflicts_with = "value")]
+        file: Option<PathBuf>,
+        /// Delete the key after this many seconds (garbage collection only: no watch event).
+        #[arg(long)]
+        ttl: Option<u64>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Delete a key.
+    Del {
+        /// The key.
+        key: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Run a command while holding a lock (etcdctl lock parity). The command gets the fencing
+    /// token in $DCOORD_FENCING_TOKEN; dcoord exits with its status, or 6 if the lock was lost
+    /// (the command is then killed). Without a command: print the token and hold the lock
+    /// until stdin closes or Ctrl-C.
+    Lock {
+        /// The lock name ([A-Za-z0-9._-]).
+        name: String,
+        /// Seconds without a heartbeat after which others may take the lock over.
+        #[arg(long, default_value_t = 10)]
+        lease: u64,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true)]
+        command: Vec<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Read, write or follow a configuration value (JSON, or TOML for keys ending in .toml).
+    Config {
+        #[command(subcommand)]
+        op: config::ConfigOp,
+    },
+    /// Work queue operations: enqueue, consume (run a command per message), stats, dead
+    /// letters, redrive.
+    Queue {
+        #[command(subcommand)]
+        op: queue::QueueOp,
+    },
+    /// Print changes of a key (or, with --prefix, of every key under a '/'-bounded prefix).
+    Watch {
+        /// The key or prefix.
+        key: String,
+        /// Watch a prefix ("/app/" style) instead of one key.
+        #[arg(long)]
+        prefix: bool,
+        /// Exit after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+/// How a client command reaches the cluster.
+#[derive(Args)]
+pub struct Conn {
+    /// Cluster endpoints, comma-separated (default: $DCOORD_ENDPOINTS, else the ones the
+    /// running `dcoord cluster` wrote to the endpoints file in the temp dir).
+    #[arg(long, value_delimiter = ',')]
+    endpoints: Vec<String>,
+    /// Give up after this many seconds of unavailability.
+    #[arg(long, default_value_t = 10)]
+    timeout: u64,
+}
+
+/// A value given inline or (clap guarantees one of the two) in a file.
+pub fn read_input(
+    inline: Option<String>,
+    file: Option<PathBuf>,
+    what: &'static str,
+) -> dcoord::Result<Vec<u8>> {
+    match (inline, file) {
+        (Some(v), _) => Ok(v.into_bytes()),
+        (None, Some(f)) => std::fs::read(&f).map_err(|e| Error::Io {
+            what,
+            path: f,
+            source: e,
+        }),
+        (None, None) => Err(Error::InvalidArgument("give a value or --file".into())),
+    }
+}
+
+/// Where `dcoord cluster` publishes its endpoints for the other commands.
+pub fn endpoints_file() -> PathBuf {
+    std::env::temp_dir().join("dcoord-cluster.endpoints")
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The soak provokes failures on purpose: the client's own error lines are noise there.
+    let default_filter = match cli.command {
+        Cmd::Soak(_) | Cmd::SoakWorker(_) => "warn,d_engine_client=off",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DCOORD_LOG")
+                .unwrap_or_else(|_| default_filter.into()),
+        )
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("dcoord: cannot start the async runtime: {e}");
+            return ExitCode::from(5);
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("dcoord: {e}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+fn exit_code(e: &Error) -> u8 {
+    match e {
+        Error::InvalidKey { .. }
+        | Error::InvalidPrefix { .. }
+        | Error::ValueTooLarge { .. }
+        | Error::InvalidArgument(_)
+        | Error::Config(_)
+        | Error::PortInUse { .. } => 2,
+        e if e.is_retryable() => 3,
+        e if e.is_ambiguous() => 4,
+        _ => 5,
+    }
+}
+
+/// A store on the cluster `conn` names (flags, then $DCOORD_ENDPOINTS, then `dcoord cluster`).
+pub async fn connect(conn: &Conn) -> dcoord::Result<RemoteStore> {
+    let mut endpoints = conn.endpoints.clone();
+    if endpoints.is_empty()
+        && let Ok(env) = std::env::var("DCOORD_ENDPOINTS")
+    {
+        endpoints = env.split(',').map(str::to_string).collect();
+    }
+    if endpoints.is_empty()
+        && let Ok(text) = std::fs::read_to_string(endpoints_file())
+    {
+        endpoints = text.split_whitespace().map(str::to_string).collect();
+    }
+    if endpoints.is_empty() {
+        return Err(Error::InvalidArgument(
+            "no endpoints: pass --endpoints, set DCOORD_ENDPOINTS, or start `dcoord cluster`"
+                .into(),
+        ));
+    }
+    let options = RemoteOptions::default().op_deadline(Duration::from_secs(conn.timeout));
+    RemoteStore::connect(&endpoints, options).await
+}
+
+async fn run(cmd: Cmd) -> dcoord::Result<ExitCode> {
+    match cmd {
+        Cmd::Node(args) => node::run_node(args).await,
+        Cmd::Soak(args) => soak::run(args).await,
+        Cmd::SoakWorker(args) => soak::run_worker(args).await,
+        Cmd::Cluster(args) => node::run_cluster(args).await,
+        Cmd::Check { admin, timeout } => node::check(admin, timeout).await,
+        Cmd::Get {
+            key,
+            consistency,
+            conn,
+        } => kv::get(key, consistency, conn).await,
+        Cmd::Put {
+            key,
+            value,
+            file,
+            ttl,
+            conn,
+        } => kv::put(key, value, file, ttl, conn).await,
+        Cmd::Config { op } => config::run(op).await,
+        Cmd::Queue { op } => queue::run(op).await,
+        Cmd::Lock {
+            name,
+            lease,
+            command,
+            conn,
+        } => lock::run(name, lease, command, conn).await,
+        Cmd::Del { key, conn } => kv::del(key, conn).await,
+        Cmd::Watch {
+            key,
+            prefix,
+            count,
+            conn,
+        } => kv::watch(key, prefix, count, conn).await,
+    }
+}
+
+/// Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,214 @@
+//! `node`, `cluster`, `check`: running nodes and checking their replicas.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use dcoord::Error;
+use dcoord::engine::{ClusterOptions, LocalCluster, NodeConfig, NodeExit, Timing};
+
+use crate::endpoints_file;
+
+#[derive(Args)]
+pub struct NodeArgs {
+    /// A d-engine TOML config (as written by `dcoord cluster`); overrides the flags below.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// This node's id.
+    #[arg(long, default_value_t = 1)]
+    id: u32,
+    /// The gRPC listen address.
+    #[arg(long, default_value = "127.0.0.1:9081")]
+    listen: SocketAddr,
+    /// Every voter as ID=ADDR (repeat); defaults to this node alone.
+    #[arg(long = "peer", value_parser = parse_peer)]
+    peers: Vec<(u32, SocketAddr)>,
+    /// Data directory.
+    #[arg(long, default_value = "./dcoord-data")]
+    dir: PathBuf,
+    /// Serve this node's replica view (for `dcoord check`) on this address.
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// Exit when stdin closes (used by `dcoord cluster` and tests so nodes never outlive them).
+    #[arg(long, hide = true)]
+    exit_with_stdin: bool,
+}
+
+#[derive(Args)]
+pub struct ClusterArgs {
+    /// Number of nodes.
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Data directory (default: a temporary one, removed on exit). Must not hold a cluster.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+fn parse_peer(s: &str) -> Result<(u32, SocketAddr), String> {
+    let (id, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected ID=ADDR, got {s:?}"))?;
+    Ok((
+        id.parse().map_err(|e| format!("bad node id {id:?}: {e}"))?,
+        addr.parse()
+            .map_err(|e| format!("bad address {addr:?}: {e}"))?,
+    ))
+}
+
+pub async fn check(admin: Vec<String>, timeout: u64) -> dcoord::Result<ExitCode> {
+    match dcoord::engine::replica::check(&admin, Duration::from_secs(timeout)).await {
+        Ok(report) => {
+            println!("{report}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(Error::ReplicaMismatch { report }) => {
+            println!("replicas differ: {report}");
+            Ok(ExitCode::from(1))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+pub async fn run_node(args: NodeArgs) -> dcoord::Result<ExitCode> {
+    let config_path = match args.config {
+        Some(path) => path,
+        None => {
+            let peers = if args.peers.is_empty() {
+                vec![(args.id, args.listen)]
+            } else {
+                args.peers
+            };
+            let timing = if peers.len() == 1 {
+                Timing::single()
+            } else {
+                Timing::cluster()
+            };
+            let dir = std::path::absolute(&args.dir).map_err(|e| Error::Io {
+                what: "bad data dir",
+                path: args.dir.clone(),
+                source: e,
+            })?;
+            NodeConfig {
+                node_id: args.id,
+                listen: args.listen,
+                peers,
+                data_dir: dir,
+                timing,
+            }
+            .write()?
+        }
+    };
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(());
+    let hangup = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if args.exit_with_stdin {
+        // The parent holds our stdin; when it dies, the pipe closes and we go too.
+        std::thread::spawn(|| {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            std::process::exit(0);
+        });
+    }
+    let hung_up = hangup.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+            _ = hup.recv() => hung_up.store(true, std::sync::atomic::Ordering::SeqCst),
+        }
+        let _ = shutdown_tx.send(());
+    });
+    let restarts: u32 = std::env::var(RESTARTS_VAR)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    match restarts {
+        0 => eprintln!("dcoord: node starting with {config_path:?}"),
+        n => eprintln!("dcoord: node restarted in place (restart {n}) with {config_path:?}"),
+    }
+    let reason = match dcoord::engine::run_node(&config_path, shutdown_rx, args.admin).await? {
+        NodeExit::Shutdown if !hangup.load(std::sync::atomic::Ordering::SeqCst) => {
+            return Ok(ExitCode::SUCCESS);
+        }
+        NodeExit::Shutdown => "SIGHUP".to_string(),
+        NodeExit::Restart { reason } => reason,
+    };
+    eprintln!("dcoord: node restarting in place: {reason}");
+    Err(reexec(restarts + 1))
+}
+
+/// How many times `dcoord node` re-executed itself (for its log).
+const RESTARTS_VAR: &str = "DCOORD_NODE_RESTARTS";
+
+/// Replaces this process with a fresh run of the same binary and arguments (same pid, so a
+/// supervisor's handle, the stdin pipe and the log redirection stay). Returns only on failure.
+fn reexec(restarts: u32) -> Error {
+    use std::os::unix::process::CommandExt;
+    // /proc/self/exe still runs when the file was replaced (a rebuild), unlike current_exe().
+    let exe = match std::path::Path::new("/proc/self/exe") {
+        p if p.exists() => p.to_path_buf(),
+        _ => match std::env::current_exe() {
+            Ok(p) => p,
+            Err(source) => {
+                return Error::Io {
+                    what: "cannot find this binary to restart",
+                    path: "/proc/self/exe".into(),
+                    source,
+                };
+            }
+        },
+    };
+    let e = std::process::Command::new(&exe)
+        .args(std::env::args_os().skip(1))
+        .env(RESTARTS_VAR, restarts.to_string())
+        .exec();
+    Error::Io {
+        what: "cannot re-execute this binary to restart",
+        path: exe,
+        source: e,
+    }
+}
+
+pub async fn run_cluster(args: ClusterArgs) -> dcoord::Result<ExitCode> {
+    let mut options = ClusterOptions::default().nodes(args.nodes);
+    if let Some(dir) = args.dir {
+        if dir.join("n1").join("node.toml").exists() {
+            return Err(Error::InvalidArgument(format!(
+                "{dir:?} already holds a cluster; remove it or pick another --dir"
+            )));
+        }
+        options = options.dir(std::path::absolute(&dir).map_err(|e| Error::Io {
+            what: "bad data dir",
+            path: dir.clone(),
+            source: e,
+        })?);
+    }
+    let cluster = LocalCluster::start(options).await?;
+    let endpoints = cluster.endpoints();
+    let file = endpoints_file();
+    std::fs::write(&file, endpoints.join("\n")).map_err(|e| Error::Io {
+        what: "cannot write endpoints file",
+        path: file.clone(),
+        source: e,
+    })?;
+    for (id, e) in cluster.ids().iter().zip(&endpoints) {
+        println!("node {id}: {e} (pid {})", cluster.pid(*id).unwrap_or(0));
+    }
+    println!("DCOORD_ENDPOINTS={}", endpoints.join(","));
+    println!(
+        "check replicas: dcoord check --admin {}",
+        cluster.admins().join(",")
+    );
+    eprintln!(
+        "dcoord: cluster running, data in {:?}; Ctrl-C to stop",
+        cluster.dir()
+    );
+    let _ = tokio::signal::ctrl_c().await;
+    let _ = std::fs::remove_file(&file);
+    drop(cluster);
+    eprintln!("dcoord: cluster stopped");
+    Ok(ExitCode::SUCCESS)
+}

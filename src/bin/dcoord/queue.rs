@@ -1,0 +1,211 @@
+//! `queue enqueue | consume | stats | dead | redrive`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Subcommand;
+use dcoord::Error;
+use dcoord::store::Store;
+
+use crate::{Conn, connect, read_input, shutdown_signal};
+
+#[derive(Subcommand)]
+pub enum QueueOp {
+    /// Add a message; prints its id.
+    #[command(visible_alias = "push")]
+    Enqueue {
+        /// The queue name.
+        name: String,
+        /// The payload (or use --file).
+        #[arg(required_unless_present = "file")]
+        payload: Option<String>,
+        /// Read the payload from this file.
+        #[arg(long, conflicts_with = "payload")]
+        file: Option<PathBuf>,
+        /// Message id (enqueue is idempotent by id).
+        #[arg(long)]
+        id: Option<String>,
+        /// Higher runs first.
+        #[arg(long, default_value_t = 0)]
+        priority: i32,
+        /// Not visible before this many milliseconds.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Take messages: run the command for each (payload on stdin, $DCOORD_MESSAGE_ID and
+    /// $DCOORD_ATTEMPT set; exit 0 acks, anything else retries), or print payloads and ack.
+    #[command(visible_alias = "pop")]
+    Consume {
+        /// The queue name.
+        name: String,
+        /// Stop after this many messages.
+        #[arg(long)]
+        count: Option<usize>,
+        /// Seconds without a heartbeat after which this consumer's messages are redelivered.
+        #[arg(long, default_value_t = 10)]
+        lease: u64,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true)]
+        command: Vec<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Print message counts.
+    Stats {
+        /// The queue name.
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List the dead letters (id, attempts, error).
+    #[command(visible_alias = "dlq")]
+    Dead {
+        /// The queue name.
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Move a dead letter back into the queue.
+    Redrive {
+        /// The queue name.
+        name: String,
+        /// The message id.
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+pub async fn run(op: QueueOp) -> dcoord::Result<ExitCode> {
+    use dcoord::queue::{EnqueueOptions, QueueOptions, WorkQueue};
+    use dcoord::session::{Session, SessionOptions};
+    use std::sync::Arc;
+
+    let open = |name: String, conn: Conn, lease: u64| async move {
+        dcoord::keys::validate_name("queue", &name)?;
+        if lease == 0 {
+            return Err(Error::InvalidArgument(
+                "--lease must be at least 1 second".into(),
+            ));
+        }
+        let store: Arc<dyn Store> = Arc::new(connect(&conn).await?);
+        let session = Session::start(
+            store,
+            SessionOptions::default().lease(Duration::from_secs(lease)),
+        )
+        .await?;
+        let q = WorkQueue::open(&session, &name, QueueOptions::default()).await?;
+        Ok::<_, Error>((session, q))
+    };
+    match op {
+        QueueOp::Enqueue {
+            name,
+            payload,
+            file,
+            id,
+            priority,
+            delay_ms,
+            conn,
+        } => {
+            let payload = read_input(payload, file, "cannot read payload file")?;
+            if let Some(id) = &id {
+                dcoord::keys::validate_name("message id", id)?;
+            }
+            let (session, q) = open(name, conn, 10).await?;
+            let mut options = EnqueueOptions::default()
+                .priority(priority)
+                .delay(Duration::from_millis(delay_ms));
+            if let Some(id) = id {
+                options = options.id(id);
+            }
+            println!("{}", q.enqueue(&payload, options).await?);
+            let _ = session.close().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        QueueOp::Consume {
+            name,
+            count,
+            lease,
+            command,
+            conn,
+        } => {
+            let (session, q) = open(name, conn, lease).await?;
+            let mut done = 0usize;
+            while count.is_none_or(|c| done < c) {
+                let d = tokio::select! {
+                    d = q.next() => d?,
+                    _ = shutdown_signal() => break,
+                };
+                if command.is_empty() {
+                    use std::io::Write;
+                    let mut out = std::io::stdout();
+                    let _ = out.write_all(d.payload());
+                    let _ = out.write_all(b"\n");
+                    d.ack().await?;
+                } else {
+                    let mut child = tokio::process::Command::new(&command[0])
+                        .args(&command[1..])
+                        .env("DCOORD_MESSAGE_ID", d.id())
+                        .env("DCOORD_ATTEMPT", d.attempt().to_string())
+                        .stdin(std::process::Stdio::piped())
+                        .kill_on_drop(true)
+                        .spawn()
+                        .map_err(|e| Error::Io {
+                            what: "cannot run the command",
+                            path: command[0].clone().into(),
+                            source: e,
+                        })?;
+                    if let Some(mut stdin) = child.stdin.take() {
+                        use tokio::io::AsyncWriteExt;
+                        let _ = stdin.write_all(d.payload()).await;
+                    }
+                    let status = child.wait().await.map_err(|e| Error::Io {
+                        what: "cannot wait for the command",
+                        path: command[0].clone().into(),
+                        source: e,
+                    })?;
+                    if status.success() {
+                        d.ack().await?;
+                    } else {
+                        d.nack(&format!("command exited with {status}")).await?;
+                    }
+                }
+                done += 1;
+            }
+            let _ = session.close().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        QueueOp::Stats { name, conn } => {
+            let (session, q) = open(name, conn, 10).await?;
+            let s = q.stats();
+            println!(
+                "ready {} delayed {} in_flight {} dead {} done {} undecodable {}",
+                s.ready, s.delayed, s.in_flight, s.dead, s.done, s.undecodable
+            );
+            let _ = session.close().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        QueueOp::Dead { name, conn } => {
+            let (session, q) = open(name, conn, 10).await?;
+            for d in q.dead_letters() {
+                println!("{}\t{}\t{}", d.id, d.attempts, d.error);
+            }
+            let _ = session.close().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        QueueOp::Redrive { name, id, conn } => {
+            let (session, q) = open(name, conn, 10).await?;
+            let moved = q.redrive(&id).await?;
+            let _ = session.close().await;
+            if moved {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!("dcoord: {id:?} is not a dead letter");
+                Ok(ExitCode::from(1))
+            }
+        }
+    }
+}
