@@ -1,12 +1,10 @@
 //! `lock NAME [-- CMD]`.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use dcoord::Error;
-use dcoord::store::Store;
 
-use crate::{Conn, connect, shutdown_signal};
+use crate::{Conn, session, shutdown_signal};
 
 pub async fn run(
     name: String,
@@ -15,21 +13,9 @@ pub async fn run(
     conn: Conn,
 ) -> dcoord::Result<ExitCode> {
     use dcoord::lock::Mutex;
-    use dcoord::session::{Session, SessionOptions};
-    use std::sync::Arc;
 
     dcoord::keys::validate_name("lock", &name)?;
-    if lease == 0 {
-        return Err(Error::InvalidArgument(
-            "--lease must be at least 1 second".into(),
-        ));
-    }
-    let store: Arc<dyn Store> = Arc::new(connect(&conn).await?);
-    let session = Session::start(
-        store,
-        SessionOptions::default().lease(Duration::from_secs(lease)),
-    )
-    .await?;
+    let session = session(&conn, lease).await?;
     let lock = Mutex::new(&session, &name)?;
     let guard = tokio::select! {
         g = lock.acquire() => g?,

@@ -264,6 +264,22 @@ async fn run(cmd: Cmd) -> dcoord::Result<ExitCode> {
     }
 }
 
+/// A session on the cluster `conn` names, with a lease of `lease` seconds.
+pub async fn session(conn: &Conn, lease: u64) -> dcoord::Result<dcoord::session::Session> {
+    use dcoord::session::{Session, SessionOptions};
+    if lease == 0 {
+        return Err(Error::InvalidArgument(
+            "--lease must be at least 1 second".into(),
+        ));
+    }
+    let store: std::sync::Arc<dyn dcoord::store::Store> = std::sync::Arc::new(connect(conn).await?);
+    Session::start(
+        store,
+        SessionOptions::default().lease(Duration::from_secs(lease)),
+    )
+    .await
+}
+
 /// Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -6,9 +6,8 @@ use std::time::Duration;
 
 use clap::Subcommand;
 use dcoord::Error;
-use dcoord::store::Store;
 
-use crate::{Conn, connect, read_input, shutdown_signal};
+use crate::{Conn, read_input, session, shutdown_signal};
 
 #[derive(Subcommand)]
 pub enum QueueOp {
@@ -81,22 +80,10 @@ pub enum QueueOp {
 
 pub async fn run(op: QueueOp) -> dcoord::Result<ExitCode> {
     use dcoord::queue::{EnqueueOptions, QueueOptions, WorkQueue};
-    use dcoord::session::{Session, SessionOptions};
-    use std::sync::Arc;
 
     let open = |name: String, conn: Conn, lease: u64| async move {
         dcoord::keys::validate_name("queue", &name)?;
-        if lease == 0 {
-            return Err(Error::InvalidArgument(
-                "--lease must be at least 1 second".into(),
-            ));
-        }
-        let store: Arc<dyn Store> = Arc::new(connect(&conn).await?);
-        let session = Session::start(
-            store,
-            SessionOptions::default().lease(Duration::from_secs(lease)),
-        )
-        .await?;
+        let session = session(&conn, lease).await?;
         let q = WorkQueue::open(&session, &name, QueueOptions::default()).await?;
         Ok::<_, Error>((session, q))
     };
