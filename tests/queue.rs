@@ -264,6 +264,24 @@ async fn once_stays_once_when_a_redelivery_to_the_same_session_is_ambiguous() {
     );
 }
 
+/// An ack whose write has an unknown outcome and lands late (after a read that still showed
+/// the claim) is an ack: it is not reported as a lost claim, and the message stays done.
+#[tokio::test(start_paused = true)]
+async fn an_ack_that_lands_late_is_an_ack() {
+    let mem = MemStore::new();
+    let store: Arc<dyn Store> = Arc::new(mem.clone());
+    let (_s, q) = open(store, "late", opts()).await;
+    q.enqueue(b"{}", EnqueueOptions::default().id("m"))
+        .await
+        .unwrap();
+    let d = next(&q).await;
+    mem.late_next_writes(1);
+    d.ack().await.unwrap();
+    let again = tokio::time::timeout(Duration::from_secs(30), q.next()).await;
+    assert!(again.is_err(), "an acked message was delivered again");
+    assert_eq!(q.stats().done, 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_crashed_consumers_message_is_redelivered_after_its_lease() {
     let mem = MemStore::new();

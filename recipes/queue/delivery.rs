@@ -117,6 +117,12 @@ impl Delivery {
         self.finished = true;
         let q = &self.q;
         let new = next.encode();
+        // An unknown outcome is resolved by sending the identical CAS again, never by a read
+        // that still shows our claim (the first write can apply after that read). Every
+        // attempt expects our claim's bytes, which the first one to apply replaces for good, so
+        // at most one applies; a later refusal after an unknown outcome may be our own write,
+        // which its bytes tell (no other writer produces them: a takeover names its session).
+        let mut unsure = false;
         loop {
             match q
                 .store
@@ -124,16 +130,15 @@ impl Delivery {
                 .await
             {
                 Ok(true) => return Ok(()),
-                Ok(false) => return Err(self.claim_lost()),
-                Err(e) if e.is_ambiguous() => {
+                Ok(false) if unsure => {
                     let now = q.store.get(&self.key, Consistency::Linearizable).await?;
                     if now.as_deref() == Some(&new[..]) {
                         return Ok(());
-                    } else if now.as_ref() != Some(&self.bytes) {
-                        return Err(self.claim_lost());
                     }
-                    // Still our claim: the write did not apply; try again.
+                    return Err(self.claim_lost());
                 }
+                Ok(false) => return Err(self.claim_lost()),
+                Err(e) if e.is_ambiguous() => unsure = true,
                 Err(e) => {
                     self.finished = false;
                     return Err(e);
