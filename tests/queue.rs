@@ -282,6 +282,24 @@ async fn an_ack_that_lands_late_is_an_ack() {
     assert_eq!(q.stats().done, 1);
 }
 
+/// A redrive whose write lands late is reported as done, and the message runs again.
+#[tokio::test(start_paused = true)]
+async fn a_redrive_that_lands_late_is_reported_done() {
+    let mem = MemStore::new();
+    let store: Arc<dyn Store> = Arc::new(mem.clone());
+    let (_s, q) = open(store, "redrive", opts()).await;
+    q.enqueue(b"{}", EnqueueOptions::default().id("m"))
+        .await
+        .unwrap();
+    let d = next(&q).await;
+    d.message().poison("bad");
+    d.nack("bad").await.unwrap();
+    mem.late_next_writes(1);
+    assert!(q.redrive("m").await.unwrap(), "the redrive applied");
+    let d = next(&q).await;
+    assert_eq!((d.id(), d.attempt()), ("m", 1));
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_crashed_consumers_message_is_redelivered_after_its_lease() {
     let mem = MemStore::new();

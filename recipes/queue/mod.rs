@@ -585,11 +585,23 @@ impl WorkQueue {
                 return Ok(false);
             }
             let new = rec.redrive().encode();
-            match q.store.compare_and_swap(&key, Some(&raw), &new).await {
-                Ok(true) => return Ok(true),
-                Ok(false) => continue,
-                Err(e) if e.is_ambiguous() => continue,
-                Err(e) => return Err(e),
+            // An unknown outcome: send the identical CAS again (at most one applies), and after
+            // a refusal tell our own late write by its bytes.
+            let mut unsure = false;
+            loop {
+                match q.store.compare_and_swap(&key, Some(&raw), &new).await {
+                    Ok(true) => return Ok(true),
+                    Ok(false) if unsure => {
+                        let now = q.store.get(&key, Consistency::Linearizable).await?;
+                        if now.as_deref() == Some(&new[..]) {
+                            return Ok(true);
+                        }
+                        break;
+                    }
+                    Ok(false) => break,
+                    Err(e) if e.is_ambiguous() => unsure = true,
+                    Err(e) => return Err(e),
+                }
             }
         }
     }
