@@ -321,6 +321,30 @@ async fn a_cancelled_acquire_leaves_no_residue() {
     assert!(started.elapsed() < Duration::from_millis(100));
 }
 
+/// A free lock whose grab has an unknown outcome and lands late is granted, not reported
+/// taken (by our own phantom grant, which then blocked everyone for a lease).
+#[tokio::test(start_paused = true)]
+async fn a_grab_that_lands_late_is_a_grant() {
+    let mem = MemStore::new();
+    let store: Arc<dyn Store> = Arc::new(mem.clone());
+    let a = session(store.clone()).await;
+    let lock = Mutex::new(&a, "late").unwrap();
+    mem.late_next_writes(1);
+    let g = lock.try_acquire().await.unwrap();
+    let g = g.expect("the lock was free and our grab applied");
+    assert_eq!(lock.info().await.unwrap().waiters.len(), 0);
+    g.release().await.unwrap();
+    let b = session(store.clone()).await;
+    let started = Instant::now();
+    let again = Mutex::new(&b, "late").unwrap().acquire().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "released at once, not one lease later: {:?}",
+        started.elapsed()
+    );
+    again.release().await.unwrap();
+}
+
 #[tokio::test(start_paused = true)]
 async fn try_acquire_returns_none_while_held() {
     let store: Arc<dyn Store> = Arc::new(MemStore::new());

@@ -469,7 +469,7 @@ impl Inner {
     /// `None` if it is not free.
     async fn grab(self: &Arc<Self>, pending: &mut Pending) -> Result<Option<MutexGuard>> {
         self.session.check()?;
-        let mut me = self.slot();
+        let me = self.slot();
         let mut current = self.current(None).await?;
         let mut confirmed = false;
         loop {
@@ -491,17 +491,37 @@ impl Inner {
             pending.arm(me.clone());
             let sent = Instant::now();
             let new = next.encode();
-            let (after, unsure) = match self
-                .store
-                .compare_and_swap(&self.key, current.as_deref(), &new)
-                .await
-            {
-                Ok(true) => (Some(Bytes::from(new)), false),
-                Ok(false) => {
-                    bump(&self.stats.conflicts);
-                    (self.read().await?, false)
+            // An unknown outcome is settled by sending the identical CAS again until one
+            // answers: every attempt expects `current`, which the record (never deleted, its
+            // `seq` rising with every write) leaves for good once any write applies, so at most
+            // one of them applies, and after a definite answer none can land later. A read
+            // that shows `current` still would prove nothing: the first attempt could apply
+            // after it.
+            let mut unsure = false;
+            let after = loop {
+                match self
+                    .store
+                    .compare_and_swap(&self.key, current.as_deref(), &new)
+                    .await
+                {
+                    Ok(true) => break Ok(Some(Bytes::from(new.clone()))),
+                    Ok(false) => {
+                        bump(&self.stats.conflicts);
+                        break self.read().await;
+                    }
+                    Err(e) if e.is_ambiguous() => unsure = true,
+                    Err(e) => break Err(e),
                 }
-                Err(e) if e.is_ambiguous() => (self.read().await?, true),
+            };
+            let after = match after {
+                Ok(after) => after,
+                Err(e) if unsure => {
+                    // Still unknown, and the first attempt may land yet: give back a grant
+                    // that lands late, one lease from now.
+                    pending.hand_over();
+                    spawn_late_leave(self.clone(), me);
+                    return Err(e);
+                }
                 Err(e) => return Err(e),
             };
             let rec = Record::decode(&self.key, after.as_ref())?;
@@ -511,17 +531,7 @@ impl Inner {
                 pending.hand_over();
                 return Ok(Some(MutexGuard::new(self.clone(), me, rec.epoch, after)));
             }
-            if unsure {
-                pending.hand_over();
-            } else {
-                pending.disarm();
-            }
-            if unsure {
-                // A write that timed out can still land after the read that says it did not:
-                // check again later and give back a grant that landed late. Use a new slot.
-                spawn_late_leave(self.clone(), me);
-                me = self.slot();
-            }
+            pending.disarm();
             crate::reconcile::after_collision(1, sent.elapsed()).await;
             current = after;
             confirmed = true;
