@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use dcoord::Error;
 
-use crate::{Conn, session, shutdown_signal};
+use crate::{Conn, session, shutdown_signal, spawn_command};
 
 pub async fn run(
     name: String,
@@ -37,17 +37,10 @@ pub async fn run(
             }
         }
     } else {
-        let mut child = tokio::process::Command::new(&command[0])
-            .args(&command[1..])
-            .env("DCOORD_FENCING_TOKEN", token.to_string())
-            .env("DCOORD_LOCK", &name)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| Error::Io {
-                what: "cannot run the command",
-                path: command[0].clone().into(),
-                source: e,
-            })?;
+        let mut child = spawn_command(&command, |c| {
+            c.env("DCOORD_FENCING_TOKEN", token.to_string())
+                .env("DCOORD_LOCK", &name);
+        })?;
         tokio::select! {
             status = child.wait() => {
                 let status = status.map_err(|e| Error::Io {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Subcommand;
 use dcoord::Error;
 
-use crate::{Conn, read_input, session, shutdown_signal};
+use crate::{Conn, read_input, session, shutdown_signal, spawn_command};
 
 #[derive(Subcommand)]
 pub enum QueueOp {
@@ -133,18 +133,11 @@ pub async fn run(op: QueueOp) -> dcoord::Result<ExitCode> {
                     let _ = out.write_all(b"\n");
                     d.ack().await?;
                 } else {
-                    let mut child = tokio::process::Command::new(&command[0])
-                        .args(&command[1..])
-                        .env("DCOORD_MESSAGE_ID", d.id())
-                        .env("DCOORD_ATTEMPT", d.attempt().to_string())
-                        .stdin(std::process::Stdio::piped())
-                        .kill_on_drop(true)
-                        .spawn()
-                        .map_err(|e| Error::Io {
-                            what: "cannot run the command",
-                            path: command[0].clone().into(),
-                            source: e,
-                        })?;
+                    let mut child = spawn_command(&command, |c| {
+                        c.env("DCOORD_MESSAGE_ID", d.id())
+                            .env("DCOORD_ATTEMPT", d.attempt().to_string())
+                            .stdin(std::process::Stdio::piped());
+                    })?;
                     if let Some(mut stdin) = child.stdin.take() {
                         use tokio::io::AsyncWriteExt;
                         let _ = stdin.write_all(d.payload()).await;
