@@ -26,8 +26,9 @@
 //! Renewals that fail are retried with backoff until the deadline; then the session is lost.
 //! An unreachable store at [`Session::start`] is an error (nothing was written).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,8 +39,7 @@ use tokio::time::Instant;
 
 use crate::error::{Error, Result, show};
 use crate::reconcile::{Backoff, Mirror, MirrorOptions, WatcherOptions};
-use crate::store::Store;
-use crate::store::WatchTarget;
+use crate::store::{Consistency, Store, WatchTarget};
 
 /// Options of a [`Session`].
 #[derive(Debug, Clone)]
@@ -147,6 +147,8 @@ pub enum SessionState {
 
 struct Inner {
     tickets: std::sync::atomic::AtomicU64,
+    /// Keys some task of this process owns for this session (see [`Session::own`]).
+    owned: Arc<Mutex<HashSet<Bytes>>>,
     id: uuid::Uuid,
     key: Bytes,
     root: String,
@@ -244,6 +246,7 @@ impl Session {
         Ok(Session {
             inner: Arc::new(Inner {
                 tickets: std::sync::atomic::AtomicU64::new(1),
+                owned: Arc::default(),
                 id,
                 key,
                 root: options.root.clone(),
@@ -316,6 +319,105 @@ impl Session {
                 Ok(mirror)
             })
             .await
+    }
+
+    /// Confirms with linearizable reads that every session in `ids` is dead on `liveness`'s
+    /// clock: each heartbeat is re-read and observed, and the answer is false as soon as one
+    /// shows a change. Recipes call it before taking over what a dead session held, so that a
+    /// lost watch event can never make a live session look dead.
+    ///
+    /// # Errors
+    /// The store's errors.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe (reads).
+    pub async fn confirm_dead(&self, ids: &[&str], liveness: &mut Liveness) -> Result<bool> {
+        for &id in ids {
+            let hb = self
+                .inner
+                .store
+                .get(&self.heartbeat_key(id), Consistency::Linearizable)
+                .await?;
+            let now = Instant::now();
+            liveness.observe(id, hb.as_ref(), now);
+            if !liveness.is_dead(id, now) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Observes, in the peers mirror's `view`, the heartbeat of every session in `ids`, and
+    /// forgets the sessions not in `ids`.
+    pub fn observe_peers(
+        &self,
+        view: &crate::reconcile::Snapshot,
+        ids: &[&str],
+        liveness: &mut Liveness,
+    ) {
+        let now = Instant::now();
+        for &id in ids {
+            let hb = view.get(&self.heartbeat_key(id));
+            liveness.observe(id, hb.map(|e| &e.value), now);
+        }
+        liveness.retain(|seen| ids.contains(&seen));
+    }
+
+    /// Claims `key` for one owner in this process: `None` if another owner holds it. The
+    /// claim ends when the returned guard is dropped. Recipes mark what some task here is
+    /// behind (a lock slot, a claimed message): a record of this session that nobody here
+    /// owns was abandoned (a write that failed, or landed after its caller gave up), and is
+    /// cleaned up by whoever finds it.
+    pub(crate) fn own(&self, key: impl Into<Bytes>) -> Option<Owned> {
+        let key = key.into();
+        let mut owned = self.inner.owned.lock().unwrap();
+        if !owned.insert(key.clone()) {
+            return None;
+        }
+        Some(Owned {
+            set: self.inner.owned.clone(),
+            key,
+        })
+    }
+
+    /// True while some owner in this process holds `key` (see [`Session::own`]).
+    pub(crate) fn owns(&self, key: &[u8]) -> bool {
+        self.inner.owned.lock().unwrap().contains(key)
+    }
+
+    /// Runs `attempt` in the background until it succeeds, retrying (with backoff) errors
+    /// that may pass ([`Error::is_retryable`], [`Error::is_ambiguous`]) for as long as this
+    /// session is alive. For writes that must not be abandoned while the session could still
+    /// be blocking others with what it holds (a release, a give-back); once the session is
+    /// gone, others take over after its lease anyway. Returns false (and runs nothing) outside
+    /// a tokio runtime.
+    pub(crate) fn spawn_while_alive<F, Fut>(&self, what: &'static str, mut attempt: F) -> bool
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<()>> + Send,
+    {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(session = %self.id(), "no runtime for {what}; the lease will free it");
+            return false;
+        };
+        let session = self.clone();
+        rt.spawn(async move {
+            let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+            loop {
+                match attempt().await {
+                    Ok(()) => break,
+                    Err(e) if (e.is_retryable() || e.is_ambiguous()) && session.is_alive() => {
+                        tracing::debug!(session = %session.id(), "{what} failed, retrying: {e}");
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(session = %session.id(), "{what} failed: {e}");
+                        break;
+                    }
+                }
+            }
+        });
+        true
     }
 
     /// Stops renewing WITHOUT deleting the heartbeat record, as if the process had crashed:
@@ -404,6 +506,20 @@ impl Session {
         }
         self.inner.state.send_replace(SessionState::Closed);
         self.inner.store.delete(&self.inner.key).await
+    }
+}
+
+/// A key owned by one task of this process for a session (see [`Session::own`]); dropping
+/// it gives the key up.
+#[derive(Debug)]
+pub(crate) struct Owned {
+    set: Arc<Mutex<HashSet<Bytes>>>,
+    key: Bytes,
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        self.set.lock().unwrap().remove(&self.key);
     }
 }
 

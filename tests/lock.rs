@@ -427,6 +427,22 @@ async fn fenced_put_rejects_older_tokens_and_foreign_values() {
     assert!(matches!(err, Error::Decode { .. }), "{err}");
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_fenced_write_overtaken_on_its_way_never_lands_over_a_later_one() {
+    let mem = MemStore::new();
+    fenced_put(&mem, b"/f", 7, b"x").await.unwrap();
+    // The write of y is still on its way when its client gives up; the re-send applies, the
+    // holder writes x again, and only then does the first request reach the store.
+    mem.overtaken_next_writes(1, 2);
+    fenced_put(&mem, b"/f", 7, b"y").await.unwrap();
+    fenced_put(&mem, b"/f", 7, b"x").await.unwrap();
+    assert_eq!(
+        fenced_get(&mem, b"/f").await.unwrap().unwrap().value,
+        "x",
+        "the holder's last write stands"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Other processes: `dcoord lock NAME -- CMD` holding the lock, SIGKILLed or SIGSTOPped.
 

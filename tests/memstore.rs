@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use dcoord::Error;
-use dcoord::store::{Consistency, EventKind, Store, WatchTarget};
+use dcoord::store::{Cas, Consistency, EventKind, Settled, Store, WatchTarget};
 use dcoord::testing::{MemOptions, MemStore};
 use futures::StreamExt;
 
@@ -129,4 +129,94 @@ async fn op_counts_show_an_idle_watcher_makes_no_reads() {
     assert_eq!(s.op_counts(), before);
     s.get(b"/q/x", Consistency::Eventual).await.unwrap();
     assert_eq!(s.op_counts().reads(), before.reads() + 1);
+}
+
+// `Cas::settle`: an unknown outcome is settled by re-sending the identical CAS.
+
+async fn value(s: &MemStore, key: &[u8]) -> Option<bytes::Bytes> {
+    s.get(key, Consistency::Linearizable).await.unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cas_that_lands_late_is_settled_as_applied() {
+    let s = MemStore::new();
+    s.late_next_writes(1);
+    let got = Cas::new(&s, b"/q/k", None, b"v").settle().await.unwrap();
+    assert_eq!(got, Settled::Applied);
+    assert_eq!(value(&s, b"/q/k").await.unwrap(), "v");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_cas_reports_what_is_stored() {
+    let s = MemStore::new();
+    s.put(b"/q/k", b"x").await.unwrap();
+    let got = Cas::new(&s, b"/q/k", Some(b"a"), b"b")
+        .settle()
+        .await
+        .unwrap();
+    assert_eq!(
+        got,
+        Settled::Rejected {
+            current: Some("x".into()),
+            maybe_applied: false
+        }
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn bytes_anyone_could_write_are_never_claimed_after_an_unknown_outcome() {
+    let s = MemStore::new();
+    s.put(b"/q/k", b"a").await.unwrap();
+    s.ambiguous_next_writes(1);
+    let got = Cas::new(&s, b"/q/k", Some(b"a"), b"b")
+        .not_unique()
+        .settle()
+        .await
+        .unwrap();
+    assert_eq!(
+        got,
+        Settled::Rejected {
+            current: Some("b".into()),
+            maybe_applied: true
+        },
+        "the stored b may be another writer's"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_overtaken_cas_applies_at_most_once_when_values_are_unique() {
+    let s = MemStore::new();
+    s.put(b"/q/k", b"a1").await.unwrap();
+    s.overtaken_next_writes(1, 2);
+    let got = Cas::new(&s, b"/q/k", Some(b"a1"), b"b1")
+        .settle()
+        .await
+        .unwrap();
+    assert_eq!(got, Settled::Applied, "the re-send applied");
+    // Another writer moves on; the first request lands after it and is refused.
+    assert!(
+        s.compare_and_swap(b"/q/k", Some(b"b1"), b"a2")
+            .await
+            .unwrap()
+    );
+    assert_eq!(value(&s, b"/q/k").await.unwrap(), "a2");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_overtaken_cas_lands_again_when_values_repeat() {
+    // Why the contract asks for unique values: A -> B -> A lets the stale request apply.
+    let s = MemStore::new();
+    s.put(b"/q/k", b"a").await.unwrap();
+    s.overtaken_next_writes(1, 2);
+    let got = Cas::new(&s, b"/q/k", Some(b"a"), b"b")
+        .settle()
+        .await
+        .unwrap();
+    assert_eq!(got, Settled::Applied);
+    assert!(s.compare_and_swap(b"/q/k", Some(b"b"), b"a").await.unwrap());
+    assert_eq!(
+        value(&s, b"/q/k").await.unwrap(),
+        "b",
+        "the old request applied"
+    );
 }

@@ -25,6 +25,12 @@
 //! - Atomic changes across keys of a prefix: a multi-key edit may be seen half-applied (each
 //!   key is written separately; d-engine has no multi-key transaction). Use one key for
 //!   settings that must change together.
+//! - That an `update` whose write had an unknown outcome ([`Error::Ambiguous`]) can tell
+//!   whether it applied: a stored value is the caller's bytes, which another writer can
+//!   produce too, so it returns the error rather than guess (and never applies `change` twice).
+//!   And a write request still on its way to the leader while the key goes A → B → A can
+//!   apply over the second A (the store compares bytes; nothing in a config value is unique
+//!   per write).
 //!
 //! # Failure modes
 //! A missing key is the configured default, or [`Status::NotConfigured`] until it appears
@@ -70,7 +76,7 @@ pub use decode::Format;
 
 use crate::error::{Error, Result};
 use crate::reconcile::{Mirror, MirrorOptions, Snapshot, WatcherOptions};
-use crate::store::{Consistency, Store, WatchTarget};
+use crate::store::{Cas, Consistency, Settled, Store, WatchTarget};
 
 /// Where a configuration lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -505,7 +511,7 @@ impl<T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> ConfigWatc
                     attempt += 1;
                     crate::reconcile::after_collision(attempt, sent.elapsed()).await;
                 }
-                // Publishing is idempotent: a re-read decides.
+                // Publishing is idempotent: a re-read decides (the same bytes stored is done).
                 Err(e) if e.is_ambiguous() => continue,
                 Err(e) => return Err(e),
             }
@@ -551,30 +557,33 @@ impl<T: DeserializeOwned> Shared<T> {
         Ok(bytes)
     }
 
-    /// CAS; an ambiguous outcome is decided after a [`crate::store::barrier`] (so our write is
-    /// applied or never will be) by a re-read: unchanged → not applied (`false`, the caller
-    /// may try again); anything else → [`Error::Ambiguous`]. Config values are the caller's
-    /// bytes, not unique: if the stored value equals ours, another writer may have written the
-    /// same bytes from the same value, and calling it ours would lose their change.
+    /// CAS, settled by re-sending it ([`crate::store::Cas`]). Config values are the caller's
+    /// bytes, not unique per write: if the key holds ours after an unknown outcome, another
+    /// writer may have written the same bytes from the same value, and calling it ours would
+    /// lose their change. So: applied → `true`; refused with no unknown outcome → `false` (the
+    /// caller may try again); anything else → [`Error::Ambiguous`].
+    ///
+    /// The limit left (documented on the module): a request of ours still on its way while
+    /// the key goes A → B → A can apply over the second A.
     async fn cas(&self, key: &str, current: Option<&[u8]>, new: &[u8]) -> Result<bool> {
-        match self
-            .store
-            .compare_and_swap(key.as_bytes(), current, new)
-            .await
+        match Cas::new(&*self.store, key.as_bytes(), current, new)
+            .not_unique()
+            .settle()
+            .await?
         {
-            Err(e) if e.is_ambiguous() => {
-                crate::store::barrier(&*self.store).await?;
-                let now = self
-                    .store
-                    .get(key.as_bytes(), Consistency::Linearizable)
-                    .await?;
-                if now.as_deref() == current {
-                    Ok(false)
-                } else {
-                    Err(e)
-                }
-            }
-            other => other,
+            Settled::Applied => Ok(true),
+            Settled::Rejected {
+                maybe_applied: false,
+                ..
+            } => Ok(false),
+            Settled::Rejected { .. } => Err(Error::Ambiguous {
+                op: "compare_and_swap",
+                key: key.to_string(),
+                message: "an attempt's outcome is unknown and the stored value cannot tell \
+                          (another writer may have written the same bytes)"
+                    .into(),
+                source: None,
+            }),
         }
     }
 }

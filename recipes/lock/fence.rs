@@ -4,10 +4,15 @@
 use bytes::Bytes;
 
 use crate::error::{Error, Result, show};
-use crate::store::{Consistency, Store};
+use crate::store::{Cas, Consistency, Settled, Store};
 
-const MAGIC: &[u8; 4] = b"dcf1";
-const HEADER: usize = MAGIC.len() + 8;
+/// The first format: magic, token. Still read; no longer written.
+const MAGIC_V1: &[u8; 4] = b"dcf1";
+/// Magic, token, write id: the write id makes every fenced write's bytes unique, which is what
+/// lets an unknown outcome be settled by re-sending the CAS ([`crate::store::Cas`]). Without
+/// it, a holder writing `x`, `y`, `x` would produce the first `x` again, and a request for
+/// `x -> y` still on its way could apply over the second.
+const MAGIC: &[u8; 4] = b"dcf2";
 
 /// A value written with [`fenced_put`]: the token of the writer and the data.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,7 +25,12 @@ pub struct Fenced {
 
 impl Fenced {
     fn decode(key: &[u8], raw: &Bytes) -> Result<Fenced> {
-        if raw.len() < HEADER || &raw[..MAGIC.len()] != MAGIC {
+        let header = match raw.get(..4) {
+            Some(m) if m == MAGIC_V1 => 4 + 8,
+            Some(m) if m == MAGIC => 4 + 8 + 8,
+            _ => 0,
+        };
+        if header == 0 || raw.len() < header {
             return Err(Error::Decode {
                 key: show(key),
                 reason:
@@ -29,17 +39,18 @@ impl Fenced {
             });
         }
         let mut t = [0u8; 8];
-        t.copy_from_slice(&raw[MAGIC.len()..HEADER]);
+        t.copy_from_slice(&raw[4..12]);
         Ok(Fenced {
             token: u64::from_be_bytes(t),
-            value: raw.slice(HEADER..),
+            value: raw.slice(header..),
         })
     }
 
     fn encode(token: u64, value: &[u8]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER + value.len());
+        let mut out = Vec::with_capacity(4 + 8 + 8 + value.len());
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&token.to_be_bytes());
+        out.extend_from_slice(&fastrand::u64(..).to_be_bytes());
         out.extend_from_slice(value);
         out
     }
@@ -54,8 +65,9 @@ impl Fenced {
 ///
 /// # Errors
 /// [`Error::Fenced`] if a newer token has written the key; [`Error::Decode`] if the key holds
-/// something that is not a fenced value; the store's errors. Nothing is written on error
-/// (an [`Error::Ambiguous`] from the store is resolved by re-reading first).
+/// something that is not a fenced value; the store's errors. Nothing is written on error,
+/// except [`Error::Ambiguous`]: an unknown outcome is settled by re-sending the write, and
+/// this is returned only when that cannot decide (the key changed meanwhile).
 ///
 /// # Cancel safety
 /// If dropped, the write may or may not have happened; whether it did, the fence held.
@@ -74,16 +86,25 @@ pub async fn fenced_put(store: &dyn Store, key: &[u8], token: u64, value: &[u8])
                 });
             }
         }
-        match store.compare_and_swap(key, current.as_deref(), &new).await {
-            Ok(true) => return Ok(()),
-            Ok(false) => {}
-            Err(e) if e.is_ambiguous() => {}
-            Err(e) => return Err(e),
-        }
-        current = store.get(key, Consistency::Linearizable).await?;
-        if current.as_deref() == Some(&new[..]) {
-            // Our ambiguous write landed (or an identical one did).
-            return Ok(());
+        match Cas::new(store, key, current.as_deref(), &new)
+            .settle()
+            .await?
+        {
+            Settled::Applied => return Ok(()),
+            Settled::Rejected {
+                current: now,
+                maybe_applied: false,
+            } => current = now,
+            // Ours may have applied and been overwritten since: neither "written" nor
+            // "nothing written" can be said.
+            Settled::Rejected { .. } => {
+                return Err(Error::Ambiguous {
+                    op: "fenced_put",
+                    key: show(key),
+                    message: "an attempt's outcome is unknown and the key has changed since".into(),
+                    source: None,
+                });
+            }
         }
     }
 }

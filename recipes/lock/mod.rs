@@ -91,8 +91,8 @@ use record::{Record, Slot};
 
 use crate::error::{Error, Result};
 use crate::reconcile::{Mirror, MirrorOptions, Snapshot, WatcherOptions};
-use crate::session::{Liveness, Session};
-use crate::store::{Consistency, Store, WatchTarget};
+use crate::session::{Liveness, Owned, Session};
+use crate::store::{Cas, Consistency, Settled, Store, WatchTarget};
 
 /// A named distributed lock. Cheap to clone; clones share one watch on the lock record.
 #[derive(Clone)]
@@ -209,9 +209,15 @@ impl Mutex {
                 if rec.is_holder(&me) {
                     tracing::debug!(lock = %inner.name, ?me, seq = rec.seq, epoch = rec.epoch, "granted");
                     bump(&inner.stats.grants);
-                    pending.hand_over();
+                    let owned = pending.hand_over();
                     inner.forget_arrival(&me);
-                    return Ok(MutexGuard::new(inner.clone(), me, rec.epoch, current));
+                    return Ok(MutexGuard::new(
+                        inner.clone(),
+                        me,
+                        owned,
+                        rec.epoch,
+                        current,
+                    ));
                 }
                 if rec.seen(&me) && !rec.contains(&me) {
                     // Only a participant that saw our session dead removes our slot.
@@ -239,23 +245,22 @@ impl Mutex {
                 let blockers: Vec<Slot> = next.blockers(&me).into_iter().cloned().collect();
                 for b in &blockers {
                     // Our own session's slot with no owner here: abandoned. Clean it up.
-                    if b.session == me.session && activate(&inner.key, b) {
+                    if b.session == me.session
+                        && let Some(owned) = inner.own(b)
+                    {
                         tracing::warn!(lock = %inner.name, slot = ?b, "removing an abandoned slot of this session");
-                        spawn_leave(inner.clone(), b.clone(), None);
+                        spawn_leave(inner.clone(), b.clone(), None, Some(owned));
                     }
                 }
                 let peers = inner.session.peers().await?;
                 let rx = peers_rx.get_or_insert_with(|| peers.subscribe());
                 let view = rx.borrow_and_update().clone();
+                let sessions: Vec<&str> = blockers.iter().map(|b| b.session.as_str()).collect();
+                inner.session.observe_peers(&view, &sessions, &mut liveness);
                 let now = Instant::now();
-                for b in &blockers {
-                    let hb = view.get(&inner.session.heartbeat_key(&b.session));
-                    liveness.observe(&b.session, hb.map(|e| &e.value), now);
-                }
-                liveness.retain(|id| blockers.iter().any(|b| b.session == id));
                 if !blockers.is_empty()
                     && blockers.iter().all(|b| liveness.is_dead(&b.session, now))
-                    && inner.confirm_dead(&blockers, &mut liveness).await?
+                    && inner.session.confirm_dead(&sessions, &mut liveness).await?
                 {
                     bump(&inner.stats.takeovers);
                     let mut taken = next.take_over(&me).expect("we are queued");
@@ -392,22 +397,27 @@ impl Inner {
         self.store.get(&self.key, Consistency::Linearizable).await
     }
 
-    /// One CAS from `current` to `new`; returns the record as it is afterwards (ours on
-    /// success, re-read otherwise; an ambiguous write is resolved by the re-read).
+    /// One CAS from `current` to `new`, settled ([`Cas::settle`]); returns the record as it
+    /// is afterwards (ours when it applied, re-read otherwise: the caller decides from its
+    /// content, which is unique per write since `seq` rises with every one).
     async fn cas(&self, current: Option<Bytes>, new: Vec<u8>) -> Result<Option<Bytes>> {
-        match self
-            .store
-            .compare_and_swap(&self.key, current.as_deref(), &new)
-            .await
-        {
-            Ok(true) => Ok(Some(Bytes::from(new))),
-            Ok(false) => {
-                bump(&self.stats.conflicts);
-                self.read().await
+        let alive = || self.session.check();
+        let settled = Cas::new(&*self.store, &self.key, current.as_deref(), &new)
+            .while_ok(&alive)
+            .settle()
+            .await?;
+        Ok(match settled {
+            Settled::Applied => Some(Bytes::from(new)),
+            Settled::Rejected {
+                current,
+                maybe_applied,
+            } => {
+                if !maybe_applied {
+                    bump(&self.stats.conflicts);
+                }
+                current
             }
-            Err(e) if e.is_ambiguous() => self.read().await,
-            Err(e) => Err(e),
-        }
+        })
     }
 
     /// A fresh slot for this session.
@@ -491,71 +501,37 @@ impl Inner {
             pending.arm(me.clone());
             let sent = Instant::now();
             let new = next.encode();
-            // An unknown outcome is settled by sending the identical CAS again until one
-            // answers: every attempt expects `current`, which the record (never deleted, its
-            // `seq` rising with every write) leaves for good once any write applies, so at most
-            // one of them applies, and after a definite answer none can land later. A read
-            // that shows `current` still would prove nothing: the first attempt could apply
-            // after it.
-            let mut unsure = false;
-            let after = loop {
-                match self
-                    .store
-                    .compare_and_swap(&self.key, current.as_deref(), &new)
-                    .await
-                {
-                    Ok(true) => break Ok(Some(Bytes::from(new.clone()))),
-                    Ok(false) => {
-                        bump(&self.stats.conflicts);
-                        break self.read().await;
-                    }
-                    Err(e) if e.is_ambiguous() => unsure = true,
-                    Err(e) => break Err(e),
-                }
-            };
-            let after = match after {
+            // Settled by re-sending the identical CAS (see `Cas`): the record never returns to
+            // `current` (its `seq` rises with every write). A read that still shows `current`
+            // would prove nothing: the first attempt could apply after it.
+            let after = match self.cas(current, new).await {
                 Ok(after) => after,
-                Err(e) if unsure => {
+                Err(e) if e.is_ambiguous() => {
                     // Still unknown, and the first attempt may land yet: give back a grant
                     // that lands late, one lease from now.
-                    pending.hand_over();
-                    spawn_late_leave(self.clone(), me);
+                    spawn_late_leave(self.clone(), me, pending.hand_over());
                     return Err(e);
                 }
                 Err(e) => return Err(e),
             };
             let rec = Record::decode(&self.key, after.as_ref())?;
             if rec.is_holder(&me) {
-                tracing::debug!(lock = %self.name, ?me, seq = rec.seq, epoch = rec.epoch, unsure, "granted (fast path)");
+                tracing::debug!(lock = %self.name, ?me, seq = rec.seq, epoch = rec.epoch, "granted (fast path)");
                 bump(&self.stats.grants);
-                pending.hand_over();
-                return Ok(Some(MutexGuard::new(self.clone(), me, rec.epoch, after)));
+                let owned = pending.hand_over();
+                return Ok(Some(MutexGuard::new(
+                    self.clone(),
+                    me,
+                    owned,
+                    rec.epoch,
+                    after,
+                )));
             }
             pending.disarm();
             crate::reconcile::after_collision(1, sent.elapsed()).await;
             current = after;
             confirmed = true;
         }
-    }
-
-    /// Confirms with linearizable reads that every blocker's heartbeat is still the one seen
-    /// a lease ago (a lost watch event must never make a live holder look dead).
-    async fn confirm_dead(&self, blockers: &[Slot], liveness: &mut Liveness) -> Result<bool> {
-        for b in blockers {
-            let hb = self
-                .store
-                .get(
-                    &self.session.heartbeat_key(&b.session),
-                    Consistency::Linearizable,
-                )
-                .await?;
-            let now = Instant::now();
-            liveness.observe(&b.session, hb.as_ref(), now);
-            if !liveness.is_dead(&b.session, now) {
-                return Ok(false);
-            }
-        }
-        Ok(true)
     }
 
     /// Leaves the record: releases if holding (handing off to the first waiter, after taking
@@ -573,48 +549,50 @@ impl Inner {
                 tracing::debug!(lock = %self.name, ?me, seq = rec.seq, "leave: nothing to do");
                 return Ok(());
             };
-            match self
-                .store
-                .compare_and_swap(&self.key, current.as_deref(), &next.encode())
-                .await
+            let new = next.encode();
+            let alive = || self.session.check();
+            match Cas::new(&*self.store, &self.key, current.as_deref(), &new)
+                .while_ok(&alive)
+                .settle()
+                .await?
             {
-                Ok(true) => {
+                Settled::Applied => {
                     tracing::debug!(lock = %self.name, ?me, seq = next.seq, holder = ?next.holder, "left");
                     return Ok(());
                 }
-                Ok(false) => {
-                    bump(&self.stats.conflicts);
-                    current = self.read().await?;
+                // Our leave may have applied and been built on since: the loop tells by
+                // whether `me` is still in the record.
+                Settled::Rejected {
+                    current: now,
+                    maybe_applied,
+                } => {
+                    if !maybe_applied {
+                        bump(&self.stats.conflicts);
+                    }
+                    current = now;
                 }
-                Err(e) if e.is_ambiguous() => current = self.read().await?,
-                Err(e) => return Err(e),
             }
         }
     }
 }
 
-/// Slots that have an owner in this process: an acquire in progress, a guard, or a
-/// background leave. A slot of our own session in the record that is NOT here was abandoned
-/// (a leave that failed or was never written); waiters of our session clean it up, so a
-/// transient failure can never leave a holder nobody is.
-static ACTIVE: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<Owned>>> =
-    std::sync::LazyLock::new(Default::default);
-
-/// A lock record key and a slot in it.
-type Owned = (Vec<u8>, Slot);
-
-fn activate(key: &[u8], slot: &Slot) -> bool {
-    ACTIVE.lock().unwrap().insert((key.to_vec(), slot.clone()))
-}
-
-fn deactivate(key: &[u8], slot: &Slot) {
-    ACTIVE.lock().unwrap().remove(&(key.to_vec(), slot.clone()));
+impl Inner {
+    /// Marks `slot` as having an owner in this process (an acquire in progress, a guard, or a
+    /// background leave): `None` if it has one already. A slot of our own session in the
+    /// record that nobody here owns was abandoned (a leave that failed or was never written);
+    /// waiters of our session clean it up, so a transient failure can never leave a holder
+    /// nobody is.
+    fn own(&self, slot: &Slot) -> Option<Owned> {
+        let mut key = self.key.to_vec();
+        key.extend_from_slice(format!("#{}.{}", slot.session, slot.ticket).as_bytes());
+        self.session.own(key)
+    }
 }
 
 /// Removes an acquire's entry if the acquire is dropped midway (cancel safety).
 struct Pending {
     inner: Arc<Inner>,
-    me: Option<Slot>,
+    me: Option<(Slot, Option<Owned>)>,
 }
 
 impl Pending {
@@ -623,76 +601,60 @@ impl Pending {
     }
 
     fn arm(&mut self, me: Slot) {
-        activate(&self.inner.key, &me);
-        self.me = Some(me);
+        let owned = self.inner.own(&me);
+        self.me = Some((me, owned));
     }
 
-    /// The slot's ownership moves on (to a guard, or a late check): it stays active.
-    fn hand_over(&mut self) {
-        self.me = None;
+    /// The slot's ownership moves on (to a guard, or a late check).
+    fn hand_over(&mut self) -> Option<Owned> {
+        self.me.take().and_then(|(_, owned)| owned)
     }
 
     /// The slot is known not to be in the record: nothing to clean up.
     fn disarm(&mut self) {
-        if let Some(me) = self.me.take() {
-            deactivate(&self.inner.key, &me);
-        }
+        self.me = None;
     }
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        if let Some(me) = self.me.take() {
-            spawn_leave(self.inner.clone(), me, None);
+        if let Some((me, owned)) = self.me.take() {
+            spawn_leave(self.inner.clone(), me, None, owned);
         }
     }
 }
 
 /// Leaves `me` one lease from now (a grab whose outcome was unknown may land late).
-fn spawn_late_leave(inner: Arc<Inner>, me: Slot) {
+fn spawn_late_leave(inner: Arc<Inner>, me: Slot, owned: Option<Owned>) {
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
         rt.spawn(async move {
             tokio::time::sleep(inner.session.lease()).await;
-            leave_until_done(&inner, &me, None).await;
+            spawn_leave(inner, me, None, owned);
         });
     }
 }
 
-fn spawn_leave(inner: Arc<Inner>, me: Slot, known: Option<Bytes>) {
-    let Ok(rt) = tokio::runtime::Handle::try_current() else {
-        tracing::warn!(lock = %inner.name, "no runtime to release in; the lease will free it");
-        deactivate(&inner.key, &me);
-        return;
-    };
+/// Leaves `me` in the background, retried for as long as the session lives (a slot
+/// abandoned in the record would block everyone behind a live session); `owned` is given up
+/// when it is done.
+fn spawn_leave(inner: Arc<Inner>, me: Slot, known: Option<Bytes>, owned: Option<Owned>) {
     tracing::debug!(lock = %inner.name, ?me, "leaving in the background");
-    rt.spawn(async move {
-        // First the arrival key (so no fresh observer takes the slot in), then the record.
-        let _ = inner.store.delete(&inner.arrival_key(&me)).await;
-        leave_until_done(&inner, &me, known).await;
-    });
-}
-
-/// Leaves `me`, retrying store errors for as long as the session lives (a slot abandoned in
-/// the record would block everyone behind a live session), then gives up its ownership.
-async fn leave_until_done(inner: &Arc<Inner>, me: &Slot, known: Option<Bytes>) {
-    let mut backoff =
-        crate::reconcile::Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
-    loop {
-        match inner.leave(me, known.clone()).await {
-            Ok(()) => break,
-            Err(e) if (e.is_retryable() || e.is_ambiguous()) && inner.session.is_alive() => {
-                tracing::debug!(lock = %inner.name, ?me, "background release failed, retrying: {e}");
-                tokio::time::sleep(backoff.next_delay()).await;
+    let session = inner.session.clone();
+    let mut known = known;
+    let mut first = true;
+    session.spawn_while_alive("background release", move || {
+        let _owner = &owned;
+        let (inner, me, known) = (inner.clone(), me.clone(), known.take());
+        let first = std::mem::replace(&mut first, false);
+        async move {
+            if first {
+                // First the arrival key (so no fresh observer takes the slot in), then the
+                // record.
+                let _ = inner.store.delete(&inner.arrival_key(&me)).await;
             }
-            Err(e) => {
-                // The session is gone (others take over after its lease) or the record is
-                // foreign bytes (nobody can use the lock).
-                tracing::warn!(lock = %inner.name, ?me, "background release failed: {e}");
-                break;
-            }
+            inner.leave(&me, known).await
         }
-    }
-    deactivate(&inner.key, me);
+    });
 }
 
 /// Proof of holding a [`Mutex`]. Release it with [`MutexGuard::release`]; dropping it
@@ -701,6 +663,9 @@ async fn leave_until_done(inner: &Arc<Inner>, me: &Slot, known: Option<Bytes>) {
 pub struct MutexGuard {
     inner: Arc<Inner>,
     me: Slot,
+    /// Marks the slot owned here while the guard lives (`None` never happens for a fresh
+    /// slot).
+    owned: Option<Owned>,
     token: u64,
     known: Option<Bytes>,
     done: bool,
@@ -716,10 +681,17 @@ impl fmt::Debug for MutexGuard {
 }
 
 impl MutexGuard {
-    fn new(inner: Arc<Inner>, me: Slot, token: u64, known: Option<Bytes>) -> Self {
+    fn new(
+        inner: Arc<Inner>,
+        me: Slot,
+        owned: Option<Owned>,
+        token: u64,
+        known: Option<Bytes>,
+    ) -> Self {
         MutexGuard {
             inner,
             me,
+            owned,
             token,
             known,
             done: false,
@@ -801,7 +773,7 @@ impl MutexGuard {
         let res = self.inner.leave(&self.me, known).await;
         if res.is_ok() {
             self.done = true;
-            deactivate(&self.inner.key, &self.me);
+            self.owned = None;
         }
         res
     }
@@ -810,7 +782,13 @@ impl MutexGuard {
 impl Drop for MutexGuard {
     fn drop(&mut self) {
         if !self.done {
-            spawn_leave(self.inner.clone(), self.me.clone(), self.known.take());
+            let owned = self.owned.take();
+            spawn_leave(
+                self.inner.clone(),
+                self.me.clone(),
+                self.known.take(),
+                owned,
+            );
         }
     }
 }

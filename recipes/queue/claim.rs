@@ -11,8 +11,8 @@ use super::Delivery;
 use super::Inner;
 use super::message::{Record, State};
 use crate::error::Result;
-use crate::session::Liveness;
-use crate::store::Consistency;
+use crate::session::{Liveness, Owned};
+use crate::store::{Cas, Settled};
 
 impl Inner {
     /// Brings the index up to the mirror's current view.
@@ -21,7 +21,6 @@ impl Inner {
         let me = self.session.id();
         let orphans: Vec<(Bytes, Bytes)> = {
             let idx = self.index.lock().unwrap();
-            let held = super::held().lock().unwrap();
             let mut suspects = self.suspects.lock().unwrap();
             let mine = idx.claimed.get(&me);
             // A message claimed by our session that nobody here holds is an orphan, unless our
@@ -30,7 +29,7 @@ impl Inner {
             let mut found = Vec::new();
             let mut still = std::collections::HashMap::new();
             for key in mine.into_iter().flatten() {
-                if held.contains(&(me.clone(), key.clone())) {
+                if self.session.owns(key) {
                     continue;
                 }
                 let Some(bytes) = view.get(key).map(|e| e.value.clone()) else {
@@ -59,61 +58,42 @@ impl Inner {
             found
         };
         for (key, claimed) in orphans {
-            if !self.returning.lock().unwrap().insert(key.clone()) {
+            let Some(owned) = self.session.own(key.clone()) else {
                 continue;
-            }
+            };
             tracing::info!(queue = %self.name, key = %String::from_utf8_lossy(&key), "giving back a claim nobody here holds");
-            self.give_back(key, claimed);
+            self.give_back(key, claimed, Some(owned));
         }
     }
 
-    /// Gives a message claimed by us back (Ready, the attempt not counted), retrying until the
-    /// store answers; does nothing if `claimed` is not our claim or is no longer stored.
-    pub(super) fn give_back(self: &Arc<Self>, key: Bytes, claimed: Bytes) {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+    /// Gives a message claimed by us back (Ready, the attempt not counted), retrying while the
+    /// session lives; does nothing if `claimed` is not our claim or is no longer stored.
+    /// `owned` (the message marked as held here) is given up when it is done.
+    pub(super) fn give_back(self: &Arc<Self>, key: Bytes, claimed: Bytes, owned: Option<Owned>) {
+        let me = self.session.id();
+        let Some(back) = Record::decode(&key, &claimed)
+            .ok()
+            .filter(|r| r.claimed_by(&me))
+            .and_then(|r| r.release())
+        else {
             return;
         };
+        let back = Bytes::from(back.encode());
         let q = self.clone();
-        rt.spawn(async move {
-            let me = q.session.id();
-            let ours = Record::decode(&key, &claimed)
-                .ok()
-                .filter(|r| r.claimed_by(&me))
-                .and_then(|r| r.release());
-            if let Some(back) = ours {
-                let back = back.encode();
-                let mut backoff = crate::reconcile::Backoff::new(
-                    Duration::from_millis(50),
-                    Duration::from_secs(2),
-                );
-                loop {
-                    match q.store.compare_and_swap(&key, Some(&claimed), &back).await {
-                        Ok(_) => break,
-                        Err(e)
-                            if (e.is_retryable() || e.is_ambiguous()) && q.session.is_alive() =>
-                        {
-                            tokio::time::sleep(backoff.next_delay()).await;
-                        }
-                        Err(_) => break,
-                    }
-                }
+        self.session.spawn_while_alive("give-back", move || {
+            let _owner = &owned;
+            let (q, key, claimed, back) = (q.clone(), key.clone(), claimed.clone(), back.clone());
+            async move {
+                // Re-sending the same CAS stays sound (see `Cas`); refused means it is not our
+                // claim any more (acked meanwhile, or taken over): nothing to give back.
+                let alive = || q.session.check();
+                Cas::new(&*q.store, &key, Some(&claimed), &back)
+                    .while_ok(&alive)
+                    .settle()
+                    .await
+                    .map(|_| ())
             }
-            q.returning.lock().unwrap().remove(&key);
         });
-    }
-
-    pub(super) fn hold(&self, key: &Bytes) {
-        super::held()
-            .lock()
-            .unwrap()
-            .insert((self.session.id(), key.clone()));
-    }
-
-    pub(super) fn unhold(&self, key: &Bytes) {
-        super::held()
-            .lock()
-            .unwrap()
-            .remove(&(self.session.id(), key.clone()));
     }
 
     pub(super) fn key(&self, id: &str) -> Vec<u8> {
@@ -129,14 +109,12 @@ impl Inner {
         loop {
             let candidate = {
                 let idx = self.index.lock().unwrap();
-                let held = super::held().lock().unwrap();
-                let me = self.session.id();
                 idx.ready
                     .iter()
                     .map(|(_, k)| k)
                     .find(|k| {
                         !tried.contains(*k)
-                            && !held.contains(&(me.clone(), (*k).clone()))
+                            && !self.session.owns(k)
                             && idx.metas.get(*k).is_some_and(|m| m.2 <= now)
                     })
                     .cloned()
@@ -168,28 +146,22 @@ impl Inner {
                 .map(|(s, keys)| (s.clone(), keys.iter().cloned().collect()))
                 .collect()
         };
-        liveness.retain(|id| claimed.iter().any(|(s, _)| s == id));
         if claimed.is_empty() {
+            liveness.retain(|_| false);
             return Ok(None);
         }
         let peers = self.session.peers().await?.snapshot();
-        let now = Instant::now();
-        for (session, keys) in claimed {
-            let hb_key = self.session.heartbeat_key(&session);
-            liveness.observe(&session, peers.get(&hb_key).map(|e| &e.value), now);
-            if !liveness.is_dead(&session, now) {
-                continue;
-            }
+        let sessions: Vec<&str> = claimed.iter().map(|(s, _)| s.as_str()).collect();
+        self.session.observe_peers(&peers, &sessions, liveness);
+        for (session, keys) in &claimed {
             // Never on the word of a watch alone: a lost event must not kill a live consumer.
-            let hb = self.store.get(&hb_key, Consistency::Linearizable).await?;
-            let now = Instant::now();
-            liveness.observe(&session, hb.as_ref(), now);
-            if !liveness.is_dead(&session, now) {
+            if !liveness.is_dead(session, Instant::now())
+                || !self.session.confirm_dead(&[session], liveness).await?
+            {
                 continue;
             }
             for key in keys {
-                let s = session.clone();
-                if let Some(d) = self.try_claim(&key, move |rec| rec.claimed_by(&s)).await? {
+                if let Some(d) = self.try_claim(key, |rec| rec.claimed_by(session)).await? {
                     tracing::info!(queue = %self.name, id = %d.record.header.id, dead = %session, "redelivering a dead consumer's message");
                     return Ok(Some(d));
                 }
@@ -242,43 +214,37 @@ impl Inner {
         let me = self.session.id();
         let claimed = rec.claim(&me);
         let bytes = Bytes::from(claimed.encode());
-        self.hold(key);
+        // Held here from now on, so local workers skip it (and `sync` does not take our claim
+        // for an orphan) until the delivery is finished.
+        let Some(owned) = self.session.own(key.clone()) else {
+            return Ok(None);
+        };
         // If this future is dropped (or fails) after the CAS was sent, give the claim back.
         let mut attempt = Attempt {
             q: self.clone(),
             key: key.clone(),
             claimed: bytes.clone(),
-            armed: true,
+            owned: Some(owned),
         };
-        let got = match self
-            .store
-            .compare_and_swap(key, Some(&entry.value), &bytes)
-            .await
-        {
-            Ok(ok) => ok,
-            // If it lands after this read says no, `sync` finds it claimed by us and not held,
-            // and gives it back.
-            Err(e) if e.is_ambiguous() => {
-                self.store
-                    .get(key, Consistency::Linearizable)
-                    .await?
-                    .as_ref()
-                    == Some(&bytes)
-            }
-            Err(e) => return Err(e),
-        };
-        attempt.armed = false;
+        // Settled by re-sending (see `Cas`; every record's bytes are unique, `Header::w`). If
+        // this future is dropped meanwhile, `attempt` gives back a claim that lands.
+        let alive = || self.session.check();
+        let got = Cas::new(&*self.store, key, Some(&entry.value), &bytes)
+            .while_ok(&alive)
+            .settle()
+            .await?
+            == Settled::Applied;
+        let owned = attempt.owned.take();
         if !got {
-            self.unhold(key);
             return Ok(None);
         }
-        // Stays held (see `held`) until the delivery is finished, so local workers skip it.
         Ok(Some(Delivery {
             q: self.clone(),
             key: key.clone(),
             record: claimed,
             bytes,
             finished: false,
+            owned,
             poison: Arc::new(Mutex::new(None)),
         }))
     }
@@ -290,15 +256,15 @@ struct Attempt {
     q: Arc<Inner>,
     key: Bytes,
     claimed: Bytes,
-    armed: bool,
+    /// Taken when the attempt is decided: armed while it is here.
+    owned: Option<Owned>,
 }
 
 impl Drop for Attempt {
     fn drop(&mut self) {
-        if !self.armed {
-            return;
+        if let Some(owned) = self.owned.take() {
+            self.q
+                .give_back(self.key.clone(), self.claimed.clone(), Some(owned));
         }
-        self.q.unhold(&self.key);
-        self.q.give_back(self.key.clone(), self.claimed.clone());
     }
 }

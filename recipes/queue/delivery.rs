@@ -8,7 +8,8 @@ use bytes::Bytes;
 use super::message::Record;
 use super::{Inner, now_ms};
 use crate::error::{Error, Result};
-use crate::store::Consistency;
+use crate::session::Owned;
+use crate::store::{Cas, Settled, Store};
 use serde::de::DeserializeOwned;
 use std::fmt;
 
@@ -21,6 +22,8 @@ pub struct Delivery {
     pub(super) record: Record,
     pub(super) bytes: Bytes,
     pub(super) finished: bool,
+    /// Marks the message as held here (see `Session::own`) until the delivery is finished.
+    pub(super) owned: Option<Owned>,
     pub(super) poison: Arc<Mutex<Option<String>>>,
 }
 
@@ -108,7 +111,7 @@ impl Delivery {
     async fn finish(&mut self, next: Record) -> Result<()> {
         let res = self.finish_inner(next).await;
         if self.finished {
-            self.q.unhold(&self.key);
+            self.owned = None;
         }
         res
     }
@@ -117,32 +120,18 @@ impl Delivery {
         self.finished = true;
         let q = &self.q;
         let new = next.encode();
-        // An unknown outcome is resolved by sending the identical CAS again, never by a read
-        // that still shows our claim (the first write can apply after that read). Every
-        // attempt expects our claim's bytes, which the first one to apply replaces for good, so
-        // at most one applies; a later refusal after an unknown outcome may be our own write,
-        // which its bytes tell (no other writer produces them: a takeover names its session).
-        let mut unsure = false;
-        loop {
-            match q
-                .store
-                .compare_and_swap(&self.key, Some(&self.bytes), &new)
-                .await
-            {
-                Ok(true) => return Ok(()),
-                Ok(false) if unsure => {
-                    let now = q.store.get(&self.key, Consistency::Linearizable).await?;
-                    if now.as_deref() == Some(&new[..]) {
-                        return Ok(());
-                    }
-                    return Err(self.claim_lost());
-                }
-                Ok(false) => return Err(self.claim_lost()),
-                Err(e) if e.is_ambiguous() => unsure = true,
-                Err(e) => {
-                    self.finished = false;
-                    return Err(e);
-                }
+        // Settled by re-sending the identical CAS, never by a read that still shows our claim
+        // (the first write can apply after that read): see `Cas`. Our claim's bytes are
+        // unique, so once replaced they never come back.
+        match Cas::new(&*q.store, &self.key, Some(&self.bytes), &new)
+            .settle()
+            .await
+        {
+            Ok(Settled::Applied) => Ok(()),
+            Ok(Settled::Rejected { .. }) => Err(self.claim_lost()),
+            Err(e) => {
+                self.finished = false;
+                Err(e)
             }
         }
     }
@@ -160,8 +149,8 @@ impl Drop for Delivery {
             return;
         }
         // Unfinished: give it back (retried until the store answers).
-        self.q.unhold(&self.key);
-        self.q.give_back(self.key.clone(), self.bytes.clone());
+        self.q
+            .give_back(self.key.clone(), self.bytes.clone(), self.owned.take());
     }
 }
 
@@ -234,39 +223,30 @@ impl Message {
             self.attempt,
             uuid::Uuid::new_v4().simple()
         );
-        self.effect_once(key.as_bytes(), marker.as_bytes()).await
+        write_once(&*self.q.store, key.as_bytes(), marker.as_bytes(), true).await
     }
 
     /// Writes `value` to `key` only if `key` is absent (compare-and-swap): an effect on the
     /// store that happens exactly once however often the message is delivered, if `key` is
-    /// derived from the message id. Returns true if this call is known to have written it.
-    /// After a write whose outcome was unknown landed late, it can return false although the
-    /// value that landed is this call's: the effect is there exactly once either way, but do
-    /// not count effects by this return value alone. And if an earlier call (another delivery)
-    /// wrote the same `value`, an unknown outcome resolved by the re-read returns true for a
-    /// write that was not this call's: when the return value matters, make `value` unique to
-    /// the call, as [`Message::once`] does.
+    /// derived from the message id. Returns true only if this call is known to have written
+    /// it: after a write whose outcome was unknown it returns false when the stored value
+    /// equals `value` (an earlier delivery could have written the same bytes). The effect is
+    /// there exactly once either way, but do not count effects by this return value alone;
+    /// when it matters, make `value` unique to the call, as [`Message::once`] does.
     ///
     /// # Errors
-    /// The store's errors (an ambiguous write is resolved by a re-read).
+    /// The store's errors (an unknown outcome is settled by re-sending the write).
     ///
     /// # Cancel safety
     /// If dropped, the effect happened or not, never twice.
     pub async fn effect_once(&self, key: &[u8], value: &[u8]) -> Result<bool> {
-        let store = &self.q.store;
-        loop {
-            match store.compare_and_swap(key, None, value).await {
-                Ok(wrote) => return Ok(wrote),
-                // Unknown outcome: a linearizable read decides. Absent means it did not apply
-                // (the read follows the new leader's first commit), so try again.
-                Err(e) if e.is_ambiguous() => {
-                    match store.get(key, Consistency::Linearizable).await? {
-                        Some(v) => return Ok(v == value),
-                        None => continue,
-                    }
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        write_once(&*self.q.store, key, value, false).await
     }
+}
+
+/// CAS `key` from absent to `value`, settled (see `Cas`). `unique`: nobody else writes `value`.
+async fn write_once(store: &dyn Store, key: &[u8], value: &[u8], unique: bool) -> Result<bool> {
+    let cas = Cas::new(store, key, None, value);
+    let cas = if unique { cas } else { cas.not_unique() };
+    Ok(cas.settle().await? == Settled::Applied)
 }

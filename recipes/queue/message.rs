@@ -32,6 +32,16 @@ pub(crate) struct Header {
     pub(crate) state: State,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) last_error: Option<String>,
+    /// A fresh random number on every change of state: it makes every write's bytes unique,
+    /// so a record never returns to bytes it held before (a release would otherwise recreate
+    /// the pre-claim record exactly). That is what lets an unknown outcome be settled by
+    /// re-sending the CAS ([`crate::store::Cas`]). 0 in a record just enqueued.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(crate) w: u64,
+}
+
+fn is_zero(w: &u64) -> bool {
+    *w == 0
 }
 
 /// Sort key: higher priority first, then enqueue time, producer, producer sequence.
@@ -90,9 +100,16 @@ impl Record {
         })
     }
 
+    /// A copy with a fresh write id (see [`Header::w`]), for the next state.
+    fn changed(&self) -> Record {
+        let mut r = self.clone();
+        r.header.w = fastrand::u64(1..);
+        r
+    }
+
     /// Claimed by `session`: one more attempt.
     pub(crate) fn claim(&self, session: &str) -> Record {
-        let mut r = self.clone();
+        let mut r = self.changed();
         r.header.attempts += 1;
         r.header.state = State::Claimed {
             session: session.to_string(),
@@ -106,7 +123,7 @@ impl Record {
 
     /// Acked: a tombstone without the payload.
     pub(crate) fn done(&self, now_ms: u64) -> Record {
-        let mut r = self.clone();
+        let mut r = self.changed();
         r.header.state = State::Done { at_ms: now_ms };
         r.payload = Bytes::new();
         r
@@ -114,7 +131,7 @@ impl Record {
 
     /// Failed: back to Ready after `retry_at_ms`, or Dead once `max_attempts` are used.
     pub(crate) fn fail(&self, error: &str, max_attempts: u32, retry_at_ms: u64) -> Record {
-        let mut r = self.clone();
+        let mut r = self.changed();
         r.header.last_error = Some(error.to_string());
         if r.header.attempts >= max_attempts {
             r.header.state = State::Dead {
@@ -129,7 +146,7 @@ impl Record {
 
     /// Straight to the dead letters (a payload that cannot be decoded).
     pub(crate) fn dead(&self, error: &str) -> Record {
-        let mut r = self.clone();
+        let mut r = self.changed();
         r.header.last_error = Some(error.to_string());
         r.header.state = State::Dead {
             error: error.to_string(),
@@ -144,7 +161,7 @@ impl Record {
         if !matches!(self.header.state, State::Claimed { .. }) {
             return None;
         }
-        let mut r = self.clone();
+        let mut r = self.changed();
         r.header.attempts = r.header.attempts.saturating_sub(1);
         r.header.state = State::Ready;
         Some(r)
@@ -152,7 +169,7 @@ impl Record {
 
     /// Out of the dead letters, with a fresh attempt budget.
     pub(crate) fn redrive(&self) -> Record {
-        let mut r = self.clone();
+        let mut r = self.changed();
         r.header.attempts = 0;
         r.header.not_before_ms = 0;
         r.header.state = State::Ready;
@@ -177,6 +194,7 @@ mod tests {
                 attempts: 0,
                 state: State::Ready,
                 last_error: None,
+                w: 0,
             },
             payload: Bytes::from_static(b"\x00\xffbinary"),
         }
@@ -221,6 +239,24 @@ mod tests {
         );
         assert_eq!(claimed.dead("bad").release(), None);
         assert_eq!(rec().release(), None);
+    }
+
+    #[test]
+    fn every_change_writes_new_bytes() {
+        let r = rec();
+        let claimed = r.claim("s");
+        let back = claimed.release().unwrap();
+        assert_ne!(
+            back.encode(),
+            r.encode(),
+            "a release is not the pre-claim record"
+        );
+        assert_ne!(
+            back.claim("s").encode(),
+            claimed.encode(),
+            "nor a re-claim the claim"
+        );
+        assert_ne!(r.claim("s").fail("x", 5, 0).encode(), r.encode());
     }
 
     #[test]

@@ -47,7 +47,6 @@ mod message;
 pub use delivery::{Delivery, Message};
 use index::{Index, maintain};
 
-use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -64,7 +63,7 @@ use message::{Header, Record, State};
 use crate::error::{Error, Result};
 use crate::reconcile::{Mirror, MirrorOptions, WatcherOptions};
 use crate::session::{Liveness, Session};
-use crate::store::{Consistency, Store, WatchTarget};
+use crate::store::{Cas, Consistency, Settled, Store, WatchTarget};
 
 /// Options of a [`WorkQueue`].
 #[derive(Debug, Clone)]
@@ -216,8 +215,6 @@ struct Inner {
     index: Mutex<Index>,
     /// Notified whenever the index changes.
     changed: tokio::sync::Notify,
-    /// Messages claimed by this session that nobody here holds, being given back.
-    returning: Mutex<HashSet<Bytes>>,
     /// Messages claimed by this session and not held here, with the bytes and when first seen.
     suspects: Mutex<std::collections::HashMap<Bytes, (Bytes, Instant)>>,
     producer_seq: AtomicU64,
@@ -275,7 +272,6 @@ impl WorkQueue {
             mirror,
             index: Mutex::new(Index::default()),
             changed: tokio::sync::Notify::new(),
-            returning: Mutex::new(HashSet::new()),
             suspects: Mutex::new(Default::default()),
             producer_seq: AtomicU64::new(0),
             maintainer: Mutex::new(None),
@@ -333,28 +329,17 @@ impl WorkQueue {
                 attempts: 0,
                 state: State::Ready,
                 last_error: None,
+                w: 0,
             },
             payload: Bytes::copy_from_slice(payload),
         };
         let bytes = rec.encode();
         crate::store::check_write(&key, &bytes)?;
-        loop {
-            match q.store.compare_and_swap(&key, None, &bytes).await {
-                Ok(_) => return Ok(id), // false: the id exists already (idempotent)
-                // Unknown outcome: present means it landed (or the id was taken); absent
-                // means it did not apply: try again.
-                Err(e) if e.is_ambiguous() => {
-                    if q.store
-                        .get(&key, Consistency::Linearizable)
-                        .await?
-                        .is_some()
-                    {
-                        return Ok(id);
-                    }
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        // Settled by re-sending (see `Cas`): the key is never absent again while a write could
+        // be in flight (the tombstone sweep waits `retention`). Refused means the id exists
+        // already, ours or an earlier enqueue's: idempotent either way.
+        Cas::new(&*q.store, &key, None, &bytes).settle().await?;
+        Ok(id)
     }
 
     /// Adds a message whose payload is `value` as JSON.
@@ -585,23 +570,21 @@ impl WorkQueue {
                 return Ok(false);
             }
             let new = rec.redrive().encode();
-            // An unknown outcome: send the identical CAS again (at most one applies), and after
-            // a refusal tell our own late write by its bytes.
-            let mut unsure = false;
-            loop {
-                match q.store.compare_and_swap(&key, Some(&raw), &new).await {
-                    Ok(true) => return Ok(true),
-                    Ok(false) if unsure => {
-                        let now = q.store.get(&key, Consistency::Linearizable).await?;
-                        if now.as_deref() == Some(&new[..]) {
-                            return Ok(true);
-                        }
-                        break;
-                    }
-                    Ok(false) => break,
-                    Err(e) if e.is_ambiguous() => unsure = true,
-                    Err(e) => return Err(e),
+            match Cas::new(&*q.store, &key, Some(&raw), &new).settle().await? {
+                Settled::Applied => return Ok(true),
+                // Ours may have applied and the message moved on since (claimed, say): it is
+                // out of the dead letters either way.
+                Settled::Rejected {
+                    current,
+                    maybe_applied: true,
+                } if !current.as_ref().is_some_and(|c| {
+                    Record::decode(&key, c)
+                        .is_ok_and(|r| matches!(r.header.state, State::Dead { .. }))
+                }) =>
+                {
+                    return Ok(true);
                 }
+                Settled::Rejected { .. } => {}
             }
         }
     }
@@ -610,14 +593,6 @@ impl WorkQueue {
     pub fn watch_stats(&self) -> crate::reconcile::WatcherStats {
         self.inner.mirror.stats()
     }
-}
-
-/// Messages (session, key) some `Delivery` or claim attempt in this process holds. A message
-/// claimed by our session that is not in here is an orphan (a claim that landed after we gave
-/// up on it, or whose give-back failed) and is given back by `Inner::sync`.
-fn held() -> &'static Mutex<HashSet<(String, Bytes)>> {
-    static HELD: std::sync::OnceLock<Mutex<HashSet<(String, Bytes)>>> = std::sync::OnceLock::new();
-    HELD.get_or_init(Default::default)
 }
 
 /// What [`WorkQueue::run`] did.

@@ -39,7 +39,8 @@
 //!
 //! # Failure modes
 //! - [`Error::Unavailable`]: nothing applied, retry is safe.
-//! - [`Error::Ambiguous`]: a write whose outcome is unknown; re-read before deciding.
+//! - [`Error::Ambiguous`]: a write whose outcome is unknown. A re-read does not decide it (the
+//!   write can still apply after the read); for a CAS, [`Cas::settle`] does.
 
 use std::fmt;
 use std::pin::Pin;
@@ -51,9 +52,11 @@ use futures::Stream;
 
 use crate::error::{Result, show};
 
+mod cas;
 mod embedded;
 mod remote;
 
+pub use cas::{Cas, Settled};
 pub use embedded::EmbeddedStore;
 pub use remote::{RemoteOptions, RemoteStore};
 

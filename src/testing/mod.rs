@@ -14,7 +14,8 @@
 //! (silent loss, like d-engine's broadcast lag), [`MemStore::fail_next_ops`] (retryable,
 //! nothing applied), [`MemStore::ambiguous_next_writes`] (applied, reported as
 //! [`Error::Ambiguous`]), [`MemStore::late_next_writes`] (reported as ambiguous, applied
-//! only before the next write), [`MemStore::set_latency`]. [`MemStore::op_counts`] counts operations.
+//! only before the next write), [`MemStore::overtaken_next_writes`] (reported as ambiguous,
+//! applied after later writes), [`MemStore::set_latency`]. [`MemStore::op_counts`] counts operations.
 //!
 //! Everything runs on tokio's clock, so tests can use `start_paused = true`.
 
@@ -105,6 +106,7 @@ struct Faults {
     fail_ops: u64,
     ambiguous_writes: u64,
     late_writes: u64,
+    overtaken_writes: (u64, u64),
     latency: Duration,
 }
 
@@ -118,6 +120,9 @@ struct State {
     /// Writes reported as ambiguous and not applied yet: applied, in order, just before the
     /// next write (like uncommitted Raft entries ahead of it in the leader's log).
     in_flight: Vec<(Bytes, Write)>,
+    /// Writes reported as ambiguous that are still on their way: applied once the count of
+    /// later writes reaches zero (requests that later ones overtook).
+    overtaken: Vec<(u64, Bytes, Write)>,
 }
 
 struct Shared {
@@ -207,6 +212,15 @@ impl MemStore {
         self.lock().faults.late_writes += n;
     }
 
+    /// The next `n` writes are reported as [`Error::Ambiguous`] WITHOUT being applied; each is
+    /// applied right AFTER the `by`-th write that follows it, its condition (for a CAS)
+    /// checked then. This is a request still on its way to the leader when the client gave
+    /// up: later requests overtake it. No Raft log protects against it, and
+    /// [`crate::store::barrier`] cannot wait for it.
+    pub fn overtaken_next_writes(&self, n: u64, by: u64) {
+        self.lock().faults.overtaken_writes = (n, by.max(1));
+    }
+
     /// Every operation first waits `latency`.
     pub fn set_latency(&self, latency: Duration) {
         self.lock().faults.latency = latency;
@@ -255,6 +269,41 @@ impl MemStore {
         for (k, late) in std::mem::take(&mut st.in_flight) {
             apply(&mut st, &k, late, buffer);
         }
+        let outcome = Self::write_now(&mut st, buffer, op, key, w);
+        // Requests this one overtook land after it.
+        let mut landing = Vec::new();
+        for (left, k, late) in std::mem::take(&mut st.overtaken) {
+            if left <= 1 {
+                landing.push((k, late));
+            } else {
+                st.overtaken.push((left - 1, k, late));
+            }
+        }
+        for (k, late) in landing {
+            apply(&mut st, &k, late, buffer);
+        }
+        outcome
+    }
+
+    fn write_now(
+        st: &mut State,
+        buffer: usize,
+        op: &'static str,
+        key: &[u8],
+        w: Write,
+    ) -> Result<bool> {
+        if st.faults.overtaken_writes.0 > 0 {
+            st.faults.overtaken_writes.0 -= 1;
+            let by = st.faults.overtaken_writes.1;
+            // Counted down by the writes after this one (plus one for this one, below).
+            st.overtaken.push((by + 1, Bytes::copy_from_slice(key), w));
+            return Err(Error::Ambiguous {
+                op,
+                key: show(key),
+                message: "injected: still on its way, overtaken by later writes".into(),
+                source: None,
+            });
+        }
         if st.faults.late_writes > 0 {
             st.faults.late_writes -= 1;
             st.in_flight.push((Bytes::copy_from_slice(key), w));
@@ -265,7 +314,7 @@ impl MemStore {
                 source: None,
             });
         }
-        let applied = apply(&mut st, key, w, buffer);
+        let applied = apply(st, key, w, buffer);
         if st.faults.ambiguous_writes > 0 {
             st.faults.ambiguous_writes -= 1;
             return Err(Error::Ambiguous {

@@ -1,6 +1,29 @@
 //! The one watch loop: watch first, then scan, then live events; relist on any loss.
+//!
+//! # Guarantees
+//! Those of [`watcher`]: revisions never go backwards across the stream; after each
+//! `InitDone`, the state built from the stream equals the store at that revision; a live
+//! `Delete` is yielded only for a key the stream last showed as present.
+//!
+//! # NOT guaranteed
+//! That every intermediate value is seen (a lost event is repaired by the next relist, as the
+//! latest value only), or that a `Put` changed anything.
+//!
+//! # Failure modes
+//! Errors are yielded, not returned: each is followed by a relist after a jittered, capped
+//! exponential backoff, which starts over after a healthy round. The periodic resync is not an
+//! error and relists at once. The stream ends only after a fatal error: an invalid target, or a
+//! stopped embedded engine. Dropping the stream at any point closes its watch.
+//!
+//! # Structure
+//! The loop is a state machine (`state.rs`, after kube-runtime's watcher): a `State` per phase
+//! of a round (listing, yielding the snapshot, watching, closing a lost watch, backing off,
+//! stopping) and a `step` that performs one transition and yields at most one item. Losing a
+//! watch is a transition, not a special code path. [`watcher`] only drives it: each poll steps
+//! until a transition yields.
 
-use std::collections::HashSet;
+mod state;
+
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -10,11 +33,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use tokio::time::Instant;
 
-use super::backoff::Backoff;
 use crate::error::{Error, Result};
-use crate::store::{EventKind, Scan, Store, WatchTarget};
+use crate::store::{Scan, Store, WatchTarget};
+use state::{State, WatchLoop};
 
 /// How a [`watcher`] behaves. `WatcherOptions::default()` suits most uses.
 #[derive(Debug, Clone)]
@@ -341,178 +363,15 @@ async fn list(store: &dyn Store, target: &WatchTarget) -> Result<Scan> {
 /// - That a `Put` changed anything: an identical value written again is yielded again.
 pub fn watcher(store: Arc<dyn Store>, target: WatchTarget, options: WatcherOptions) -> Watcher {
     let stats = StatsHandle::default();
-    let c = stats.0.clone();
-    let inner = async_stream::stream! {
-        if let Err(e) = target.validate() {
-            StatsHandle::bump(&c.errors);
-            yield Err(e);
-            return;
-        }
-        let name = target.to_string();
-        let mut backoff = Backoff::new(options.min_backoff, options.max_backoff);
-        let mut known: HashSet<Bytes> = HashSet::new();
-        let mut high_water = 0u64;
-        let mut reason = Relist::Start;
-        let mut stale_tries = 0u32;
-        loop {
-            StatsHandle::bump(&c.relists[reason.index()]);
-            // 1. Watch first, so nothing written after the scan can be missed.
-            let mut live = match store.watch(target.clone(), false).await {
-                Ok(w) => w,
-                Err(e) => {
-                    let fatal = is_fatal(&e);
-                    tracing::debug!(target = %name, "watch failed: {e}");
-                    StatsHandle::bump(&c.errors);
-                    yield Err(e);
-                    if fatal {
-                        return;
-                    }
-                    reason = Relist::Failed;
-                    tokio::time::sleep(backoff.next_delay()).await;
-                    continue;
-                }
-            };
-            // 2. Scan.
-            let scan = match list(&*store, &target).await {
-                Ok(s) => s,
-                Err(e) => {
-                    let fatal = is_fatal(&e);
-                    tracing::debug!(target = %name, "scan failed: {e}");
-                    StatsHandle::bump(&c.errors);
-                    yield Err(e);
-                    if fatal {
-                        return;
-                    }
-                    reason = Relist::Failed;
-                    tokio::time::sleep(backoff.next_delay()).await;
-                    continue;
-                }
-            };
-            if scan.revision < high_water && stale_tries < options.stale_scan_retries {
-                stale_tries += 1;
-                StatsHandle::bump(&c.stale_scans);
-                tracing::debug!(
-                    target = %name,
-                    "scan at revision {} is older than revision {high_water} already seen; retrying",
-                    scan.revision
-                );
-                drop(live);
-                tokio::time::sleep(backoff.next_delay()).await;
-                continue;
-            }
-            if scan.revision < high_water {
-                tracing::warn!(
-                    target = %name,
-                    "the store went back from revision {high_water} to {}; accepting it",
-                    scan.revision
-                );
-            }
-            stale_tries = 0;
-            let rev = scan.revision;
-            high_water = high_water.max(rev);
-            // 3. The snapshot.
-            yield Ok(WatcherEvent::Init { reason });
-            let mut now_known = HashSet::with_capacity(scan.entries.len());
-            for (key, value) in scan.entries {
-                now_known.insert(key.clone());
-                yield Ok(WatcherEvent::InitApply(Entry { key, value, revision: rev }));
-            }
-            yield Ok(WatcherEvent::InitDone { revision: rev });
-            let mut gone: Vec<Bytes> = known.difference(&now_known).cloned().collect();
-            gone.sort();
-            known = now_known;
-            for key in gone {
-                yield Ok(WatcherEvent::Delete { key, revision: rev });
-            }
-            // 4. Live events.
-            let started = Instant::now();
-            let resync_at = options.resync_every.map(|d| started + d);
-            let mut delivered = 0u64;
-            reason = loop {
-                let idle_at = options.idle_timeout.map(|d| Instant::now() + d);
-                let wake_at = match (resync_at, idle_at) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-                let next = match wake_at {
-                    Some(at) => match tokio::time::timeout_at(at, live.next()).await {
-                        Ok(next) => next,
-                        Err(_) if resync_at.is_some_and(|r| Instant::now() >= r) => {
-                            break Relist::Periodic;
-                        }
-                        Err(_) => {
-                            StatsHandle::bump(&c.idle_timeouts);
-                            StatsHandle::bump(&c.errors);
-                            yield Err(Error::WatchEnded {
-                                target: name.clone(),
-                                reason: format!(
-                                    "nothing received for {:?} (idle timeout)",
-                                    options.idle_timeout.unwrap_or_default()
-                                ),
-                            });
-                            break Relist::Idle;
-                        }
-                    },
-                    None => live.next().await,
-                };
-                match next {
-                    Some(Ok(ev)) => {
-                        if ev.revision <= rev {
-                            StatsHandle::bump(&c.skipped);
-                            continue;
-                        }
-                        high_water = high_water.max(ev.revision);
-                        delivered += 1;
-                        match ev.kind {
-                            EventKind::Put => {
-                                known.insert(ev.key.clone());
-                                StatsHandle::bump(&c.events);
-                                yield Ok(WatcherEvent::Apply(Entry {
-                                    key: ev.key,
-                                    value: ev.value,
-                                    revision: ev.revision,
-                                }));
-                            }
-                            EventKind::Delete => {
-                                if known.remove(&ev.key) {
-                                    StatsHandle::bump(&c.events);
-                                    yield Ok(WatcherEvent::Delete {
-                                        key: ev.key,
-                                        revision: ev.revision,
-                                    });
-                                }
-                            }
-                        }
-                    }
-                    Some(Err(e)) => {
-                        let why = Relist::after(&e);
-                        let fatal = is_fatal(&e);
-                        StatsHandle::bump(&c.errors);
-                        yield Err(e);
-                        if fatal {
-                            return;
-                        }
-                        break why;
-                    }
-                    None => {
-                        StatsHandle::bump(&c.errors);
-                        yield Err(Error::WatchEnded {
-                            target: name.clone(),
-                            reason: "the stream ended".into(),
-                        });
-                        break Relist::Ended;
-                    }
-                }
-            };
-            drop(live);
-            if delivered > 0 || started.elapsed() >= options.max_backoff {
-                backoff.reset();
-            }
-            if reason != Relist::Periodic {
-                tokio::time::sleep(backoff.next_delay()).await;
-            }
-        }
-    };
+    let machine = WatchLoop::new(store, target, options, stats.0.clone());
+    // Each poll steps the machine until a transition yields an item; the loop's end ends the
+    // stream. Fused: polled again after its end, it keeps answering `None` instead of panicking.
+    let start = (machine, State::Start);
+    let inner = futures::stream::unfold(start, |(mut machine, state)| async move {
+        let (item, state) = machine.step_until_item(state).await?;
+        Some((item, (machine, state)))
+    })
+    .fuse();
     Watcher {
         inner: Box::pin(inner),
         stats,
