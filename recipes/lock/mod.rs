@@ -75,6 +75,7 @@
 //! # Ok(()) }
 //! ```
 
+mod decide;
 mod fence;
 mod record;
 
@@ -86,6 +87,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 
+use decide::{Step, decide, sessions_in_sight};
 pub use fence::{Fenced, fenced_get, fenced_put};
 use record::{Record, Slot};
 
@@ -206,43 +208,60 @@ impl Mutex {
                 let snap = rec_rx.borrow_and_update().clone();
                 current = newer(&inner.key, current, &snap);
                 let rec = Record::decode(&inner.key, current.as_ref())?;
-                if rec.is_holder(&me) {
-                    tracing::debug!(lock = %inner.name, ?me, seq = rec.seq, epoch = rec.epoch, "granted");
-                    bump(&inner.stats.grants);
-                    let owned = pending.hand_over();
-                    inner.forget_arrival(&me);
-                    return Ok(MutexGuard::new(
-                        inner.clone(),
-                        me,
-                        owned,
-                        rec.epoch,
-                        current,
-                    ));
+                let arrivals = inner.arrivals_in(&snap);
+                let mut step = decide(&rec, &arrivals, &me, &liveness, Instant::now());
+                if matches!(step, Step::Wait { .. } | Step::TakeOver { .. }) {
+                    // Someone is ahead: look at their heartbeats (the peers mirror starts on
+                    // first use), then decide again.
+                    let peers = inner.session.peers().await?;
+                    let rx = peers_rx.get_or_insert_with(|| peers.subscribe());
+                    let view = rx.borrow_and_update().clone();
+                    let ids = sessions_in_sight(&rec, &arrivals, &me);
+                    inner.session.observe_peers(&view, &ids, &mut liveness);
+                    step = decide(&rec, &arrivals, &me, &liveness, Instant::now());
                 }
-                if rec.seen(&me) && !rec.contains(&me) {
-                    // Only a participant that saw our session dead removes our slot.
-                    pending.disarm();
-                    inner.session.check()?;
-                    tracing::warn!(lock = %inner.name, "our queue entry vanished; queueing again");
-                    continue 'join;
-                }
-                if announced && rec.contains(&me) {
-                    // Taken into the queue: the arrival key has done its job.
-                    inner.forget_arrival(&me);
-                    announced = false;
-                }
-                let mut arrivals = inner.arrivals_in(&snap);
-                if !arrivals.contains(&me) {
-                    arrivals.push(me.clone());
-                }
-                let next = rec.absorbed(&arrivals);
-                if next.is_holder(&me) {
-                    // Free, and we are first in line: take it, taking the others in too.
-                    current = inner.cas(current, next.encode()).await?;
-                    next_read = Instant::now() + inner.session.lease() / 2;
-                    continue;
-                }
-                let blockers: Vec<Slot> = next.blockers(&me).into_iter().cloned().collect();
+                let blockers = match step {
+                    Step::Granted { token } => {
+                        tracing::debug!(lock = %inner.name, ?me, seq = rec.seq, epoch = token, "granted");
+                        bump(&inner.stats.grants);
+                        let owned = pending.hand_over();
+                        inner.forget_arrival(&me);
+                        return Ok(MutexGuard::new(inner.clone(), me, owned, token, current));
+                    }
+                    Step::Vanished => {
+                        pending.disarm();
+                        inner.session.check()?;
+                        tracing::warn!(lock = %inner.name, "our queue entry vanished; queueing again");
+                        continue 'join;
+                    }
+                    _ if announced && rec.contains(&me) => {
+                        // Taken into the queue: the arrival key has done its job.
+                        inner.forget_arrival(&me);
+                        announced = false;
+                        continue;
+                    }
+                    Step::Take(next) => {
+                        // Free, and we are first in line: take it, taking the others in too.
+                        current = inner.cas(current, next.encode()).await?;
+                        next_read = Instant::now() + inner.session.lease() / 2;
+                        continue;
+                    }
+                    Step::TakeOver { mut next, blockers } => {
+                        let ids: Vec<&str> = blockers.iter().map(|b| b.session.as_str()).collect();
+                        if inner.session.confirm_dead(&ids, &mut liveness).await? {
+                            bump(&inner.stats.takeovers);
+                            let view = inner.session.peers().await?.snapshot();
+                            next.prune(|s| view.get(&inner.session.heartbeat_key(s)).is_none());
+                            current = inner.cas(current, next.encode()).await?;
+                            for b in &blockers {
+                                inner.forget_arrival(b);
+                            }
+                            continue;
+                        }
+                        blockers
+                    }
+                    Step::Wait { blockers } => blockers,
+                };
                 for b in &blockers {
                     // Our own session's slot with no owner here: abandoned. Clean it up.
                     if b.session == me.session
@@ -252,25 +271,9 @@ impl Mutex {
                         spawn_leave(inner.clone(), b.clone(), None, Some(owned));
                     }
                 }
-                let peers = inner.session.peers().await?;
-                let rx = peers_rx.get_or_insert_with(|| peers.subscribe());
-                let view = rx.borrow_and_update().clone();
-                let sessions: Vec<&str> = blockers.iter().map(|b| b.session.as_str()).collect();
-                inner.session.observe_peers(&view, &sessions, &mut liveness);
-                let now = Instant::now();
-                if !blockers.is_empty()
-                    && blockers.iter().all(|b| liveness.is_dead(&b.session, now))
-                    && inner.session.confirm_dead(&sessions, &mut liveness).await?
-                {
-                    bump(&inner.stats.takeovers);
-                    let mut taken = next.take_over(&me).expect("we are queued");
-                    taken.prune(|s| view.get(&inner.session.heartbeat_key(s)).is_none());
-                    current = inner.cas(current, taken.encode()).await?;
-                    for b in &blockers {
-                        inner.forget_arrival(b);
-                    }
-                    continue;
-                }
+                let rx = peers_rx
+                    .as_mut()
+                    .expect("a waiting step observed the peers first");
                 let expiry = blockers
                     .iter()
                     .filter_map(|b| liveness.expires_at(&b.session))
