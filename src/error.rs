@@ -21,6 +21,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// | [`Error::Lagged`] | a change subscriber fell behind | re-read the mirror's snapshot |
 /// | [`Error::Decode`] | a stored value is not what the recipe wrote | inspect the key; nothing was changed |
 /// | [`Error::Fenced`] | a newer lock holder already wrote the key | stop: you no longer hold the lock |
+/// | [`Error::LockLost`] | the lock record shows this grant is over (taken over, or released) | stop: you no longer hold the lock |
 /// | [`Error::SessionLost`] | the session's lease ran out (or it was closed) | start a new session |
 /// | [`Error::ReplicaMismatch`] | a replica check found nodes that differ | wipe the named node's data dir; it catches up |
 /// | [`Error::Engine`], [`Error::Config`], [`Error::Io`], [`Error::PortInUse`] | everything else | read the message |
@@ -163,6 +164,15 @@ pub enum Error {
         stored: u64,
     },
 
+    /// A lock guard was used after the lock record showed its grant over: taken over by a
+    /// waiter that saw this session dead, or already released. Nothing was written.
+    #[error("lock {lock:?}: the grant with token {token} is over (taken over or released)")]
+    LockLost {
+        /// The lock's name.
+        lock: String,
+        /// The fencing token of the grant that is over.
+        token: u64,
+    },
     /// A queue message this consumer held was taken over by another consumer (this one was
     /// considered dead, or the message was changed by someone else). Its effects may be
     /// repeated by the new holder.

@@ -164,11 +164,10 @@ async fn missing_key_uses_the_default_or_waits() {
     assert_eq!(**rx.borrow(), flags(true, 7));
     // Deleted: no default, so the last good value stays and the status says so.
     store.delete(b"/cfg/w").await.unwrap();
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while !matches!(waiting.status(), Status::Missing { .. }) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        common::until(|| matches!(waiting.status(), Status::Missing { .. })),
+    )
     .await
     .unwrap();
     assert_eq!(*waiting.current().unwrap(), flags(true, 7));

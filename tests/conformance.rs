@@ -668,7 +668,7 @@ async fn a_node_killed_with_sigkill_keeps_its_term_and_vote() {
         terms[0] >= 1 && terms.windows(2).all(|w| w[0] < w[1]),
         "the leader's term after each restart: {terms:?} (must rise)"
     );
-    dcoord::engine::signal(cluster.pid(1).unwrap(), "TERM").unwrap();
+    cluster.signal(1, "TERM").unwrap();
     let started = Instant::now();
     let storage = loop {
         match RaftStorage::open(&dir) {

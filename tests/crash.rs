@@ -166,7 +166,7 @@ async fn fault_loop(
             Fault::Hangup => {
                 let pid = cluster.pid(victim).unwrap();
                 let before = in_place_restarts(&cluster, victim);
-                dcoord::engine::signal(pid, "HUP").unwrap();
+                cluster.signal(victim, "HUP").unwrap();
                 let waiting = tokio::time::Instant::now();
                 while in_place_restarts(&cluster, victim) == before {
                     assert!(
@@ -454,7 +454,7 @@ async fn a_follower_behind_the_purged_log_catches_up_by_snapshot_with_every_key(
 
     // Stop it gracefully (its state machine syncs at shutdown) and read its file.
     let dir = cluster.dir().join(format!("n{follower}"));
-    dcoord::engine::signal(cluster.pid(follower).unwrap(), "TERM").unwrap();
+    cluster.signal(follower, "TERM").unwrap();
     let started = std::time::Instant::now();
     let sm = loop {
         match RedbStateMachine::open(dir.join("state")).await {

@@ -8,20 +8,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use common::{long_session, session};
 use dcoord::Error;
 use dcoord::lock::{Mutex, fenced_get, fenced_put};
-use dcoord::session::{Session, SessionOptions};
 use dcoord::store::{Consistency, Scan, Store, WatchStream, WatchTarget};
 use dcoord::testing::MemStore;
 use tokio::time::Instant;
-
-fn opts() -> SessionOptions {
-    SessionOptions::default().lease(Duration::from_secs(2))
-}
-
-async fn session(store: Arc<dyn Store>) -> Session {
-    Session::start(store, opts()).await.unwrap()
-}
 
 /// `contenders` participants, each with its own session (as separate processes would have),
 /// take the lock `rounds` times each. Mutual exclusion is checked by an in-process counter and
@@ -42,11 +34,7 @@ async fn contenders_exclude_each_other(
         let (name, inside, tokens, fenced) =
             (name.clone(), inside.clone(), tokens.clone(), fenced.clone());
         tasks.push(tokio::spawn(async move {
-            // The default 10 s lease: this test times no lease, and a 2 s one is lost when a
-            // renewal stalls for about 1.5 s on a loaded host.
-            let s = Session::start(store, SessionOptions::default())
-                .await
-                .unwrap();
+            let s = long_session(store).await;
             let lock = Mutex::new(&s, &name).unwrap();
             for r in 0..rounds {
                 let g = lock.acquire().await.unwrap();
@@ -236,7 +224,12 @@ async fn a_partitioned_holder_learns_it_lost_the_lock_before_anyone_takes_it() {
         let g = lock_b.acquire().await.unwrap();
         (Instant::now(), g)
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::timeout(
+        Duration::from_secs(1),
+        wait_waiters(&Mutex::new(&b, "part").unwrap(), 1),
+    )
+    .await
+    .expect("b waits behind a");
     cut.store(true, Ordering::SeqCst);
     ga.lost().await;
     let lost_at = Instant::now();
@@ -454,21 +447,10 @@ mod process {
     /// `dcoord lock NAME --lease 2 -- cat` against the shared cluster; returns the child and
     /// the fencing token it printed.
     async fn holder(endpoints: &str, name: &str) -> (tokio::process::Child, u64) {
-        let mut child = tokio::process::Command::new(common::binary())
-            .args([
-                "lock",
-                name,
-                "--lease",
-                "2",
-                "--endpoints",
-                endpoints,
-                "--",
-                "cat",
-            ])
+        let mut child = common::dcoord_child(&["lock", name, "--lease", "2"], endpoints, &["cat"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -478,14 +460,6 @@ mod process {
             .unwrap()
             .expect("a token line");
         (child, line.trim().parse().unwrap())
-    }
-
-    async fn remote() -> (Arc<dyn Store>, String) {
-        let cluster = tokio::task::spawn_blocking(common::shared_cluster)
-            .await
-            .unwrap();
-        let store: Arc<dyn Store> = Arc::new(cluster.store().await.unwrap());
-        (store, cluster.endpoints().join(","))
     }
 
     fn signal(child: &tokio::process::Child, sig: &str) {
@@ -501,7 +475,7 @@ mod process {
 
     #[tokio::test]
     async fn a_sigkilled_holder_process_is_taken_over_after_its_lease() {
-        let (store, endpoints) = remote().await;
+        let (store, endpoints) = common::shared_remote().await;
         let name = format!("kill-{}", uuid::Uuid::new_v4().simple());
         let (mut child, token) = holder(&endpoints, &name).await;
         let s = session(store.clone()).await;
@@ -529,7 +503,7 @@ mod process {
 
     #[tokio::test]
     async fn a_paused_holder_loses_the_lock_and_its_fenced_write_is_rejected() {
-        let (store, endpoints) = remote().await;
+        let (store, endpoints) = common::shared_remote().await;
         let name = format!("pause-{}", uuid::Uuid::new_v4().simple());
         let data = format!("/t/{name}/data");
         let (mut child, old_token) = holder(&endpoints, &name).await;
@@ -611,9 +585,7 @@ mod process {
             );
             let set = move |what: String| states.lock().unwrap()[i] = what;
             tasks.push(tokio::spawn(async move {
-                let mut s = Session::start(store.clone(), SessionOptions::default())
-                    .await
-                    .unwrap();
+                let mut s = long_session(store.clone()).await;
                 let mut errors = 0;
                 while !stop.load(Ordering::SeqCst) {
                     let lock = Mutex::new(&s, "leader-kill").unwrap();
@@ -633,9 +605,7 @@ mod process {
                         }
                         Err(Error::SessionLost { .. }) => {
                             set(format!("{} session lost", s.id()));
-                            s = Session::start(store.clone(), SessionOptions::default())
-                                .await
-                                .unwrap();
+                            s = long_session(store.clone()).await;
                         }
                         Err(e) if e.is_retryable() || e.is_ambiguous() => {
                             set(format!("{} acquire failed: {e}", s.id()));
@@ -648,9 +618,7 @@ mod process {
             }));
         }
         let count = |g: &Arc<std::sync::Mutex<Vec<u64>>>| g.lock().unwrap().len();
-        while count(&grants) < 40 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        common::until(|| count(&grants) >= 40).await;
         cluster.kill(leader).unwrap();
         let killed = std::time::Instant::now();
         let before = count(&grants);

@@ -8,21 +8,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use common::{long_session, session};
 use dcoord::Error;
 use dcoord::queue::{EnqueueOptions, QueueOptions, WorkQueue};
-use dcoord::session::{Session, SessionOptions};
+use dcoord::session::Session;
 use dcoord::store::Store;
 use dcoord::testing::MemStore;
 use serde::{Deserialize, Serialize};
-
-async fn session(store: Arc<dyn Store>) -> Session {
-    Session::start(
-        store,
-        SessionOptions::default().lease(Duration::from_secs(2)),
-    )
-    .await
-    .unwrap()
-}
 
 async fn open(store: Arc<dyn Store>, name: &str, options: QueueOptions) -> (Session, WorkQueue) {
     let s = session(store).await;
@@ -30,18 +22,13 @@ async fn open(store: Arc<dyn Store>, name: &str, options: QueueOptions) -> (Sess
     (s, q)
 }
 
-/// As [`open`], with the default 10 s lease: for tests that time no lease. A 2 s lease is lost
-/// when a renewal write stalls for about 1.5 s, which a loaded 2-core host with fsyncing
-/// followers does now and then; the session then ends the consumer with `SessionLost`, as it
-/// should.
+/// As [`open`], with the default 10 s lease ([`long_session`]): for tests that time no lease.
 async fn open_long_lease(
     store: Arc<dyn Store>,
     name: &str,
     options: QueueOptions,
 ) -> (Session, WorkQueue) {
-    let s = Session::start(store, SessionOptions::default())
-        .await
-        .unwrap();
+    let s = long_session(store).await;
     let q = WorkQueue::open(&s, name, options).await.unwrap();
     (s, q)
 }
@@ -84,11 +71,10 @@ async fn enqueue_is_idempotent_by_id_and_delivers_by_priority_then_order() {
     )
     .await
     .unwrap();
-    tokio::time::timeout(Duration::from_secs(1), async {
-        while q.stats().ready + q.stats().delayed < 4 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
+    tokio::time::timeout(
+        Duration::from_secs(1),
+        common::until(|| q.stats().ready + q.stats().delayed >= 4),
+    )
     .await
     .unwrap();
     let mut order = Vec::new();
@@ -130,7 +116,12 @@ async fn failures_retry_with_backoff_then_dead_letter_and_redrive() {
         assert_eq!(d.attempt(), attempt);
         d.nack(&format!("boom {attempt}")).await.unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::time::timeout(
+        Duration::from_secs(1),
+        common::until(|| q.stats().dead >= 1),
+    )
+    .await
+    .unwrap();
     let dead = q.dead_letters();
     assert_eq!(dead.len(), 1);
     assert_eq!(
@@ -182,11 +173,7 @@ async fn a_payload_that_does_not_decode_goes_to_the_dead_letters_without_blockin
                     Ok(())
                 }
             },
-            async move {
-                while q2.stats().done + q2.stats().dead < 2 {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            },
+            common::until(move || q2.stats().done + q2.stats().dead >= 2),
         )
         .await
         .unwrap();
@@ -633,36 +620,23 @@ async fn cluster_two_producers_two_consumers_lose_nothing() {
 /// consumer one lease later, as attempt 2.
 #[tokio::test]
 async fn a_sigkilled_consumer_process_message_is_redelivered() {
-    let cluster = tokio::task::spawn_blocking(common::shared_cluster)
-        .await
-        .unwrap();
-    let store: Arc<dyn Store> = Arc::new(cluster.store().await.unwrap());
+    let (store, endpoints) = common::shared_remote().await;
     let name = format!("kill-{}", uuid::Uuid::new_v4().simple());
     let (_s, q) = open(store.clone(), &name, QueueOptions::default()).await;
     q.enqueue(b"slow job", EnqueueOptions::default().id("slow"))
         .await
         .unwrap();
-    let mut child = tokio::process::Command::new(common::binary())
-        .args([
-            "queue",
-            "consume",
-            &name,
-            "--lease",
-            "2",
-            "--endpoints",
-            &cluster.endpoints().join(","),
-            "--",
-            "sleep",
-            "10",
-        ])
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while q.stats().in_flight == 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
+    let mut child = common::dcoord_child(
+        &["queue", "consume", &name, "--lease", "2"],
+        &endpoints,
+        &["sleep", "10"],
+    )
+    .spawn()
+    .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        common::until(|| q.stats().in_flight > 0),
+    )
     .await
     .expect("the child claims the message");
     child.kill().await.unwrap();
@@ -692,9 +666,7 @@ async fn leader_kill_mid_run_loses_nothing() {
     for _ in 0..2 {
         let (store, effects, stop) = (store.clone(), effects.clone(), stop.clone());
         consumers.push(tokio::spawn(async move {
-            let s = Session::start(store, SessionOptions::default())
-                .await
-                .unwrap();
+            let s = long_session(store).await;
             let q = WorkQueue::open(
                 &s,
                 "lk",
@@ -725,9 +697,7 @@ async fn leader_kill_mid_run_loses_nothing() {
     let producer = {
         let store = store.clone();
         tokio::spawn(async move {
-            let s = Session::start(store, SessionOptions::default())
-                .await
-                .unwrap();
+            let s = long_session(store).await;
             let q = WorkQueue::open(&s, "lk", QueueOptions::default())
                 .await
                 .unwrap();
@@ -746,9 +716,7 @@ async fn leader_kill_mid_run_loses_nothing() {
             }
         })
     };
-    while effects.load(Ordering::SeqCst) < total / 3 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    common::until(|| effects.load(Ordering::SeqCst) >= total / 3).await;
     cluster.kill(leader).unwrap();
     let killed = std::time::Instant::now();
     producer.await.unwrap();

@@ -372,6 +372,19 @@ impl LocalCluster {
         signal(pid, "CONT")
     }
 
+    /// Sends signal `sig` (`TERM`, `HUP`, `STOP`, ...; see `kill -l`) to a running node.
+    /// `dcoord node` stops cleanly on `TERM` and restarts itself in place on `HUP`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an unknown or stopped node, or a signal `kill` rejects;
+    /// [`Error::Io`] if `kill` cannot run.
+    pub fn signal(&self, id: u32, sig: &str) -> Result<()> {
+        let pid = self
+            .pid(id)
+            .ok_or_else(|| Error::InvalidArgument(format!("node {id} is not running")))?;
+        signal(pid, sig)
+    }
+
     /// Asks the running nodes who leads, until one answers or `timeout` passes.
     ///
     /// # Errors
@@ -507,7 +520,7 @@ impl LocalCluster {
 ///
 /// # Errors
 /// [`Error::Io`] if `kill` cannot run; [`Error::InvalidArgument`] if it fails.
-pub fn signal(pid: u32, sig: &str) -> Result<()> {
+pub(crate) fn signal(pid: u32, sig: &str) -> Result<()> {
     let status = Command::new("kill")
         .arg(format!("-{sig}"))
         .arg(pid.to_string())

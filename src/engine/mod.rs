@@ -42,7 +42,7 @@ pub mod watchdog;
 
 use std::path::Path;
 
-pub use cluster::{ClusterOptions, LocalCluster, dcoord_binary, signal};
+pub use cluster::{ClusterOptions, LocalCluster, dcoord_binary};
 pub use config::{NodeConfig, Timing};
 pub use embedded::{EmbeddedNode, EmbeddedOptions};
 pub use probe::{NodeState, probe};

@@ -1,10 +1,12 @@
-//! Fixtures shared by the integration tests: one store per backend, a shared 3-node cluster.
+//! Fixtures shared by the integration tests: one store per backend, a shared 3-node cluster,
+//! sessions, `dcoord` child processes, and a poll.
 #![allow(dead_code)]
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use dcoord::engine::{ClusterOptions, EmbeddedNode, LocalCluster};
+use dcoord::session::{Session, SessionOptions};
 use dcoord::store::{Event, Store, WatchStream};
 use dcoord::testing::MemStore;
 use futures::StreamExt;
@@ -78,6 +80,53 @@ fn shared_cluster_dir() -> std::path::PathBuf {
         }
     }
     parent.join(format!("{name}-{}", std::process::id()))
+}
+
+/// A client of the [`shared_cluster`], and its endpoints as `--endpoints` takes them.
+pub async fn shared_remote() -> (Arc<dyn Store>, String) {
+    let cluster = tokio::task::spawn_blocking(shared_cluster).await.unwrap();
+    let store: Arc<dyn Store> = Arc::new(cluster.store().await.unwrap());
+    (store, cluster.endpoints().join(","))
+}
+
+/// `dcoord ARGS --endpoints ENDPOINTS -- COMMAND`: a recipe's command line running `COMMAND`,
+/// as a child of this test that is killed when its handle is dropped. Not spawned yet: set its
+/// stdio, then `spawn`.
+pub fn dcoord_child(args: &[&str], endpoints: &str, command: &[&str]) -> tokio::process::Command {
+    let mut child = tokio::process::Command::new(binary());
+    child
+        .args(args)
+        .args(["--endpoints", endpoints, "--"])
+        .args(command)
+        .kill_on_drop(true);
+    child
+}
+
+/// A session with a 2 s lease, for tests that time the lease (a takeover, a redelivery).
+pub async fn session(store: Arc<dyn Store>) -> Session {
+    Session::start(
+        store,
+        SessionOptions::default().lease(Duration::from_secs(2)),
+    )
+    .await
+    .unwrap()
+}
+
+/// A session with the default 10 s lease, for tests that time no lease. A 2 s lease is lost
+/// when a renewal write stalls for about 1.5 s, which a loaded 2-core host with fsyncing
+/// followers does now and then; the session then ends its locks and consumers with
+/// `SessionLost`, as it should.
+pub async fn long_session(store: Arc<dyn Store>) -> Session {
+    Session::start(store, SessionOptions::default())
+        .await
+        .unwrap()
+}
+
+/// Polls `done` every 5 ms until it holds. Compose a deadline with `tokio::time::timeout`.
+pub async fn until(mut done: impl FnMut() -> bool) {
+    while !done() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Serializes tests that start clusters of their own, so 2 busy cores are not asked to run

@@ -16,8 +16,11 @@ mod config;
 mod kv;
 mod lock;
 mod node;
+mod process;
 mod queue;
 mod soak;
+
+pub use process::{shutdown_signal, signal, spawn_command};
 
 #[derive(Parser)]
 #[command(name = "dcoord", version, about = "Coordination recipes on d-engine")]
@@ -278,30 +281,4 @@ pub async fn session(conn: &Conn, lease: u64) -> dcoord::Result<dcoord::session:
         SessionOptions::default().lease(Duration::from_secs(lease)),
     )
     .await
-}
-
-/// Starts the user's command (`-- CMD ARGS`), set up by `configure`; it is killed if dcoord
-/// drops it.
-pub fn spawn_command(
-    command: &[String],
-    configure: impl FnOnce(&mut tokio::process::Command),
-) -> dcoord::Result<tokio::process::Child> {
-    let mut cmd = tokio::process::Command::new(&command[0]);
-    cmd.args(&command[1..]).kill_on_drop(true);
-    configure(&mut cmd);
-    cmd.spawn().map_err(|e| Error::Io {
-        what: "cannot run the command",
-        path: command[0].clone().into(),
-        source: e,
-    })
-}
-
-/// Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

@@ -1,0 +1,200 @@
+//! The record's writes: reading it, the fast-path grab, leaving, and the settled CAS they
+//! share; and the arrival keys waiters announce themselves with.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use super::record::{Record, Slot};
+use super::{Inner, MutexGuard, Pending, bump, newer, spawn_late_leave};
+use crate::error::Result;
+use crate::reconcile::Snapshot;
+use crate::store::{Cas, Consistency, Settled};
+
+impl Inner {
+    pub(super) async fn read(&self) -> Result<Option<Bytes>> {
+        self.store.get(&self.key, Consistency::Linearizable).await
+    }
+
+    /// One CAS from `current` to `new`, settled ([`Cas::settle`]); returns the record as it
+    /// is afterwards (ours when it applied, re-read otherwise: the caller decides from its
+    /// content, which is unique per write since `seq` rises with every one).
+    pub(super) async fn cas(&self, current: Option<Bytes>, new: Vec<u8>) -> Result<Option<Bytes>> {
+        let alive = || self.session.check();
+        let settled = Cas::new(&*self.store, &self.key, current.as_deref(), &new)
+            .while_ok(&alive)
+            .settle()
+            .await?;
+        Ok(match settled {
+            Settled::Applied => Some(Bytes::from(new)),
+            Settled::Rejected {
+                current,
+                maybe_applied,
+            } => {
+                if !maybe_applied {
+                    bump(&self.stats.conflicts);
+                }
+                current
+            }
+        })
+    }
+
+    /// A fresh slot for this session.
+    pub(super) fn slot(&self) -> Slot {
+        Slot {
+            session: self.session.id(),
+            ticket: self.session.next_ticket(),
+        }
+    }
+
+    pub(super) fn arrival_key(&self, slot: &Slot) -> Vec<u8> {
+        let mut k = self.arrivals.to_vec();
+        k.extend_from_slice(format!("{}.{}", slot.session, slot.ticket).as_bytes());
+        k
+    }
+
+    /// The slot an arrival key announces, if `key` is one.
+    pub(super) fn parse_arrival(&self, key: &[u8]) -> Option<Slot> {
+        let name = std::str::from_utf8(key.strip_prefix(&self.arrivals[..])?).ok()?;
+        let (session, ticket) = name.rsplit_once('.')?;
+        Some(Slot {
+            session: session.to_string(),
+            ticket: ticket.parse().ok()?,
+        })
+    }
+
+    /// The arrivals in `snap`, oldest first (by the revision that wrote them).
+    pub(super) fn arrivals_in(&self, snap: &Snapshot) -> Vec<Slot> {
+        let mut found: Vec<(u64, Slot)> = snap
+            .with_prefix(&self.arrivals)
+            .filter_map(|e| Some((e.revision, self.parse_arrival(&e.key)?)))
+            .collect();
+        found.sort_by(|a, b| (a.0, &a.1.session, a.1.ticket).cmp(&(b.0, &b.1.session, b.1.ticket)));
+        found.into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// The newest record we can see: `known`, the mirror's, or (if neither) a read.
+    pub(super) async fn current(&self, known: Option<Bytes>) -> Result<Option<Bytes>> {
+        let snap = self.record.snapshot();
+        let current = newer(&self.key, known, &snap);
+        if current.is_none() && !snap.is_ready() {
+            return self.read().await;
+        }
+        Ok(current)
+    }
+
+    /// Deletes an arrival key in the background (it is harmless if it lingers: the record
+    /// never takes a slot in twice).
+    pub(super) fn forget_arrival(&self, slot: &Slot) {
+        let (store, key) = (self.store.clone(), self.arrival_key(slot));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = store.delete(&key).await;
+            });
+        }
+    }
+
+    /// The fast path: take the lock with one CAS if it is free and nobody waits or arrives.
+    /// `None` if it is not free.
+    pub(super) async fn grab(
+        self: &Arc<Self>,
+        pending: &mut Pending,
+    ) -> Result<Option<MutexGuard>> {
+        self.session.check()?;
+        let me = self.slot();
+        let mut current = self.current(None).await?;
+        let mut confirmed = false;
+        loop {
+            let rec = Record::decode(&self.key, current.as_ref())?;
+            let waiting = self
+                .arrivals_in(&self.record.snapshot())
+                .iter()
+                .any(|a| !rec.seen(a));
+            let next = if waiting { None } else { rec.grab(&me) };
+            let Some(next) = next else {
+                if confirmed {
+                    return Ok(None);
+                }
+                // The mirror may be behind: confirm with a linearizable read before saying no.
+                confirmed = true;
+                current = self.read().await?;
+                continue;
+            };
+            pending.arm(me.clone());
+            let sent = Instant::now();
+            let new = next.encode();
+            // Settled by re-sending the identical CAS (see `Cas`): the record never returns to
+            // `current` (its `seq` rises with every write). A read that still shows `current`
+            // would prove nothing: the first attempt could apply after it.
+            let after = match self.cas(current, new).await {
+                Ok(after) => after,
+                Err(e) if e.is_ambiguous() => {
+                    // Still unknown, and the first attempt may land yet: give back a grant
+                    // that lands late, one lease from now.
+                    spawn_late_leave(self.clone(), me, pending.hand_over());
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            };
+            let rec = Record::decode(&self.key, after.as_ref())?;
+            if rec.is_holder(&me) {
+                tracing::debug!(lock = %self.name, ?me, seq = rec.seq, epoch = rec.epoch, "granted (fast path)");
+                bump(&self.stats.grants);
+                let owned = pending.hand_over();
+                return Ok(Some(MutexGuard::new(
+                    self.clone(),
+                    me,
+                    owned,
+                    rec.epoch,
+                    after,
+                )));
+            }
+            pending.disarm();
+            crate::reconcile::after_collision(1, sent.elapsed()).await;
+            current = after;
+            confirmed = true;
+        }
+    }
+
+    /// Leaves the record: releases if holding (handing off to the first waiter, after taking
+    /// in every arrival in sight), removes the queue entry if waiting, and marks the slot seen
+    /// so its arrival key can never be taken in later. Retries conflicts.
+    pub(super) async fn leave(&self, me: &Slot, known: Option<Bytes>) -> Result<()> {
+        let mut current = self.current(known).await?;
+        loop {
+            let snap = self.record.snapshot();
+            current = newer(&self.key, current, &snap);
+            let rec = Record::decode(&self.key, current.as_ref())?;
+            let mut arrivals = self.arrivals_in(&snap);
+            arrivals.retain(|a| a != me);
+            let Some(next) = rec.leaving(me, &arrivals) else {
+                tracing::debug!(lock = %self.name, ?me, seq = rec.seq, "leave: nothing to do");
+                return Ok(());
+            };
+            let new = next.encode();
+            let alive = || self.session.check();
+            match Cas::new(&*self.store, &self.key, current.as_deref(), &new)
+                .while_ok(&alive)
+                .settle()
+                .await?
+            {
+                Settled::Applied => {
+                    tracing::debug!(lock = %self.name, ?me, seq = next.seq, holder = ?next.holder, "left");
+                    return Ok(());
+                }
+                // Our leave may have applied and been built on since: the loop tells by
+                // whether `me` is still in the record.
+                Settled::Rejected {
+                    current: now,
+                    maybe_applied,
+                } => {
+                    if !maybe_applied {
+                        bump(&self.stats.conflicts);
+                    }
+                    current = now;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! The lock checker.
+
+use std::collections::HashMap;
+
+use super::{Ev, Fault, Line, LockReport, Violation, show, v};
+
+/// Lock invariants:
+/// 1. no token is granted twice;
+/// 2. real-time order: a grant released before another grant was made has a smaller token;
+/// 3. the fenced register: a write accepted with token `t` was never sent after a write with
+///    a newer token had been accepted;
+/// 4. a holder killed or paused is taken over (the next grant comes) within `takeover_bound`.
+pub fn check_lock(
+    lines: &[Line],
+    faults: &[Fault],
+    takeover_bound: u64,
+    end: u64,
+    out: &mut Vec<Violation>,
+) -> LockReport {
+    let grants: Vec<&Line> = lines
+        .iter()
+        .filter(|l| matches!(l.ev, Ev::Grant { .. }))
+        .collect();
+    let token = |l: &Line| match l.ev {
+        Ev::Grant { token, .. }
+        | Ev::FenceOk { token, .. }
+        | Ev::FenceRejected { token, .. }
+        | Ev::Release { token } => token,
+        _ => 0,
+    };
+    let mut report = LockReport {
+        grants: grants.len(),
+        ..LockReport::default()
+    };
+
+    // 1. Unique tokens.
+    let mut by_token: HashMap<u64, &Line> = HashMap::new();
+    for g in &grants {
+        if let Some(first) = by_token.insert(token(g), g) {
+            out.push(v(
+                "lock: each token granted once",
+                format!("{}\n{}", show(first), show(g)),
+            ));
+        }
+    }
+
+    // 2. Released before the other even asked => smaller token. (`at` of a grant is only an
+    // upper bound: a worker paused right after acquire() returned logs it late.)
+    let mut releases: Vec<(u64, u64, &Line)> = lines
+        .iter()
+        .filter(|l| matches!(l.ev, Ev::Release { .. }))
+        .map(|l| (l.at, token(l), l))
+        .collect();
+    releases.sort_by_key(|r| r.0);
+    let asked = |l: &Line| match l.ev {
+        Ev::Grant { asked, .. } => asked,
+        _ => l.at,
+    };
+    let mut by_asked = grants.clone();
+    by_asked.sort_by_key(|g| asked(g));
+    let mut sorted_grants = grants.clone();
+    sorted_grants.sort_by_key(|g| g.at);
+    let mut i = 0;
+    let mut max_released: Option<(u64, &Line)> = None;
+    for g in &by_asked {
+        while i < releases.len() && releases[i].0 < asked(g) {
+            if max_released.is_none_or(|(t, _)| releases[i].1 > t) {
+                max_released = Some((releases[i].1, releases[i].2));
+            }
+            i += 1;
+        }
+        if let Some((t, r)) = max_released
+            && t >= token(g)
+        {
+            out.push(v(
+                "lock: tokens increase in real time",
+                format!(
+                    "released before this grant, with a token not smaller:\n{}\n{}",
+                    show(r),
+                    show(g)
+                ),
+            ));
+        }
+    }
+
+    // 3. The fenced register.
+    let mut oks: Vec<(u64, u64, u64, &Line)> = lines
+        .iter()
+        .filter_map(|l| match l.ev {
+            Ev::FenceOk { token, sent } => Some((token, sent, l.at, l)),
+            _ => None,
+        })
+        .collect();
+    report.fenced_ok = oks.len();
+    report.fenced_rejected = lines
+        .iter()
+        .filter(|l| matches!(l.ev, Ev::FenceRejected { .. }))
+        .count();
+    oks.sort_by_key(|o| std::cmp::Reverse(o.0));
+    // Walking from the newest token down: the earliest acceptance among strictly newer tokens.
+    let mut earliest_newer: Option<(u64, &Line)> = None;
+    let mut j = 0;
+    while j < oks.len() {
+        let t = oks[j].0;
+        let group_end = oks[j..]
+            .iter()
+            .position(|o| o.0 != t)
+            .map_or(oks.len(), |p| j + p);
+        for o in &oks[j..group_end] {
+            if let Some((at, newer)) = earliest_newer
+                && at < o.1
+            {
+                out.push(v(
+                    "lock: fenced register rejects older tokens",
+                    format!(
+                        "accepted a write sent after a newer token's write was accepted:\n{}\n{}",
+                        show(newer),
+                        show(o.3)
+                    ),
+                ));
+            }
+        }
+        for o in &oks[j..group_end] {
+            if earliest_newer.is_none_or(|(at, _)| o.2 < at) {
+                earliest_newer = Some((o.2, o.3));
+            }
+        }
+        j = group_end;
+    }
+
+    // 4. Takeover after a fault on the holder.
+    for f in faults
+        .iter()
+        .filter(|f| matches!(f.kind, "kill-lock-worker" | "pause-lock-worker"))
+    {
+        let held = grants.iter().rev().find(|g| {
+            g.w == f.target
+                && g.at <= f.at
+                && !lines.iter().any(|l| {
+                    l.w == g.w
+                        && l.at <= f.at
+                        && matches!(l.ev, Ev::Release { token } if token == self::token_of(g))
+                })
+        });
+        let Some(held) = held else { continue };
+        report.takeovers += 1;
+        let next = sorted_grants
+            .iter()
+            .find(|g| g.at > f.at && g.w != f.target);
+        match next {
+            Some(n) => {
+                let took = n.at - f.at;
+                report.worst_takeover = report.worst_takeover.max(took);
+                if took > takeover_bound {
+                    out.push(v(
+                        "lock: a failed holder is taken over within lease + slack",
+                        format!(
+                            "{} on {} at {}; next grant {:.1} s later:\n{}\n{}",
+                            f.kind,
+                            f.target,
+                            f.at,
+                            took as f64 / 1e6,
+                            show(held),
+                            show(n)
+                        ),
+                    ));
+                }
+            }
+            None if end.saturating_sub(f.at) > takeover_bound => out.push(v(
+                "lock: a failed holder is taken over within lease + slack",
+                format!(
+                    "{} on {}: never taken over:\n{}",
+                    f.kind,
+                    f.target,
+                    show(held)
+                ),
+            )),
+            None => {}
+        }
+    }
+    report
+}
+
+fn token_of(l: &Line) -> u64 {
+    match l.ev {
+        Ev::Grant { token, .. } => token,
+        _ => 0,
+    }
+}
