@@ -93,7 +93,7 @@ pub(super) fn spawn_leave(inner: Arc<Inner>, me: Slot, known: Option<Bytes>, own
     });
 }
 
-/// Proof of holding a [`Mutex`]. Release it with [`MutexGuard::release`]; dropping it
+/// Proof of holding a [`Mutex`](super::Mutex). Release it with [`MutexGuard::release`]; dropping it
 /// releases in the background (best effort).
 #[must_use = "dropping the guard releases the lock at once"]
 pub struct MutexGuard {

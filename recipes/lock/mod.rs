@@ -80,6 +80,7 @@ mod fence;
 mod guard;
 mod ops;
 mod record;
+mod wait;
 
 use std::fmt;
 use std::sync::Arc;
@@ -87,17 +88,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::time::Instant;
 
-use decide::{Step, decide, sessions_in_sight};
 pub use fence::{Fenced, fenced_get, fenced_put};
 pub use guard::MutexGuard;
 use guard::{Pending, spawn_late_leave, spawn_leave};
 use record::{Record, Slot};
+use wait::{Queued, Waiter};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
+#[cfg(doc)]
+use crate::error::Error;
 use crate::reconcile::{Mirror, MirrorOptions, Snapshot, WatcherOptions};
-use crate::session::{Liveness, Session};
+use crate::session::Session;
 use crate::store::{Store, WatchTarget};
 
 /// A named distributed lock. Cheap to clone; clones share one watch on the lock record.
@@ -194,111 +196,13 @@ impl Mutex {
         if let Some(guard) = inner.grab(&mut pending).await? {
             return Ok(guard);
         }
-        'join: loop {
+        loop {
             inner.session.check()?;
-            // Announce ourselves with a key of our own: no contention with anyone.
             let me = inner.slot();
             pending.arm(me.clone());
-            // Not empty: d-engine 0.2.4's own FileStateMachine drops empty values after a crash
-            // (a cluster not run by dcoord may use it).
-            inner.store.put(&inner.arrival_key(&me), b"w").await?;
-            let mut current = inner.current(None).await?;
-            let mut liveness = Liveness::new(inner.session.lease());
-            let mut rec_rx = inner.record.subscribe();
-            let mut peers_rx = None;
-            let mut next_read = Instant::now() + inner.session.lease() / 2;
-            let mut announced = true;
-            loop {
-                let snap = rec_rx.borrow_and_update().clone();
-                current = newer(&inner.key, current, &snap);
-                let rec = Record::decode(&inner.key, current.as_ref())?;
-                let arrivals = inner.arrivals_in(&snap);
-                let mut step = decide(&rec, &arrivals, &me, &liveness, Instant::now());
-                if matches!(step, Step::Wait { .. } | Step::TakeOver { .. }) {
-                    // Someone is ahead: look at their heartbeats (the peers mirror starts on
-                    // first use), then decide again.
-                    let peers = inner.session.peers().await?;
-                    let rx = peers_rx.get_or_insert_with(|| peers.subscribe());
-                    let view = rx.borrow_and_update().clone();
-                    let ids = sessions_in_sight(&rec, &arrivals, &me);
-                    inner.session.observe_peers(&view, &ids, &mut liveness);
-                    step = decide(&rec, &arrivals, &me, &liveness, Instant::now());
-                }
-                let blockers = match step {
-                    Step::Granted { token } => {
-                        tracing::debug!(lock = %inner.name, ?me, seq = rec.seq, epoch = token, "granted");
-                        bump(&inner.stats.grants);
-                        let owned = pending.hand_over();
-                        inner.forget_arrival(&me);
-                        return Ok(MutexGuard::new(inner.clone(), me, owned, token, current));
-                    }
-                    Step::Vanished => {
-                        pending.disarm();
-                        inner.session.check()?;
-                        tracing::warn!(lock = %inner.name, "our queue entry vanished; queueing again");
-                        continue 'join;
-                    }
-                    _ if announced && rec.contains(&me) => {
-                        // Taken into the queue: the arrival key has done its job.
-                        inner.forget_arrival(&me);
-                        announced = false;
-                        continue;
-                    }
-                    Step::Take(next) => {
-                        // Free, and we are first in line: take it, taking the others in too.
-                        current = inner.cas(current, next.encode()).await?;
-                        next_read = Instant::now() + inner.session.lease() / 2;
-                        continue;
-                    }
-                    Step::TakeOver { mut next, blockers } => {
-                        let ids: Vec<&str> = blockers.iter().map(|b| b.session.as_str()).collect();
-                        if inner.session.confirm_dead(&ids, &mut liveness).await? {
-                            bump(&inner.stats.takeovers);
-                            let view = inner.session.peers().await?.snapshot();
-                            next.prune(|s| view.get(&inner.session.heartbeat_key(s)).is_none());
-                            current = inner.cas(current, next.encode()).await?;
-                            for b in &blockers {
-                                inner.forget_arrival(b);
-                            }
-                            continue;
-                        }
-                        blockers
-                    }
-                    Step::Wait { blockers } => blockers,
-                };
-                for b in &blockers {
-                    // Our own session's slot with no owner here: abandoned. Clean it up.
-                    if b.session == me.session
-                        && let Some(owned) = inner.own(b)
-                    {
-                        tracing::warn!(lock = %inner.name, slot = ?b, "removing an abandoned slot of this session");
-                        spawn_leave(inner.clone(), b.clone(), None, Some(owned));
-                    }
-                }
-                let rx = peers_rx
-                    .as_mut()
-                    .expect("a waiting step observed the peers first");
-                let expiry = blockers
-                    .iter()
-                    .filter_map(|b| liveness.expires_at(&b.session))
-                    .min()
-                    .unwrap_or(next_read);
-                let wake = expiry.min(next_read);
-                tokio::select! {
-                    changed = rec_rx.changed() => {
-                        if changed.is_err() {
-                            return Err(Error::Stopped);
-                        }
-                    }
-                    _ = rx.changed() => {}
-                    _ = tokio::time::sleep_until(wake) => {
-                        current = inner.read().await?;
-                        next_read = Instant::now() + inner.session.lease() / 2;
-                    }
-                    _ = inner.session.lost() => {
-                        inner.session.check()?;
-                    }
-                }
+            match Waiter::join(inner, me).await?.run(&mut pending).await? {
+                Queued::Granted(guard) => return Ok(guard),
+                Queued::Vanished => {}
             }
         }
     }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-/// Options of a [`WorkQueue`].
+/// Options of a [`WorkQueue`](super::WorkQueue).
 #[derive(Debug, Clone)]
 pub struct QueueOptions {
     pub(super) max_attempts: u32,
@@ -68,7 +68,7 @@ impl QueueOptions {
     }
 }
 
-/// Options of one [`WorkQueue::enqueue`].
+/// Options of one [`WorkQueue::enqueue`](super::WorkQueue::enqueue).
 #[derive(Debug, Clone, Default)]
 pub struct EnqueueOptions {
     pub(super) id: Option<String>,
@@ -130,7 +130,7 @@ pub struct DeadLetter {
     pub payload: Bytes,
 }
 
-/// What [`WorkQueue::run`] did.
+/// What [`WorkQueue::run`](super::WorkQueue::run) did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RunStats {
     /// Messages acked.

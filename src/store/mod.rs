@@ -34,7 +34,7 @@
 //! - TTL ([`Store::put_with_ttl`]) is garbage collection only: it emits NO watch event, and an
 //!   expired key stays readable (and CAS-able) until it is removed. On dcoord's nodes the
 //!   removal is a replicated clock tick (about once a second while a leader is known; see
-//!   [`crate::engine::state_machine`]); in [`crate::testing::MemStore`], its sweeper. Never
+//!   [`crate::engine::state_machine`]); in `MemStore` (feature `test-util`), its sweeper. Never
 //!   let CAS manage a key that has a TTL.
 //!
 //! # Failure modes
@@ -51,6 +51,8 @@ use bytes::Bytes;
 use futures::Stream;
 
 use crate::error::{Result, show};
+#[cfg(doc)]
+use crate::error::Error;
 
 mod cas;
 mod embedded;

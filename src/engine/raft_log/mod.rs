@@ -22,7 +22,7 @@
 //!
 //! # Failure modes
 //! - A data directory holding d-engine's file raft log (`storage/logs/log.data`) and no
-//!   `raft.redb` is refused with migration instructions (see [`open_raft_log`]).
+//!   `raft.redb` is refused with migration instructions (see `open_raft_log`).
 //! - An undecodable stored entry fails the start, naming its index.
 //!
 //! Why not `FileStorageEngine`: it writes each record as two `write` calls (length, then body)

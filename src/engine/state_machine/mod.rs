@@ -42,7 +42,7 @@
 //!   TTL starts its countdown at the first clock tick applied after it; the tick with time `≥`
 //!   start `+ ttl` deletes it, in the tick's own transaction, with no watch event. Ticks are
 //!   ordinary Raft writes of [`TICK_KEY`], proposed once a second by the leader while any TTL
-//!   key exists (see [`run_clock`]). A TTL is never a poison pill: nothing here depends on
+//!   key exists (see `run_clock`). A TTL is never a poison pill: nothing here depends on
 //!   d-engine's lease settings.
 //!
 //! # NOT guaranteed
@@ -54,7 +54,7 @@
 //! - This type cannot fix a raft log that lost entries (d-engine 0.2.4's replication hole): it
 //!   turns it into a node that stops loudly instead of one that diverges silently.
 //! - Only this format is read. A data directory of d-engine's `FileStateMachine` is refused
-//!   (see [`open_state_machine`]).
+//!   (see `open_state_machine`).
 //!
 //! # Failure modes
 //! - A gap, an unordered chunk or a term mismatch: `apply_chunk` fails, the node stops, and

@@ -22,6 +22,7 @@ pub mod worker;
 mod bad_input;
 mod harness;
 mod load;
+mod nemesis;
 mod settle;
 
 use std::path::PathBuf;

@@ -21,21 +21,34 @@ pub fn check_lock(
         .iter()
         .filter(|l| matches!(l.ev, Ev::Grant { .. }))
         .collect();
-    let token = |l: &Line| match l.ev {
+    unique_tokens(&grants, out);
+    tokens_increase(lines, &grants, out);
+    let (fenced_ok, fenced_rejected) = fenced_register(lines, out);
+    let (takeovers, worst_takeover) = taken_over(lines, &grants, faults, takeover_bound, end, out);
+    LockReport {
+        grants: grants.len(),
+        fenced_ok,
+        fenced_rejected,
+        takeovers,
+        worst_takeover,
+    }
+}
+
+/// The token of a grant, a fenced write or a release (0 for any other line).
+fn token(l: &Line) -> u64 {
+    match l.ev {
         Ev::Grant { token, .. }
         | Ev::FenceOk { token, .. }
         | Ev::FenceRejected { token, .. }
         | Ev::Release { token } => token,
         _ => 0,
-    };
-    let mut report = LockReport {
-        grants: grants.len(),
-        ..LockReport::default()
-    };
+    }
+}
 
-    // 1. Unique tokens.
+/// 1. Unique tokens.
+fn unique_tokens(grants: &[&Line], out: &mut Vec<Violation>) {
     let mut by_token: HashMap<u64, &Line> = HashMap::new();
-    for g in &grants {
+    for g in grants {
         if let Some(first) = by_token.insert(token(g), g) {
             out.push(v(
                 "lock: each token granted once",
@@ -43,9 +56,11 @@ pub fn check_lock(
             ));
         }
     }
+}
 
-    // 2. Released before the other even asked => smaller token. (`at` of a grant is only an
-    // upper bound: a worker paused right after acquire() returned logs it late.)
+/// 2. Released before the other even asked => smaller token. (`at` of a grant is only an
+///    upper bound: a worker paused right after acquire() returned logs it late.)
+fn tokens_increase(lines: &[Line], grants: &[&Line], out: &mut Vec<Violation>) {
     let mut releases: Vec<(u64, u64, &Line)> = lines
         .iter()
         .filter(|l| matches!(l.ev, Ev::Release { .. }))
@@ -56,10 +71,8 @@ pub fn check_lock(
         Ev::Grant { asked, .. } => asked,
         _ => l.at,
     };
-    let mut by_asked = grants.clone();
+    let mut by_asked = grants.to_vec();
     by_asked.sort_by_key(|g| asked(g));
-    let mut sorted_grants = grants.clone();
-    sorted_grants.sort_by_key(|g| g.at);
     let mut i = 0;
     let mut max_released: Option<(u64, &Line)> = None;
     for g in &by_asked {
@@ -82,8 +95,12 @@ pub fn check_lock(
             ));
         }
     }
+}
 
-    // 3. The fenced register.
+/// 3. The fenced register.
+///
+/// Returns how many fenced writes were accepted, and how many refused.
+fn fenced_register(lines: &[Line], out: &mut Vec<Violation>) -> (usize, usize) {
     let mut oks: Vec<(u64, u64, u64, &Line)> = lines
         .iter()
         .filter_map(|l| match l.ev {
@@ -91,8 +108,8 @@ pub fn check_lock(
             _ => None,
         })
         .collect();
-    report.fenced_ok = oks.len();
-    report.fenced_rejected = lines
+    let fenced_ok = oks.len();
+    let fenced_rejected = lines
         .iter()
         .filter(|l| matches!(l.ev, Ev::FenceRejected { .. }))
         .count();
@@ -127,8 +144,25 @@ pub fn check_lock(
         }
         j = group_end;
     }
+    (fenced_ok, fenced_rejected)
+}
 
-    // 4. Takeover after a fault on the holder.
+/// 4. Takeover after a fault on the holder.
+///
+/// Returns how many faults hit a holder, and the longest time from one of them to the next
+/// grant (µs).
+fn taken_over(
+    lines: &[Line],
+    grants: &[&Line],
+    faults: &[Fault],
+    takeover_bound: u64,
+    end: u64,
+    out: &mut Vec<Violation>,
+) -> (usize, u64) {
+    let mut sorted_grants = grants.to_vec();
+    sorted_grants.sort_by_key(|g| g.at);
+    let mut takeovers = 0usize;
+    let mut worst_takeover = 0u64;
     for f in faults
         .iter()
         .filter(|f| matches!(f.kind, "kill-lock-worker" | "pause-lock-worker"))
@@ -143,14 +177,14 @@ pub fn check_lock(
                 })
         });
         let Some(held) = held else { continue };
-        report.takeovers += 1;
+        takeovers += 1;
         let next = sorted_grants
             .iter()
             .find(|g| g.at > f.at && g.w != f.target);
         match next {
             Some(n) => {
                 let took = n.at - f.at;
-                report.worst_takeover = report.worst_takeover.max(took);
+                worst_takeover = worst_takeover.max(took);
                 if took > takeover_bound {
                     out.push(v(
                         "lock: a failed holder is taken over within lease + slack",
@@ -178,7 +212,7 @@ pub fn check_lock(
             None => {}
         }
     }
-    report
+    (takeovers, worst_takeover)
 }
 
 fn token_of(l: &Line) -> u64 {

@@ -1,0 +1,200 @@
+//! A queued acquire: observe, [`decide`], act, sleep; until granted or its slot vanishes.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::decide::{Step, decide, sessions_in_sight};
+use super::record::{Record, Slot};
+use super::{Inner, MutexGuard, Pending, bump, newer, spawn_leave};
+use crate::error::{Error, Result};
+use crate::reconcile::Snapshot;
+use crate::session::Liveness;
+
+/// How a queued acquire ended.
+pub(super) enum Queued {
+    Granted(MutexGuard),
+    /// Our slot left the record without us: queue again with a new one.
+    Vanished,
+}
+
+/// One queued slot's wait: what it knows, and what it wakes on.
+pub(super) struct Waiter<'a> {
+    inner: &'a Arc<Inner>,
+    me: Slot,
+    /// The newest record bytes known.
+    current: Option<Bytes>,
+    liveness: Liveness,
+    record: watch::Receiver<Snapshot>,
+    /// The session's peers mirror, subscribed once someone is ahead of us.
+    peers: Option<watch::Receiver<Snapshot>>,
+    /// When to re-read the record even without a change (a lost watch event).
+    next_read: Instant,
+    /// Our arrival key is still there (not yet taken into the queue).
+    announced: bool,
+}
+
+impl<'a> Waiter<'a> {
+    /// Announces `me` (a key of our own: no contention with anyone) and starts waiting.
+    pub(super) async fn join(inner: &'a Arc<Inner>, me: Slot) -> Result<Waiter<'a>> {
+        // Not empty: d-engine 0.2.4's own FileStateMachine drops empty values after a crash
+        // (a cluster not run by dcoord may use it).
+        inner.store.put(&inner.arrival_key(&me), b"w").await?;
+        Ok(Waiter {
+            current: inner.current(None).await?,
+            liveness: Liveness::new(inner.session.lease()),
+            record: inner.record.subscribe(),
+            peers: None,
+            next_read: Self::read_due(inner),
+            announced: true,
+            inner,
+            me,
+        })
+    }
+
+    fn read_due(inner: &Inner) -> Instant {
+        Instant::now() + inner.session.lease() / 2
+    }
+
+    /// Waits until granted, or until our slot vanishes.
+    pub(super) async fn run(mut self, pending: &mut Pending) -> Result<Queued> {
+        let inner = self.inner;
+        loop {
+            let snap = self.record.borrow_and_update().clone();
+            self.current = newer(&inner.key, self.current.take(), &snap);
+            let rec = Record::decode(&inner.key, self.current.as_ref())?;
+            let arrivals = inner.arrivals_in(&snap);
+            let blockers = match self.decide(&rec, &arrivals).await? {
+                Step::Granted { token } => {
+                    tracing::debug!(lock = %inner.name, me = ?self.me, seq = rec.seq, epoch = token, "granted");
+                    bump(&inner.stats.grants);
+                    let owned = pending.hand_over();
+                    inner.forget_arrival(&self.me);
+                    let guard = MutexGuard::new(inner.clone(), self.me, owned, token, self.current);
+                    return Ok(Queued::Granted(guard));
+                }
+                Step::Vanished => {
+                    pending.disarm();
+                    inner.session.check()?;
+                    tracing::warn!(lock = %inner.name, "our queue entry vanished; queueing again");
+                    return Ok(Queued::Vanished);
+                }
+                _ if self.announced && rec.contains(&self.me) => {
+                    // Taken into the queue: the arrival key has done its job.
+                    inner.forget_arrival(&self.me);
+                    self.announced = false;
+                    continue;
+                }
+                Step::Take(next) => {
+                    // Free, and we are first in line: take it, taking the others in too.
+                    self.write(next).await?;
+                    continue;
+                }
+                Step::TakeOver { next, blockers } => {
+                    if self.take_over(next, &blockers).await? {
+                        continue;
+                    }
+                    blockers
+                }
+                Step::Wait { blockers } => blockers,
+            };
+            self.clean_up_abandoned(&blockers);
+            self.sleep(&blockers).await?;
+        }
+    }
+
+    /// [`decide`], after observing the heartbeats of whoever is ahead (the peers mirror starts
+    /// on first use: not needed while nobody is).
+    async fn decide(&mut self, rec: &Record, arrivals: &[Slot]) -> Result<Step> {
+        let step = decide(rec, arrivals, &self.me, &self.liveness, Instant::now());
+        if !matches!(step, Step::Wait { .. } | Step::TakeOver { .. }) {
+            return Ok(step);
+        }
+        let peers = self.inner.session.peers().await?;
+        let rx = self.peers.get_or_insert_with(|| peers.subscribe());
+        let view = rx.borrow_and_update().clone();
+        let ids = sessions_in_sight(rec, arrivals, &self.me);
+        self.inner
+            .session
+            .observe_peers(&view, &ids, &mut self.liveness);
+        Ok(decide(
+            rec,
+            arrivals,
+            &self.me,
+            &self.liveness,
+            Instant::now(),
+        ))
+    }
+
+    /// Writes `next` over the record we know (settled; the loop reads the outcome from it).
+    async fn write(&mut self, next: Record) -> Result<()> {
+        self.current = self.inner.cas(self.current.take(), next.encode()).await?;
+        self.next_read = Self::read_due(self.inner);
+        Ok(())
+    }
+
+    /// Takes over from `blockers` once fresh reads confirm they are all dead; false if one
+    /// is not.
+    async fn take_over(&mut self, mut next: Record, blockers: &[Slot]) -> Result<bool> {
+        let inner = self.inner;
+        let ids: Vec<&str> = blockers.iter().map(|b| b.session.as_str()).collect();
+        if !inner.session.confirm_dead(&ids, &mut self.liveness).await? {
+            return Ok(false);
+        }
+        bump(&inner.stats.takeovers);
+        let view = inner.session.peers().await?.snapshot();
+        next.prune(|s| view.get(&inner.session.heartbeat_key(s)).is_none());
+        self.current = inner.cas(self.current.take(), next.encode()).await?;
+        for b in blockers {
+            inner.forget_arrival(b);
+        }
+        Ok(true)
+    }
+
+    /// A slot of our own session ahead of us that nobody here owns was abandoned (its leave
+    /// failed, or was never written): leave it for its owner.
+    fn clean_up_abandoned(&self, blockers: &[Slot]) {
+        for b in blockers {
+            if b.session == self.me.session
+                && let Some(owned) = self.inner.own(b)
+            {
+                tracing::warn!(lock = %self.inner.name, slot = ?b, "removing an abandoned slot of this session");
+                spawn_leave(self.inner.clone(), b.clone(), None, Some(owned));
+            }
+        }
+    }
+
+    /// Sleeps until the record or a heartbeat changes, a blocker could expire, or the record
+    /// is due for a re-read.
+    async fn sleep(&mut self, blockers: &[Slot]) -> Result<()> {
+        let inner = self.inner;
+        let expiry = blockers
+            .iter()
+            .filter_map(|b| self.liveness.expires_at(&b.session))
+            .min()
+            .unwrap_or(self.next_read);
+        let wake = expiry.min(self.next_read);
+        let peers = self
+            .peers
+            .as_mut()
+            .expect("a waiting step observed the peers first");
+        tokio::select! {
+            changed = self.record.changed() => {
+                if changed.is_err() {
+                    return Err(Error::Stopped);
+                }
+            }
+            _ = peers.changed() => {}
+            _ = tokio::time::sleep_until(wake) => {
+                self.current = inner.read().await?;
+                self.next_read = Self::read_due(inner);
+            }
+            _ = inner.session.lost() => {
+                inner.session.check()?;
+            }
+        }
+        Ok(())
+    }
+}
