@@ -152,9 +152,7 @@ const ALL: [Sm; 3] = [Sm::File, Sm::Dcoord, Sm::MemoryAck];
 
 impl Sm {
     fn embedded(self) -> EmbeddedOptions {
-        let mut o = EmbeddedOptions::default();
-        o.bench_file_state_machine = self == Sm::File;
-        o
+        EmbeddedOptions::default().bench_file_state_machine(self == Sm::File)
     }
 
     fn cluster(self) -> ClusterOptions {

@@ -453,8 +453,7 @@ async fn embedded_node_on_a_taken_port_is_refused() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     let dir = tempfile::tempdir().unwrap();
-    let mut options = dcoord::engine::EmbeddedOptions::default();
-    options.port = Some(port);
+    let options = dcoord::engine::EmbeddedOptions::default().port(port);
     let err = dcoord::engine::EmbeddedNode::start_with(dir.path(), options)
         .await
         .unwrap_err();

@@ -95,9 +95,9 @@ use guard::{Pending, spawn_late_leave, spawn_leave};
 use record::{Record, Slot};
 use wait::{Queued, Waiter};
 
-use crate::error::Result;
 #[cfg(doc)]
 use crate::error::Error;
+use crate::error::Result;
 use crate::reconcile::{Mirror, MirrorOptions, Snapshot, WatcherOptions};
 use crate::session::Session;
 use crate::store::{Store, WatchTarget};

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use super::message::Record;
 use super::{Inner, now_ms};
 use crate::error::{Error, Result};
+use crate::reconcile::Backoff;
 use crate::session::Owned;
 use crate::store::{Cas, Settled, Store};
 use serde::de::DeserializeOwned;
@@ -99,8 +100,8 @@ impl Delivery {
             Some(reason) => self.record.dead(&reason),
             None => {
                 let o = &self.q.options;
-                let exp = self.record.header.attempts.saturating_sub(1).min(20);
-                let backoff = o.min_backoff.saturating_mul(1 << exp).min(o.max_backoff);
+                let exp = self.record.header.attempts.saturating_sub(1);
+                let backoff = Backoff::ceiling(o.min_backoff, o.max_backoff, exp);
                 self.record
                     .fail(error, o.max_attempts, now_ms() + backoff.as_millis() as u64)
             }

@@ -18,17 +18,17 @@ use crate::store::{RemoteOptions, RemoteStore};
 #[non_exhaustive]
 pub struct ClusterOptions {
     /// Number of voters (1..=9). Default 3.
-    pub nodes: usize,
+    pub(crate) nodes: usize,
     /// Where the nodes keep their data. `None`: a temporary directory removed on drop.
-    pub dir: Option<PathBuf>,
+    pub(crate) dir: Option<PathBuf>,
     /// The `dcoord` binary to run nodes with. `None`: see [`dcoord_binary`].
-    pub binary: Option<PathBuf>,
+    pub(crate) binary: Option<PathBuf>,
     /// Raft timing of every node.
-    pub timing: Timing,
+    pub(crate) timing: Timing,
     /// How long to wait for a leader. Default 60 s.
-    pub ready_timeout: Duration,
+    pub(crate) ready_timeout: Duration,
     /// Extra environment variables of every node process.
-    pub env: Vec<(String, String)>,
+    pub(crate) env: Vec<(String, String)>,
 }
 
 impl Default for ClusterOptions {
@@ -63,6 +63,20 @@ impl ClusterOptions {
     #[must_use]
     pub fn binary(mut self, bin: impl Into<PathBuf>) -> Self {
         self.binary = Some(bin.into());
+        self
+    }
+
+    /// Sets the Raft timing of every node. Default [`Timing::cluster`].
+    #[must_use]
+    pub fn timing(mut self, timing: Timing) -> Self {
+        self.timing = timing;
+        self
+    }
+
+    /// Sets how long [`LocalCluster::start`] waits for a leader. Default 60 s.
+    #[must_use]
+    pub fn ready_timeout(mut self, timeout: Duration) -> Self {
+        self.ready_timeout = timeout;
         self
     }
 

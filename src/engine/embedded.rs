@@ -20,13 +20,38 @@ use crate::store::{EmbeddedStore, Store};
 #[non_exhaustive]
 pub struct EmbeddedOptions {
     /// The gRPC port (d-engine always serves gRPC, even embedded). `None`: a free port.
-    pub port: Option<u16>,
+    pub(crate) port: Option<u16>,
     /// How long to wait for the node to become leader. Default 30 s.
-    pub ready_timeout: Option<Duration>,
+    pub(crate) ready_timeout: Option<Duration>,
     /// Runs d-engine's `FileStateMachine` instead of dcoord's: for side-by-side benchmarks
     /// only; it is not crash-safe (see the README).
     #[doc(hidden)]
-    pub bench_file_state_machine: bool,
+    pub(crate) bench_file_state_machine: bool,
+}
+
+impl EmbeddedOptions {
+    /// The gRPC port (d-engine always serves gRPC, even embedded). Default: a free port.
+    #[must_use]
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
+    }
+
+    /// How long to wait for the node to become leader. Default 30 s.
+    #[must_use]
+    pub fn ready_timeout(mut self, timeout: Duration) -> Self {
+        self.ready_timeout = Some(timeout);
+        self
+    }
+
+    /// Runs d-engine's `FileStateMachine` instead of dcoord's: for side-by-side benchmarks
+    /// only; it is not crash-safe (see the README).
+    #[doc(hidden)]
+    #[must_use]
+    pub fn bench_file_state_machine(mut self, on: bool) -> Self {
+        self.bench_file_state_machine = on;
+        self
+    }
 }
 
 /// A single-node d-engine cluster running inside this process, with its data in one directory.

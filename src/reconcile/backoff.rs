@@ -22,6 +22,13 @@ impl Backoff {
         }
     }
 
+    /// The `n`-th delay's ceiling (`n` from 0), without jitter: `min(max, min * 2^n)`. For a
+    /// schedule that must be the same wherever it is computed (a retry time stored in a
+    /// record).
+    pub fn ceiling(min: Duration, max: Duration, n: u32) -> Duration {
+        min.saturating_mul(1 << n.min(20)).min(max.max(min))
+    }
+
     /// The next delay to wait.
     pub fn next_delay(&mut self) -> Duration {
         let d = self.current;
@@ -63,5 +70,10 @@ mod tests {
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+        let ceiling = |n| Backoff::ceiling(Duration::from_millis(100), Duration::from_secs(1), n);
+        assert_eq!(
+            [0, 1, 3, 4, 40].map(|n| ceiling(n).as_millis()),
+            [100, 200, 800, 1000, 1000]
+        );
     }
 }

@@ -50,9 +50,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::Stream;
 
-use crate::error::{Result, show};
 #[cfg(doc)]
 use crate::error::Error;
+use crate::error::{Result, show};
 
 mod cas;
 mod embedded;

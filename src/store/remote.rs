@@ -33,6 +33,7 @@ use tokio::time::Instant;
 use super::{Consistency, Event, EventKind, Scan, Store, WatchStream, WatchTarget, check_write};
 use crate::error::{Error, Result, show};
 use crate::keys;
+use crate::reconcile::Backoff;
 
 /// Settings of a [`RemoteStore`].
 #[derive(Debug, Clone)]
@@ -40,18 +41,19 @@ use crate::keys;
 pub struct RemoteOptions {
     /// How long one operation may keep retrying through failover before it gives up with
     /// [`Error::Unavailable`]. Default 10 s.
-    pub op_deadline: Duration,
+    pub(crate) op_deadline: Duration,
     /// Timeout of one gRPC request. A write that hits it is [`Error::Ambiguous`]. Default 7 s:
     /// longer than the server's own operation timeout (5 s on nodes dcoord starts), so a write
     /// the client gives up on has reached the leader's Raft loop, and a
     /// [`crate::store::barrier`] after it orders behind it.
-    pub request_timeout: Duration,
+    pub(crate) request_timeout: Duration,
     /// Timeout of one TCP connect. Default 1 s.
-    pub connect_timeout: Duration,
-    /// First retry delay; doubles up to `max_backoff`. Default 20 ms.
-    pub min_backoff: Duration,
+    pub(crate) connect_timeout: Duration,
+    /// First retry delay; doubles up to `max_backoff` (jittered, as [`crate::reconcile::Backoff`]).
+    /// Default 20 ms.
+    pub(crate) min_backoff: Duration,
     /// Largest retry delay. Default 500 ms.
-    pub max_backoff: Duration,
+    pub(crate) max_backoff: Duration,
 }
 
 impl Default for RemoteOptions {
@@ -67,17 +69,36 @@ impl Default for RemoteOptions {
 }
 
 impl RemoteOptions {
-    /// Sets [`RemoteOptions::op_deadline`].
+    /// How long one operation may keep retrying through failover before it gives up with
+    /// [`Error::Unavailable`]. Default 10 s.
     #[must_use]
     pub fn op_deadline(mut self, d: Duration) -> Self {
         self.op_deadline = d;
         self
     }
 
-    /// Sets [`RemoteOptions::request_timeout`].
+    /// Timeout of one gRPC request. A write that hits it is [`Error::Ambiguous`]. Default 7 s:
+    /// longer than the server's own operation timeout (5 s on nodes dcoord starts), so a write
+    /// the client gives up on has reached the leader's Raft loop.
     #[must_use]
     pub fn request_timeout(mut self, d: Duration) -> Self {
         self.request_timeout = d;
+        self
+    }
+
+    /// Timeout of one TCP connect. Default 1 s.
+    #[must_use]
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.connect_timeout = d;
+        self
+    }
+
+    /// Retry delays: from `min`, doubling up to `max`, jittered (as
+    /// [`crate::reconcile::Backoff`]). Default 20 ms .. 500 ms.
+    #[must_use]
+    pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.min_backoff = min;
+        self.max_backoff = max.max(min);
         self
     }
 }
@@ -169,7 +190,7 @@ impl RemoteStore {
         }
         let endpoints: Vec<String> = endpoints.iter().map(|e| normalize_endpoint(e)).collect();
         let deadline = Instant::now() + options.op_deadline;
-        let mut backoff = options.min_backoff;
+        let mut backoff = Backoff::new(options.min_backoff, options.max_backoff);
         let client = loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let attempt = Client::builder(endpoints.clone())
@@ -182,7 +203,8 @@ impl RemoteStore {
                 Ok(Err(e)) => Some(e),
                 Err(_) => None,
             };
-            if Instant::now() + backoff >= deadline {
+            let delay = backoff.next_delay();
+            if Instant::now() + delay >= deadline {
                 return Err(Error::Unavailable {
                     op: "connect",
                     message: format!(
@@ -194,8 +216,7 @@ impl RemoteStore {
                     source: last.map(Box::new),
                 });
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(options.max_backoff);
+            tokio::time::sleep(delay).await;
         };
         Ok(Self {
             inner: Arc::new(Inner {
@@ -249,7 +270,10 @@ impl RemoteStore {
         Fut: Future<Output = std::result::Result<T, ClientApiError>>,
     {
         let deadline = Instant::now() + self.inner.options.op_deadline;
-        let mut backoff = self.inner.options.min_backoff;
+        let mut backoff = Backoff::new(
+            self.inner.options.min_backoff,
+            self.inner.options.max_backoff,
+        );
         let (mut attempts, mut last_refresh) = (0u32, None::<String>);
         loop {
             attempts += 1;
@@ -280,7 +304,8 @@ impl RemoteStore {
                     });
                 }
             }
-            if Instant::now() + backoff >= deadline {
+            let delay = backoff.next_delay();
+            if Instant::now() + delay >= deadline {
                 return Err(Error::Unavailable {
                     op,
                     message: format!(
@@ -294,8 +319,7 @@ impl RemoteStore {
                 });
             }
             tracing::debug!(op, "retrying after {err}");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(self.inner.options.max_backoff);
+            tokio::time::sleep(delay).await;
             let remaining = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(remaining, self.refresh(generation)).await {
                 Ok(failed) => last_refresh = failed.or(last_refresh),

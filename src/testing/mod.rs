@@ -39,9 +39,9 @@ use crate::store::{
 #[non_exhaustive]
 pub struct MemOptions {
     /// Events a watcher may have queued before it is canceled (d-engine's default: 256).
-    pub watcher_buffer: usize,
+    pub(crate) watcher_buffer: usize,
     /// How often expired keys are swept (d-engine's default: 1 s).
-    pub ttl_sweep_interval: Duration,
+    pub(crate) ttl_sweep_interval: Duration,
 }
 
 impl Default for MemOptions {
