@@ -36,6 +36,7 @@ mod config;
 mod embedded;
 mod probe;
 pub mod raft_log;
+mod redb_txn;
 pub mod replica;
 pub mod state_machine;
 pub mod watchdog;

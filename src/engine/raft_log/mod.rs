@@ -42,7 +42,7 @@ use d_engine_core::{Error, HardState, LogStore, MetaStore, StorageEngine, Storag
 use d_engine_proto::common::{Entry, LogId};
 use d_engine_proto::server::election::VotedFor;
 use prost::Message;
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 const DB_FILE: &str = "raft.redb";
 const FORMAT: &[u8] = b"dcoord-raft-log-1";
@@ -425,14 +425,7 @@ fn decode_hard_state(bytes: &[u8]) -> Result<HardState, Error> {
 }
 
 fn begin(db: &Database, durable: bool) -> Result<redb::WriteTransaction, Error> {
-    let mut txn = db.begin_write().ctx("begin_write")?;
-    txn.set_durability(if durable {
-        Durability::Immediate
-    } else {
-        Durability::None
-    })
-    .ctx("set durability")?;
-    Ok(txn)
+    crate::engine::redb_txn::begin_write(db, durable).ctx("begin a write transaction")
 }
 
 fn log_err(message: String) -> Error {

@@ -2,20 +2,13 @@
 
 use d_engine_core::Error;
 use d_engine_proto::common::LogId;
-use redb::{Database, Durability, ReadableTable, WriteTransaction};
+use redb::{Database, ReadableTable, WriteTransaction};
 
 use super::util::{Ctx, sm_err};
 use super::{META_APPLIED, TABLES};
 
 pub(super) fn begin(db: &Database, durable: bool) -> Result<WriteTransaction, Error> {
-    let mut txn = db.begin_write().ctx("begin_write")?;
-    txn.set_durability(if durable {
-        Durability::Immediate
-    } else {
-        Durability::None
-    })
-    .ctx("set durability")?;
-    Ok(txn)
+    crate::engine::redb_txn::begin_write(db, durable).ctx("begin a write transaction")
 }
 
 pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), Error> {
