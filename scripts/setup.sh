@@ -5,10 +5,17 @@
 # scripts/bench-etcd.sh). Skips everything that is already there. Safe to run again.
 set -euo pipefail
 
-# ensure COMMAND PACKAGE: installs PACKAGE with apt-get unless COMMAND is on the PATH.
+# ensure COMMAND PACKAGE: installs PACKAGE with apt-get unless COMMAND is on the PATH (or,
+# for an absolute path, unless that file exists).
+present() {
+  case $1 in
+    /*) [ -e "$1" ] ;;
+    *) command -v "$1" >/dev/null 2>&1 ;;
+  esac
+}
 ensure() {
   local cmd=$1 pkg=$2
-  if command -v "$cmd" >/dev/null 2>&1; then
+  if present "$cmd"; then
     echo "setup: $cmd present" >&2
     return
   fi
@@ -80,7 +87,11 @@ ensure git git
 patch_crate d-engine-core 0.2.4 1f0df85c4c123417ee95ac56eb9736b67cef6bfc1cb885dcb738c5a289894bb7
 for extra in "$@"; do
   case "$extra" in
-    etcd) ensure etcd etcd-server; etcd --version | head -1 >&2 ;;
+    etcd)
+      ensure etcd etcd-server; etcd --version | head -1 >&2
+      # etcd-client's build compiles against protobuf's well-known types, which Debian ships
+      # in libprotobuf-dev (protobuf-compiler alone has no descriptor.proto).
+      ensure /usr/include/google/protobuf/descriptor.proto libprotobuf-dev ;;
     *) echo "setup: unknown extra '$extra' (known: etcd)" >&2; exit 2 ;;
   esac
 done

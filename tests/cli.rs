@@ -141,3 +141,53 @@ async fn cli_config_set_get_watch_refuses_values_that_do_not_parse() {
     assert!(watch.status.success(), "{watch:?}");
     assert_eq!(stdout(&watch), "{\"max_items\":3}\n");
 }
+
+#[tokio::test]
+async fn cluster_stops_cleanly_on_sigterm_and_a_second_one_refuses_its_endpoints_file() {
+    let _heavy = HEAVY.lock().await;
+    // Its own temp dir: the endpoints file and the data dir live there.
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("dcoord-cluster.endpoints");
+    let mut cluster = tokio::process::Command::new(binary())
+        .args(["cluster", "--nodes", "1"])
+        .env("TMPDIR", tmp.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while !file.exists() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the cluster publishes its endpoints");
+
+    let second = Command::new(binary())
+        .args(["cluster", "--nodes", "1"])
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(2), "{second:?}");
+    assert!(String::from_utf8_lossy(&second.stderr).contains("another `dcoord cluster`"));
+
+    let pid = cluster.id().unwrap().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::time::timeout(Duration::from_secs(60), cluster.wait())
+        .await
+        .expect("the cluster stops on SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "endpoints file and data dir removed: {left:?}"
+    );
+}

@@ -444,10 +444,11 @@ mod process {
     use std::process::Stdio;
     use tokio::io::{AsyncBufReadExt, BufReader};
 
-    /// `dcoord lock NAME --lease 2 -- cat` against the shared cluster; returns the child and
-    /// the fencing token it printed.
+    /// `dcoord lock NAME --lease 2 --print-token -- cat` against the shared cluster; returns
+    /// the child and the fencing token it printed.
     async fn holder(endpoints: &str, name: &str) -> (tokio::process::Child, u64) {
-        let mut child = common::dcoord_child(&["lock", name, "--lease", "2"], endpoints, &["cat"])
+        let args = ["lock", name, "--lease", "2", "--print-token"];
+        let mut child = common::dcoord_child(&args, endpoints, &["cat"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -530,7 +531,7 @@ mod process {
         // exit 0 on its own, racing the lost-lock exit this test is about.
         let _stdin = child.stdin.take();
         signal(&child, "-CONT");
-        // On resume the old holder finds its lease gone: it kills its command and exits 6.
+        // On resume the old holder finds its lease gone: it stops its command and exits 124.
         let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
             .await
             .expect("the resumed holder exits")
@@ -539,7 +540,7 @@ mod process {
         tokio::io::AsyncReadExt::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr)
             .await
             .unwrap();
-        assert_eq!(status.code(), Some(6), "stderr: {stderr}");
+        assert_eq!(status.code(), Some(124), "stderr: {stderr}");
         assert!(stderr.contains("lost"), "{stderr}");
         // Its fenced write, with its old token, is rejected.
         let err = fenced_put(&*store, data.as_bytes(), old_token, b"stale")
@@ -555,6 +556,164 @@ mod process {
             "new holder"
         );
         g.release().await.unwrap();
+    }
+
+    /// Whether process `pid` still runs (a zombie does not).
+    fn running(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let state = stat[stat.rfind(')')? + 1..].split_whitespace().next()?;
+                Some(!matches!(state, "Z" | "X"))
+            })
+            .unwrap_or(false)
+    }
+
+    /// `dcoord lock NAME --lease 2 -- sh -c '...'`: the script starts `sleep 600` in the
+    /// background (a grandchild of dcoord), writes its pid to `dir/bg.pid`, then runs `then`.
+    /// Returns the child and the grandchild's pid.
+    async fn holder_with_grandchild(
+        endpoints: &str,
+        name: &str,
+        dir: &std::path::Path,
+        then: &str,
+    ) -> (tokio::process::Child, u32) {
+        let pidfile = dir.join("bg.pid");
+        let script = format!(
+            "sleep 600 & echo $! > {}.tmp; mv {0}.tmp {0}; {then}",
+            pidfile.display()
+        );
+        let child = common::dcoord_child(
+            &["lock", name, "--lease", "2"],
+            endpoints,
+            &["sh", "-c", &script],
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+        let pid = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                if let Ok(text) = std::fs::read_to_string(&pidfile)
+                    && let Ok(pid) = text.trim().parse()
+                {
+                    return pid;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the command starts its background child");
+        (child, pid)
+    }
+
+    async fn output(child: tokio::process::Child) -> (Option<i32>, String, String) {
+        let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+            .await
+            .expect("dcoord exits")
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_sigkilled_holder_stops_its_whole_command_before_anyone_else_holds_the_lock() {
+        let (store, endpoints) = common::shared_remote().await;
+        let dir = tempfile::tempdir().unwrap();
+        let name = format!("kill-group-{}", uuid::Uuid::new_v4().simple());
+        let (mut child, bg) = holder_with_grandchild(&endpoints, &name, dir.path(), "wait").await;
+        let s = session(store.clone()).await;
+        let lock = Mutex::new(&s, &name).unwrap();
+        let waiter = {
+            let lock = lock.clone();
+            tokio::spawn(async move {
+                let g = lock.acquire().await.unwrap();
+                // The first thing the next holder sees: is the old command still running?
+                (running(bg), g)
+            })
+        };
+        tokio::time::timeout(Duration::from_secs(30), wait_waiters(&lock, 1))
+            .await
+            .expect("the waiter queues");
+        assert!(running(bg));
+        child.kill().await.unwrap(); // SIGKILL of dcoord: its supervisor must stop the group
+        let (still_running, g) = tokio::time::timeout(Duration::from_secs(30), waiter)
+            .await
+            .expect("taken over")
+            .unwrap();
+        assert!(
+            !still_running,
+            "the old holder's grandchild ran on into the next grant"
+        );
+        g.release().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn background_children_stop_when_the_command_exits_and_its_code_passes_through() {
+        let (_, endpoints) = common::shared_remote().await;
+        let dir = tempfile::tempdir().unwrap();
+        let name = format!("exit-{}", uuid::Uuid::new_v4().simple());
+        let (child, bg) = holder_with_grandchild(&endpoints, &name, dir.path(), "exit 3").await;
+        let (code, stdout, stderr) = output(child).await;
+        assert_eq!(code, Some(3), "{stderr}");
+        assert_eq!(stdout, "", "nothing on stdout but the command's own output");
+        assert!(!running(bg), "the background child outlived the lock");
+    }
+
+    #[tokio::test]
+    async fn sigterm_reaches_the_command_s_trap_and_dcoord_exits_143() {
+        let (_, endpoints) = common::shared_remote().await;
+        let dir = tempfile::tempdir().unwrap();
+        let (ready, trapped) = (dir.path().join("ready"), dir.path().join("trapped"));
+        let script = format!(
+            "trap 'echo yes > {}; exit 0' TERM; touch {}; while :; do sleep 0.05; done",
+            trapped.display(),
+            ready.display()
+        );
+        let name = format!("term-{}", uuid::Uuid::new_v4().simple());
+        let child = common::dcoord_child(&["lock", &name], &endpoints, &["sh", "-c", &script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(30), common::until(|| ready.exists()))
+            .await
+            .expect("the command runs");
+        signal(&child, "-TERM");
+        let (code, _, stderr) = output(child).await;
+        assert_eq!(code, Some(143), "{stderr}");
+        assert_eq!(
+            std::fs::read_to_string(&trapped).unwrap(),
+            "yes\n",
+            "the trap ran"
+        );
+    }
+
+    #[tokio::test]
+    async fn exit_codes_follow_the_command_and_a_missing_one_takes_no_token() {
+        let (store, endpoints) = common::shared_remote().await;
+        let name = format!("codes-{}", uuid::Uuid::new_v4().simple());
+        let run = |command: &'static [&'static str]| {
+            let child = common::dcoord_child(&["lock", &name], &endpoints, command)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            output(child)
+        };
+        let (code, _, stderr) = run(&["/nonexistent/command"]).await;
+        assert_eq!(code, Some(127), "{stderr}");
+        let s = session(store.clone()).await;
+        let lock = Mutex::new(&s, &name).unwrap();
+        assert_eq!(lock.info().await.unwrap().token, 0, "no token was taken");
+        let (code, _, stderr) = run(&["sh", "-c", "kill -9 $$"]).await;
+        assert_eq!(code, Some(128 + 9), "{stderr}");
+        let (code, stdout, stderr) = run(&["echo", "hi"]).await;
+        assert_eq!((code, stdout.as_str()), (Some(0), "hi\n"), "{stderr}");
     }
 
     /// Raft leader SIGKILLed while contenders run: never two holders, tokens still increase.

@@ -651,6 +651,101 @@ async fn a_sigkilled_consumer_process_message_is_redelivered() {
     d.ack().await.unwrap();
 }
 
+/// Sends `sig` (`-INT`, `-TERM`) to the child process.
+fn signal(child: &tokio::process::Child, sig: &str) {
+    let pid = child.id().unwrap().to_string();
+    let sent = std::process::Command::new("kill")
+        .args([sig, &pid])
+        .status();
+    assert!(sent.unwrap().success());
+}
+
+/// `dcoord queue consume NAME -- sh -c ...`: the command touches `dir/ready`, waits for
+/// `dir/go`, then exits 0.
+fn gated_consumer(endpoints: &str, name: &str, dir: &std::path::Path) -> tokio::process::Child {
+    let script = format!(
+        "touch {0}/ready; while [ ! -e {0}/go ]; do sleep 0.02; done; cat > /dev/null",
+        dir.display()
+    );
+    common::dcoord_child(
+        &["queue", "consume", name],
+        endpoints,
+        &["sh", "-c", &script],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap()
+}
+
+#[tokio::test]
+async fn ctrl_c_lets_the_running_command_finish_and_a_second_one_gives_its_message_back() {
+    use tokio::io::AsyncBufReadExt;
+    let (store, endpoints) = common::shared_remote().await;
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("int-{}", uuid::Uuid::new_v4().simple());
+    let (_s, q) = open_long_lease(store.clone(), &name, QueueOptions::default()).await;
+    q.enqueue(b"a", EnqueueOptions::default().id("a").priority(1))
+        .await
+        .unwrap();
+    q.enqueue(b"b", EnqueueOptions::default().id("b"))
+        .await
+        .unwrap();
+    let ready = dir.path().join("ready");
+    let wait_ready =
+        || tokio::time::timeout(Duration::from_secs(30), common::until(|| ready.exists()));
+
+    // One Ctrl-C: the command runs on to its end, its message is acked, nothing more is taken.
+    let mut child = gated_consumer(&endpoints, &name, dir.path());
+    wait_ready().await.expect("the command runs");
+    let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    signal(&child, "-INT");
+    let line = tokio::time::timeout(Duration::from_secs(30), stderr.next_line())
+        .await
+        .expect("dcoord says it will stop")
+        .unwrap()
+        .unwrap_or_default();
+    assert!(line.contains("stopping after message \"a\""), "{line}");
+    std::fs::write(dir.path().join("go"), "").unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("dcoord exits")
+        .unwrap();
+    assert_eq!(status.code(), Some(130));
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        common::until(|| q.stats().done == 1),
+    )
+    .await
+    .expect("the finished message is acked");
+    assert_eq!(q.stats().ready, 1, "b was not taken");
+
+    // Two: the command is stopped and its message given back, the attempt not counted.
+    std::fs::remove_file(dir.path().join("go")).unwrap();
+    std::fs::remove_file(&ready).unwrap();
+    let mut child = gated_consumer(&endpoints, &name, dir.path());
+    wait_ready().await.expect("the command runs");
+    let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    signal(&child, "-INT");
+    tokio::time::timeout(Duration::from_secs(30), stderr.next_line())
+        .await
+        .expect("dcoord says it will stop")
+        .unwrap();
+    signal(&child, "-INT");
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("dcoord exits")
+        .unwrap();
+    assert_eq!(status.code(), Some(130));
+    let d = next(&q).await;
+    assert_eq!(
+        (d.id(), d.attempt()),
+        ("b", 1),
+        "given back without counting the attempt"
+    );
+    d.ack().await.unwrap();
+}
+
 /// The Raft leader is SIGKILLed while producers and consumers run: nothing is lost, every
 /// effect happens once. Enqueues that fail are retried with the same id (idempotent).
 #[tokio::test]

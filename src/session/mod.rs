@@ -55,6 +55,7 @@ pub struct SessionOptions {
     pub(crate) lease: Duration,
     pub(crate) renew_every: Option<Duration>,
     pub(crate) margin: f64,
+    pub(crate) lost_before: Duration,
     pub(crate) gc_ttl: Option<Duration>,
 }
 
@@ -65,6 +66,7 @@ impl Default for SessionOptions {
             lease: Duration::from_secs(10),
             renew_every: None,
             margin: 0.1,
+            lost_before: Duration::ZERO,
             gc_ttl: Some(Duration::from_secs(600)),
         }
     }
@@ -76,6 +78,16 @@ impl SessionOptions {
     #[must_use]
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease.max(Duration::from_secs(1));
+        self
+    }
+
+    /// Makes [`Session::lost`] fire at least `d` before anyone else may consider this session
+    /// dead (at most half the lease; default 10 % of it): time for the holder to stop what it
+    /// guards, e.g. a command given a grace period. Renewals then run a third of the shorter
+    /// window apart, unless [`SessionOptions::renew_every`] says otherwise.
+    #[must_use]
+    pub fn lost_before(mut self, d: Duration) -> Self {
+        self.lost_before = d;
         self
     }
 
@@ -104,9 +116,8 @@ impl SessionOptions {
     }
 
     fn renew_interval(&self) -> Duration {
-        self.renew_every
-            .unwrap_or(self.lease / 3)
-            .min(self.lease / 2)
+        let window = self.lease - self.lost_before.min(self.lease / 2);
+        self.renew_every.unwrap_or(window / 3).min(self.lease / 2)
     }
 }
 
@@ -220,7 +231,9 @@ impl Session {
         let id = uuid::Uuid::new_v4();
         let key = Bytes::from(format!("{}sessions/{}", options.root, id.simple()));
         let lease = options.lease;
-        let margin = lease.mul_f64(options.margin.clamp(0.0, 0.5));
+        let margin = lease
+            .mul_f64(options.margin.clamp(0.0, 0.5))
+            .max(options.lost_before.min(lease / 2));
         let gc_ttl = options.gc_ttl.map(|t| t.max(lease * 10));
         let beat = move |seq| {
             Heartbeat {

@@ -1,67 +1,146 @@
 //! `lock NAME [-- CMD]`.
+//!
+//! With a command, the command runs under `dcoord supervise` in a process group of its own.
+//! When the lock is lost, when dcoord gets SIGTERM or Ctrl-C, or when dcoord dies, the group gets
+//! SIGTERM and, `--kill-after` later, SIGKILL. The session's `lost()` fires early enough
+//! (`SessionOptions::lost_before`) that the group is gone before anyone else can take the
+//! lock, and `--kill-after` is kept short enough for the same to hold after dcoord's death.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use dcoord::Error;
+use dcoord::lock::{Mutex, MutexGuard};
+use dcoord::session::{Session, SessionOptions};
 
-use crate::{Conn, session, shutdown_signal, spawn_command};
+use crate::process::{Supervised, check_runnable, code};
+use crate::{Conn, connect, shutdown_signal};
 
-pub async fn run(
-    name: String,
-    lease: u64,
-    command: Vec<String>,
-    conn: Conn,
-) -> dcoord::Result<ExitCode> {
-    use dcoord::lock::Mutex;
+/// What `dcoord lock` was asked to do.
+pub struct LockArgs {
+    pub name: String,
+    pub lease: u64,
+    pub kill_after: Option<Duration>,
+    pub print_token: bool,
+    pub command: Vec<String>,
+    pub conn: Conn,
+}
 
-    dcoord::keys::validate_name("lock", &name)?;
-    let session = session(&conn, lease).await?;
-    let lock = Mutex::new(&session, &name)?;
-    let guard = tokio::select! {
-        g = lock.acquire() => g?,
-        _ = shutdown_signal() => return Ok(ExitCode::from(130)),
-    };
-    let token = guard.fencing_token();
-    println!("{token}");
-    eprintln!("dcoord: holding lock {name:?} with fencing token {token}");
-    let code = if command.is_empty() {
-        let stdin_closed = tokio::task::spawn_blocking(|| {
-            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
-        });
-        tokio::select! {
-            _ = stdin_closed => ExitCode::SUCCESS,
-            _ = shutdown_signal() => ExitCode::from(130),
-            _ = guard.lost() => {
-                eprintln!("dcoord: lock {name:?} lost (lease ran out or taken over)");
-                return Ok(ExitCode::from(6));
-            }
+pub async fn run(args: LockArgs) -> dcoord::Result<ExitCode> {
+    if args.command.is_empty() {
+        return hold(args).await;
+    }
+    // With a command, dcoord's own failures exit 125, so that they never pass for the
+    // command's own exit code.
+    if let Err(code) = check_runnable(&args.command) {
+        return Ok(ExitCode::from(code));
+    }
+    match run_command(args).await {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            eprintln!("dcoord: {e}");
+            Ok(ExitCode::from(code::FAILED))
         }
-    } else {
-        let mut child = spawn_command(&command, |c| {
-            c.env("DCOORD_FENCING_TOKEN", token.to_string())
-                .env("DCOORD_LOCK", &name);
-        })?;
-        tokio::select! {
-            status = child.wait() => {
-                let status = status.map_err(|e| Error::Io {
-                    what: "cannot wait for the command",
-                    path: command[0].clone().into(),
-                    source: e,
-                })?;
-                ExitCode::from(status.code().map_or(5, |c| c as u8))
-            }
-            _ = shutdown_signal() => {
-                let _ = child.kill().await;
-                ExitCode::from(130)
-            }
-            _ = guard.lost() => {
-                let _ = child.kill().await;
-                eprintln!("dcoord: lock {name:?} lost (lease ran out or taken over); command killed");
-                return Ok(ExitCode::from(6));
-            }
+    }
+}
+
+/// The grace period, and the session it needs: `lost()` fires `kill_after` + 0.5 s before a
+/// takeover can happen, and the grace is at most a quarter of the lease (so that, after
+/// dcoord's death, the supervisor has stopped the group before the lease of the last renewal
+/// runs out).
+fn grace(lease: u64, kill_after: Option<Duration>) -> dcoord::Result<(Duration, SessionOptions)> {
+    if lease == 0 {
+        return Err(Error::InvalidArgument(
+            "--lease must be at least 1 second".into(),
+        ));
+    }
+    let lease = Duration::from_secs(lease);
+    let limit = lease / 4;
+    let kill_after = kill_after.unwrap_or(Duration::from_secs(2).min(limit));
+    if kill_after > limit {
+        return Err(Error::InvalidArgument(format!(
+            "--kill-after {kill_after:?} is longer than a quarter of the lease ({limit:?}): the \
+             command could outlive the lock; give a longer --lease or a shorter --kill-after"
+        )));
+    }
+    let options = SessionOptions::default()
+        .lease(lease)
+        .lost_before(kill_after + Duration::from_millis(500));
+    Ok((kill_after, options))
+}
+
+async fn acquire(
+    name: &str,
+    options: SessionOptions,
+    conn: &Conn,
+) -> dcoord::Result<Result<(Session, MutexGuard), u8>> {
+    dcoord::keys::validate_name("lock", name)?;
+    let store: std::sync::Arc<dyn dcoord::store::Store> = std::sync::Arc::new(connect(conn).await?);
+    let session = Session::start(store, options).await?;
+    let lock = Mutex::new(&session, name)?;
+    tokio::select! {
+        g = lock.acquire() => Ok(Ok((session, g?))),
+        code = shutdown_signal() => Ok(Err(code)),
+    }
+}
+
+fn announce(name: &str, guard: &MutexGuard, print_token: bool) {
+    let token = guard.fencing_token();
+    if print_token {
+        println!("{token}");
+    }
+    eprintln!("dcoord: holding lock {name:?} with fencing token {token}");
+}
+
+/// Without a command: hold the lock until stdin closes, a signal, or the loss of the lock.
+async fn hold(args: LockArgs) -> dcoord::Result<ExitCode> {
+    let (_, options) = grace(args.lease, args.kill_after)?;
+    let (session, guard) = match acquire(&args.name, options, &args.conn).await? {
+        Ok(held) => held,
+        Err(code) => return Ok(ExitCode::from(code)),
+    };
+    announce(&args.name, &guard, args.print_token);
+    let stdin_closed = tokio::task::spawn_blocking(|| {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+    });
+    let code = tokio::select! {
+        _ = stdin_closed => 0,
+        code = shutdown_signal() => code,
+        _ = guard.lost() => {
+            eprintln!("dcoord: lock {:?} lost (lease ran out or taken over)", args.name);
+            return Ok(ExitCode::from(code::LOST));
         }
     };
     guard.release().await?;
     let _ = session.close().await;
-    Ok(code)
+    Ok(ExitCode::from(code))
+}
+
+async fn run_command(args: LockArgs) -> dcoord::Result<ExitCode> {
+    let (kill_after, options) = grace(args.lease, args.kill_after)?;
+    let (session, guard) = match acquire(&args.name, options, &args.conn).await? {
+        Ok(held) => held,
+        Err(code) => return Ok(ExitCode::from(code)),
+    };
+    announce(&args.name, &guard, args.print_token);
+    let token = guard.fencing_token().to_string();
+    let mut child = Supervised::spawn(&args.command, kill_after, |c| {
+        c.env("DCOORD_FENCING_TOKEN", &token)
+            .env("DCOORD_LOCK", &args.name);
+    })?;
+    let code = tokio::select! {
+        code = child.wait() => code,
+        code = shutdown_signal() => {
+            child.stop(kill_after).await;
+            code
+        }
+        _ = guard.lost() => {
+            eprintln!("dcoord: lock {:?} lost (lease ran out or taken over); stopping the command", args.name);
+            child.stop(kill_after).await;
+            return Ok(ExitCode::from(code::LOST));
+        }
+    };
+    guard.release().await?;
+    let _ = session.close().await;
+    Ok(ExitCode::from(code))
 }

@@ -1,8 +1,10 @@
 //! `dcoord`: run d-engine nodes and a local cluster, and read / write / watch keys.
 //!
 //! Data goes to stdout, diagnostics to stderr. Exit codes: 0 success, 1 key not found (`get`),
-//! 2 bad usage or input, 3 store unavailable or watch ended, 4 write outcome unknown, 5 other,
-//! 6 lock lost (`lock`: the session's lease ran out while the command ran; it was killed).
+//! 2 bad usage or input, 3 store unavailable or watch ended, 4 write outcome unknown, 5 other.
+//! `lock -- CMD` passes the command's own code through instead (see `dcoord lock --help`):
+//! 124 lock lost, 125 dcoord failed, 126 / 127 the command cannot be run / is not found,
+//! 128 + n a signal.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,7 +22,7 @@ mod process;
 mod queue;
 mod soak;
 
-pub use process::{shutdown_signal, signal, spawn_command};
+pub use process::{shutdown_signal, signal};
 
 #[derive(Parser)]
 #[command(name = "dcoord", version, about = "Coordination recipes on d-engine")]
@@ -38,6 +40,18 @@ enum Cmd {
     /// that kills and pauses nodes and clients and writes bad input; checks the recipes'
     /// invariants from the recorded history. Exit 1 on any violation.
     Soak(soak::SoakArgs),
+    /// Runs a command in this process's group and stops the group with it (internal: the
+    /// supervisor of `lock -- CMD` and `queue consume -- CMD`).
+    #[command(hide = true)]
+    Supervise {
+        #[arg(long)]
+        kill_after_ms: u64,
+        /// dcoord's pid: the group is stopped when it dies.
+        #[arg(long)]
+        parent: u32,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// One client process of `dcoord soak` (internal).
     #[command(hide = true)]
     SoakWorker(soak::WorkerArgs),
@@ -88,15 +102,30 @@ enum Cmd {
         conn: Conn,
     },
     /// Run a command while holding a lock (etcdctl lock parity). The command gets the fencing
-    /// token in $DCOORD_FENCING_TOKEN; dcoord exits with its status, or 6 if the lock was lost
-    /// (the command is then killed). Without a command: print the token and hold the lock
-    /// until stdin closes or Ctrl-C.
+    /// token in $DCOORD_FENCING_TOKEN and runs in a process group of its own: when the lock is
+    /// lost, on SIGTERM / Ctrl-C, or when dcoord dies, the whole group gets SIGTERM, then
+    /// SIGKILL after --kill-after, before anyone else can take the lock. Without a command:
+    /// hold the lock until stdin closes or Ctrl-C.
+    ///
+    /// Exit codes with a command: the command's own code (128+n if signal n ended it);
+    /// 124 the lock was lost and the command stopped; 125 dcoord failed (nothing was run);
+    /// 126 the command cannot be run; 127 not found; 130 / 143 dcoord got Ctrl-C / SIGTERM.
+    #[command(
+        after_help = "Examples:\n  dcoord lock backup -- ./backup.sh\n  dcoord lock --lease 30 --kill-after 5s nightly -- sh -c 'make all'"
+    )]
     Lock {
         /// The lock name ([A-Za-z0-9._-]).
         name: String,
         /// Seconds without a heartbeat after which others may take the lock over.
         #[arg(long, default_value_t = 10)]
         lease: u64,
+        /// Grace between SIGTERM and SIGKILL when the command is stopped (e.g. 2s, 500ms).
+        /// Default 2s, at most a quarter of the lease.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        kill_after: Option<Duration>,
+        /// Also print the fencing token on stdout (it is always in $DCOORD_FENCING_TOKEN).
+        #[arg(long)]
+        print_token: bool,
         /// The command and its arguments (after `--`).
         #[arg(last = true)]
         command: Vec<String>,
@@ -158,9 +187,24 @@ pub fn read_input(
     }
 }
 
-/// Where `dcoord cluster` publishes its endpoints for the other commands.
+/// Where `dcoord cluster` publishes its endpoints for the other commands: `pid N`, then one
+/// endpoint per line.
 pub fn endpoints_file() -> PathBuf {
     std::env::temp_dir().join("dcoord-cluster.endpoints")
+}
+
+/// The endpoints file's owner (the `dcoord cluster` pid, if the file names one) and endpoints.
+pub fn read_endpoints_file() -> Option<(Option<u32>, Vec<String>)> {
+    let text = std::fs::read_to_string(endpoints_file()).ok()?;
+    let mut lines = text.lines().peekable();
+    let owner = lines
+        .next_if(|l| l.starts_with("pid "))
+        .and_then(|l| l["pid ".len()..].trim().parse().ok());
+    let endpoints = lines
+        .flat_map(str::split_whitespace)
+        .map(str::to_string)
+        .collect();
+    Some((owner, endpoints))
 }
 
 fn main() -> ExitCode {
@@ -216,9 +260,18 @@ pub async fn connect(conn: &Conn) -> dcoord::Result<RemoteStore> {
         endpoints = env.split(',').map(str::to_string).collect();
     }
     if endpoints.is_empty()
-        && let Ok(text) = std::fs::read_to_string(endpoints_file())
+        && let Some((owner, listed)) = read_endpoints_file()
     {
-        endpoints = text.split_whitespace().map(str::to_string).collect();
+        if let Some(pid) = owner
+            && !process::running(pid)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "stale endpoints file {:?}: its `dcoord cluster` (pid {pid}) is gone; start one, \
+                 or pass --endpoints / set DCOORD_ENDPOINTS",
+                endpoints_file()
+            )));
+        }
+        endpoints = listed;
     }
     if endpoints.is_empty() {
         return Err(Error::InvalidArgument(
@@ -254,9 +307,26 @@ async fn run(cmd: Cmd) -> dcoord::Result<ExitCode> {
         Cmd::Lock {
             name,
             lease,
+            kill_after,
+            print_token,
             command,
             conn,
-        } => lock::run(name, lease, command, conn).await,
+        } => {
+            lock::run(lock::LockArgs {
+                name,
+                lease,
+                kill_after,
+                print_token,
+                command,
+                conn,
+            })
+            .await
+        }
+        Cmd::Supervise {
+            kill_after_ms,
+            parent,
+            command,
+        } => Ok(process::supervise(command, Duration::from_millis(kill_after_ms), parent).await),
         Cmd::Del { key, conn } => kv::del(key, conn).await,
         Cmd::Watch {
             key,

@@ -9,7 +9,7 @@ use clap::Args;
 use dcoord::Error;
 use dcoord::engine::{ClusterOptions, LocalCluster, NodeConfig, NodeExit, Timing};
 
-use crate::endpoints_file;
+use crate::{endpoints_file, read_endpoints_file};
 
 #[derive(Args)]
 pub struct NodeArgs {
@@ -186,10 +186,20 @@ pub async fn run_cluster(args: ClusterArgs) -> dcoord::Result<ExitCode> {
             source: e,
         })?);
     }
+    let file = endpoints_file();
+    if let Some((Some(pid), _)) = read_endpoints_file()
+        && pid != std::process::id()
+        && crate::process::running(pid)
+    {
+        return Err(Error::InvalidArgument(format!(
+            "another `dcoord cluster` (pid {pid}) is running and owns {file:?}; stop it first, \
+             or run this one's clients with --endpoints"
+        )));
+    }
     let cluster = LocalCluster::start(options).await?;
     let endpoints = cluster.endpoints();
-    let file = endpoints_file();
-    std::fs::write(&file, endpoints.join("\n")).map_err(|e| Error::Io {
+    let contents = format!("pid {}\n{}\n", std::process::id(), endpoints.join("\n"));
+    std::fs::write(&file, contents).map_err(|e| Error::Io {
         what: "cannot write endpoints file",
         path: file.clone(),
         source: e,
@@ -206,8 +216,11 @@ pub async fn run_cluster(args: ClusterArgs) -> dcoord::Result<ExitCode> {
         "dcoord: cluster running, data in {:?}; Ctrl-C to stop",
         cluster.dir()
     );
-    let _ = tokio::signal::ctrl_c().await;
-    let _ = std::fs::remove_file(&file);
+    // Ctrl-C or SIGTERM: stop the nodes, remove the data dir and (if still ours) the file.
+    crate::shutdown_signal().await;
+    if read_endpoints_file().is_some_and(|(owner, _)| owner == Some(std::process::id())) {
+        let _ = std::fs::remove_file(&file);
+    }
     drop(cluster);
     eprintln!("dcoord: cluster stopped");
     Ok(ExitCode::SUCCESS)

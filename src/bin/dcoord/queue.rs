@@ -7,7 +7,10 @@ use std::time::Duration;
 use clap::Subcommand;
 use dcoord::Error;
 
-use crate::{Conn, read_input, session, shutdown_signal, spawn_command};
+use dcoord::queue::Delivery;
+
+use crate::process::{Supervised, check_runnable};
+use crate::{Conn, read_input, session, shutdown_signal};
 
 #[derive(Subcommand)]
 pub enum QueueOp {
@@ -36,6 +39,10 @@ pub enum QueueOp {
     },
     /// Take messages: run the command for each (payload on stdin, $DCOORD_MESSAGE_ID and
     /// $DCOORD_ATTEMPT set; exit 0 acks, anything else retries), or print payloads and ack.
+    /// The command runs in a process group of its own. Ctrl-C / SIGTERM: the running command
+    /// finishes and its message is acked or retried, then dcoord exits (130 / 143); a second
+    /// one stops the command (SIGTERM, SIGKILL after --kill-after) and gives its message back
+    /// without counting the attempt. If dcoord dies, the command's group is stopped too.
     #[command(visible_alias = "pop")]
     Consume {
         /// The queue name.
@@ -46,6 +53,9 @@ pub enum QueueOp {
         /// Seconds without a heartbeat after which this consumer's messages are redelivered.
         #[arg(long, default_value_t = 10)]
         lease: u64,
+        /// Grace between SIGTERM and SIGKILL when a command is stopped (e.g. 2s, 500ms).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+        kill_after: Duration,
         /// The command and its arguments (after `--`).
         #[arg(last = true)]
         command: Vec<String>,
@@ -116,15 +126,25 @@ pub async fn run(op: QueueOp) -> dcoord::Result<ExitCode> {
             name,
             count,
             lease,
+            kill_after,
             command,
             conn,
         } => {
+            if !command.is_empty()
+                && let Err(code) = check_runnable(&command)
+            {
+                return Ok(ExitCode::from(code));
+            }
             let (session, q) = open(name, conn, lease).await?;
             let mut done = 0usize;
-            while count.is_none_or(|c| done < c) {
+            let mut stopping = None;
+            while stopping.is_none() && count.is_none_or(|c| done < c) {
                 let d = tokio::select! {
                     d = q.next() => d?,
-                    _ = shutdown_signal() => break,
+                    code = shutdown_signal() => {
+                        stopping = Some(code);
+                        break;
+                    }
                 };
                 if command.is_empty() {
                     use std::io::Write;
@@ -133,30 +153,15 @@ pub async fn run(op: QueueOp) -> dcoord::Result<ExitCode> {
                     let _ = out.write_all(b"\n");
                     d.ack().await?;
                 } else {
-                    let mut child = spawn_command(&command, |c| {
-                        c.env("DCOORD_MESSAGE_ID", d.id())
-                            .env("DCOORD_ATTEMPT", d.attempt().to_string())
-                            .stdin(std::process::Stdio::piped());
-                    })?;
-                    if let Some(mut stdin) = child.stdin.take() {
-                        use tokio::io::AsyncWriteExt;
-                        let _ = stdin.write_all(d.payload()).await;
-                    }
-                    let status = child.wait().await.map_err(|e| Error::Io {
-                        what: "cannot wait for the command",
-                        path: command[0].clone().into(),
-                        source: e,
-                    })?;
-                    if status.success() {
-                        d.ack().await?;
-                    } else {
-                        d.nack(&format!("command exited with {status}")).await?;
+                    match handle(&command, kill_after, d).await? {
+                        Handled::Done => {}
+                        Handled::Finished(code) | Handled::Stopped(code) => stopping = Some(code),
                     }
                 }
                 done += 1;
             }
             let _ = session.close().await;
-            Ok(ExitCode::SUCCESS)
+            Ok(ExitCode::from(stopping.unwrap_or(0)))
         }
         QueueOp::Stats { name, conn } => {
             let (session, q) = open(name, conn, 10).await?;
@@ -188,4 +193,51 @@ pub async fn run(op: QueueOp) -> dcoord::Result<ExitCode> {
             }
         }
     }
+}
+
+/// How one message's command went.
+enum Handled {
+    /// Acked or retried; go on.
+    Done,
+    /// Acked or retried, and a stop signal came meanwhile: exit with this code.
+    Finished(u8),
+    /// Stopped by a second signal: the message was given back, its attempt not counted.
+    Stopped(u8),
+}
+
+/// Runs `command` for one message: exit 0 acks, anything else retries. A first stop signal
+/// lets the command finish; a second stops it and gives the message back.
+async fn handle(command: &[String], kill_after: Duration, d: Delivery) -> dcoord::Result<Handled> {
+    let mut child = Supervised::spawn(command, kill_after, |c| {
+        c.env("DCOORD_MESSAGE_ID", d.id())
+            .env("DCOORD_ATTEMPT", d.attempt().to_string())
+            .stdin(std::process::Stdio::piped());
+    })?;
+    if let Some(mut stdin) = child.stdin() {
+        use tokio::io::AsyncWriteExt;
+        let _ = stdin.write_all(d.payload()).await;
+    }
+    let mut signalled = None;
+    let code = loop {
+        tokio::select! {
+            code = child.wait() => break code,
+            code = shutdown_signal() => match signalled {
+                None => {
+                    eprintln!("dcoord: stopping after message {:?} (again to stop it now)", d.id());
+                    signalled = Some(code);
+                }
+                Some(_) => {
+                    child.stop(kill_after).await;
+                    drop(d); // given back: Ready again, the attempt not counted
+                    return Ok(Handled::Stopped(code));
+                }
+            },
+        }
+    };
+    if code == 0 {
+        d.ack().await?;
+    } else {
+        d.nack(&format!("command exited with code {code}")).await?;
+    }
+    Ok(signalled.map_or(Handled::Done, Handled::Finished))
 }
