@@ -191,3 +191,70 @@ async fn cluster_stops_cleanly_on_sigterm_and_a_second_one_refuses_its_endpoints
         "endpoints file and data dir removed: {left:?}"
     );
 }
+
+#[tokio::test]
+async fn a_healthy_node_prints_nothing_on_stdout_no_errors_no_colours_and_says_when_it_serves() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let _heavy = HEAVY.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut node = tokio::process::Command::new(binary())
+        .args(["node", "--id", "1", "--listen", &listen, "--dir"])
+        .arg(dir.path())
+        .env_remove("DCOORD_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = tokio::io::BufReader::new(node.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = stderr.next_line().await.unwrap() {
+            let ready = line.contains("serving (leader: node 1)");
+            seen.push(line);
+            if ready {
+                return;
+            }
+        }
+        panic!("the node exited: {seen:?}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no ready line: {seen:?}"));
+    let pid = node.id().unwrap().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    while let Some(line) = stderr.next_line().await.unwrap() {
+        seen.push(line);
+    }
+    let status = node.wait().await.unwrap();
+    let mut stdout = String::new();
+    node.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?} {seen:?}");
+    assert_eq!(stdout, "", "d-engine's prints stay off stdout");
+    let log = seen.join("\n");
+    assert!(
+        !log.contains("ERROR"),
+        "a healthy start and stop log no errors:\n{log}"
+    );
+    assert!(
+        !log.contains('\x1b'),
+        "no colours when stderr is not a terminal:\n{log}"
+    );
+    assert_eq!(log.matches("serving (leader").count(), 1, "{log}");
+}

@@ -129,7 +129,10 @@ pub async fn run_node(args: NodeArgs) -> dcoord::Result<ExitCode> {
         0 => eprintln!("dcoord: node starting with {config_path:?}"),
         n => eprintln!("dcoord: node restarted in place (restart {n}) with {config_path:?}"),
     }
-    let reason = match dcoord::engine::run_node(&config_path, shutdown_rx, args.admin).await? {
+    let ready = tokio::spawn(say_when_serving(config_path.clone()));
+    let exit = dcoord::engine::run_node(&config_path, shutdown_rx, args.admin).await;
+    ready.abort();
+    let reason = match exit? {
         NodeExit::Shutdown if !hangup.load(std::sync::atomic::Ordering::SeqCst) => {
             return Ok(ExitCode::SUCCESS);
         }
@@ -138,6 +141,32 @@ pub async fn run_node(args: NodeArgs) -> dcoord::Result<ExitCode> {
     };
     eprintln!("dcoord: node restarting in place: {reason}");
     Err(reexec(restarts + 1))
+}
+
+/// Says once, on stderr, when the node of `config` listens and serves (its leader known).
+async fn say_when_serving(config: PathBuf) {
+    let listen = std::fs::read_to_string(&config)
+        .ok()
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .and_then(|t| {
+            let cluster = t.get("cluster")?;
+            let id = cluster.get("node_id")?.as_integer()?;
+            let addr = cluster.get("listen_address")?.as_str()?.parse().ok()?;
+            Some((id, addr))
+        });
+    let Some((id, addr)) = listen else {
+        return;
+    };
+    loop {
+        if let Some(leader) = dcoord::engine::probe(addr, Duration::from_secs(1))
+            .await
+            .leader()
+        {
+            eprintln!("dcoord: node {id} listening on {addr}, serving (leader: node {leader})");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// How many times `dcoord node` re-executed itself (for its log).
