@@ -35,7 +35,11 @@ async fn cli_put_get_del_watch_and_put_after_leader_kill() {
     assert_eq!(stdout(&put), "", "put prints no data");
     let get = dcoord(&eps, &["get", "/cli/k"]);
     assert_eq!(get.status.code(), Some(0), "{get:?}");
-    assert_eq!(stdout(&get), "hello\n", "only the value on stdout");
+    assert_eq!(
+        stdout(&get),
+        "hello",
+        "only the value on stdout, byte for byte"
+    );
 
     let missing = dcoord(&eps, &["get", "/cli/missing"]);
     assert_eq!(missing.status.code(), Some(1));
@@ -99,7 +103,7 @@ async fn cli_put_get_del_watch_and_put_after_leader_kill() {
     println!("`dcoord put` after SIGKILL of leader {leader}: {took:?}");
     assert!(put.status.success(), "{put:?}");
     assert!(took < Duration::from_secs(30), "took {took:?}");
-    assert_eq!(stdout(&dcoord(&eps, &["get", "/cli/after"])), "ok\n");
+    assert_eq!(stdout(&dcoord(&eps, &["get", "/cli/after"])), "ok");
 }
 
 #[test]
@@ -257,4 +261,134 @@ async fn a_healthy_node_prints_nothing_on_stdout_no_errors_no_colours_and_says_w
         "no colours when stderr is not a terminal:\n{log}"
     );
     assert_eq!(log.matches("serving (leader").count(), 1, "{log}");
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn get_is_binary_safe_lists_a_prefix_and_speaks_json() {
+    let (store, endpoints) = common::shared_remote().await;
+    let eps: Vec<String> = endpoints.split(',').map(str::to_string).collect();
+    let base = format!("/cli-{}/", uuid::Uuid::new_v4().simple());
+    let dir = tempfile::tempdir().unwrap();
+
+    // 35 KiB of every byte value: out exactly as it went in.
+    let bytes: Vec<u8> = (0..35 * 1024).map(|i| (i % 256) as u8).collect();
+    let file = dir.path().join("blob");
+    std::fs::write(&file, &bytes).unwrap();
+    let blob = format!("{base}blob");
+    let put = dcoord(&eps, &["put", &blob, "--file", file.to_str().unwrap()]);
+    assert!(put.status.success(), "{put:?}");
+    let get = dcoord(&eps, &["get", &blob]);
+    assert!(
+        get.stdout == bytes,
+        "get returned {} bytes",
+        get.stdout.len()
+    );
+    let json = dcoord(&eps, &["get", &blob, "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let b64 = v["value_base64"].as_str().expect("binary values as base64");
+    assert_eq!(b64.len(), bytes.len().div_ceil(3) * 4);
+
+    // A prefix, in key order; and as JSON, one object per line.
+    for (k, v) in [("a", "1"), ("b", "two")] {
+        assert!(
+            dcoord(&eps, &["put", &format!("{base}ls/{k}"), v])
+                .status
+                .success()
+        );
+    }
+    let ls = dcoord(&eps, &["get", "--prefix", &format!("{base}ls/")]);
+    assert_eq!(stdout(&ls), format!("{base}ls/a\n1\n{base}ls/b\ntwo\n"));
+    let ls = dcoord(
+        &eps,
+        &["get", "--prefix", &format!("{base}ls/"), "-o", "json"],
+    );
+    let lines: Vec<serde_json::Value> = stdout(&ls)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1]["value"], "two");
+
+    // Lock info and queue stats as JSON; `--wait` gives up with 125 while another holds it.
+    let lock = format!("cli-{}", uuid::Uuid::new_v4().simple());
+    let s = common::session(store.clone()).await;
+    let held = dcoord::lock::Mutex::new(&s, &lock)
+        .unwrap()
+        .acquire()
+        .await
+        .unwrap();
+    let info = dcoord(&eps, &["lock", "info", &lock, "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(
+        (v["token"].as_u64(), v["holder"].as_str()),
+        (Some(held.fencing_token()), Some(s.id().as_str()))
+    );
+    let waited = Command::new(binary())
+        .args([
+            "lock",
+            &lock,
+            "--wait",
+            "1s",
+            "--endpoints",
+            &endpoints,
+            "--",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(waited.status.code(), Some(125), "{waited:?}");
+    assert!(
+        stderr(&waited).contains("not granted within"),
+        "{}",
+        stderr(&waited)
+    );
+    held.release().await.unwrap();
+    let stats = dcoord(&eps, &["queue", "stats", &lock, "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+    assert_eq!(v["ready"], 0);
+
+    // $DCOORD_ENDPOINTS instead of the flag.
+    let env = Command::new(binary())
+        .args(["get", &format!("{base}ls/a")])
+        .env("DCOORD_ENDPOINTS", &endpoints)
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&env), "1");
+}
+
+#[test]
+fn bad_endpoints_and_yaml_keys_are_refused_with_the_cause() {
+    for (endpoints, says) in [
+        ("", "endpoint \"\""),
+        ("nohost", "host:port"),
+        ("h:0", "not a port"),
+    ] {
+        let o = Command::new(binary())
+            .args(["get", "/x", "--endpoints", endpoints])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{o:?}");
+        assert!(stderr(&o).contains(says), "{endpoints:?}: {}", stderr(&o));
+    }
+    let o = Command::new(binary())
+        .args([
+            "config",
+            "set",
+            "/x/flags.yaml",
+            "a: 1",
+            "--endpoints",
+            "127.0.0.1:1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(
+        stderr(&o).contains("YAML is not supported"),
+        "{}",
+        stderr(&o)
+    );
 }

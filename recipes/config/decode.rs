@@ -26,6 +26,21 @@ impl Format {
         }
     }
 
+    /// The format a key's name implies, refusing names that imply one dcoord does not read
+    /// (`.yaml`, `.yml`): reading them as JSON would reject every valid YAML value.
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidArgument`] naming the key.
+    pub fn checked_for_key(key: &str) -> crate::Result<Format> {
+        if key.ends_with(".yaml") || key.ends_with(".yml") {
+            return Err(crate::Error::InvalidArgument(format!(
+                "config key {key:?}: YAML is not supported; name it .json or .toml, or set \
+                 ConfigOptions::format"
+            )));
+        }
+        Ok(Format::for_key(key))
+    }
+
     pub(crate) fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T, String> {
         match self {
             Format::Json => serde_json::from_slice(bytes).map_err(|e| e.to_string()),

@@ -330,9 +330,10 @@ impl<T: DeserializeOwned + Send + Sync + 'static> ConfigWatch<T> {
     ) -> Result<ConfigWatch<T>> {
         let target = source.target();
         target.validate()?;
-        let format = options
-            .format
-            .unwrap_or_else(|| Format::for_key(source.name()));
+        let format = match options.format {
+            Some(format) => format,
+            None => Format::checked_for_key(source.name())?,
+        };
         let mirror = if options.shared {
             Mirror::shared(store.clone(), target, options.mirror.clone())
         } else {

@@ -127,6 +127,28 @@ impl std::fmt::Debug for RemoteStore {
 }
 
 /// Adds `http://` when an endpoint has no scheme.
+/// Checks that `e` is `host:port` or `http://host:port`, naming what is wrong otherwise.
+pub(crate) fn validate_endpoint(e: &str) -> Result<()> {
+    let bad = |why: &str| Err(Error::InvalidArgument(format!("endpoint {e:?}: {why}")));
+    let rest = match e.split_once("://") {
+        Some(("http", rest)) => rest,
+        Some(("https", _)) => return bad("TLS endpoints are not supported yet; use http://"),
+        Some((scheme, _)) => return bad(&format!("unknown scheme {scheme:?}; use http://")),
+        None => e,
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let Some((host, port)) = rest.rsplit_once(':') else {
+        return bad("expected host:port");
+    };
+    if host.is_empty() || host.contains('/') {
+        return bad("expected host:port");
+    }
+    if port.parse::<u16>().map_or(true, |p| p == 0) {
+        return bad(&format!("{port:?} is not a port (1-65535)"));
+    }
+    Ok(())
+}
+
 pub(crate) fn normalize_endpoint(e: &str) -> String {
     if e.contains("://") {
         e.to_string()
@@ -177,7 +199,8 @@ impl RemoteStore {
     /// waits until it has a leader, up to [`RemoteOptions::op_deadline`].
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] for an empty list; [`Error::Unavailable`] when no endpoint
+    /// [`Error::InvalidArgument`] for an empty list or an endpoint that is not `host:port` /
+    /// `http://host:port`; [`Error::Unavailable`] when no endpoint
     /// answers with a ready leader before the deadline.
     ///
     /// # Cancel safety
@@ -187,6 +210,9 @@ impl RemoteStore {
             return Err(Error::InvalidArgument(
                 "at least one endpoint is required".into(),
             ));
+        }
+        for e in endpoints {
+            validate_endpoint(e)?;
         }
         let endpoints: Vec<String> = endpoints.iter().map(|e| normalize_endpoint(e)).collect();
         let deadline = Instant::now() + options.op_deadline;
@@ -551,6 +577,23 @@ mod tests {
     #[test]
     fn endpoints_get_a_scheme() {
         assert_eq!(normalize_endpoint("127.0.0.1:1"), "http://127.0.0.1:1");
+        for good in ["127.0.0.1:1", "http://h:9081", "http://h:9081/", "[::1]:80"] {
+            assert!(validate_endpoint(good).is_ok(), "{good}");
+        }
+        for (bad, says) in [
+            ("", "host:port"),
+            ("localhost", "host:port"),
+            ("h:99999", "not a port"),
+            (":80", "host:port"),
+            ("https://h:1", "TLS"),
+            ("ftp://h:1", "scheme"),
+        ] {
+            let err = validate_endpoint(bad).unwrap_err().to_string();
+            assert!(
+                err.contains(says) && err.contains(&format!("{bad:?}")),
+                "{bad}: {err}"
+            );
+        }
         assert_eq!(normalize_endpoint("https://h:1"), "https://h:1");
     }
 }

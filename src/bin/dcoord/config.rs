@@ -49,7 +49,7 @@ pub async fn run(op: ConfigOp) -> dcoord::Result<ExitCode> {
     use std::sync::Arc;
 
     let parse = |key: &str, bytes: &[u8]| -> dcoord::Result<serde_json::Value> {
-        let format = Format::for_key(key);
+        let format = Format::checked_for_key(key)?;
         let text = std::str::from_utf8(bytes).map_err(|e| Error::Decode {
             key: key.to_string(),
             reason: format!("not UTF-8: {e}"),

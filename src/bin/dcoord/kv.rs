@@ -8,6 +8,9 @@ use clap::ValueEnum;
 use dcoord::store::{Consistency, EventKind, Store, WatchTarget};
 use futures::StreamExt;
 
+use std::io::Write;
+
+use crate::output::{self, Output};
 use crate::{Conn, connect, read_input};
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -17,7 +20,12 @@ pub enum ConsistencyArg {
     Eventual,
 }
 
-pub async fn get(key: String, consistency: ConsistencyArg, conn: Conn) -> dcoord::Result<ExitCode> {
+pub async fn get(
+    key: String,
+    consistency: ConsistencyArg,
+    output: Output,
+    conn: Conn,
+) -> dcoord::Result<ExitCode> {
     dcoord::keys::validate_key(key.as_bytes())?;
     let store = connect(&conn).await?;
     let c = match consistency {
@@ -27,7 +35,10 @@ pub async fn get(key: String, consistency: ConsistencyArg, conn: Conn) -> dcoord
     };
     match store.get(key.as_bytes(), c).await? {
         Some(v) => {
-            println!("{}", String::from_utf8_lossy(&v));
+            match output {
+                Output::Simple => output::raw(&v),
+                Output::Json => output::json_line(&output::entry(key.as_bytes(), &v, &[])),
+            }
             Ok(ExitCode::SUCCESS)
         }
         None => {
@@ -35,6 +46,30 @@ pub async fn get(key: String, consistency: ConsistencyArg, conn: Conn) -> dcoord
             Ok(ExitCode::from(1))
         }
     }
+}
+
+/// `get --prefix`: every key under `prefix`, sorted; `key` then `value` lines (simple), or one
+/// JSON object per entry with the scan's revision.
+pub async fn list(prefix: String, output: Output, conn: Conn) -> dcoord::Result<ExitCode> {
+    WatchTarget::prefix(prefix.clone().into_bytes()).validate()?;
+    let store = connect(&conn).await?;
+    let scan = store.scan_prefix(prefix.as_bytes()).await?;
+    let mut out = std::io::stdout().lock();
+    for (k, v) in &scan.entries {
+        match output {
+            Output::Simple => {
+                let _ = out.write_all(k);
+                let _ = out.write_all(b"\n");
+                let _ = out.write_all(v);
+                let _ = out.write_all(b"\n");
+            }
+            Output::Json => {
+                let line = output::entry(k, v, &[("revision", scan.revision.into())]);
+                let _ = writeln!(out, "{line}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub async fn put(
@@ -70,6 +105,7 @@ pub async fn watch(
     key: String,
     prefix: bool,
     count: Option<usize>,
+    output: Output,
     conn: Conn,
 ) -> dcoord::Result<ExitCode> {
     let target = if prefix {
@@ -88,12 +124,19 @@ pub async fn watch(
             EventKind::Put => "PUT",
             EventKind::Delete => "DELETE",
         };
-        println!(
-            "{}\t{kind}\t{}\t{}",
-            ev.revision,
-            String::from_utf8_lossy(&ev.key),
-            String::from_utf8_lossy(&ev.value)
-        );
+        match output {
+            Output::Simple => println!(
+                "{}\t{kind}\t{}\t{}",
+                ev.revision,
+                String::from_utf8_lossy(&ev.key),
+                String::from_utf8_lossy(&ev.value)
+            ),
+            Output::Json => output::json_line(&output::entry(
+                &ev.key,
+                &ev.value,
+                &[("revision", ev.revision.into()), ("kind", kind.into())],
+            )),
+        }
         seen += 1;
         if count.is_some_and(|c| seen >= c) {
             break;

@@ -13,12 +13,52 @@ use dcoord::Error;
 use dcoord::lock::{Mutex, MutexGuard};
 use dcoord::session::{Session, SessionOptions};
 
+use crate::output::Output;
 use crate::process::{Supervised, check_runnable, code};
 use crate::{Conn, connect, shutdown_signal};
+
+/// `dcoord lock info NAME`.
+#[derive(clap::Subcommand)]
+pub enum LockOp {
+    /// Show the lock's holder, waiters (in order) and latest fencing token.
+    Info {
+        /// The lock name.
+        name: String,
+        /// Output format: `simple` is `token N`, `holder SESSION|-`, `waiters S1 S2 ...`.
+        #[arg(short, long, value_enum, default_value = "simple")]
+        output: Output,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+pub async fn info(name: String, output: Output, conn: Conn) -> dcoord::Result<ExitCode> {
+    dcoord::keys::validate_name("lock", &name)?;
+    let store: std::sync::Arc<dyn dcoord::store::Store> =
+        std::sync::Arc::new(connect(&conn).await?);
+    let session = Session::start(store, SessionOptions::default()).await?;
+    let info = Mutex::new(&session, &name)?.info().await?;
+    let _ = session.close().await;
+    match output {
+        Output::Simple => {
+            println!("token {}", info.token);
+            println!("holder {}", info.holder.as_deref().unwrap_or("-"));
+            println!("waiters {}", info.waiters.join(" "));
+        }
+        Output::Json => crate::output::json_line(&serde_json::json!({
+            "lock": name,
+            "token": info.token,
+            "holder": info.holder,
+            "waiters": info.waiters,
+        })),
+    }
+    Ok(ExitCode::SUCCESS)
+}
 
 /// What `dcoord lock` was asked to do.
 pub struct LockArgs {
     pub name: String,
+    pub wait: Option<Duration>,
     pub lease: u64,
     pub kill_after: Option<Duration>,
     pub print_token: bool,
@@ -69,17 +109,25 @@ fn grace(lease: u64, kill_after: Option<Duration>) -> dcoord::Result<(Duration, 
     Ok((kill_after, options))
 }
 
+/// The lock, or the code to exit with: a signal's, or [`code::FAILED`] once `wait` ran out.
 async fn acquire(
-    name: &str,
+    args: &LockArgs,
     options: SessionOptions,
-    conn: &Conn,
 ) -> dcoord::Result<Result<(Session, MutexGuard), u8>> {
-    dcoord::keys::validate_name("lock", name)?;
-    let store: std::sync::Arc<dyn dcoord::store::Store> = std::sync::Arc::new(connect(conn).await?);
+    dcoord::keys::validate_name("lock", &args.name)?;
+    let store: std::sync::Arc<dyn dcoord::store::Store> =
+        std::sync::Arc::new(connect(&args.conn).await?);
     let session = Session::start(store, options).await?;
-    let lock = Mutex::new(&session, name)?;
+    let lock = Mutex::new(&session, &args.name)?;
+    let wait = args.wait.unwrap_or(Duration::MAX);
     tokio::select! {
-        g = lock.acquire() => Ok(Ok((session, g?))),
+        g = tokio::time::timeout(wait, lock.acquire()) => match g {
+            Ok(g) => Ok(Ok((session, g?))),
+            Err(_) => {
+                eprintln!("dcoord: lock {:?} not granted within {wait:?}", args.name);
+                Ok(Err(code::FAILED))
+            }
+        },
         code = shutdown_signal() => Ok(Err(code)),
     }
 }
@@ -95,7 +143,7 @@ fn announce(name: &str, guard: &MutexGuard, print_token: bool) {
 /// Without a command: hold the lock until stdin closes, a signal, or the loss of the lock.
 async fn hold(args: LockArgs) -> dcoord::Result<ExitCode> {
     let (_, options) = grace(args.lease, args.kill_after)?;
-    let (session, guard) = match acquire(&args.name, options, &args.conn).await? {
+    let (session, guard) = match acquire(&args, options).await? {
         Ok(held) => held,
         Err(code) => return Ok(ExitCode::from(code)),
     };
@@ -118,7 +166,7 @@ async fn hold(args: LockArgs) -> dcoord::Result<ExitCode> {
 
 async fn run_command(args: LockArgs) -> dcoord::Result<ExitCode> {
     let (kill_after, options) = grace(args.lease, args.kill_after)?;
-    let (session, guard) = match acquire(&args.name, options, &args.conn).await? {
+    let (session, guard) = match acquire(&args, options).await? {
         Ok(held) => held,
         Err(code) => return Ok(ExitCode::from(code)),
     };

@@ -18,10 +18,12 @@ mod config;
 mod kv;
 mod lock;
 mod node;
+mod output;
 mod process;
 mod queue;
 mod soak;
 
+use output::Output;
 pub use process::{shutdown_signal, signal};
 
 #[derive(Parser)]
@@ -68,13 +70,23 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         timeout: u64,
     },
-    /// Print a key's value.
+    /// Print a key's value: its bytes exactly (`dcoord get k > file` copies it). With
+    /// --prefix, every key under a '/'-bounded prefix, as `key` and `value` lines.
+    #[command(
+        after_help = "Examples:\n  dcoord get /app/flags.json\n  dcoord get --prefix /app/ -o json"
+    )]
     Get {
-        /// The key.
+        /// The key (or, with --prefix, the prefix).
         key: String,
-        /// Read consistency.
+        /// List every key under the prefix.
+        #[arg(long)]
+        prefix: bool,
+        /// Read consistency (a single key).
         #[arg(long, value_enum, default_value = "linearizable")]
         consistency: kv::ConsistencyArg,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "simple")]
+        output: Output,
         #[command(flatten)]
         conn: Conn,
     },
@@ -108,14 +120,26 @@ enum Cmd {
     /// hold the lock until stdin closes or Ctrl-C.
     ///
     /// Exit codes with a command: the command's own code (128+n if signal n ended it);
-    /// 124 the lock was lost and the command stopped; 125 dcoord failed (nothing was run);
-    /// 126 the command cannot be run; 127 not found; 130 / 143 dcoord got Ctrl-C / SIGTERM.
+    /// 124 the lock was lost and the command stopped; 125 dcoord failed or --wait ran out
+    /// (nothing was run); 126 the command cannot be run; 127 not found; 130 / 143 dcoord got
+    /// Ctrl-C / SIGTERM.
+    ///
+    /// `dcoord lock info NAME` shows the holder, the waiters and the latest token (so a lock
+    /// cannot be named `info`).
     #[command(
-        after_help = "Examples:\n  dcoord lock backup -- ./backup.sh\n  dcoord lock --lease 30 --kill-after 5s nightly -- sh -c 'make all'"
+        after_help = "Examples:\n  dcoord lock backup -- ./backup.sh\n  dcoord lock --wait 30s --lease 30 --kill-after 5s nightly -- sh -c 'make all'\n  dcoord lock info backup -o json",
+        args_conflicts_with_subcommands = true,
+        subcommand_negates_reqs = true
     )]
     Lock {
+        #[command(subcommand)]
+        op: Option<lock::LockOp>,
         /// The lock name ([A-Za-z0-9._-]).
-        name: String,
+        #[arg(required = true)]
+        name: Option<String>,
+        /// Give up if the lock is not granted within this long (e.g. 30s); exit 125.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        wait: Option<Duration>,
         /// Seconds without a heartbeat after which others may take the lock over.
         #[arg(long, default_value_t = 10)]
         lease: u64,
@@ -153,6 +177,9 @@ enum Cmd {
         /// Exit after this many events.
         #[arg(long)]
         count: Option<usize>,
+        /// Output format: `simple` is `revision<TAB>PUT|DELETE<TAB>key<TAB>value` per line.
+        #[arg(short, long, value_enum, default_value = "simple")]
+        output: Output,
         #[command(flatten)]
         conn: Conn,
     },
@@ -161,9 +188,9 @@ enum Cmd {
 /// How a client command reaches the cluster.
 #[derive(Args)]
 pub struct Conn {
-    /// Cluster endpoints, comma-separated (default: $DCOORD_ENDPOINTS, else the ones the
-    /// running `dcoord cluster` wrote to the endpoints file in the temp dir).
-    #[arg(long, value_delimiter = ',')]
+    /// Cluster endpoints (host:port or http://host:port), comma-separated. Default: the ones
+    /// the running `dcoord cluster` wrote to the endpoints file in the temp dir.
+    #[arg(long, value_delimiter = ',', env = "DCOORD_ENDPOINTS")]
     endpoints: Vec<String>,
     /// Give up after this many seconds of unavailability.
     #[arg(long, default_value_t = 10)]
@@ -256,11 +283,6 @@ fn exit_code(e: &Error) -> u8 {
 pub async fn connect(conn: &Conn) -> dcoord::Result<RemoteStore> {
     let mut endpoints = conn.endpoints.clone();
     if endpoints.is_empty()
-        && let Ok(env) = std::env::var("DCOORD_ENDPOINTS")
-    {
-        endpoints = env.split(',').map(str::to_string).collect();
-    }
-    if endpoints.is_empty()
         && let Some((owner, listed)) = read_endpoints_file()
     {
         if let Some(pid) = owner
@@ -293,9 +315,18 @@ async fn run(cmd: Cmd) -> dcoord::Result<ExitCode> {
         Cmd::Check { admin, timeout } => node::check(admin, timeout).await,
         Cmd::Get {
             key,
-            consistency,
+            prefix: true,
+            output,
             conn,
-        } => kv::get(key, consistency, conn).await,
+            ..
+        } => kv::list(key, output, conn).await,
+        Cmd::Get {
+            key,
+            consistency,
+            output,
+            conn,
+            ..
+        } => kv::get(key, consistency, output, conn).await,
         Cmd::Put {
             key,
             value,
@@ -306,7 +337,13 @@ async fn run(cmd: Cmd) -> dcoord::Result<ExitCode> {
         Cmd::Config { op } => config::run(op).await,
         Cmd::Queue { op } => queue::run(op).await,
         Cmd::Lock {
+            op: Some(lock::LockOp::Info { name, output, conn }),
+            ..
+        } => lock::info(name, output, conn).await,
+        Cmd::Lock {
+            op: None,
             name,
+            wait,
             lease,
             kill_after,
             print_token,
@@ -314,7 +351,8 @@ async fn run(cmd: Cmd) -> dcoord::Result<ExitCode> {
             conn,
         } => {
             lock::run(lock::LockArgs {
-                name,
+                name: name.expect("clap requires a name without a subcommand"),
+                wait,
                 lease,
                 kill_after,
                 print_token,
@@ -333,8 +371,9 @@ async fn run(cmd: Cmd) -> dcoord::Result<ExitCode> {
             key,
             prefix,
             count,
+            output,
             conn,
-        } => kv::watch(key, prefix, count, conn).await,
+        } => kv::watch(key, prefix, count, output, conn).await,
     }
 }
 

@@ -9,6 +9,7 @@ use dcoord::Error;
 
 use dcoord::queue::Delivery;
 
+use crate::output::Output;
 use crate::process::{Supervised, check_runnable};
 use crate::{Conn, read_input, session, shutdown_signal};
 
@@ -66,6 +67,9 @@ pub enum QueueOp {
     Stats {
         /// The queue name.
         name: String,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "simple")]
+        output: Output,
         #[command(flatten)]
         conn: Conn,
     },
@@ -163,13 +167,24 @@ pub async fn run(op: QueueOp) -> dcoord::Result<ExitCode> {
             let _ = session.close().await;
             Ok(ExitCode::from(stopping.unwrap_or(0)))
         }
-        QueueOp::Stats { name, conn } => {
-            let (session, q) = open(name, conn, 10).await?;
+        QueueOp::Stats { name, output, conn } => {
+            let (session, q) = open(name.clone(), conn, 10).await?;
             let s = q.stats();
-            println!(
-                "ready {} delayed {} in_flight {} dead {} done {} undecodable {}",
-                s.ready, s.delayed, s.in_flight, s.dead, s.done, s.undecodable
-            );
+            match output {
+                Output::Simple => println!(
+                    "ready {} delayed {} in_flight {} dead {} done {} undecodable {}",
+                    s.ready, s.delayed, s.in_flight, s.dead, s.done, s.undecodable
+                ),
+                Output::Json => crate::output::json_line(&serde_json::json!({
+                    "queue": name,
+                    "ready": s.ready,
+                    "delayed": s.delayed,
+                    "in_flight": s.in_flight,
+                    "dead": s.dead,
+                    "done": s.done,
+                    "undecodable": s.undecodable,
+                })),
+            }
             let _ = session.close().await;
             Ok(ExitCode::SUCCESS)
         }
