@@ -168,6 +168,41 @@ async fn cluster_stops_cleanly_on_sigterm_and_a_second_one_refuses_its_endpoints
     .await
     .expect("the cluster publishes its endpoints");
 
+    // `dcoord status` finds the cluster (and its admin endpoints) through the file.
+    let status = Command::new(binary())
+        .args(["status"])
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
+    assert_eq!(status.status.code(), Some(0), "{status:?}");
+    let text = stdout(&status);
+    assert!(text.contains("\tserving\tleader 1\tmembers 1="), "{text}");
+    assert!(text.contains("node 1\tapplied index "), "{text}");
+    let json = Command::new(binary())
+        .args(["status", "-o", "json"])
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["endpoints"][0]["leader"], 1, "{v}");
+    assert!(v["nodes"][0]["applied_index"].as_u64().unwrap() > 0, "{v}");
+    let down = Command::new(binary())
+        .args([
+            "status",
+            "--endpoints",
+            "127.0.0.1:1",
+            "--admin",
+            "127.0.0.1:1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(down.status.code(), Some(1), "{down:?}");
+    assert!(
+        stdout(&down).contains("127.0.0.1:1\tdown"),
+        "{}",
+        stdout(&down)
+    );
+
     let second = Command::new(binary())
         .args(["cluster", "--nodes", "1"])
         .env("TMPDIR", tmp.path())

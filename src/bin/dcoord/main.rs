@@ -70,6 +70,20 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         timeout: u64,
     },
+    /// Per endpoint: health, the leader it knows, the members; with the nodes' admin
+    /// addresses (`dcoord cluster` records them), also each node's applied index and term.
+    /// Exit 0 when every endpoint serves and knows a leader, 1 otherwise.
+    Status {
+        /// The nodes' admin addresses (host:port), comma-separated. Default: those the running
+        /// `dcoord cluster` recorded.
+        #[arg(long, value_delimiter = ',')]
+        admin: Vec<String>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "simple")]
+        output: Output,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Print a key's value: its bytes exactly (`dcoord get k > file` copies it). With
     /// --prefix, every key under a '/'-bounded prefix, as `key` and `value` lines.
     #[command(
@@ -228,10 +242,23 @@ pub fn read_endpoints_file() -> Option<(Option<u32>, Vec<String>)> {
         .next_if(|l| l.starts_with("pid "))
         .and_then(|l| l["pid ".len()..].trim().parse().ok());
     let endpoints = lines
+        .filter(|l| !l.starts_with("admin "))
         .flat_map(str::split_whitespace)
         .map(str::to_string)
         .collect();
     Some((owner, endpoints))
+}
+
+/// The nodes' admin addresses `dcoord cluster` wrote to its endpoints file (`admin ADDR`).
+pub fn admins_in_endpoints_file() -> Vec<String> {
+    std::fs::read_to_string(endpoints_file())
+        .map(|text| {
+            text.lines()
+                .filter_map(|l| l.strip_prefix("admin "))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn main() -> ExitCode {
@@ -279,8 +306,8 @@ fn exit_code(e: &Error) -> u8 {
     }
 }
 
-/// A store on the cluster `conn` names (flags, then $DCOORD_ENDPOINTS, then `dcoord cluster`).
-pub async fn connect(conn: &Conn) -> dcoord::Result<RemoteStore> {
+/// The endpoints `conn` names (flags, then $DCOORD_ENDPOINTS, then `dcoord cluster`'s file).
+pub fn endpoints(conn: &Conn) -> dcoord::Result<Vec<String>> {
     let mut endpoints = conn.endpoints.clone();
     if endpoints.is_empty()
         && let Some((owner, listed)) = read_endpoints_file()
@@ -302,6 +329,12 @@ pub async fn connect(conn: &Conn) -> dcoord::Result<RemoteStore> {
                 .into(),
         ));
     }
+    Ok(endpoints)
+}
+
+/// A store on the cluster `conn` names (see [`endpoints`]).
+pub async fn connect(conn: &Conn) -> dcoord::Result<RemoteStore> {
+    let endpoints = endpoints(conn)?;
     let options = RemoteOptions::default().op_deadline(Duration::from_secs(conn.timeout));
     RemoteStore::connect(&endpoints, options).await
 }
@@ -374,6 +407,11 @@ async fn run(cmd: Cmd) -> dcoord::Result<ExitCode> {
             output,
             conn,
         } => kv::watch(key, prefix, count, output, conn).await,
+        Cmd::Status {
+            admin,
+            output,
+            conn,
+        } => node::status(admin, output, conn).await,
     }
 }
 

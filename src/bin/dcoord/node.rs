@@ -9,7 +9,8 @@ use clap::Args;
 use dcoord::Error;
 use dcoord::engine::{ClusterOptions, LocalCluster, NodeConfig, NodeExit, Timing};
 
-use crate::{endpoints_file, read_endpoints_file};
+use crate::output::Output;
+use crate::{Conn, endpoints_file, read_endpoints_file};
 
 #[derive(Args)]
 pub struct NodeArgs {
@@ -227,7 +228,16 @@ pub async fn run_cluster(args: ClusterArgs) -> dcoord::Result<ExitCode> {
     }
     let cluster = LocalCluster::start(options).await?;
     let endpoints = cluster.endpoints();
-    let contents = format!("pid {}\n{}\n", std::process::id(), endpoints.join("\n"));
+    let admins: String = cluster
+        .admins()
+        .iter()
+        .map(|a| format!("admin {a}\n"))
+        .collect();
+    let contents = format!(
+        "pid {}\n{}\n{admins}",
+        std::process::id(),
+        endpoints.join("\n")
+    );
     std::fs::write(&file, contents).map_err(|e| Error::Io {
         what: "cannot write endpoints file",
         path: file.clone(),
@@ -253,4 +263,119 @@ pub async fn run_cluster(args: ClusterArgs) -> dcoord::Result<ExitCode> {
     drop(cluster);
     eprintln!("dcoord: cluster stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// One endpoint's answer to `dcoord status`, as JSON.
+async fn endpoint_status(endpoint: &str, timeout: Duration) -> serde_json::Value {
+    use d_engine_proto::common::NodeRole;
+    use d_engine_proto::server::cluster::MetadataRequest;
+    use d_engine_proto::server::cluster::cluster_management_service_client::ClusterManagementServiceClient;
+    use serde_json::json;
+
+    let uri = if endpoint.contains("://") {
+        endpoint.to_string()
+    } else {
+        format!("http://{endpoint}")
+    };
+    let call = async {
+        let channel = tonic::transport::Endpoint::try_from(uri)
+            .map_err(|e| format!("bad endpoint: {e}"))?
+            .connect_timeout(timeout)
+            .connect()
+            .await
+            .map_err(|e| format!("down ({e})"))?;
+        ClusterManagementServiceClient::new(channel)
+            .get_cluster_metadata(MetadataRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|status| format!("not serving ({})", status.message()))
+    };
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(meta)) => {
+            let members: Vec<_> = meta
+                .nodes
+                .iter()
+                .map(|n| {
+                    let role = NodeRole::try_from(n.role)
+                        .map(|r| r.as_str_name().to_ascii_lowercase())
+                        .unwrap_or_else(|_| n.role.to_string());
+                    json!({"id": n.id, "address": n.address, "role": role})
+                })
+                .collect();
+            json!({
+                "endpoint": endpoint,
+                "health": "serving",
+                "leader": meta.current_leader_id,
+                "members": members,
+            })
+        }
+        Ok(Err(why)) => json!({"endpoint": endpoint, "health": why}),
+        Err(_) => json!({"endpoint": endpoint, "health": format!("no answer within {timeout:?}")}),
+    }
+}
+
+/// `dcoord status`: every endpoint's health, leader and members; with admin addresses, every
+/// node's applied index and term. Exit 0 when every endpoint serves and knows a leader.
+pub async fn status(admin: Vec<String>, output: Output, conn: Conn) -> dcoord::Result<ExitCode> {
+    use serde_json::json;
+    let endpoints = crate::endpoints(&conn)?;
+    let timeout = Duration::from_secs(conn.timeout.clamp(1, 5));
+    let mut rows = Vec::new();
+    for e in &endpoints {
+        rows.push(endpoint_status(e, timeout).await);
+    }
+    let healthy = rows
+        .iter()
+        .all(|r| r["health"] == "serving" && r["leader"].is_u64());
+    let admins = if admin.is_empty() {
+        crate::admins_in_endpoints_file()
+    } else {
+        admin
+    };
+    let mut nodes = Vec::new();
+    for a in &admins {
+        nodes.push(match dcoord::engine::replica::summary(a).await {
+            Ok(s) => json!({
+                "admin": a,
+                "node": s.node,
+                "applied_index": s.applied_index,
+                "applied_term": s.applied_term,
+                "keys": s.keys,
+            }),
+            Err(e) => json!({"admin": a, "error": e.to_string()}),
+        });
+    }
+    match output {
+        Output::Json => crate::output::json_line(&json!({"endpoints": rows, "nodes": nodes})),
+        Output::Simple => print_status(&rows, &nodes),
+    }
+    Ok(ExitCode::from(if healthy { 0 } else { 1 }))
+}
+
+fn print_status(rows: &[serde_json::Value], nodes: &[serde_json::Value]) {
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+    for r in rows {
+        let members: Vec<String> = r["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|n| format!("{}={}", n["id"], text(&n["address"])))
+            .collect();
+        let leader = r["leader"].as_u64().map_or("-".into(), |l| l.to_string());
+        println!(
+            "{}\t{}\tleader {leader}\tmembers {}",
+            text(&r["endpoint"]),
+            text(&r["health"]),
+            members.join(",")
+        );
+    }
+    for n in nodes {
+        match n.get("error") {
+            Some(e) => println!("admin {}\terror {}", text(&n["admin"]), text(e)),
+            None => println!(
+                "node {}\tapplied index {}\tterm {}\tkeys {}",
+                n["node"], n["applied_index"], n["applied_term"], n["keys"]
+            ),
+        }
+    }
 }
