@@ -119,6 +119,29 @@ fn cli_unreachable_cluster_exits_3_without_hanging() {
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains(&addr));
     assert!(start.elapsed() < Duration::from_secs(10));
+    // Which host, and why: nothing listens there; a name that does not resolve says so.
+    assert!(
+        stderr(&out).contains("connection refused"),
+        "{}",
+        stderr(&out)
+    );
+    let out = Command::new(binary())
+        .args([
+            "get",
+            "/x",
+            "--timeout",
+            "1",
+            "--endpoints",
+            "no-such-host.invalid:9081",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        stderr(&out).contains("no-such-host.invalid:9081: cannot resolve"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[tokio::test]

@@ -127,6 +127,32 @@ impl std::fmt::Debug for RemoteStore {
 }
 
 /// Adds `http://` when an endpoint has no scheme.
+/// Why `endpoint` (normalized, `http://host:port`) gives no ready leader, as far as one name
+/// lookup and one TCP connect tell: it does not resolve, refuses, does not answer, or accepts
+/// connections (then the node runs but has no leader, or is not a d-engine node).
+async fn diagnose(endpoint: &str, timeout: Duration) -> String {
+    let host_port = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest)
+        .trim_end_matches('/');
+    let addrs = match tokio::time::timeout(timeout, tokio::net::lookup_host(host_port)).await {
+        Ok(Ok(addrs)) => addrs.collect::<Vec<_>>(),
+        Ok(Err(e)) => return format!("cannot resolve the host ({e})"),
+        Err(_) => return format!("name lookup took over {timeout:?}"),
+    };
+    let Some(addr) = addrs.first() else {
+        return "the host resolves to no address".into();
+    };
+    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(_)) => "accepts connections, but knows no leader (or is not a d-engine node)".into(),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            format!("connection refused at {addr} (nothing listens)")
+        }
+        Ok(Err(e)) => format!("cannot connect to {addr} ({e})"),
+        Err(_) => format!("no answer from {addr} within {timeout:?} (down or filtered)"),
+    }
+}
+
 /// Checks that `e` is `host:port` or `http://host:port`, naming what is wrong otherwise.
 pub(crate) fn validate_endpoint(e: &str) -> Result<()> {
     let bad = |why: &str| Err(Error::InvalidArgument(format!("endpoint {e:?}: {why}")));
@@ -231,13 +257,22 @@ impl RemoteStore {
             };
             let delay = backoff.next_delay();
             if Instant::now() + delay >= deadline {
+                let mut why = Vec::new();
+                for e in &endpoints {
+                    why.push(format!(
+                        "{e}: {}",
+                        diagnose(e, options.connect_timeout).await
+                    ));
+                }
                 return Err(Error::Unavailable {
                     op: "connect",
                     message: format!(
-                        "no ready leader at {} within {:?}{}",
-                        endpoints.join(", "),
+                        "no ready leader within {:?} ({}){}",
                         options.op_deadline,
-                        last.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+                        why.join("; "),
+                        last.as_ref()
+                            .map(|e| format!("; last error: {e}"))
+                            .unwrap_or_default()
                     ),
                     source: last.map(Box::new),
                 });
