@@ -137,10 +137,12 @@ fn cli_unreachable_cluster_exits_3_without_hanging() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(3), "{out:?}");
+    // Without a network the resolver may not answer in time: that is said too.
+    let err = stderr(&out);
     assert!(
-        stderr(&out).contains("no-such-host.invalid:9081: cannot resolve"),
-        "{}",
-        stderr(&out)
+        err.contains("no-such-host.invalid:9081: cannot resolve")
+            || err.contains("no-such-host.invalid:9081: name lookup took over"),
+        "{err}"
     );
 }
 
