@@ -387,6 +387,11 @@ async fn get_is_binary_safe_lists_a_prefix_and_speaks_json() {
         (v["token"].as_u64(), v["holder"].as_str()),
         (Some(held.fencing_token()), Some(s.id().as_str()))
     );
+    let other = dcoord(&eps, &["lock", "info", &lock, "--root", "/other-root/"]);
+    assert!(
+        stdout(&other).starts_with("token 0\n"),
+        "another root, another lock: {other:?}"
+    );
     let waited = Command::new(binary())
         .args([
             "lock",

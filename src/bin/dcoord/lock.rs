@@ -36,7 +36,7 @@ pub async fn info(name: String, output: Output, conn: Conn) -> dcoord::Result<Ex
     dcoord::keys::validate_name("lock", &name)?;
     let store: std::sync::Arc<dyn dcoord::store::Store> =
         std::sync::Arc::new(connect(&conn).await?);
-    let session = Session::start(store, SessionOptions::default()).await?;
+    let session = Session::start(store, conn.session_options()).await?;
     let info = Mutex::new(&session, &name)?.info().await?;
     let _ = session.close().await;
     match output {
@@ -88,7 +88,8 @@ pub async fn run(args: LockArgs) -> dcoord::Result<ExitCode> {
 /// takeover can happen, and the grace is at most a quarter of the lease (so that, after
 /// dcoord's death, the supervisor has stopped the group before the lease of the last renewal
 /// runs out).
-fn grace(lease: u64, kill_after: Option<Duration>) -> dcoord::Result<(Duration, SessionOptions)> {
+fn grace(args: &LockArgs) -> dcoord::Result<(Duration, SessionOptions)> {
+    let (lease, kill_after) = (args.lease, args.kill_after);
     if lease == 0 {
         return Err(Error::InvalidArgument(
             "--lease must be at least 1 second".into(),
@@ -103,7 +104,9 @@ fn grace(lease: u64, kill_after: Option<Duration>) -> dcoord::Result<(Duration, 
              command could outlive the lock; give a longer --lease or a shorter --kill-after"
         )));
     }
-    let options = SessionOptions::default()
+    let options = args
+        .conn
+        .session_options()
         .lease(lease)
         .lost_before(kill_after + Duration::from_millis(500));
     Ok((kill_after, options))
@@ -142,7 +145,7 @@ fn announce(name: &str, guard: &MutexGuard, print_token: bool) {
 
 /// Without a command: hold the lock until stdin closes, a signal, or the loss of the lock.
 async fn hold(args: LockArgs) -> dcoord::Result<ExitCode> {
-    let (_, options) = grace(args.lease, args.kill_after)?;
+    let (_, options) = grace(&args)?;
     let (session, guard) = match acquire(&args, options).await? {
         Ok(held) => held,
         Err(code) => return Ok(ExitCode::from(code)),
@@ -165,7 +168,7 @@ async fn hold(args: LockArgs) -> dcoord::Result<ExitCode> {
 }
 
 async fn run_command(args: LockArgs) -> dcoord::Result<ExitCode> {
-    let (kill_after, options) = grace(args.lease, args.kill_after)?;
+    let (kill_after, options) = grace(&args)?;
     let (session, guard) = match acquire(&args, options).await? {
         Ok(held) => held,
         Err(code) => return Ok(ExitCode::from(code)),

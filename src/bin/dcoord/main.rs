@@ -209,6 +209,16 @@ pub struct Conn {
     /// Give up after this many seconds of unavailability.
     #[arg(long, default_value_t = 10)]
     timeout: u64,
+    /// The key root dcoord's records live under (sessions, locks, queues).
+    #[arg(long, default_value = dcoord::keys::DEFAULT_ROOT)]
+    root: String,
+}
+
+impl Conn {
+    /// Session options with this connection's key root.
+    pub fn session_options(&self) -> dcoord::session::SessionOptions {
+        dcoord::session::SessionOptions::default().root(self.root.clone())
+    }
 }
 
 /// A value given inline or (clap guarantees one of the two) in a file.
@@ -417,7 +427,7 @@ async fn run(cmd: Cmd) -> dcoord::Result<ExitCode> {
 
 /// A session on the cluster `conn` names, with a lease of `lease` seconds.
 pub async fn session(conn: &Conn, lease: u64) -> dcoord::Result<dcoord::session::Session> {
-    use dcoord::session::{Session, SessionOptions};
+    use dcoord::session::Session;
     if lease == 0 {
         return Err(Error::InvalidArgument(
             "--lease must be at least 1 second".into(),
@@ -426,7 +436,7 @@ pub async fn session(conn: &Conn, lease: u64) -> dcoord::Result<dcoord::session:
     let store: std::sync::Arc<dyn dcoord::store::Store> = std::sync::Arc::new(connect(conn).await?);
     Session::start(
         store,
-        SessionOptions::default().lease(Duration::from_secs(lease)),
+        conn.session_options().lease(Duration::from_secs(lease)),
     )
     .await
 }
