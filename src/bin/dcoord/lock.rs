@@ -59,7 +59,7 @@ pub async fn info(name: String, output: Output, conn: Conn) -> dcoord::Result<Ex
 pub struct LockArgs {
     pub name: String,
     pub wait: Option<Duration>,
-    pub lease: u64,
+    pub lease: Duration,
     pub kill_after: Option<Duration>,
     pub print_token: bool,
     pub command: Vec<String>,
@@ -90,12 +90,11 @@ pub async fn run(args: LockArgs) -> dcoord::Result<ExitCode> {
 /// runs out).
 fn grace(args: &LockArgs) -> dcoord::Result<(Duration, SessionOptions)> {
     let (lease, kill_after) = (args.lease, args.kill_after);
-    if lease == 0 {
+    if lease < Duration::from_secs(1) {
         return Err(Error::InvalidArgument(
             "--lease must be at least 1 second".into(),
         ));
     }
-    let lease = Duration::from_secs(lease);
     let limit = lease / 4;
     let kill_after = kill_after.unwrap_or(Duration::from_secs(2).min(limit));
     if kill_after > limit {

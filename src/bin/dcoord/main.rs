@@ -27,7 +27,26 @@ use output::Output;
 pub use process::{shutdown_signal, signal};
 
 #[derive(Parser)]
-#[command(name = "dcoord", version, about = "Coordination recipes on d-engine")]
+#[command(
+    name = "dcoord",
+    version,
+    about = "Coordination recipes on d-engine",
+    after_help = "Examples:
+  dcoord cluster                                  # a local 3-node cluster (Ctrl-C stops it)
+  dcoord status
+  dcoord put /app/flags.json '{\"dark\": true}'
+  dcoord get --prefix /app/ -o json
+  dcoord lock --wait 30s deploy -- ./deploy.sh    # token in $DCOORD_FENCING_TOKEN
+  dcoord queue push jobs 'payload'
+  dcoord queue pop jobs -- ./handle.sh            # payload on stdin; exit 0 acks
+
+Exit codes: 0 ok; 1 key not found (get), cluster not healthy (status), replicas differ (check);
+2 bad usage or input; 3 store unavailable or watch ended; 4 write outcome unknown; 5 other.
+With -- CMD (lock, queue consume): the command's own code, 128+n for signal n; 124 lock lost;
+125 dcoord failed or --wait ran out; 126 cannot run; 127 not found; 130/143 Ctrl-C/SIGTERM.
+
+Endpoints: --endpoints, else $DCOORD_ENDPOINTS, else the running `dcoord cluster`'s."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -66,9 +85,10 @@ enum Cmd {
         /// Every node's admin address (host:port), comma-separated.
         #[arg(long, value_delimiter = ',', required = true)]
         admin: Vec<String>,
-        /// Give up after this many seconds without a moment when all nodes stand at one index.
-        #[arg(long, default_value_t = 30)]
-        timeout: u64,
+        /// Give up after this long without a moment when all nodes stand at one index
+        /// (e.g. 30s; a bare number is seconds).
+        #[arg(long, default_value = "30s", value_parser = duration)]
+        timeout: Duration,
     },
     /// Per endpoint: health, the leader it knows, the members; with the nodes' admin
     /// addresses (`dcoord cluster` records them), also each node's applied index and term.
@@ -154,9 +174,10 @@ enum Cmd {
         /// Give up if the lock is not granted within this long (e.g. 30s); exit 125.
         #[arg(long, value_parser = humantime::parse_duration)]
         wait: Option<Duration>,
-        /// Seconds without a heartbeat after which others may take the lock over.
-        #[arg(long, default_value_t = 10)]
-        lease: u64,
+        /// How long without a heartbeat before others may take the lock over (e.g. 10s; a
+        /// bare number is seconds).
+        #[arg(long, default_value = "10s", value_parser = duration)]
+        lease: Duration,
         /// Grace between SIGTERM and SIGKILL when the command is stopped (e.g. 2s, 500ms).
         /// Default 2s, at most a quarter of the lease.
         #[arg(long, value_parser = humantime::parse_duration)]
@@ -206,9 +227,10 @@ pub struct Conn {
     /// the running `dcoord cluster` wrote to the endpoints file in the temp dir.
     #[arg(long, value_delimiter = ',', env = "DCOORD_ENDPOINTS")]
     endpoints: Vec<String>,
-    /// Give up after this many seconds of unavailability.
-    #[arg(long, default_value_t = 10)]
-    timeout: u64,
+    /// Give up after this long without an available cluster (e.g. 10s, 500ms; a bare number
+    /// is seconds).
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    timeout: Duration,
     /// The key root dcoord's records live under (sessions, locks, queues).
     #[arg(long, default_value = dcoord::keys::DEFAULT_ROOT)]
     root: String,
@@ -345,7 +367,7 @@ pub fn endpoints(conn: &Conn) -> dcoord::Result<Vec<String>> {
 /// A store on the cluster `conn` names (see [`endpoints`]).
 pub async fn connect(conn: &Conn) -> dcoord::Result<RemoteStore> {
     let endpoints = endpoints(conn)?;
-    let options = RemoteOptions::default().op_deadline(Duration::from_secs(conn.timeout));
+    let options = RemoteOptions::default().op_deadline(conn.timeout);
     RemoteStore::connect(&endpoints, options).await
 }
 
@@ -425,18 +447,22 @@ async fn run(cmd: Cmd) -> dcoord::Result<ExitCode> {
     }
 }
 
-/// A session on the cluster `conn` names, with a lease of `lease` seconds.
-pub async fn session(conn: &Conn, lease: u64) -> dcoord::Result<dcoord::session::Session> {
+/// A duration on the command line: `500ms`, `2s`, `1m` (humantime), or a bare number of seconds.
+pub fn duration(text: &str) -> Result<Duration, String> {
+    match text.parse::<u64>() {
+        Ok(secs) => Ok(Duration::from_secs(secs)),
+        Err(_) => humantime::parse_duration(text).map_err(|e| format!("{text:?}: {e}")),
+    }
+}
+
+/// A session on the cluster `conn` names, with this lease (at least 1 s).
+pub async fn session(conn: &Conn, lease: Duration) -> dcoord::Result<dcoord::session::Session> {
     use dcoord::session::Session;
-    if lease == 0 {
+    if lease < Duration::from_secs(1) {
         return Err(Error::InvalidArgument(
             "--lease must be at least 1 second".into(),
         ));
     }
     let store: std::sync::Arc<dyn dcoord::store::Store> = std::sync::Arc::new(connect(conn).await?);
-    Session::start(
-        store,
-        conn.session_options().lease(Duration::from_secs(lease)),
-    )
-    .await
+    Session::start(store, conn.session_options().lease(lease)).await
 }

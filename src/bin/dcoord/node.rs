@@ -58,8 +58,8 @@ fn parse_peer(s: &str) -> Result<(u32, SocketAddr), String> {
     ))
 }
 
-pub async fn check(admin: Vec<String>, timeout: u64) -> dcoord::Result<ExitCode> {
-    match dcoord::engine::replica::check(&admin, Duration::from_secs(timeout)).await {
+pub async fn check(admin: Vec<String>, timeout: Duration) -> dcoord::Result<ExitCode> {
+    match dcoord::engine::replica::check(&admin, timeout).await {
         Ok(report) => {
             println!("{report}");
             Ok(ExitCode::SUCCESS)
@@ -319,7 +319,9 @@ async fn endpoint_status(endpoint: &str, timeout: Duration) -> serde_json::Value
 pub async fn status(admin: Vec<String>, output: Output, conn: Conn) -> dcoord::Result<ExitCode> {
     use serde_json::json;
     let endpoints = crate::endpoints(&conn)?;
-    let timeout = Duration::from_secs(conn.timeout.clamp(1, 5));
+    let timeout = conn
+        .timeout
+        .clamp(Duration::from_secs(1), Duration::from_secs(5));
     let mut rows = Vec::new();
     for e in &endpoints {
         rows.push(endpoint_status(e, timeout).await);

@@ -13,6 +13,9 @@ use crate::output::Output;
 use crate::process::{Supervised, check_runnable};
 use crate::{Conn, read_input, session, shutdown_signal};
 
+/// The session lease of the queue commands that only read or add (consume has --lease).
+const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+
 #[derive(Subcommand)]
 pub enum QueueOp {
     /// Add a message; prints its id.
@@ -51,9 +54,10 @@ pub enum QueueOp {
         /// Stop after this many messages.
         #[arg(long)]
         count: Option<usize>,
-        /// Seconds without a heartbeat after which this consumer's messages are redelivered.
-        #[arg(long, default_value_t = 10)]
-        lease: u64,
+        /// How long without a heartbeat before this consumer's messages are redelivered (e.g.
+        /// 10s; a bare number is seconds).
+        #[arg(long, default_value = "10s", value_parser = crate::duration)]
+        lease: Duration,
         /// Grace between SIGTERM and SIGKILL when a command is stopped (e.g. 2s, 500ms).
         #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
         kill_after: Duration,
@@ -95,7 +99,7 @@ pub enum QueueOp {
 pub async fn run(op: QueueOp) -> dcoord::Result<ExitCode> {
     use dcoord::queue::{EnqueueOptions, QueueOptions, WorkQueue};
 
-    let open = |name: String, conn: Conn, lease: u64| async move {
+    let open = |name: String, conn: Conn, lease: Duration| async move {
         dcoord::keys::validate_name("queue", &name)?;
         let session = session(&conn, lease).await?;
         let q = WorkQueue::open(&session, &name, QueueOptions::default()).await?;
@@ -115,7 +119,7 @@ pub async fn run(op: QueueOp) -> dcoord::Result<ExitCode> {
             if let Some(id) = &id {
                 dcoord::keys::validate_name("message id", id)?;
             }
-            let (session, q) = open(name, conn, 10).await?;
+            let (session, q) = open(name, conn, DEFAULT_LEASE).await?;
             let mut options = EnqueueOptions::default()
                 .priority(priority)
                 .delay(Duration::from_millis(delay_ms));
@@ -168,7 +172,7 @@ pub async fn run(op: QueueOp) -> dcoord::Result<ExitCode> {
             Ok(ExitCode::from(stopping.unwrap_or(0)))
         }
         QueueOp::Stats { name, output, conn } => {
-            let (session, q) = open(name.clone(), conn, 10).await?;
+            let (session, q) = open(name.clone(), conn, DEFAULT_LEASE).await?;
             let s = q.stats();
             match output {
                 Output::Simple => println!(
@@ -189,7 +193,7 @@ pub async fn run(op: QueueOp) -> dcoord::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         QueueOp::Dead { name, conn } => {
-            let (session, q) = open(name, conn, 10).await?;
+            let (session, q) = open(name, conn, DEFAULT_LEASE).await?;
             for d in q.dead_letters() {
                 println!("{}\t{}\t{}", d.id, d.attempts, d.error);
             }
@@ -197,7 +201,7 @@ pub async fn run(op: QueueOp) -> dcoord::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         QueueOp::Redrive { name, id, conn } => {
-            let (session, q) = open(name, conn, 10).await?;
+            let (session, q) = open(name, conn, DEFAULT_LEASE).await?;
             let moved = q.redrive(&id).await?;
             let _ = session.close().await;
             if moved {
