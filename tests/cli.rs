@@ -254,6 +254,21 @@ async fn cluster_stops_cleanly_on_sigterm_and_a_second_one_refuses_its_endpoints
         left.is_empty(),
         "endpoints file and data dir removed: {left:?}"
     );
+
+    // A file left by a cluster that is gone is refused, not used.
+    std::fs::write(&file, format!("pid {pid}\n127.0.0.1:1\n")).unwrap();
+    let stale = Command::new(binary())
+        .args(["get", "/x"])
+        .env("TMPDIR", tmp.path())
+        .env_remove("DCOORD_ENDPOINTS")
+        .output()
+        .unwrap();
+    assert_eq!(stale.status.code(), Some(2), "{stale:?}");
+    assert!(
+        stderr(&stale).contains("stale endpoints file"),
+        "{}",
+        stderr(&stale)
+    );
 }
 
 #[tokio::test]
@@ -423,6 +438,27 @@ async fn get_is_binary_safe_lists_a_prefix_and_speaks_json() {
         .output()
         .unwrap();
     assert_eq!(stdout(&env), "1");
+}
+
+#[test]
+fn help_shows_examples_and_the_exit_codes() {
+    let help = Command::new(binary()).arg("--help").output().unwrap();
+    let text = stdout(&help);
+    assert!(
+        text.contains("Examples:") && text.contains("Exit codes:"),
+        "{text}"
+    );
+    assert!(text.contains("124 lock lost"), "{text}");
+    let lock = Command::new(binary())
+        .args(["lock", "--help"])
+        .output()
+        .unwrap();
+    assert!(stdout(&lock).contains("--kill-after"), "{}", stdout(&lock));
+    assert!(
+        stdout(&lock).contains("[env: DCOORD_ENDPOINTS"),
+        "{}",
+        stdout(&lock)
+    );
 }
 
 #[test]

@@ -653,6 +653,21 @@ mod process {
     }
 
     #[tokio::test]
+    async fn a_lost_lock_stops_the_command_s_whole_group_and_exits_124() {
+        let (_, endpoints) = common::shared_remote().await;
+        let dir = tempfile::tempdir().unwrap();
+        let name = format!("lost-group-{}", uuid::Uuid::new_v4().simple());
+        let (child, bg) = holder_with_grandchild(&endpoints, &name, dir.path(), "wait").await;
+        // Paused past its 2 s lease, dcoord finds its session lost when it resumes.
+        signal(&child, "-STOP");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        signal(&child, "-CONT");
+        let (code, _, stderr) = output(child).await;
+        assert_eq!(code, Some(124), "{stderr}");
+        assert!(!running(bg), "the lost holder's grandchild runs on");
+    }
+
+    #[tokio::test]
     async fn background_children_stop_when_the_command_exits_and_its_code_passes_through() {
         let (_, endpoints) = common::shared_remote().await;
         let dir = tempfile::tempdir().unwrap();
