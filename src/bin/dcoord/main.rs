@@ -266,31 +266,34 @@ pub fn endpoints_file() -> PathBuf {
     std::env::temp_dir().join("dcoord-cluster.endpoints")
 }
 
-/// The endpoints file's owner (the `dcoord cluster` pid, if the file names one) and endpoints.
-pub fn read_endpoints_file() -> Option<(Option<u32>, Vec<String>)> {
-    let text = std::fs::read_to_string(endpoints_file()).ok()?;
-    let mut lines = text.lines().peekable();
-    let owner = lines
-        .next_if(|l| l.starts_with("pid "))
-        .and_then(|l| l["pid ".len()..].trim().parse().ok());
-    let endpoints = lines
-        .filter(|l| !l.starts_with("admin "))
-        .flat_map(str::split_whitespace)
-        .map(str::to_string)
-        .collect();
-    Some((owner, endpoints))
+/// What `dcoord cluster` wrote to its endpoints file: `pid N`, the endpoints, `admin ADDR`s.
+pub struct EndpointsFile {
+    /// The `dcoord cluster` that wrote it, if the file names one.
+    pub owner: Option<u32>,
+    /// The cluster's client endpoints.
+    pub endpoints: Vec<String>,
+    /// Its nodes' admin addresses (for `dcoord status` and `dcoord check`).
+    pub admins: Vec<String>,
 }
 
-/// The nodes' admin addresses `dcoord cluster` wrote to its endpoints file (`admin ADDR`).
-pub fn admins_in_endpoints_file() -> Vec<String> {
-    std::fs::read_to_string(endpoints_file())
-        .map(|text| {
-            text.lines()
-                .filter_map(|l| l.strip_prefix("admin "))
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default()
+/// The endpoints file, if there is one.
+pub fn read_endpoints_file() -> Option<EndpointsFile> {
+    let text = std::fs::read_to_string(endpoints_file()).ok()?;
+    let mut file = EndpointsFile {
+        owner: None,
+        endpoints: Vec::new(),
+        admins: Vec::new(),
+    };
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if let Some(pid) = line.strip_prefix("pid ") {
+            file.owner = pid.trim().parse().ok();
+        } else if let Some(admin) = line.strip_prefix("admin ") {
+            file.admins.push(admin.trim().to_string());
+        } else {
+            file.endpoints.push(line.to_string());
+        }
+    }
+    Some(file)
 }
 
 fn main() -> ExitCode {
@@ -342,7 +345,11 @@ fn exit_code(e: &Error) -> u8 {
 pub fn endpoints(conn: &Conn) -> dcoord::Result<Vec<String>> {
     let mut endpoints = conn.endpoints.clone();
     if endpoints.is_empty()
-        && let Some((owner, listed)) = read_endpoints_file()
+        && let Some(EndpointsFile {
+            owner,
+            endpoints: listed,
+            ..
+        }) = read_endpoints_file()
     {
         if let Some(pid) = owner
             && !process::running(pid)

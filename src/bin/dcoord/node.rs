@@ -217,7 +217,7 @@ pub async fn run_cluster(args: ClusterArgs) -> dcoord::Result<ExitCode> {
         })?);
     }
     let file = endpoints_file();
-    if let Some((Some(pid), _)) = read_endpoints_file()
+    if let Some(pid) = read_endpoints_file().and_then(|f| f.owner)
         && pid != std::process::id()
         && crate::process::running(pid)
     {
@@ -257,7 +257,7 @@ pub async fn run_cluster(args: ClusterArgs) -> dcoord::Result<ExitCode> {
     );
     // Ctrl-C or SIGTERM: stop the nodes, remove the data dir and (if still ours) the file.
     crate::shutdown_signal().await;
-    if read_endpoints_file().is_some_and(|(owner, _)| owner == Some(std::process::id())) {
+    if read_endpoints_file().is_some_and(|f| f.owner == Some(std::process::id())) {
         let _ = std::fs::remove_file(&file);
     }
     drop(cluster);
@@ -330,7 +330,7 @@ pub async fn status(admin: Vec<String>, output: Output, conn: Conn) -> dcoord::R
         .iter()
         .all(|r| r["health"] == "serving" && r["leader"].is_u64());
     let admins = if admin.is_empty() {
-        crate::admins_in_endpoints_file()
+        read_endpoints_file().map(|f| f.admins).unwrap_or_default()
     } else {
         admin
     };
