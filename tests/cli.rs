@@ -22,6 +22,37 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// `dcoord watch --prefix /cli/w/ --count 1 ARGS`, started, then `put KEY VALUE`: its output.
+async fn watch_one(eps: &[String], args: &[&str], key: &str, value: &str) -> Output {
+    let mut watch = Command::new(binary())
+        .args(["watch", "--prefix", "/cli/w/", "--count", "1"])
+        .args(args)
+        .arg("--endpoints")
+        .arg(eps.join(","))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The watch is registered once "watching" is on stderr.
+    let mut stderr = watch.stderr.take().unwrap();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 256];
+        let mut seen = String::new();
+        while !seen.contains("watching") {
+            let n = stderr.read(&mut buf).unwrap();
+            assert!(n > 0, "watch exited early: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    })
+    .await
+    .unwrap();
+    assert!(dcoord(eps, &["put", key, value]).status.success());
+    tokio::task::spawn_blocking(move || watch.wait_with_output().unwrap())
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn cli_put_get_del_watch_and_put_after_leader_kill() {
     let _heavy = HEAVY.lock().await;
@@ -51,44 +82,20 @@ async fn cli_put_get_del_watch_and_put_after_leader_kill() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("must start and end with '/'"));
 
     // watch in the background, then write.
-    let mut watch = Command::new(binary())
-        .args([
-            "watch",
-            "--prefix",
-            "/cli/w/",
-            "--count",
-            "1",
-            "--endpoints",
-        ])
-        .arg(eps.join(","))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // The watch is registered once "watching" is on stderr.
-    let mut stderr = watch.stderr.take().unwrap();
-    tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        let mut buf = [0u8; 256];
-        let mut seen = String::new();
-        while !seen.contains("watching") {
-            let n = stderr.read(&mut buf).unwrap();
-            assert!(n > 0, "watch exited early: {seen}");
-            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    })
-    .await
-    .unwrap();
-    assert!(dcoord(&eps, &["put", "/cli/w/x", "v1"]).status.success());
-    let out = tokio::task::spawn_blocking(move || watch.wait_with_output().unwrap())
-        .await
-        .unwrap();
+    let out = watch_one(&eps, &[], "/cli/w/x", "v1").await;
     assert!(out.status.success());
     assert!(
         stdout(&out).ends_with("\tPUT\t/cli/w/x\tv1\n"),
         "{}",
         stdout(&out)
     );
+    let out = watch_one(&eps, &["-o", "json"], "/cli/w/y", "v2").await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["kind"].as_str(), v["key"].as_str(), v["value"].as_str()),
+        (Some("PUT"), Some("/cli/w/y"), Some("v2"))
+    );
+    assert!(v["revision"].as_u64().unwrap() > 0);
 
     assert!(dcoord(&eps, &["del", "/cli/k"]).status.success());
     assert_eq!(dcoord(&eps, &["get", "/cli/k"]).status.code(), Some(1));

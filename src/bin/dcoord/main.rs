@@ -299,8 +299,11 @@ pub fn read_endpoints_file() -> Option<EndpointsFile> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The soak provokes failures on purpose: the client's own error lines are noise there.
+    // A node logs what d-engine used to print on stdout (role changes, snapshots): see the
+    // README's "Patched d-engine-core".
     let default_filter = match cli.command {
         Cmd::Soak(_) | Cmd::SoakWorker(_) => "warn,d_engine_client=off",
+        Cmd::Node(_) => "warn,d_engine_core::print=info,d_engine_server::print=info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
