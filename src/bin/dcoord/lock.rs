@@ -55,15 +55,38 @@ pub async fn info(name: String, output: Output, conn: Conn) -> dcoord::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-/// What `dcoord lock` was asked to do.
+/// What `dcoord lock NAME [-- CMD]` was asked to do.
+#[derive(clap::Args)]
 pub struct LockArgs {
-    pub name: String,
-    pub wait: Option<Duration>,
-    pub lease: Duration,
-    pub kill_after: Option<Duration>,
-    pub print_token: bool,
-    pub command: Vec<String>,
-    pub conn: Conn,
+    /// The lock name ([A-Za-z0-9._-]).
+    #[arg(required = true)]
+    name: Option<String>,
+    /// Give up if the lock is not granted within this long (e.g. 30s); exit 125.
+    #[arg(long, value_parser = crate::duration)]
+    wait: Option<Duration>,
+    /// How long without a heartbeat before others may take the lock over (e.g. 10s; a
+    /// bare number is seconds).
+    #[arg(long, default_value = "10s", value_parser = crate::duration)]
+    lease: Duration,
+    /// Grace between SIGTERM and SIGKILL when the command is stopped (e.g. 2s, 500ms).
+    /// Default 2s, at most a quarter of the lease.
+    #[arg(long, value_parser = crate::duration)]
+    kill_after: Option<Duration>,
+    /// Also print the fencing token on stdout (it is always in $DCOORD_FENCING_TOKEN).
+    #[arg(long)]
+    print_token: bool,
+    /// The command and its arguments (after `--`).
+    #[arg(last = true)]
+    command: Vec<String>,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+impl LockArgs {
+    /// The lock's name (clap requires it unless a subcommand such as `info` is given).
+    fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or_default()
+    }
 }
 
 pub async fn run(args: LockArgs) -> dcoord::Result<ExitCode> {
@@ -116,17 +139,17 @@ async fn acquire(
     args: &LockArgs,
     options: SessionOptions,
 ) -> dcoord::Result<Result<(Session, MutexGuard), u8>> {
-    dcoord::keys::validate_name("lock", &args.name)?;
+    dcoord::keys::validate_name("lock", args.name())?;
     let store: std::sync::Arc<dyn dcoord::store::Store> =
         std::sync::Arc::new(connect(&args.conn).await?);
     let session = Session::start(store, options).await?;
-    let lock = Mutex::new(&session, &args.name)?;
+    let lock = Mutex::new(&session, args.name())?;
     let wait = args.wait.unwrap_or(Duration::MAX);
     tokio::select! {
         g = tokio::time::timeout(wait, lock.acquire()) => match g {
             Ok(g) => Ok(Ok((session, g?))),
             Err(_) => {
-                eprintln!("dcoord: lock {:?} not granted within {wait:?}", args.name);
+                eprintln!("dcoord: lock {:?} not granted within {wait:?}", args.name());
                 Ok(Err(code::FAILED))
             }
         },
@@ -149,7 +172,7 @@ async fn hold(args: LockArgs) -> dcoord::Result<ExitCode> {
         Ok(held) => held,
         Err(code) => return Ok(ExitCode::from(code)),
     };
-    announce(&args.name, &guard, args.print_token);
+    announce(args.name(), &guard, args.print_token);
     let stdin_closed = tokio::task::spawn_blocking(|| {
         let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
     });
@@ -157,7 +180,7 @@ async fn hold(args: LockArgs) -> dcoord::Result<ExitCode> {
         _ = stdin_closed => 0,
         code = shutdown_signal() => code,
         _ = guard.lost() => {
-            eprintln!("dcoord: lock {:?} lost (lease ran out or taken over)", args.name);
+            eprintln!("dcoord: lock {:?} lost (lease ran out or taken over)", args.name());
             return Ok(ExitCode::from(code::LOST));
         }
     };
@@ -172,11 +195,11 @@ async fn run_command(args: LockArgs) -> dcoord::Result<ExitCode> {
         Ok(held) => held,
         Err(code) => return Ok(ExitCode::from(code)),
     };
-    announce(&args.name, &guard, args.print_token);
+    announce(args.name(), &guard, args.print_token);
     let token = guard.fencing_token().to_string();
     let mut child = Supervised::spawn(&args.command, kill_after, |c| {
         c.env("DCOORD_FENCING_TOKEN", &token)
-            .env("DCOORD_LOCK", &args.name);
+            .env("DCOORD_LOCK", args.name());
     })?;
     let code = tokio::select! {
         code = child.wait() => code,
@@ -185,7 +208,7 @@ async fn run_command(args: LockArgs) -> dcoord::Result<ExitCode> {
             code
         }
         _ = guard.lost() => {
-            eprintln!("dcoord: lock {:?} lost (lease ran out or taken over); stopping the command", args.name);
+            eprintln!("dcoord: lock {:?} lost (lease ran out or taken over); stopping the command", args.name());
             child.stop(kill_after).await;
             return Ok(ExitCode::from(code::LOST));
         }

@@ -168,28 +168,8 @@ enum Cmd {
     Lock {
         #[command(subcommand)]
         op: Option<lock::LockOp>,
-        /// The lock name ([A-Za-z0-9._-]).
-        #[arg(required = true)]
-        name: Option<String>,
-        /// Give up if the lock is not granted within this long (e.g. 30s); exit 125.
-        #[arg(long, value_parser = humantime::parse_duration)]
-        wait: Option<Duration>,
-        /// How long without a heartbeat before others may take the lock over (e.g. 10s; a
-        /// bare number is seconds).
-        #[arg(long, default_value = "10s", value_parser = duration)]
-        lease: Duration,
-        /// Grace between SIGTERM and SIGKILL when the command is stopped (e.g. 2s, 500ms).
-        /// Default 2s, at most a quarter of the lease.
-        #[arg(long, value_parser = humantime::parse_duration)]
-        kill_after: Option<Duration>,
-        /// Also print the fencing token on stdout (it is always in $DCOORD_FENCING_TOKEN).
-        #[arg(long)]
-        print_token: bool,
-        /// The command and its arguments (after `--`).
-        #[arg(last = true)]
-        command: Vec<String>,
         #[command(flatten)]
-        conn: Conn,
+        args: lock::LockArgs,
     },
     /// Read, write or follow a configuration value (JSON, or TOML for keys ending in .toml).
     Config {
@@ -415,27 +395,7 @@ async fn run(cmd: Cmd) -> dcoord::Result<ExitCode> {
             op: Some(lock::LockOp::Info { name, output, conn }),
             ..
         } => lock::info(name, output, conn).await,
-        Cmd::Lock {
-            op: None,
-            name,
-            wait,
-            lease,
-            kill_after,
-            print_token,
-            command,
-            conn,
-        } => {
-            lock::run(lock::LockArgs {
-                name: name.expect("clap requires a name without a subcommand"),
-                wait,
-                lease,
-                kill_after,
-                print_token,
-                command,
-                conn,
-            })
-            .await
-        }
+        Cmd::Lock { op: None, args } => lock::run(args).await,
         Cmd::Supervise {
             kill_after_ms,
             parent,

@@ -242,39 +242,31 @@ pub async fn supervise(command: Vec<String>, kill_after: Duration, parent: u32) 
     ExitCode::from(exit_code(status))
 }
 
+/// The process group of `pid` if it runs, from `/proc/PID/stat` ("pid (comm) state ppid pgrp
+/// ..."; comm may hold spaces or ')'). A zombie is dead already (its parent has not reaped it
+/// yet): `None`.
+fn running_in_group(pid: u32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let state = fields.next()?;
+    let pgrp = fields.nth(1)?.parse().ok()?;
+    (!matches!(state, "Z" | "X")).then_some(pgrp)
+}
+
 /// Whether process `pid` runs (a zombie does not).
 pub fn running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let state = stat[stat.rfind(')')? + 1..].split_whitespace().next()?;
-            Some(!matches!(state, "Z" | "X"))
-        })
-        .unwrap_or(false)
+    running_in_group(pid).is_some()
 }
 
 /// Processes in this process's group other than `me`, from /proc.
 fn group_members_but(me: u32) -> Vec<Pid> {
-    let own_group = rustix::process::getpgrp();
+    let own_group = rustix::process::getpgrp().as_raw_nonzero().get();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| pid != me)
-        .filter(|&pid| {
-            // /proc/PID/stat: "pid (comm) state ppid pgrp ..."; comm may hold spaces or ')'.
-            // A zombie is dead already (its parent has not reaped it yet): not a member.
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|stat| {
-                    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
-                    let state = fields.next()?;
-                    let pgrp = fields.nth(1)?.parse::<i32>().ok()?;
-                    Some(!matches!(state, "Z" | "X") && pgrp == own_group.as_raw_nonzero().get())
-                })
-                .unwrap_or(false)
-        })
+        .filter(|&pid| pid != me && running_in_group(pid) == Some(own_group))
         .filter_map(|pid| Pid::from_raw(pid as i32))
         .collect()
 }

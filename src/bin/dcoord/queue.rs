@@ -59,7 +59,7 @@ pub enum QueueOp {
         #[arg(long, default_value = "10s", value_parser = crate::duration)]
         lease: Duration,
         /// Grace between SIGTERM and SIGKILL when a command is stopped (e.g. 2s, 500ms).
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+        #[arg(long, value_parser = crate::duration, default_value = "2s")]
         kill_after: Duration,
         /// The command and its arguments (after `--`).
         #[arg(last = true)]
