@@ -86,6 +86,7 @@ protoc --version >&2
 ensure git git
 patch_crate d-engine-core 0.2.4 1f0df85c4c123417ee95ac56eb9736b67cef6bfc1cb885dcb738c5a289894bb7
 patch_crate d-engine-server 0.2.4 4554cdd3c74d58f85d01e3b2e2e10b4ee5b12677164b73398ab1dd027f6fa063
+patch_crate d-engine-client 0.2.4 786ec55815b6f2deaa669d19e99cac66c40f35888a5c06fe468bfe496f75e81d
 for extra in "$@"; do
   case "$extra" in
     etcd)

@@ -267,3 +267,19 @@ impl Error {
 pub(crate) fn show(key: &[u8]) -> String {
     String::from_utf8_lossy(key).into_owned()
 }
+
+/// `e` and every error in its source chain, joined by ": " (tonic's transport errors say only
+/// "transport error"; the reason, a refused certificate say, is in the chain).
+pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}

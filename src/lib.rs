@@ -39,6 +39,7 @@ pub mod keys;
 pub mod reconcile;
 pub mod session;
 pub mod store;
+pub mod tls;
 #[cfg(feature = "test-util")]
 pub mod testing;
 

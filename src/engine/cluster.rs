@@ -9,9 +9,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::config::{self, NodeConfig, Timing};
-use super::probe::{NodeState, probe};
+use super::probe::{NodeState, probe_with};
 use crate::error::{Error, Result};
 use crate::store::{RemoteOptions, RemoteStore};
+use crate::tls::{ClientTls, LocalPki};
 
 /// Options of [`LocalCluster::start`].
 #[derive(Debug, Clone)]
@@ -29,6 +30,9 @@ pub struct ClusterOptions {
     pub(crate) ready_timeout: Duration,
     /// Extra environment variables of every node process.
     pub(crate) env: Vec<(String, String)>,
+    /// Serve TLS with a generated throwaway CA: `Some(true)` also requires client
+    /// certificates (mTLS). Default `None`: plain text.
+    pub(crate) tls: Option<bool>,
 }
 
 impl Default for ClusterOptions {
@@ -40,6 +44,7 @@ impl Default for ClusterOptions {
             timing: Timing::cluster(),
             ready_timeout: Duration::from_secs(60),
             env: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -80,6 +85,23 @@ impl ClusterOptions {
         self
     }
 
+    /// Serves TLS, clients and peers alike, with a throwaway CA and certificates generated
+    /// into the cluster's directory (`tls/`, see [`crate::tls::generate_local`]).
+    /// [`LocalCluster::store`] and [`LocalCluster::remote_options`] trust that CA.
+    #[must_use]
+    pub fn tls(mut self) -> Self {
+        self.tls = Some(self.tls.unwrap_or(false));
+        self
+    }
+
+    /// As [`ClusterOptions::tls`], and every node requires a client certificate signed by the
+    /// same CA (mTLS); [`LocalCluster::remote_options`] presents one.
+    #[must_use]
+    pub fn mutual_tls(mut self) -> Self {
+        self.tls = Some(true);
+        self
+    }
+
     /// Adds an environment variable to every node process.
     #[must_use]
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
@@ -108,6 +130,10 @@ pub struct LocalCluster {
     binary: PathBuf,
     env: Vec<(String, String)>,
     dir: PathBuf,
+    /// The generated CA and certificates, when the cluster serves TLS.
+    pki: Option<LocalPki>,
+    /// How clients reach the nodes: `pki`'s CA and client certificate.
+    client_tls: Option<ClientTls>,
     _temp: Option<tempfile::TempDir>,
 }
 
@@ -180,14 +206,25 @@ impl LocalCluster {
         let all = config::free_addrs(options.nodes * 2)?;
         let (addrs, admins) = all.split_at(options.nodes);
         let peers: Vec<(u32, SocketAddr)> = (1..).zip(addrs.iter().copied()).collect();
+        let pki = match options.tls {
+            Some(mutual) => Some(crate::tls::generate_local(
+                &dir.join("tls"),
+                options.nodes,
+                &[],
+                mutual,
+            )?),
+            None => None,
+        };
+        let client_tls = pki.as_ref().map(LocalPki::client_tls).transpose()?;
         let mut nodes = Vec::with_capacity(options.nodes);
-        for (&(id, addr), &admin) in peers.iter().zip(admins) {
+        for (i, (&(id, addr), &admin)) in peers.iter().zip(admins).enumerate() {
             let cfg = NodeConfig {
                 node_id: id,
                 listen: addr,
                 peers: peers.clone(),
                 data_dir: dir.join(format!("n{id}")),
                 timing: options.timing.clone(),
+                tls: pki.as_ref().map(|p| p.nodes[i].clone()),
             };
             let config_path = cfg.write()?;
             nodes.push(ClusterNode {
@@ -204,6 +241,8 @@ impl LocalCluster {
             binary,
             env: options.env.clone(),
             dir,
+            pki,
+            client_tls,
             _temp: temp,
         };
         for id in 1..=options.nodes as u32 {
@@ -254,12 +293,33 @@ impl LocalCluster {
         Ok(())
     }
 
-    /// The gRPC endpoints of all nodes (`http://127.0.0.1:port`), running or not.
+    /// The gRPC endpoints of all nodes (`http://127.0.0.1:port`, `https://` with TLS),
+    /// running or not.
     pub fn endpoints(&self) -> Vec<String> {
-        self.nodes
-            .iter()
-            .map(|n| format!("http://{}", n.addr))
-            .collect()
+        self.nodes.iter().map(|n| self.url(n.addr)).collect()
+    }
+
+    fn url(&self, addr: SocketAddr) -> String {
+        match self.client_tls {
+            Some(_) => format!("https://{addr}"),
+            None => format!("http://{addr}"),
+        }
+    }
+
+    /// The generated CA and certificates, when the cluster serves TLS
+    /// ([`ClusterOptions::tls`]).
+    pub fn pki(&self) -> Option<&LocalPki> {
+        self.pki.as_ref()
+    }
+
+    /// [`RemoteOptions`] that reach this cluster: the defaults, with its CA and client
+    /// certificate when it serves TLS.
+    pub fn remote_options(&self) -> RemoteOptions {
+        let options = RemoteOptions::default();
+        match &self.client_tls {
+            Some(tls) => options.tls(tls.clone()),
+            None => options,
+        }
     }
 
     /// The admin addresses (`127.0.0.1:port`, see [`super::replica`]) of all nodes, running
@@ -309,7 +369,7 @@ impl LocalCluster {
         self.nodes
             .iter()
             .find(|n| n.id == id)
-            .map(|n| format!("http://{}", n.addr))
+            .map(|n| self.url(n.addr))
     }
 
     /// The node ids.
@@ -338,7 +398,7 @@ impl LocalCluster {
     /// # Cancel safety
     /// Dropping the future abandons the connection attempt.
     pub async fn store(&self) -> Result<RemoteStore> {
-        RemoteStore::connect(&self.endpoints(), RemoteOptions::default()).await
+        RemoteStore::connect(&self.endpoints(), self.remote_options()).await
     }
 
     /// Kills a node with SIGKILL and reaps it. Killing a stopped node is a no-op.
@@ -412,11 +472,13 @@ impl LocalCluster {
             .nodes
             .iter()
             .filter(|n| n.process.is_some())
-            .map(|n| format!("http://{}", n.addr))
+            .map(|n| self.url(n.addr))
             .collect();
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let opts = RemoteOptions::default().op_deadline(remaining.min(Duration::from_secs(5)));
+            let opts = self
+                .remote_options()
+                .op_deadline(remaining.min(Duration::from_secs(5)));
             if let Ok(store) = RemoteStore::connect(&live, opts).await
                 && let Some(id) = store.leader_id().await
             {
@@ -447,10 +509,10 @@ impl LocalCluster {
     pub async fn states(&self) -> Vec<(u32, NodeState)> {
         let probes = self.nodes.iter().map(|n| {
             let running = n.process.is_some();
-            let (id, addr) = (n.id, n.addr);
+            let (id, addr, tls) = (n.id, n.addr, self.client_tls.as_ref());
             async move {
                 if running {
-                    (id, probe(addr, Duration::from_secs(2)).await)
+                    (id, probe_with(addr, tls, Duration::from_secs(2)).await)
                 } else {
                     (id, NodeState::Down)
                 }

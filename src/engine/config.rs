@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::tls::NodeTls;
 
 /// How many times a node retries its start-up health check of a peer (about 1 s apart after
 /// the first few): about a day. d-engine's node gives up and exits after the last one.
@@ -66,6 +67,8 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// Raft timing.
     pub timing: Timing,
+    /// Serve TLS (clients and peers) with these files; `None`: plain text.
+    pub tls: Option<NodeTls>,
 }
 
 impl NodeConfig {
@@ -77,6 +80,7 @@ impl NodeConfig {
             peers: vec![(1, listen)],
             data_dir: data_dir.into(),
             timing: Timing::single(),
+            tls: None,
         }
     }
 
@@ -215,6 +219,21 @@ impl NodeConfig {
         let _ = writeln!(s, "timeout_ms = 500");
         let _ = writeln!(s, "base_delay_ms = 100");
         let _ = writeln!(s, "max_delay_ms = 1000");
+        if let Some(tls) = &self.tls {
+            let _ = writeln!(s, "\n[tls]");
+            let _ = writeln!(s, "enable_tls = true");
+            let _ = writeln!(s, "server_certificate_path = {:?}", tls.cert.display().to_string());
+            let _ = writeln!(s, "server_private_key_path = {:?}", tls.key.display().to_string());
+            let _ = writeln!(s, "certificate_authority_root_path = {:?}", tls.ca.display().to_string());
+            if let Some(client_ca) = &tls.client_ca {
+                let _ = writeln!(s, "enable_mtls = true");
+                let _ = writeln!(
+                    s,
+                    "client_certificate_authority_root_path = {:?}",
+                    client_ca.display().to_string()
+                );
+            }
+        }
         s
     }
 

@@ -46,7 +46,7 @@ use std::path::Path;
 pub use cluster::{ClusterOptions, LocalCluster, dcoord_binary};
 pub use config::{NodeConfig, Timing};
 pub use embedded::{EmbeddedNode, EmbeddedOptions};
-pub use probe::{NodeState, probe};
+pub use probe::{NodeState, probe, probe_with};
 pub use watchdog::NodeExit;
 
 use crate::error::{Error, Result};
@@ -88,7 +88,11 @@ pub async fn run_node(
         .filter_map(|m| Some((m.id, m.address.parse().ok()?)))
         .collect();
     let (id, listen) = (cfg.cluster.node_id, cfg.cluster.listen_address);
-    let mut dog = AbortOnDrop(tokio::spawn(watchdog::run(id, listen, peers)));
+    // How this node reaches itself and its peers: over TLS when it serves TLS.
+    let tls = crate::tls::NodeTls::from_engine(&cfg.tls)
+        .map(|t| t.client())
+        .transpose()?;
+    let mut dog = AbortOnDrop(tokio::spawn(watchdog::run(id, listen, peers, tls.clone())));
     let _admin = match (admin, &backend) {
         (Some(addr), embedded::Backend::Redb(sm, log)) => {
             let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
@@ -114,7 +118,7 @@ pub async fn run_node(
     let run = async {
         match &backend {
             embedded::Backend::Redb(sm, log) => {
-                let _clock = AbortOnDrop(tokio::spawn(leader_clock(sm.clone(), id, listen)));
+                let _clock = AbortOnDrop(tokio::spawn(leader_clock(sm.clone(), id, listen, tls.clone())));
                 let sm = std::sync::Arc::new(sm.clone());
                 d_engine::StandaloneEngine::run_custom(log.clone(), sm, stopped, Some(path)).await
             }
@@ -160,20 +164,43 @@ pub async fn run_node(
     result.map(|()| exit)
 }
 
+/// How to reach the node whose config is at `config_path` as the node reaches itself: over
+/// TLS, trusting its CA (and presenting its certificate when it requires client
+/// certificates), when it serves TLS; `None` when it serves plain text.
+///
+/// # Errors
+/// [`Error::Config`] for a config d-engine refuses; [`Error::Io`] / [`Error::Config`] naming a
+/// certificate file that cannot be read.
+pub fn node_client_tls(config_path: &Path) -> Result<Option<crate::tls::ClientTls>> {
+    let cfg = config::load(config_path)?;
+    crate::tls::NodeTls::from_engine(&cfg.tls)
+        .map(|t| t.client())
+        .transpose()
+}
+
 /// The clock ticks of a cluster node: proposed while this node leads (see
 /// [`state_machine::run_clock`]), through a gRPC client of its own address.
-async fn leader_clock(sm: state_machine::RedbStateMachine, id: u32, listen: std::net::SocketAddr) {
+async fn leader_clock(
+    sm: state_machine::RedbStateMachine,
+    id: u32,
+    listen: std::net::SocketAddr,
+    tls: Option<crate::tls::ClientTls>,
+) {
     let client = std::sync::Arc::new(tokio::sync::Mutex::new(None::<d_engine::Client>));
     state_machine::run_clock(sm, move |tick| {
-        let client = client.clone();
+        let (client, tls) = (client.clone(), tls.clone());
         async move {
-            let state = probe(listen, std::time::Duration::from_secs(1)).await;
+            let state = probe_with(listen, tls.as_ref(), std::time::Duration::from_secs(1)).await;
             if !matches!(state, NodeState::Serving { leader: Some(l) } if l == id) {
                 return Ok(());
             }
             let mut slot = client.lock().await;
             if slot.is_none() {
-                let built = d_engine::Client::builder(vec![format!("http://{listen}")])
+                let mut builder = d_engine::Client::builder(vec![listen.to_string()]);
+                if let Some(tls) = &tls {
+                    builder = builder.tls_config(tls.config());
+                }
+                let built = builder
                     .build()
                     .await
                     .map_err(|e| e.to_string())?;

@@ -9,6 +9,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use d_engine_proto::server::cluster::MetadataRequest;
+
+use crate::tls::ClientTls;
 use d_engine_proto::server::cluster::cluster_management_service_client::ClusterManagementServiceClient;
 
 /// What one node said about itself.
@@ -52,9 +54,19 @@ impl std::fmt::Display for NodeState {
 /// # Cancel safety
 /// Dropping the future abandons the call; nothing is changed on the node.
 pub async fn probe(addr: SocketAddr, timeout: Duration) -> NodeState {
+    probe_with(addr, None, timeout).await
+}
+
+/// [`probe`] over TLS when `tls` is set.
+///
+/// # Cancel safety
+/// As [`probe`].
+pub async fn probe_with(addr: SocketAddr, tls: Option<&ClientTls>, timeout: Duration) -> NodeState {
     let call = async {
-        let endpoint = tonic::transport::Endpoint::try_from(format!("http://{addr}"))
-            .expect("a socket address is a valid URI")
+        let Ok(endpoint) = crate::tls::endpoint(&addr.to_string(), tls) else {
+            return NodeState::Down;
+        };
+        let endpoint = endpoint
             .connect_timeout(timeout)
             .timeout(timeout);
         let channel = match endpoint.connect().await {

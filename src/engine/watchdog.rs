@@ -35,7 +35,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::probe::{NodeState, probe};
+use super::probe::{NodeState, probe_with};
+use crate::tls::ClientTls;
 
 /// How long a bad state lasts before it is reported (and then again every this long).
 pub const PATIENCE: Duration = Duration::from_secs(10);
@@ -197,17 +198,25 @@ impl Watch {
 
 /// Runs until the node should restart, and returns why. `peers` holds every voter, this node
 /// included.
-pub(crate) async fn run(node_id: u32, listen: SocketAddr, peers: Vec<(u32, SocketAddr)>) -> String {
+pub(crate) async fn run(
+    node_id: u32,
+    listen: SocketAddr,
+    peers: Vec<(u32, SocketAddr)>,
+    tls: Option<ClientTls>,
+) -> String {
+    let tls = tls.as_ref();
     let mut watch = Watch::new(node_id, peers.len(), Instant::now());
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let me = probe(local(listen), Duration::from_secs(2)).await;
+        let me = probe_with(local(listen), tls, Duration::from_secs(2)).await;
         let others = futures::future::join_all(
             peers
                 .iter()
                 .filter(|(id, _)| *id != node_id)
-                .map(|&(id, addr)| async move { (id, probe(addr, Duration::from_secs(2)).await) }),
+                .map(|&(id, addr)| async move {
+                    (id, probe_with(addr, tls, Duration::from_secs(2)).await)
+                }),
         )
         .await;
         match watch.observe(Instant::now(), me, &others) {

@@ -34,6 +34,7 @@ use super::{Consistency, Event, EventKind, Scan, Store, WatchStream, WatchTarget
 use crate::error::{Error, Result, show};
 use crate::keys;
 use crate::reconcile::Backoff;
+use crate::tls::ClientTls;
 
 /// Settings of a [`RemoteStore`].
 #[derive(Debug, Clone)]
@@ -54,6 +55,8 @@ pub struct RemoteOptions {
     pub(crate) min_backoff: Duration,
     /// Largest retry delay. Default 500 ms.
     pub(crate) max_backoff: Duration,
+    /// TLS to every node; `None`: plain text.
+    pub(crate) tls: Option<ClientTls>,
 }
 
 impl Default for RemoteOptions {
@@ -64,6 +67,7 @@ impl Default for RemoteOptions {
             connect_timeout: Duration::from_secs(1),
             min_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(500),
+            tls: None,
         }
     }
 }
@@ -90,6 +94,15 @@ impl RemoteOptions {
     #[must_use]
     pub fn connect_timeout(mut self, d: Duration) -> Self {
         self.connect_timeout = d;
+        self
+    }
+
+    /// Reaches every node over TLS, trusting `tls`'s CA (and presenting its client
+    /// certificate, if it has one). Endpoints may then be `host:port` or `https://host:port`;
+    /// `http://` ones are refused. Default: plain text.
+    #[must_use]
+    pub fn tls(mut self, tls: ClientTls) -> Self {
+        self.tls = Some(tls);
         self
     }
 
@@ -126,11 +139,12 @@ impl std::fmt::Debug for RemoteStore {
     }
 }
 
-/// Adds `http://` when an endpoint has no scheme.
-/// Why `endpoint` (normalized, `http://host:port`) gives no ready leader, as far as one name
-/// lookup and one TCP connect tell: it does not resolve, refuses, does not answer, or accepts
-/// connections (then the node runs but has no leader, or is not a d-engine node).
-async fn diagnose(endpoint: &str, timeout: Duration) -> String {
+/// Why `endpoint` (normalized, `http(s)://host:port`) gives no ready leader, as far as one
+/// name lookup, one TCP connect and one handshake tell: it does not resolve, refuses, does not
+/// answer, fails the TLS handshake, speaks TLS to a plain-text client (or plain text to a TLS
+/// one), or accepts connections (then the node runs but has no leader, or is not a d-engine
+/// node).
+async fn diagnose(endpoint: &str, tls: Option<&ClientTls>, timeout: Duration) -> String {
     let host_port = endpoint
         .split_once("://")
         .map_or(endpoint, |(_, rest)| rest)
@@ -144,7 +158,10 @@ async fn diagnose(endpoint: &str, timeout: Duration) -> String {
         return "the host resolves to no address".into();
     };
     match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
-        Ok(Ok(_)) => "accepts connections, but knows no leader (or is not a d-engine node)".into(),
+        Ok(Ok(stream)) => match handshake(stream, endpoint, tls, timeout).await {
+            Some(why) => why,
+            None => "accepts connections, but knows no leader (or is not a d-engine node)".into(),
+        },
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
             format!("connection refused at {addr} (nothing listens)")
         }
@@ -153,13 +170,57 @@ async fn diagnose(endpoint: &str, timeout: Duration) -> String {
     }
 }
 
-/// Checks that `e` is `host:port` or `http://host:port`, naming what is wrong otherwise.
-pub(crate) fn validate_endpoint(e: &str) -> Result<()> {
+/// What goes wrong in the first exchange with a node that accepts TCP connections, if
+/// anything: a failed TLS handshake (with rustls's reason), or a node that speaks TLS to a
+/// plain-text client. `None`: the exchange looks right.
+async fn handshake(
+    mut stream: tokio::net::TcpStream,
+    endpoint: &str,
+    tls: Option<&ClientTls>,
+    timeout: Duration,
+) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if let Some(tls) = tls {
+        drop(stream);
+        let endpoint = crate::tls::endpoint(endpoint, Some(tls))
+            .ok()?
+            .connect_timeout(timeout);
+        let connect = endpoint.connect();
+        return match tokio::time::timeout(timeout, connect).await {
+            Ok(Err(e)) => Some(format!("TLS handshake failed: {}", crate::error::chain(&e))),
+            _ => None,
+        };
+    }
+    // An HTTP/2 server answers the client preface with a SETTINGS frame; a TLS server answers
+    // bytes that are not a ClientHello with a TLS alert record (content type 21).
+    stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.ok()?;
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(timeout, stream.read(&mut first)).await {
+        Ok(Ok(1)) if first[0] == 21 => Some(
+            "the node speaks TLS: use https:// endpoints and its CA (--cacert, RemoteOptions::tls)"
+                .into(),
+        ),
+        _ => None,
+    }
+}
+
+/// Checks that `e` is `host:port`, `http://host:port` (plain text) or `https://host:port` (TLS,
+/// `tls`), naming what is wrong otherwise.
+pub(crate) fn validate_endpoint(e: &str, tls: bool) -> Result<()> {
     let bad = |why: &str| Err(Error::InvalidArgument(format!("endpoint {e:?}: {why}")));
     let rest = match e.split_once("://") {
-        Some(("http", rest)) => rest,
-        Some(("https", _)) => return bad("TLS endpoints are not supported yet; use http://"),
-        Some((scheme, _)) => return bad(&format!("unknown scheme {scheme:?}; use http://")),
+        Some(("http", _)) if tls => {
+            return bad("http:// is plain text, but TLS is configured; use https:// or host:port");
+        }
+        Some(("https", _)) if !tls => {
+            return bad(
+                "https:// needs the cluster's CA: pass --cacert (or RemoteOptions::tls)",
+            );
+        }
+        Some(("http" | "https", rest)) => rest,
+        Some((scheme, _)) => {
+            return bad(&format!("unknown scheme {scheme:?}; use http:// or https://"));
+        }
         None => e,
     };
     let rest = rest.strip_suffix('/').unwrap_or(rest);
@@ -175,11 +236,15 @@ pub(crate) fn validate_endpoint(e: &str) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn normalize_endpoint(e: &str) -> String {
-    if e.contains("://") {
-        e.to_string()
+/// `e` with its scheme: `https://` with TLS, `http://` without.
+pub(crate) fn normalize_endpoint(e: &str, tls: bool) -> String {
+    let rest = e
+        .trim_start_matches("http://")
+        .trim_start_matches("https://");
+    if tls {
+        format!("https://{rest}")
     } else {
-        format!("http://{e}")
+        format!("http://{rest}")
     }
 }
 
@@ -237,19 +302,26 @@ impl RemoteStore {
                 "at least one endpoint is required".into(),
             ));
         }
+        let tls = options.tls.as_ref();
         for e in endpoints {
-            validate_endpoint(e)?;
+            validate_endpoint(e, tls.is_some())?;
         }
-        let endpoints: Vec<String> = endpoints.iter().map(|e| normalize_endpoint(e)).collect();
+        let endpoints: Vec<String> = endpoints
+            .iter()
+            .map(|e| normalize_endpoint(e, tls.is_some()))
+            .collect();
         let deadline = Instant::now() + options.op_deadline;
         let mut backoff = Backoff::new(options.min_backoff, options.max_backoff);
         let client = loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let attempt = Client::builder(endpoints.clone())
+            let mut builder = Client::builder(endpoints.clone())
                 .connect_timeout(options.connect_timeout)
                 .request_timeout(options.request_timeout)
-                .cluster_ready_timeout(remaining.max(Duration::from_millis(100)))
-                .build();
+                .cluster_ready_timeout(remaining.max(Duration::from_millis(100)));
+            if let Some(tls) = tls {
+                builder = builder.tls_config(tls.config());
+            }
+            let attempt = builder.build();
             let last = match tokio::time::timeout(remaining, attempt).await {
                 Ok(Ok(client)) => break client,
                 Ok(Err(e)) => Some(e),
@@ -261,7 +333,7 @@ impl RemoteStore {
                 for e in &endpoints {
                     why.push(format!(
                         "{e}: {}",
-                        diagnose(e, options.connect_timeout).await
+                        diagnose(e, tls, options.connect_timeout).await
                     ));
                 }
                 return Err(Error::Unavailable {
@@ -400,9 +472,11 @@ impl RemoteStore {
         let members = client.list_members().await?;
         let address = leader
             .and_then(|id| members.iter().find(|m| m.id == id))
-            .map(|m| normalize_endpoint(&m.address))
+            .map(|m| m.address.clone())
             .ok_or_else(|| ClientApiError::from(ErrorCode::NotLeader))?;
-        let channel = tonic::transport::Endpoint::try_from(address)?
+        let tls = self.inner.options.tls.as_ref();
+        let channel = crate::tls::endpoint(&address, tls)
+            .map_err(|e| ClientApiError::from(tonic::Status::invalid_argument(e.to_string())))?
             .connect_timeout(self.inner.options.connect_timeout)
             .tcp_nodelay(true)
             .connect()
@@ -611,24 +685,29 @@ mod tests {
 
     #[test]
     fn endpoints_get_a_scheme() {
-        assert_eq!(normalize_endpoint("127.0.0.1:1"), "http://127.0.0.1:1");
+        assert_eq!(normalize_endpoint("127.0.0.1:1", false), "http://127.0.0.1:1");
+        assert_eq!(normalize_endpoint("127.0.0.1:1", true), "https://127.0.0.1:1");
+        assert_eq!(normalize_endpoint("https://h:1", true), "https://h:1");
         for good in ["127.0.0.1:1", "http://h:9081", "http://h:9081/", "[::1]:80"] {
-            assert!(validate_endpoint(good).is_ok(), "{good}");
+            assert!(validate_endpoint(good, false).is_ok(), "{good}");
         }
-        for (bad, says) in [
-            ("", "host:port"),
-            ("localhost", "host:port"),
-            ("h:99999", "not a port"),
-            (":80", "host:port"),
-            ("https://h:1", "TLS"),
-            ("ftp://h:1", "scheme"),
+        for good in ["127.0.0.1:1", "https://h:9081", "[::1]:80"] {
+            assert!(validate_endpoint(good, true).is_ok(), "{good}");
+        }
+        for (bad, tls, says) in [
+            ("", false, "host:port"),
+            ("localhost", false, "host:port"),
+            ("h:99999", false, "not a port"),
+            (":80", false, "host:port"),
+            ("https://h:1", false, "--cacert"),
+            ("http://h:1", true, "TLS is configured"),
+            ("ftp://h:1", false, "scheme"),
         ] {
-            let err = validate_endpoint(bad).unwrap_err().to_string();
+            let err = validate_endpoint(bad, tls).unwrap_err().to_string();
             assert!(
                 err.contains(says) && err.contains(&format!("{bad:?}")),
                 "{bad}: {err}"
             );
         }
-        assert_eq!(normalize_endpoint("https://h:1"), "https://h:1");
     }
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use dcoord::Error;
 use dcoord::store::{RemoteOptions, RemoteStore};
+use dcoord::tls::ClientTls;
 
 mod config;
 mod kv;
@@ -203,10 +204,20 @@ enum Cmd {
 /// How a client command reaches the cluster.
 #[derive(Args)]
 pub struct Conn {
-    /// Cluster endpoints (host:port or http://host:port), comma-separated. Default: the ones
-    /// the running `dcoord cluster` wrote to the endpoints file in the temp dir.
+    /// Cluster endpoints (host:port, http://host:port, or https://host:port with --cacert),
+    /// comma-separated. Default: the ones the running `dcoord cluster` wrote to the endpoints
+    /// file in the temp dir (with its CA and client certificate, if it serves TLS).
     #[arg(long, value_delimiter = ',', env = "DCOORD_ENDPOINTS")]
     endpoints: Vec<String>,
+    /// Talk TLS, trusting the CA certificate(s) in this PEM file.
+    #[arg(long, env = "DCOORD_CACERT")]
+    cacert: Option<PathBuf>,
+    /// Present this client certificate (PEM) to nodes that require one; needs --key.
+    #[arg(long, env = "DCOORD_CERT", requires = "key")]
+    cert: Option<PathBuf>,
+    /// The private key (PEM) of --cert.
+    #[arg(long, env = "DCOORD_KEY", requires = "cert")]
+    key: Option<PathBuf>,
     /// Give up after this long without an available cluster (e.g. 10s, 500ms; a bare number
     /// is seconds).
     #[arg(long, default_value = "10s", value_parser = duration)]
@@ -246,7 +257,9 @@ pub fn endpoints_file() -> PathBuf {
     std::env::temp_dir().join("dcoord-cluster.endpoints")
 }
 
-/// What `dcoord cluster` wrote to its endpoints file: `pid N`, the endpoints, `admin ADDR`s.
+/// What `dcoord cluster` wrote to its endpoints file: `pid N`, the endpoints, `admin ADDR`s,
+/// and with TLS `cacert PATH`, `cert PATH`, `key PATH`.
+#[derive(Default)]
 pub struct EndpointsFile {
     /// The `dcoord cluster` that wrote it, if the file names one.
     pub owner: Option<u32>,
@@ -254,21 +267,27 @@ pub struct EndpointsFile {
     pub endpoints: Vec<String>,
     /// Its nodes' admin addresses (for `dcoord status` and `dcoord check`).
     pub admins: Vec<String>,
+    /// The CA its nodes' certificates chain to, when it serves TLS.
+    pub cacert: Option<PathBuf>,
+    /// A client certificate and key its CA signed (for mTLS).
+    pub identity: (Option<PathBuf>, Option<PathBuf>),
 }
 
 /// The endpoints file, if there is one.
 pub fn read_endpoints_file() -> Option<EndpointsFile> {
     let text = std::fs::read_to_string(endpoints_file()).ok()?;
-    let mut file = EndpointsFile {
-        owner: None,
-        endpoints: Vec::new(),
-        admins: Vec::new(),
-    };
+    let mut file = EndpointsFile::default();
     for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
         if let Some(pid) = line.strip_prefix("pid ") {
             file.owner = pid.trim().parse().ok();
         } else if let Some(admin) = line.strip_prefix("admin ") {
             file.admins.push(admin.trim().to_string());
+        } else if let Some(path) = line.strip_prefix("cacert ") {
+            file.cacert = Some(path.trim().into());
+        } else if let Some(path) = line.strip_prefix("cert ") {
+            file.identity.0 = Some(path.trim().into());
+        } else if let Some(path) = line.strip_prefix("key ") {
+            file.identity.1 = Some(path.trim().into());
         } else {
             file.endpoints.push(line.to_string());
         }
@@ -324,13 +343,17 @@ fn exit_code(e: &Error) -> u8 {
     }
 }
 
-/// The endpoints `conn` names (flags, then $DCOORD_ENDPOINTS, then `dcoord cluster`'s file).
-pub fn endpoints(conn: &Conn) -> dcoord::Result<Vec<String>> {
+/// The cluster `conn` names: its endpoints (flags, then $DCOORD_ENDPOINTS, then `dcoord
+/// cluster`'s file) and how to reach them (--cacert/--cert/--key, else the file's).
+pub fn endpoints(conn: &Conn) -> dcoord::Result<(Vec<String>, Option<ClientTls>)> {
     let mut endpoints = conn.endpoints.clone();
+    let (mut cacert, mut identity) = (conn.cacert.clone(), (conn.cert.clone(), conn.key.clone()));
     if endpoints.is_empty()
         && let Some(EndpointsFile {
             owner,
             endpoints: listed,
+            cacert: file_ca,
+            identity: file_identity,
             ..
         }) = read_endpoints_file()
     {
@@ -344,6 +367,9 @@ pub fn endpoints(conn: &Conn) -> dcoord::Result<Vec<String>> {
             )));
         }
         endpoints = listed;
+        if cacert.is_none() {
+            (cacert, identity) = (file_ca, file_identity);
+        }
     }
     if endpoints.is_empty() {
         return Err(Error::InvalidArgument(
@@ -351,13 +377,28 @@ pub fn endpoints(conn: &Conn) -> dcoord::Result<Vec<String>> {
                 .into(),
         ));
     }
-    Ok(endpoints)
+    let tls = match (cacert, identity) {
+        (None, (None, None)) => None,
+        (None, _) => {
+            return Err(Error::InvalidArgument(
+                "--cert/--key need --cacert (the CA that signed the nodes)".into(),
+            ));
+        }
+        (Some(ca), (Some(cert), Some(key))) => {
+            Some(ClientTls::from_ca_file(ca)?.identity_files(cert, key)?)
+        }
+        (Some(ca), _) => Some(ClientTls::from_ca_file(ca)?),
+    };
+    Ok((endpoints, tls))
 }
 
 /// A store on the cluster `conn` names (see [`endpoints`]).
 pub async fn connect(conn: &Conn) -> dcoord::Result<RemoteStore> {
-    let endpoints = endpoints(conn)?;
-    let options = RemoteOptions::default().op_deadline(conn.timeout);
+    let (endpoints, tls) = endpoints(conn)?;
+    let mut options = RemoteOptions::default().op_deadline(conn.timeout);
+    if let Some(tls) = tls {
+        options = options.tls(tls);
+    }
     RemoteStore::connect(&endpoints, options).await
 }
 

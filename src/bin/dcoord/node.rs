@@ -29,9 +29,22 @@ pub struct NodeArgs {
     /// Data directory.
     #[arg(long, default_value = "./dcoord-data")]
     dir: PathBuf,
-    /// Serve this node's replica view (for `dcoord check`) on this address.
+    /// Serve this node's replica view (for `dcoord check`) on this address (plain HTTP).
     #[arg(long)]
     admin: Option<SocketAddr>,
+    /// Serve TLS (clients and peers) with this certificate (PEM); needs --tls-key, --tls-ca.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The CA (PEM) that signed the peers' certificates; the node trusts no other.
+    #[arg(long, requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
+    /// Require a client certificate signed by this CA (PEM) from every client and peer (mTLS);
+    /// the node presents --tls-cert to its peers, so this CA must have signed it too.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Exit when stdin closes (used by `dcoord cluster` and tests so nodes never outlive them).
     #[arg(long, hide = true)]
     exit_with_stdin: bool,
@@ -45,6 +58,13 @@ pub struct ClusterArgs {
     /// Data directory (default: a temporary one, removed on exit). Must not hold a cluster.
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Serve TLS with a throwaway CA and certificates generated into the data dir (`tls/`);
+    /// the endpoints file names the CA, so other commands on this host just work.
+    #[arg(long)]
+    tls: bool,
+    /// As --tls, and every node requires a client certificate (one is generated, `tls/client.pem`).
+    #[arg(long)]
+    mtls: bool,
 }
 
 fn parse_peer(s: &str) -> Result<(u32, SocketAddr), String> {
@@ -91,12 +111,23 @@ pub async fn run_node(args: NodeArgs) -> dcoord::Result<ExitCode> {
                 path: args.dir.clone(),
                 source: e,
             })?;
+            let tls = match (&args.tls_cert, &args.tls_key, &args.tls_ca) {
+                (Some(cert), Some(key), Some(ca)) => {
+                    let tls = dcoord::tls::NodeTls::new(cert, key, ca)?;
+                    Some(match &args.tls_client_ca {
+                        Some(client_ca) => tls.require_client_certs(client_ca)?,
+                        None => tls,
+                    })
+                }
+                _ => None,
+            };
             NodeConfig {
                 node_id: args.id,
                 listen: args.listen,
                 peers,
                 data_dir: dir,
                 timing,
+                tls,
             }
             .write()?
         }
@@ -158,8 +189,11 @@ async fn say_when_serving(config: PathBuf) {
     let Some((id, addr)) = listen else {
         return;
     };
+    let Ok(tls) = dcoord::engine::node_client_tls(&config) else {
+        return;
+    };
     loop {
-        if let Some(leader) = dcoord::engine::probe(addr, Duration::from_secs(1))
+        if let Some(leader) = dcoord::engine::probe_with(addr, tls.as_ref(), Duration::from_secs(1))
             .await
             .leader()
         {
@@ -204,6 +238,11 @@ fn reexec(restarts: u32) -> Error {
 
 pub async fn run_cluster(args: ClusterArgs) -> dcoord::Result<ExitCode> {
     let mut options = ClusterOptions::default().nodes(args.nodes);
+    if args.mtls {
+        options = options.mutual_tls();
+    } else if args.tls {
+        options = options.tls();
+    }
     if let Some(dir) = args.dir {
         if dir.join("n1").join("node.toml").exists() {
             return Err(Error::InvalidArgument(format!(
@@ -233,8 +272,22 @@ pub async fn run_cluster(args: ClusterArgs) -> dcoord::Result<ExitCode> {
         .iter()
         .map(|a| format!("admin {a}\n"))
         .collect();
+    let tls_lines = match cluster.pki() {
+        Some(pki) => {
+            let mut lines = format!("cacert {}\n", pki.ca.display());
+            if args.mtls {
+                lines += &format!(
+                    "cert {}\nkey {}\n",
+                    pki.client.0.display(),
+                    pki.client.1.display()
+                );
+            }
+            lines
+        }
+        None => String::new(),
+    };
     let contents = format!(
-        "pid {}\n{}\n{admins}",
+        "pid {}\n{}\n{admins}{tls_lines}",
         std::process::id(),
         endpoints.join("\n")
     );
@@ -247,6 +300,13 @@ pub async fn run_cluster(args: ClusterArgs) -> dcoord::Result<ExitCode> {
         println!("node {id}: {e} (pid {})", cluster.pid(*id).unwrap_or(0));
     }
     println!("DCOORD_ENDPOINTS={}", endpoints.join(","));
+    if let Some(pki) = cluster.pki() {
+        println!("DCOORD_CACERT={}", pki.ca.display());
+        if args.mtls {
+            println!("DCOORD_CERT={}", pki.client.0.display());
+            println!("DCOORD_KEY={}", pki.client.1.display());
+        }
+    }
     println!(
         "check replicas: dcoord check --admin {}",
         cluster.admins().join(",")
@@ -266,19 +326,18 @@ pub async fn run_cluster(args: ClusterArgs) -> dcoord::Result<ExitCode> {
 }
 
 /// One endpoint's answer to `dcoord status`, as JSON.
-async fn endpoint_status(endpoint: &str, timeout: Duration) -> serde_json::Value {
+async fn endpoint_status(
+    endpoint: &str,
+    tls: Option<&dcoord::tls::ClientTls>,
+    timeout: Duration,
+) -> serde_json::Value {
     use d_engine_proto::common::NodeRole;
     use d_engine_proto::server::cluster::MetadataRequest;
     use d_engine_proto::server::cluster::cluster_management_service_client::ClusterManagementServiceClient;
     use serde_json::json;
 
-    let uri = if endpoint.contains("://") {
-        endpoint.to_string()
-    } else {
-        format!("http://{endpoint}")
-    };
     let call = async {
-        let channel = tonic::transport::Endpoint::try_from(uri)
+        let channel = dcoord::tls::endpoint(endpoint, tls)
             .map_err(|e| format!("bad endpoint: {e}"))?
             .connect_timeout(timeout)
             .connect()
@@ -318,13 +377,13 @@ async fn endpoint_status(endpoint: &str, timeout: Duration) -> serde_json::Value
 /// node's applied index and term. Exit 0 when every endpoint serves and knows a leader.
 pub async fn status(admin: Vec<String>, output: Output, conn: Conn) -> dcoord::Result<ExitCode> {
     use serde_json::json;
-    let endpoints = crate::endpoints(&conn)?;
+    let (endpoints, tls) = crate::endpoints(&conn)?;
     let timeout = conn
         .timeout
         .clamp(Duration::from_secs(1), Duration::from_secs(5));
     let mut rows = Vec::new();
     for e in &endpoints {
-        rows.push(endpoint_status(e, timeout).await);
+        rows.push(endpoint_status(e, tls.as_ref(), timeout).await);
     }
     let healthy = rows
         .iter()
