@@ -273,9 +273,20 @@ pub fn generate_local(dir: &Path, nodes: usize, hosts: &[&str], mutual: bool) ->
     };
     let gen_err = |e: rcgen::Error| Error::Config(format!("cannot generate a certificate: {e}"));
     std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create", dir, e))?;
+    // Keys are readable by their owner only: d-engine refuses a key file others can read.
     let write = |name: &str, pem: String| -> Result<PathBuf> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
         let path = dir.join(name);
-        std::fs::write(&path, pem).map_err(|e| Error::io("cannot write", &path, e))?;
+        let mode = if name.ends_with(".key") { 0o600 } else { 0o644 };
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&path)
+            .and_then(|mut f| f.write_all(pem.as_bytes()))
+            .map_err(|e| Error::io("cannot write", &path, e))?;
         std::path::absolute(&path).map_err(|e| Error::io("bad path", &path, e))
     };
 
@@ -284,7 +295,7 @@ pub fn generate_local(dir: &Path, nodes: usize, hosts: &[&str], mutual: bool) ->
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params
         .distinguished_name
-        .push(DnType::CommonName, "dcoord local CA");
+        .push(DnType::CommonName, format!("dcoord local CA {:08x}", fastrand::u32(..)));
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca_cert = ca_params.self_signed(&ca_key).map_err(gen_err)?;
     let ca = write("ca.pem", ca_cert.pem())?;

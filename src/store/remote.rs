@@ -27,6 +27,8 @@ use bytes::Bytes;
 use d_engine::{Client, ClientApi, ClientApiError, ErrorCode};
 use d_engine_proto::client::raft_client_service_client::RaftClientServiceClient;
 use d_engine_proto::client::{WatchEventType, WatchRequest, WatchResponse};
+use d_engine_proto::server::cluster::MetadataRequest;
+use d_engine_proto::server::cluster::cluster_management_service_client::ClusterManagementServiceClient;
 use futures::StreamExt;
 use tokio::time::Instant;
 
@@ -186,8 +188,28 @@ async fn handshake(
             .ok()?
             .connect_timeout(timeout);
         let connect = endpoint.connect();
-        return match tokio::time::timeout(timeout, connect).await {
-            Ok(Err(e)) => Some(format!("TLS handshake failed: {}", crate::error::chain(&e))),
+        let channel = match tokio::time::timeout(timeout, connect).await {
+            Ok(Ok(channel)) => channel,
+            Ok(Err(e)) => return Some(format!("TLS handshake failed: {}", crate::error::chain(&e))),
+            Err(_) => return None,
+        };
+        // A node that requires a client certificate refuses one after the handshake (TLS 1.3):
+        // the first call fails with the node's alert.
+        let mut client = ClusterManagementServiceClient::new(channel);
+        let call = client.get_cluster_metadata(MetadataRequest {});
+        return match tokio::time::timeout(timeout, call).await {
+            Ok(Err(status)) => {
+                let why = crate::error::chain(&status);
+                let tls_alert = why.contains("alert") || why.contains("certificate");
+                Some(match tls_alert {
+                    true if !tls.has_identity() => format!(
+                        "TLS: the node refused this client ({why}); it requires a client \
+                         certificate (--cert/--key, ClientTls::identity_files)"
+                    ),
+                    true => format!("TLS: the node refused this client's certificate ({why})"),
+                    false => format!("the first call failed: {why}"),
+                })
+            }
             _ => None,
         };
     }

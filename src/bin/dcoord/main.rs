@@ -213,11 +213,11 @@ pub struct Conn {
     #[arg(long, env = "DCOORD_CACERT")]
     cacert: Option<PathBuf>,
     /// Present this client certificate (PEM) to nodes that require one; needs --key.
-    #[arg(long, env = "DCOORD_CERT", requires = "key")]
-    cert: Option<PathBuf>,
+    #[arg(long = "cert", env = "DCOORD_CERT", requires = "client_key")]
+    client_cert: Option<PathBuf>,
     /// The private key (PEM) of --cert.
-    #[arg(long, env = "DCOORD_KEY", requires = "cert")]
-    key: Option<PathBuf>,
+    #[arg(long = "key", env = "DCOORD_KEY", requires = "client_cert")]
+    client_key: Option<PathBuf>,
     /// Give up after this long without an available cluster (e.g. 10s, 500ms; a bare number
     /// is seconds).
     #[arg(long, default_value = "10s", value_parser = duration)]
@@ -347,7 +347,7 @@ fn exit_code(e: &Error) -> u8 {
 /// cluster`'s file) and how to reach them (--cacert/--cert/--key, else the file's).
 pub fn endpoints(conn: &Conn) -> dcoord::Result<(Vec<String>, Option<ClientTls>)> {
     let mut endpoints = conn.endpoints.clone();
-    let (mut cacert, mut identity) = (conn.cacert.clone(), (conn.cert.clone(), conn.key.clone()));
+    let (mut cacert, mut identity) = (conn.cacert.clone(), (conn.client_cert.clone(), conn.client_key.clone()));
     if endpoints.is_empty()
         && let Some(EndpointsFile {
             owner,
