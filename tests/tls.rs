@@ -140,7 +140,7 @@ async fn recipes_run_over_a_mutual_tls_cluster_and_wrong_clients_get_clear_error
     let no_cert = ClientTls::from_ca_file(&pki.ca).unwrap();
     let err = refused(&endpoints, RemoteOptions::default().tls(no_cert)).await;
     assert!(
-        err.contains("TLS: the node refused this client") && err.contains("--cert"),
+        err.contains("requires a client certificate") && err.contains("--cert"),
         "no client certificate: {err}"
     );
     eprintln!("no client certificate: {err}");
@@ -150,6 +150,32 @@ async fn recipes_run_over_a_mutual_tls_cluster_and_wrong_clients_get_clear_error
         err.contains("client.key") && err.contains("no PEM certificate"),
         "a key given as the CA: {err}"
     );
+
+    // The CLI: etcdctl's flags.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(binary())
+            .args(args)
+            .args(["--endpoints", &endpoints.join(","), "--timeout", "3s"])
+            .env_remove("DCOORD_CACERT")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    };
+    let (ca, cert, key) = (
+        pki.ca.to_str().unwrap(),
+        pki.client.0.to_str().unwrap(),
+        pki.client.1.to_str().unwrap(),
+    );
+    let (code, text) = cli(&["put", "/tls/cli", "x", "--cacert", ca, "--cert", cert, "--key", key]);
+    assert_eq!(code, Some(0), "{text}");
+    let (code, text) = cli(&["get", "/tls/cli", "--cacert", ca, "--cert", cert, "--key", key]);
+    assert_eq!((code, text.as_str()), (Some(0), "x"));
+    let (code, text) = cli(&["get", "/tls/cli"]);
+    assert!(code == Some(2) && text.contains("--cacert"), "{code:?} {text}");
+    let (code, text) = cli(&["get", "/tls/cli", "--cacert", ca]);
+    assert!(code == Some(3) && text.contains("client certificate"), "{code:?} {text}");
 
     let report = cluster
         .check_replicas(Duration::from_secs(60))

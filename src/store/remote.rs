@@ -199,14 +199,25 @@ async fn handshake(
         let call = client.get_cluster_metadata(MetadataRequest {});
         return match tokio::time::timeout(timeout, call).await {
             Ok(Err(status)) => {
-                let why = crate::error::chain(&status);
-                let tls_alert = why.contains("alert") || why.contains("certificate");
-                Some(match tls_alert {
+                use std::error::Error as _;
+                let why = match status.source() {
+                    Some(source) => match crate::error::chain(source) {
+                        chain if chain.starts_with(status.message()) => chain,
+                        chain => format!("{}: {chain}", status.message()),
+                    },
+                    None => status.message().to_string(),
+                };
+                let closed = why.contains("transport error") || why.contains("connection");
+                Some(match closed {
                     true if !tls.has_identity() => format!(
-                        "TLS: the node refused this client ({why}); it requires a client \
-                         certificate (--cert/--key, ClientTls::identity_files)"
+                        "TLS: the node closed the connection after the handshake; it likely \
+                         requires a client certificate (--cert/--key, \
+                         ClientTls::identity_files) ({why})"
                     ),
-                    true => format!("TLS: the node refused this client's certificate ({why})"),
+                    true => format!(
+                        "TLS: the node closed the connection after the handshake; it may not \
+                         accept this client certificate ({why})"
+                    ),
                     false => format!("the first call failed: {why}"),
                 })
             }
