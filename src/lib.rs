@@ -38,6 +38,7 @@ mod error;
 pub mod keys;
 pub mod reconcile;
 pub mod session;
+pub mod metrics;
 pub mod store;
 pub mod tls;
 #[cfg(feature = "test-util")]

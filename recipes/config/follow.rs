@@ -85,7 +85,8 @@ impl State {
         }) {
             Ok(value) => shared.apply(Arc::new(value), revision),
             Err((key, error)) => {
-                tracing::warn!(config = %shared.source.name(), %key, "refusing a bad value: {error}");
+                tracing::warn!(config = %shared.source.name(), %key, %error, "refusing a bad value");
+                crate::metrics::count(crate::metrics::CONFIG_REJECTIONS_TOTAL, "key", &key);
                 shared.status.send_replace(Status::Rejected {
                     key: key.clone(),
                     error: error.clone(),
@@ -115,6 +116,7 @@ impl<T> Shared<T> {
             }
         };
         self.status.send_replace(Status::Current { revision });
+        crate::metrics::count(crate::metrics::CONFIG_APPLIED_TOTAL, "key", self.source.name());
         self.emit(ConfigEvent::Applied { old, new, revision });
     }
 }

@@ -191,6 +191,14 @@ impl Mutex {
     /// a grant that raced with the drop is passed on to the next waiter). Compose a deadline
     /// with `tokio::time::timeout`.
     pub async fn acquire(&self) -> Result<MutexGuard> {
+        let started = std::time::Instant::now();
+        let guard = self.wait().await?;
+        metrics::histogram!(crate::metrics::LOCK_WAIT_SECONDS, "lock" => self.inner.name.clone())
+            .record(started.elapsed().as_secs_f64());
+        Ok(guard)
+    }
+
+    async fn wait(&self) -> Result<MutexGuard> {
         let inner = &self.inner;
         let mut pending = Pending::new(inner.clone());
         if let Some(guard) = inner.grab(&mut pending).await? {

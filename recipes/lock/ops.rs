@@ -141,6 +141,7 @@ impl Inner {
             if rec.is_holder(&me) {
                 tracing::debug!(lock = %self.name, ?me, seq = rec.seq, epoch = rec.epoch, "granted (fast path)");
                 bump(&self.stats.grants);
+                crate::metrics::count(crate::metrics::LOCK_ACQUIRED_TOTAL, "lock", &self.name);
                 let owned = pending.hand_over();
                 return Ok(Some(MutexGuard::new(
                     self.clone(),
@@ -181,6 +182,9 @@ impl Inner {
             {
                 Settled::Applied => {
                     tracing::debug!(lock = %self.name, ?me, seq = next.seq, holder = ?next.holder, "left");
+                    if rec.is_holder(me) && next.holder.is_some() {
+                        crate::metrics::count(crate::metrics::LOCK_HANDOFFS_TOTAL, "lock", &self.name);
+                    }
                     return Ok(());
                 }
                 // Our leave may have applied and been built on since: the loop tells by

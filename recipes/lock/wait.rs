@@ -70,6 +70,7 @@ impl<'a> Waiter<'a> {
                 Step::Granted { token } => {
                     tracing::debug!(lock = %inner.name, me = ?self.me, seq = rec.seq, epoch = token, "granted");
                     bump(&inner.stats.grants);
+                    crate::metrics::count(crate::metrics::LOCK_ACQUIRED_TOTAL, "lock", &inner.name);
                     let owned = pending.hand_over();
                     inner.forget_arrival(&self.me);
                     let guard = MutexGuard::new(inner.clone(), self.me, owned, token, self.current);
@@ -144,6 +145,7 @@ impl<'a> Waiter<'a> {
             return Ok(false);
         }
         bump(&inner.stats.takeovers);
+        crate::metrics::count(crate::metrics::LOCK_TAKEOVERS_TOTAL, "lock", &inner.name);
         let view = inner.session.peers().await?.snapshot();
         next.prune(|s| view.get(&inner.session.heartbeat_key(s)).is_none());
         self.current = inner.cas(self.current.take(), next.encode()).await?;

@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
-use super::message::Record;
+use super::message::{Record, State};
 use super::{Inner, now_ms};
 use crate::error::{Error, Result};
 use crate::reconcile::Backoff;
@@ -121,6 +121,11 @@ impl Delivery {
         self.finished = true;
         let q = &self.q;
         let new = next.encode();
+        let counted = match next.header.state {
+            State::Done { .. } => Some(crate::metrics::QUEUE_ACKED_TOTAL),
+            State::Dead { .. } => Some(crate::metrics::QUEUE_DEAD_LETTERS_TOTAL),
+            _ => None,
+        };
         // Settled by re-sending the identical CAS, never by a read that still shows our claim
         // (the first write can apply after that read): see `Cas`. Our claim's bytes are
         // unique, so once replaced they never come back.
@@ -128,7 +133,12 @@ impl Delivery {
             .settle()
             .await
         {
-            Ok(Settled::Applied) => Ok(()),
+            Ok(Settled::Applied) => {
+                if let Some(name) = counted {
+                    crate::metrics::count(name, "queue", &q.name);
+                }
+                Ok(())
+            }
             Ok(Settled::Rejected { .. }) => Err(self.claim_lost()),
             Err(e) => {
                 self.finished = false;

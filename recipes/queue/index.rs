@@ -98,6 +98,11 @@ pub(super) async fn maintain(
                         }
                     }
                 }
+                let depth = {
+                    let idx = q.index.lock().unwrap();
+                    idx.ready.len() + idx.claimed.values().map(|s| s.len()).sum::<usize>()
+                };
+                metrics::gauge!(crate::metrics::QUEUE_DEPTH, "queue" => q.name.clone()).set(depth as f64);
                 q.changed.notify_waiters();
             }
             _ = janitor.tick() => {

@@ -214,7 +214,9 @@ impl WorkQueue {
         // Settled by re-sending (see `Cas`): the key is never absent again while a write could
         // be in flight (the tombstone sweep waits `retention`). Refused means the id exists
         // already, ours or an earlier enqueue's: idempotent either way.
-        Cas::new(&*q.store, &key, None, &bytes).settle().await?;
+        if let Settled::Applied = Cas::new(&*q.store, &key, None, &bytes).settle().await? {
+            crate::metrics::count(crate::metrics::QUEUE_ENQUEUED_TOTAL, "queue", &q.name);
+        }
         Ok(id)
     }
 

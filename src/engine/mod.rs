@@ -34,6 +34,7 @@
 mod cluster;
 mod config;
 mod embedded;
+mod node_metrics;
 mod probe;
 pub mod raft_log;
 mod redb_txn;
@@ -119,6 +120,13 @@ pub async fn run_node(
         match &backend {
             embedded::Backend::Redb(sm, log) => {
                 let _clock = AbortOnDrop(tokio::spawn(leader_clock(sm.clone(), id, listen, tls.clone())));
+                let _figures = AbortOnDrop(tokio::spawn(node_metrics::run(
+                    sm.clone(),
+                    log.clone(),
+                    id,
+                    listen,
+                    tls.clone(),
+                )));
                 let sm = std::sync::Arc::new(sm.clone());
                 d_engine::StandaloneEngine::run_custom(log.clone(), sm, stopped, Some(path)).await
             }

@@ -232,7 +232,7 @@ pub(crate) async fn run(
 }
 
 /// The address to reach a node listening on `listen` from the same host.
-fn local(listen: SocketAddr) -> SocketAddr {
+pub(super) fn local(listen: SocketAddr) -> SocketAddr {
     if listen.ip().is_unspecified() {
         SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), listen.port())
     } else {

@@ -85,7 +85,8 @@ pub(super) async fn renew(mut r: Renewer) {
                 });
             }
             Ok(Err(e)) => {
-                tracing::warn!(key = %show(&r.key), "session renewal failed: {e}");
+                tracing::warn!(key = %show(&r.key), error = %e, "session renewal failed");
+                metrics::counter!(crate::metrics::SESSION_RENEW_FAILURES_TOTAL).increment(1);
                 next_at = Instant::now() + backoff.next_delay();
             }
             Err(_) => break,
@@ -96,5 +97,6 @@ pub(super) async fn renew(mut r: Renewer) {
         "session lost: no renewal succeeded since {:?} ago",
         r.last_sent.elapsed()
     );
+    metrics::counter!(crate::metrics::SESSION_LOST_TOTAL).increment(1);
     r.state.send_replace(SessionState::Lost);
 }

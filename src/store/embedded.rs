@@ -87,39 +87,51 @@ impl EmbeddedStore {
 #[async_trait]
 impl Store for EmbeddedStore {
     async fn get(&self, key: &[u8], consistency: Consistency) -> Result<Option<Bytes>> {
-        keys::validate_key(key)?;
-        self.check_running()?;
-        self.client
-            .get_with_consistency(key, consistency.policy())
-            .await
-            .map_err(|e| self.map_err("get", None, e))
+        super::observed("embedded", "get", key, async {
+            keys::validate_key(key)?;
+            self.check_running()?;
+            self.client
+                .get_with_consistency(key, consistency.policy())
+                .await
+                .map_err(|e| self.map_err("get", None, e))
+        })
+        .await
     }
 
     async fn put(&self, key: &[u8], value: &[u8]) -> Result<()> {
-        check_write(key, value)?;
-        self.check_running()?;
-        self.client
-            .put(key, value)
-            .await
-            .map_err(|e| self.map_err("put", Some(key), e))
+        super::observed("embedded", "put", key, async {
+            check_write(key, value)?;
+            self.check_running()?;
+            self.client
+                .put(key, value)
+                .await
+                .map_err(|e| self.map_err("put", Some(key), e))
+        })
+        .await
     }
 
     async fn put_with_ttl(&self, key: &[u8], value: &[u8], ttl: Duration) -> Result<()> {
-        check_write(key, value)?;
-        let secs = super::ttl_secs(ttl)?;
-        self.check_running()?;
-        ClientApi::put_with_ttl(&*self.client, key, value, secs)
-            .await
-            .map_err(|e| self.map_err("put_with_ttl", Some(key), e))
+        super::observed("embedded", "put_with_ttl", key, async {
+            check_write(key, value)?;
+            let secs = super::ttl_secs(ttl)?;
+            self.check_running()?;
+            ClientApi::put_with_ttl(&*self.client, key, value, secs)
+                .await
+                .map_err(|e| self.map_err("put_with_ttl", Some(key), e))
+        })
+        .await
     }
 
     async fn delete(&self, key: &[u8]) -> Result<()> {
-        keys::validate_key(key)?;
-        self.check_running()?;
-        self.client
-            .delete(key)
-            .await
-            .map_err(|e| self.map_err("delete", Some(key), e))
+        super::observed("embedded", "delete", key, async {
+            keys::validate_key(key)?;
+            self.check_running()?;
+            self.client
+                .delete(key)
+                .await
+                .map_err(|e| self.map_err("delete", Some(key), e))
+        })
+        .await
     }
 
     async fn compare_and_swap(
@@ -128,78 +140,87 @@ impl Store for EmbeddedStore {
         expected: Option<&[u8]>,
         new: &[u8],
     ) -> Result<bool> {
-        check_write(key, new)?;
-        self.check_running()?;
-        ClientApi::compare_and_swap(&*self.client, key, expected, new)
-            .await
-            .map_err(|e| self.map_err("compare_and_swap", Some(key), e))
+        super::observed("embedded", "compare_and_swap", key, async {
+            check_write(key, new)?;
+            self.check_running()?;
+            ClientApi::compare_and_swap(&*self.client, key, expected, new)
+                .await
+                .map_err(|e| self.map_err("compare_and_swap", Some(key), e))
+        })
+        .await
     }
 
     async fn scan_prefix(&self, prefix: &[u8]) -> Result<Scan> {
-        keys::validate_scan_prefix(prefix)?;
-        self.check_running()?;
-        let scan = self
-            .client
-            .scan_prefix(prefix)
-            .await
-            .map_err(|e| self.map_err("scan_prefix", None, e))?;
-        let mut entries = scan.entries;
-        entries.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(Scan {
-            entries,
-            revision: scan.revision,
+        super::observed("embedded", "scan_prefix", prefix, async {
+            keys::validate_scan_prefix(prefix)?;
+            self.check_running()?;
+            let scan = self
+                .client
+                .scan_prefix(prefix)
+                .await
+                .map_err(|e| self.map_err("scan_prefix", None, e))?;
+            let mut entries = scan.entries;
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            Ok(Scan {
+                entries,
+                revision: scan.revision,
+            })
         })
+        .await
     }
 
     async fn watch(&self, target: WatchTarget, prev_value: bool) -> Result<WatchStream> {
-        target.validate()?;
-        self.check_running()?;
-        let handle = match &target {
-            WatchTarget::Key(k) => self.client.watch_with_options(k, prev_value),
-            WatchTarget::Prefix(p) => self.client.watch_prefix_with_options(p, prev_value),
-        }
-        .map_err(|e| self.map_err("watch", None, e))?;
-        let mut stopped = self.stopped.clone();
-        let name = target.to_string();
-        Ok(Box::pin(async_stream::stream! {
-            let mut handle = handle;
-            // d-engine 0.2.4 re-sends committed ranges to the state machine while it applies,
-            // and emits a watch event for every send: drop what this stream already delivered.
-            let mut last = 0u64;
-            loop {
-                tokio::select! {
-                    biased;
-                    ev = handle.receiver_mut().recv() => match ev {
-                        Some(ev) => match convert(ev, prev_value) {
-                            Converted::Event(e) if e.revision > last => {
-                                last = e.revision;
-                                yield Ok(e);
-                            }
-                            Converted::Event(_) => {}
-                            Converted::Skip => {}
-                            Converted::Canceled => {
-                                yield Err(Error::WatchCanceled { target: name.clone() });
+        super::observed::<WatchStream>("embedded", "watch", target.bytes(), async {
+            target.validate()?;
+            self.check_running()?;
+            let handle = match &target {
+                WatchTarget::Key(k) => self.client.watch_with_options(k, prev_value),
+                WatchTarget::Prefix(p) => self.client.watch_prefix_with_options(p, prev_value),
+            }
+            .map_err(|e| self.map_err("watch", None, e))?;
+            let mut stopped = self.stopped.clone();
+            let name = target.to_string();
+            Ok::<WatchStream, Error>(Box::pin(async_stream::stream! {
+                let mut handle = handle;
+                // d-engine 0.2.4 re-sends committed ranges to the state machine while it applies,
+                // and emits a watch event for every send: drop what this stream already delivered.
+                let mut last = 0u64;
+                loop {
+                    tokio::select! {
+                        biased;
+                        ev = handle.receiver_mut().recv() => match ev {
+                            Some(ev) => match convert(ev, prev_value) {
+                                Converted::Event(e) if e.revision > last => {
+                                    last = e.revision;
+                                    yield Ok(e);
+                                }
+                                Converted::Event(_) => {}
+                                Converted::Skip => {}
+                                Converted::Canceled => {
+                                    yield Err(Error::WatchCanceled { target: name.clone() });
+                                    break;
+                                }
+                            },
+                            None => {
+                                yield Err(Error::WatchEnded {
+                                    target: name.clone(),
+                                    reason: "the engine closed the watch".into(),
+                                });
                                 break;
                             }
                         },
-                        None => {
+                        _ = async { stopped.wait_for(|s| *s).await.is_ok() } => {
                             yield Err(Error::WatchEnded {
                                 target: name.clone(),
-                                reason: "the engine closed the watch".into(),
+                                reason: "the embedded engine was stopped".into(),
                             });
                             break;
                         }
-                    },
-                    _ = async { stopped.wait_for(|s| *s).await.is_ok() } => {
-                        yield Err(Error::WatchEnded {
-                            target: name.clone(),
-                            reason: "the embedded engine was stopped".into(),
-                        });
-                        break;
                     }
                 }
-            }
-        }))
+            }))
+        })
+        .await
     }
 }
 

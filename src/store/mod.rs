@@ -270,3 +270,31 @@ pub async fn barrier(store: &dyn Store) -> Result<()> {
         }
     }
 }
+
+/// One store call, observed: a `store` span (at debug level) with the op and key, the error as
+/// a field, and [`crate::metrics::STORE_REQUEST_SECONDS`] by outcome.
+pub(crate) async fn observed<T>(
+    store: &'static str,
+    op: &'static str,
+    key: &[u8],
+    call: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    use tracing::Instrument as _;
+    let span = tracing::debug_span!(
+        "store",
+        store,
+        op,
+        key = tracing::field::Empty,
+        error = tracing::field::Empty
+    );
+    if !span.is_disabled() {
+        span.record("key", crate::error::show(key));
+    }
+    let started = std::time::Instant::now();
+    let r = call.instrument(span.clone()).await;
+    if let Err(e) = &r {
+        span.record("error", tracing::field::display(e));
+    }
+    crate::metrics::store_call(store, op, started, &r);
+    r
+}

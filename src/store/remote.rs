@@ -530,34 +530,46 @@ impl RemoteStore {
 #[async_trait]
 impl Store for RemoteStore {
     async fn get(&self, key: &[u8], consistency: Consistency) -> Result<Option<Bytes>> {
-        keys::validate_key(key)?;
-        self.retry("get", None, |c| async move {
-            Ok(c.get_with_policy(key, Some(consistency.policy()))
-                .await?
-                .map(|e| e.value))
+        super::observed("remote", "get", key, async {
+            keys::validate_key(key)?;
+            self.retry("get", None, |c| async move {
+                Ok(c.get_with_policy(key, Some(consistency.policy()))
+                    .await?
+                    .map(|e| e.value))
+            })
+            .await
         })
         .await
     }
 
     async fn put(&self, key: &[u8], value: &[u8]) -> Result<()> {
-        check_write(key, value)?;
-        self.retry("put", Some(key), |c| async move { c.put(key, value).await })
-            .await
+        super::observed("remote", "put", key, async {
+            check_write(key, value)?;
+            self.retry("put", Some(key), |c| async move { c.put(key, value).await })
+                .await
+        })
+        .await
     }
 
     async fn put_with_ttl(&self, key: &[u8], value: &[u8], ttl: Duration) -> Result<()> {
-        check_write(key, value)?;
-        let secs = super::ttl_secs(ttl)?;
-        self.retry("put_with_ttl", Some(key), |c| async move {
-            c.put_with_ttl(key, value, secs).await
+        super::observed("remote", "put_with_ttl", key, async {
+            check_write(key, value)?;
+            let secs = super::ttl_secs(ttl)?;
+            self.retry("put_with_ttl", Some(key), |c| async move {
+                c.put_with_ttl(key, value, secs).await
+            })
+            .await
         })
         .await
     }
 
     async fn delete(&self, key: &[u8]) -> Result<()> {
-        keys::validate_key(key)?;
-        self.retry("delete", Some(key), |c| async move { c.delete(key).await })
-            .await
+        super::observed("remote", "delete", key, async {
+            keys::validate_key(key)?;
+            self.retry("delete", Some(key), |c| async move { c.delete(key).await })
+                .await
+        })
+        .await
     }
 
     async fn compare_and_swap(
@@ -566,75 +578,84 @@ impl Store for RemoteStore {
         expected: Option<&[u8]>,
         new: &[u8],
     ) -> Result<bool> {
-        check_write(key, new)?;
-        self.retry("compare_and_swap", Some(key), |c| async move {
-            c.compare_and_swap(key, expected, new).await
+        super::observed("remote", "compare_and_swap", key, async {
+            check_write(key, new)?;
+            self.retry("compare_and_swap", Some(key), |c| async move {
+                c.compare_and_swap(key, expected, new).await
+            })
+            .await
         })
         .await
     }
 
     async fn scan_prefix(&self, prefix: &[u8]) -> Result<Scan> {
-        keys::validate_scan_prefix(prefix)?;
-        let scan = self
-            .retry("scan_prefix", None, |c| async move {
-                c.scan_prefix(prefix).await
+        super::observed("remote", "scan_prefix", prefix, async {
+            keys::validate_scan_prefix(prefix)?;
+            let scan = self
+                .retry("scan_prefix", None, |c| async move {
+                    c.scan_prefix(prefix).await
+                })
+                .await?;
+            let mut entries = scan.entries;
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            Ok(Scan {
+                entries,
+                revision: scan.revision,
             })
-            .await?;
-        let mut entries = scan.entries;
-        entries.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(Scan {
-            entries,
-            revision: scan.revision,
         })
+        .await
     }
 
     async fn watch(&self, target: WatchTarget, prev_value: bool) -> Result<WatchStream> {
-        target.validate()?;
-        let this = self.clone();
-        let t = &target;
-        let stream = self
-            .retry("watch", None, |_| {
-                let this = this.clone();
-                async move { this.open_watch(t, prev_value).await }
-            })
-            .await?;
-        let name = target.to_string();
-        Ok(Box::pin(async_stream::stream! {
-            let mut stream = stream;
-            // d-engine 0.2.4 re-sends committed ranges to the state machine while it applies,
-            // and emits a watch event for every send: drop what this stream already delivered.
-            let mut last = 0u64;
-            loop {
-                match stream.next().await {
-                    Some(Ok(resp)) => match convert(resp, prev_value) {
-                        Some(Ok(ev)) if ev.revision > last => {
-                            last = ev.revision;
-                            yield Ok(ev);
-                        }
-                        Some(Ok(_)) => {}
-                        Some(Err(())) => {
-                            yield Err(Error::WatchCanceled { target: name.clone() });
+        super::observed::<WatchStream>("remote", "watch", target.bytes(), async {
+            target.validate()?;
+            let this = self.clone();
+            let t = &target;
+            let stream = self
+                .retry("watch", None, |_| {
+                    let this = this.clone();
+                    async move { this.open_watch(t, prev_value).await }
+                })
+                .await?;
+            let name = target.to_string();
+            Ok::<WatchStream, Error>(Box::pin(async_stream::stream! {
+                let mut stream = stream;
+                // d-engine 0.2.4 re-sends committed ranges to the state machine while it applies,
+                // and emits a watch event for every send: drop what this stream already delivered.
+                let mut last = 0u64;
+                loop {
+                    match stream.next().await {
+                        Some(Ok(resp)) => match convert(resp, prev_value) {
+                            Some(Ok(ev)) if ev.revision > last => {
+                                last = ev.revision;
+                                yield Ok(ev);
+                            }
+                            Some(Ok(_)) => {}
+                            Some(Err(())) => {
+                                yield Err(Error::WatchCanceled { target: name.clone() });
+                                break;
+                            }
+                            None => {}
+                        },
+                        Some(Err(status)) => {
+                            yield Err(Error::WatchTransport {
+                                target: name.clone(),
+                                message: format!("{:?}: {}", status.code(), status.message()),
+                            });
                             break;
                         }
-                        None => {}
-                    },
-                    Some(Err(status)) => {
-                        yield Err(Error::WatchTransport {
-                            target: name.clone(),
-                            message: format!("{:?}: {}", status.code(), status.message()),
-                        });
-                        break;
-                    }
-                    None => {
-                        yield Err(Error::WatchEnded {
-                            target: name.clone(),
-                            reason: "the server closed the stream".into(),
-                        });
-                        break;
+                        None => {
+                            yield Err(Error::WatchEnded {
+                                target: name.clone(),
+                                reason: "the server closed the stream".into(),
+                            });
+                            break;
+                        }
                     }
                 }
-            }
-        }))
+            }))
+        })
+        .await
     }
 }
 

@@ -45,6 +45,10 @@ pub struct NodeArgs {
     /// the node presents --tls-cert to its peers, so this CA must have signed it too.
     #[arg(long, requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Serve Prometheus metrics on http://ADDR/metrics (plain HTTP): the node's own figures
+    /// (`dcoord_node_*`: applied and last log index, term, leader, serving) and d-engine's.
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
     /// Exit when stdin closes (used by `dcoord cluster` and tests so nodes never outlive them).
     #[arg(long, hide = true)]
     exit_with_stdin: bool,
@@ -132,6 +136,9 @@ pub async fn run_node(args: NodeArgs) -> dcoord::Result<ExitCode> {
             .write()?
         }
     };
+    if let Some(addr) = args.metrics_addr {
+        serve_metrics(addr)?;
+    }
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(());
     let hangup = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     if args.exit_with_stdin {
@@ -173,6 +180,23 @@ pub async fn run_node(args: NodeArgs) -> dcoord::Result<ExitCode> {
     };
     eprintln!("dcoord: node restarting in place: {reason}");
     Err(reexec(restarts + 1))
+}
+
+/// Installs the Prometheus recorder, serving `/metrics` on `addr` (on this runtime).
+fn serve_metrics(addr: SocketAddr) -> dcoord::Result<()> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .map_err(|e| match e {
+            metrics_exporter_prometheus::BuildError::FailedToCreateHTTPListener(why)
+                if why.contains("in use") =>
+            {
+                Error::PortInUse { addr }
+            }
+            e => Error::Config(format!("cannot serve metrics on {addr}: {e}")),
+        })?;
+    dcoord::metrics::describe();
+    Ok(())
 }
 
 /// Says once, on stderr, when the node of `config` listens and serves (its leader known).

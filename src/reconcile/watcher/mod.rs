@@ -137,7 +137,15 @@ impl Relist {
 
 impl fmt::Display for Relist {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = match self {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Relist {
+    /// The reason's name: `start`, `canceled`, `ended`, `transport`, `idle`, `periodic`,
+    /// `failed` (the `reason` label of [`crate::metrics::WATCH_RELISTS_TOTAL`]).
+    pub fn as_str(self) -> &'static str {
+        match self {
             Relist::Start => "start",
             Relist::Canceled => "canceled",
             Relist::Ended => "ended",
@@ -145,8 +153,7 @@ impl fmt::Display for Relist {
             Relist::Idle => "idle",
             Relist::Periodic => "periodic",
             Relist::Failed => "failed",
-        };
-        f.write_str(s)
+        }
     }
 }
 
