@@ -1,4 +1,5 @@
 //! What every example starts with: the store to run on.
+#![allow(dead_code)]
 
 use std::path::Path;
 use std::sync::Arc;
@@ -20,7 +21,16 @@ pub async fn store(dir: &Path) -> dcoord::Result<(Arc<dyn Store>, Option<Embedde
     if let Some(eps) = endpoints {
         let eps: Vec<String> = eps.split(',').map(str::to_string).collect();
         println!("connecting to {eps:?}");
-        let remote = RemoteStore::connect(&eps, RemoteOptions::default()).await?;
+        let mut options = RemoteOptions::default();
+        // A TLS cluster (`dcoord cluster --tls` prints these): its CA, and a client certificate.
+        if let Ok(ca) = std::env::var("DCOORD_CACERT") {
+            let mut tls = dcoord::tls::ClientTls::from_ca_file(ca)?;
+            if let (Ok(cert), Ok(key)) = (std::env::var("DCOORD_CERT"), std::env::var("DCOORD_KEY")) {
+                tls = tls.identity_files(cert, key)?;
+            }
+            options = options.tls(tls);
+        }
+        let remote = RemoteStore::connect(&eps, options).await?;
         return Ok((Arc::new(remote), None));
     }
     let t = Instant::now();

@@ -23,6 +23,7 @@ impl<T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> ConfigWatc
     ///
     /// # Cancel safety
     /// If dropped, the change was written at most once.
+    #[tracing::instrument(level = "debug", name = "config.update", skip_all, fields(config = %self.shared.source.name()), err(level = "debug", Display))]
     pub async fn update(&self, mut change: impl FnMut(&mut T)) -> Result<Arc<T>> {
         let key = self.single_key()?;
         for attempt in 1..=100 {
@@ -69,6 +70,7 @@ impl<T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> ConfigWatc
     ///
     /// # Cancel safety
     /// If dropped, the value was written or not; nothing half-written.
+    #[tracing::instrument(level = "debug", name = "config.publish", skip_all, fields(config = %self.shared.source.name()), err(level = "debug", Display))]
     pub async fn publish(&self, value: &T) -> Result<()> {
         let key = self.single_key()?;
         let new = self.shared.encode_checked(key, value)?;

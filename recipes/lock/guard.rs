@@ -185,6 +185,7 @@ impl MutexGuard {
     ///
     /// # Cancel safety
     /// If dropped, the write may or may not have happened; the fence held either way.
+    #[tracing::instrument(level = "debug", name = "lock.fenced_put", skip_all, fields(lock = %self.inner.name, token = self.token), err(level = "debug", Display))]
     pub async fn fenced_put(&self, key: &[u8], value: &[u8]) -> Result<()> {
         if self.is_lost() {
             self.inner.session.check()?;
@@ -206,6 +207,11 @@ impl MutexGuard {
     /// # Cancel safety
     /// If dropped midway, the release is finished in the background.
     pub async fn release(mut self) -> Result<()> {
+        self.leave().await
+    }
+
+    #[tracing::instrument(level = "debug", name = "lock.release", skip_all, fields(lock = %self.inner.name, token = self.token), err(level = "debug", Display))]
+    async fn leave(&mut self) -> Result<()> {
         let known = self.known.take();
         let res = self.inner.leave(&self.me, known).await;
         if res.is_ok() {

@@ -190,6 +190,7 @@ impl Mutex {
     /// Cancel-safe: if the future is dropped, its queue entry is removed in the background (and
     /// a grant that raced with the drop is passed on to the next waiter). Compose a deadline
     /// with `tokio::time::timeout`.
+    #[tracing::instrument(level = "debug", name = "lock.acquire", skip_all, fields(lock = %self.inner.name), err(level = "debug", Display))]
     pub async fn acquire(&self) -> Result<MutexGuard> {
         let started = std::time::Instant::now();
         let guard = self.wait().await?;
@@ -223,6 +224,7 @@ impl Mutex {
     ///
     /// # Cancel safety
     /// Cancel-safe: a grant that raced with the drop is released in the background.
+    #[tracing::instrument(level = "debug", name = "lock.try_acquire", skip_all, fields(lock = %self.inner.name), err(level = "debug", Display))]
     pub async fn try_acquire(&self) -> Result<Option<MutexGuard>> {
         let mut pending = Pending::new(self.inner.clone());
         self.inner.grab(&mut pending).await

@@ -198,6 +198,7 @@ impl Inner {
     }
 
     /// CAS-claims `key` if `eligible`; `None` if someone else got it or it changed.
+    #[tracing::instrument(level = "debug", name = "queue.claim", skip_all, fields(queue = %self.name, key = %crate::error::show(key)), err(level = "debug", Display))]
     async fn try_claim(
         self: &Arc<Self>,
         key: &Bytes,

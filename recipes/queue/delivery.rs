@@ -82,6 +82,7 @@ impl Delivery {
     ///
     /// # Cancel safety
     /// If dropped, the ack happened or the message will be redelivered.
+    #[tracing::instrument(level = "debug", name = "queue.ack", skip_all, fields(queue = %self.q.name, id = %self.record.header.id), err(level = "debug", Display))]
     pub async fn ack(mut self) -> Result<()> {
         let done = self.record.done(now_ms());
         self.finish(done).await
@@ -94,6 +95,7 @@ impl Delivery {
     ///
     /// # Cancel safety
     /// As [`Delivery::ack`].
+    #[tracing::instrument(level = "debug", name = "queue.nack", skip_all, fields(queue = %self.q.name, id = %self.record.header.id), err(level = "debug", Display))]
     pub async fn nack(mut self, error: &str) -> Result<()> {
         let poison = self.poison.lock().unwrap().take();
         let next = match poison {

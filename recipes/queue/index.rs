@@ -47,7 +47,7 @@ impl Index {
             Ok(r) => r,
             Err(e) => {
                 if self.undecodable.insert(key.clone()) {
-                    tracing::warn!("skipping a key in a queue: {e}");
+                    tracing::warn!(error = %e, "skipping a key in a queue");
                 }
                 return;
             }

@@ -178,6 +178,7 @@ impl WorkQueue {
     ///
     /// # Cancel safety
     /// If dropped, the message may or may not have been added; enqueue again with the same id.
+    #[tracing::instrument(level = "debug", name = "queue.enqueue", skip_all, fields(queue = %self.inner.name), err(level = "debug", Display))]
     pub async fn enqueue(&self, payload: &[u8], options: EnqueueOptions) -> Result<String> {
         let q = &self.inner;
         let id = match options.id {
@@ -305,7 +306,7 @@ impl WorkQueue {
                     Ok(d) => d,
                     // A store hiccup while claiming: try again; anything else ends the run.
                     Err(e) if e.is_retryable() || e.is_ambiguous() => {
-                        tracing::warn!(queue = %self.inner.name, "claiming failed, retrying: {e}");
+                        tracing::warn!(queue = %self.inner.name, error = %e, "claiming failed, retrying");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
@@ -336,7 +337,7 @@ impl WorkQueue {
                     Ok(true) => s.acked += 1,
                     Ok(false) => s.failed += 1,
                     Err(e) => {
-                        tracing::warn!("ack/nack failed (the message will be redelivered): {e}");
+                        tracing::warn!(error = %e, "ack/nack failed (the message will be redelivered)");
                         s.lost += 1;
                     }
                 }
@@ -435,6 +436,7 @@ impl WorkQueue {
     ///
     /// # Cancel safety
     /// If dropped, the message was redriven or not.
+    #[tracing::instrument(level = "debug", name = "queue.redrive", skip_all, fields(queue = %self.inner.name, id), err(level = "debug", Display))]
     pub async fn redrive(&self, id: &str) -> Result<bool> {
         crate::keys::validate_name("message id", id)?;
         let q = &self.inner;

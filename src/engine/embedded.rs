@@ -288,7 +288,7 @@ impl Backend {
         if let Self::Redb(sm, _) = self {
             match sm.sync() {
                 Ok(()) => tracing::info!("state machine synced at shutdown"),
-                Err(e) => tracing::warn!("state machine sync at shutdown failed: {e}"),
+                Err(e) => tracing::warn!(error = %e, "state machine sync at shutdown failed"),
             }
         }
     }

@@ -318,7 +318,7 @@ async fn run(shared: Arc<Shared>, mut stream: super::Watcher) {
         match item {
             Err(e) => {
                 *shared.last_error.lock().unwrap() = Some(e.to_string());
-                tracing::debug!(target = %shared.target, "mirror relisting after: {e}");
+                tracing::debug!(target = %shared.target, error = %e, "mirror relisting");
             }
             Ok(WatcherEvent::Init { .. }) => pending = Some(imbl::OrdMap::new()),
             Ok(WatcherEvent::InitApply(entry)) => {

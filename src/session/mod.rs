@@ -427,11 +427,11 @@ impl Session {
                 match attempt().await {
                     Ok(()) => break,
                     Err(e) if (e.is_retryable() || e.is_ambiguous()) && session.is_alive() => {
-                        tracing::debug!(session = %session.id(), "{what} failed, retrying: {e}");
+                        tracing::debug!(session = %session.id(), error = %e, "{what} failed, retrying");
                         tokio::time::sleep(backoff.next_delay()).await;
                     }
                     Err(e) => {
-                        tracing::warn!(session = %session.id(), "{what} failed: {e}");
+                        tracing::warn!(session = %session.id(), error = %e, "{what} failed");
                         break;
                     }
                 }

@@ -124,7 +124,7 @@ impl<'a> Cas<'a> {
                 Ok(true) => return Ok(Settled::Applied),
                 Ok(false) => return self.rejected(unsure.is_some()).await,
                 Err(e) if e.is_ambiguous() => {
-                    tracing::debug!(key = %show(self.key), "cas outcome unknown; re-sending it: {e}");
+                    tracing::debug!(key = %show(self.key), error = %e, "cas outcome unknown; re-sending it");
                     if let Some(check) = self.while_ok
                         && check().is_err()
                     {

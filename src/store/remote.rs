@@ -418,7 +418,7 @@ impl RemoteStore {
                 None
             }
             Err(e) => {
-                tracing::debug!("refresh failed: {e}");
+                tracing::debug!(error = %e, "leader rediscovery failed");
                 Some(e.to_string())
             }
         }
@@ -484,7 +484,7 @@ impl RemoteStore {
                     source: Some(Box::new(err)),
                 });
             }
-            tracing::debug!(op, "retrying after {err}");
+            tracing::debug!(op, error = %err, "retrying");
             tokio::time::sleep(delay).await;
             let remaining = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(remaining, self.refresh(generation)).await {

@@ -31,7 +31,7 @@ pub(crate) async fn serve(
         .route("/v1/replica/digests", get(digests_handler))
         .with_state(state);
     if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!("admin endpoint stopped: {e}");
+        tracing::error!(error = %e, "admin endpoint stopped");
     }
 }
 

@@ -475,7 +475,7 @@ where
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         if let Err(e) = tick(Bytes::copy_from_slice(&now.to_be_bytes())).await {
-            tracing::debug!("clock tick not written: {e}");
+            tracing::debug!(error = %e, "clock tick not written");
         }
     }
 }

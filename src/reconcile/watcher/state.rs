@@ -248,6 +248,7 @@ impl WatchLoop {
     }
 
     /// The start of a round.
+    #[tracing::instrument(level = "debug", name = "reconcile.relist", skip_all, fields(prefix = %self.name, reason = reason.as_str()))]
     async fn watch_then_scan(&mut self, reason: Relist) -> Transition {
         StatsHandle::bump(&self.counters.relists[reason.index()]);
         metrics::counter!(crate::metrics::WATCH_RELISTS_TOTAL, "reason" => reason.as_str()).increment(1);
@@ -255,7 +256,7 @@ impl WatchLoop {
         let watch = match self.store.watch(self.target.clone(), false).await {
             Ok(w) => w,
             Err(e) => {
-                tracing::debug!(target = %self.name, "watch failed: {e}");
+                tracing::debug!(error = %e, "watch failed");
                 return self.list_failed(e, None);
             }
         };
@@ -263,7 +264,7 @@ impl WatchLoop {
         let scan = match list(&*self.store, &self.target).await {
             Ok(s) => s,
             Err(e) => {
-                tracing::debug!(target = %self.name, "scan failed: {e}");
+                tracing::debug!(error = %e, "scan failed");
                 return self.list_failed(e, Some(watch));
             }
         };
