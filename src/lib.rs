@@ -36,13 +36,13 @@
 pub mod engine;
 mod error;
 pub mod keys;
+pub mod metrics;
 pub mod reconcile;
 pub mod session;
-pub mod metrics;
 pub mod store;
-pub mod tls;
 #[cfg(feature = "test-util")]
 pub mod testing;
+pub mod tls;
 
 #[path = "../recipes/mod.rs"]
 mod recipes;

@@ -40,6 +40,9 @@ use crate::error::{Error, Result};
 pub struct ClientTls {
     ca: Vec<u8>,
     identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name to verify the server's certificate against, when it is not the dialled host
+    /// (a node reaching itself on 127.0.0.1 verifies its advertised name).
+    domain: Option<String>,
 }
 
 impl std::fmt::Debug for ClientTls {
@@ -68,6 +71,23 @@ fn check_certs(pem: &[u8], whence: &str) -> Result<()> {
     Ok(())
 }
 
+/// d-engine refuses a node key whose mode is not exactly 0600.
+fn check_key_mode(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path)
+        .map_err(|e| Error::io("cannot read the node key", path, e))?
+        .permissions()
+        .mode();
+    if mode & 0o777 != 0o600 {
+        return Err(Error::Config(format!(
+            "node key {}: mode {:o}; d-engine requires 600 (chmod 600 it)",
+            path.display(),
+            mode & 0o777
+        )));
+    }
+    Ok(())
+}
+
 fn check_key(pem: &[u8], whence: &str) -> Result<()> {
     PrivateKeyDer::from_pem_slice(pem)
         .map(drop)
@@ -82,7 +102,11 @@ impl ClientTls {
     pub fn from_pem(ca_pem: impl Into<Vec<u8>>) -> Result<Self> {
         let ca = ca_pem.into();
         check_certs(&ca, "CA")?;
-        Ok(Self { ca, identity: None })
+        Ok(Self {
+            ca,
+            identity: None,
+            domain: None,
+        })
     }
 
     /// Trusts the CA certificate(s) in the file at `ca` (as etcdctl's `--cacert`).
@@ -97,6 +121,7 @@ impl ClientTls {
         Ok(Self {
             ca: pem,
             identity: None,
+            domain: None,
         })
     }
 
@@ -104,7 +129,11 @@ impl ClientTls {
     ///
     /// # Errors
     /// [`Error::Config`] when `cert` holds no certificate or `key` no private key.
-    pub fn identity_pem(mut self, cert: impl Into<Vec<u8>>, key: impl Into<Vec<u8>>) -> Result<Self> {
+    pub fn identity_pem(
+        mut self,
+        cert: impl Into<Vec<u8>>,
+        key: impl Into<Vec<u8>>,
+    ) -> Result<Self> {
         let (cert, key) = (cert.into(), key.into());
         check_certs(&cert, "client certificate")?;
         check_key(&key, "client key")?;
@@ -134,9 +163,19 @@ impl ClientTls {
         self.identity.is_some()
     }
 
+    /// Verifies servers' certificates against `host` instead of the dialled host.
+    pub(crate) fn verifying_as(mut self, host: &str) -> Self {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        self.domain = Some(host.to_string());
+        self
+    }
+
     /// tonic's form.
     pub(crate) fn config(&self) -> ClientTlsConfig {
-        let config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca));
+        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca));
+        if let Some(domain) = &self.domain {
+            config = config.domain_name(domain.clone());
+        }
         match &self.identity {
             Some((cert, key)) => config.identity(Identity::from_pem(cert, key)),
             None => config,
@@ -144,18 +183,27 @@ impl ClientTls {
     }
 }
 
-/// A gRPC endpoint (tonic's) for `addr` (`host:port`, with or without a scheme): `https://`
-/// with `tls`, `http://` without. For raw gRPC calls to a node beside a store.
+/// A gRPC endpoint (tonic's) for `addr` (`host:port`, or with the scheme that matches `tls`):
+/// `https://` with `tls`, `http://` without. For raw gRPC calls to a node beside a store.
 ///
 /// # Errors
-/// [`Error::InvalidArgument`] when `addr` is not a valid URI authority.
+/// [`Error::InvalidArgument`] when `addr` is not a valid URI authority, or names the other
+/// scheme (`https://` without TLS settings, `http://` with them).
 pub fn endpoint(addr: &str, tls: Option<&ClientTls>) -> Result<Endpoint> {
-    let rest = addr
-        .trim_start_matches("http://")
-        .trim_start_matches("https://");
-    let bad = |e: tonic::transport::Error| {
-        Error::InvalidArgument(format!("endpoint {addr:?}: {e}"))
+    let bad = |why: String| Error::InvalidArgument(format!("endpoint {addr:?}: {why}"));
+    let rest = match (addr.split_once("://"), tls) {
+        (Some(("https", _)), None) => {
+            return Err(bad(
+                "https:// needs the cluster's CA (--cacert, ClientTls)".into()
+            ));
+        }
+        (Some(("http", _)), Some(_)) => {
+            return Err(bad("http:// is plain text, but TLS is configured".into()));
+        }
+        (Some((_, rest)), _) => rest,
+        (None, _) => addr,
     };
+    let bad = |e: tonic::transport::Error| bad(e.to_string());
     match tls {
         None => Endpoint::from_shared(format!("http://{rest}")).map_err(bad),
         Some(tls) => Endpoint::from_shared(format!("https://{rest}"))
@@ -182,7 +230,11 @@ impl NodeTls {
     /// # Errors
     /// [`Error::Io`] / [`Error::Config`] naming a file that cannot be read or holds no
     /// certificate / key.
-    pub fn new(cert: impl AsRef<Path>, key: impl AsRef<Path>, ca: impl AsRef<Path>) -> Result<Self> {
+    pub fn new(
+        cert: impl AsRef<Path>,
+        key: impl AsRef<Path>,
+        ca: impl AsRef<Path>,
+    ) -> Result<Self> {
         let abs = |p: &Path| std::path::absolute(p).map_err(|e| Error::io("bad path", p, e));
         let (cert, key, ca) = (abs(cert.as_ref())?, abs(key.as_ref())?, abs(ca.as_ref())?);
         check_certs(
@@ -193,6 +245,7 @@ impl NodeTls {
             &read("cannot read the node key", &key)?,
             &format!("node key {}", key.display()),
         )?;
+        check_key_mode(&key)?;
         ClientTls::from_ca_file(&ca)?;
         Ok(Self {
             cert,
@@ -203,7 +256,9 @@ impl NodeTls {
     }
 
     /// Requires every client and peer to present a certificate signed by `client_ca` (mTLS).
-    /// Peers present the node's own certificate, so it must be signed by `client_ca` too.
+    /// Peers present the node's own certificate, so it must be signed by `client_ca` too, and
+    /// allow client authentication (no extended key usage, or one that includes `clientAuth`
+    /// as well as `serverAuth`; [`generate_local`]'s do).
     ///
     /// # Errors
     /// As [`ClientTls::from_ca_file`].
@@ -293,9 +348,10 @@ pub fn generate_local(dir: &Path, nodes: usize, hosts: &[&str], mutual: bool) ->
     let ca_key = KeyPair::generate().map_err(gen_err)?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(gen_err)?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, format!("dcoord local CA {:08x}", fastrand::u32(..)));
+    ca_params.distinguished_name.push(
+        DnType::CommonName,
+        format!("dcoord local CA {:08x}", fastrand::u32(..)),
+    );
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca_cert = ca_params.self_signed(&ca_key).map_err(gen_err)?;
     let ca = write("ca.pem", ca_cert.pem())?;
@@ -309,9 +365,7 @@ pub fn generate_local(dir: &Path, nodes: usize, hosts: &[&str], mutual: bool) ->
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        let cert = params
-            .signed_by(&key, &ca_cert, &ca_key)
-            .map_err(gen_err)?;
+        let cert = params.signed_by(&key, &ca_cert, &ca_key).map_err(gen_err)?;
         Ok((
             write(&format!("{name}.pem"), cert.pem())?,
             write(&format!("{name}.key"), key.serialize_pem())?,
@@ -335,4 +389,49 @@ pub fn generate_local(dir: &Path, nodes: usize, hosts: &[&str], mutual: bool) ->
         client,
         nodes: node_tls,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_files_load_and_keys_are_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let pki = generate_local(dir.path(), 2, &[], false).unwrap();
+        assert_eq!(pki.nodes.len(), 2);
+        assert!(pki.nodes.iter().all(|n| n.client_ca.is_none()));
+        let node = &pki.nodes[1];
+        NodeTls::new(&node.cert, &node.key, &node.ca).unwrap();
+        let mode = std::fs::metadata(&node.key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "a key readable by others: {mode:o}");
+        assert!(pki.client_tls().unwrap().has_identity());
+    }
+
+    #[test]
+    fn bad_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = generate_local(dir.path(), 1, &[], false).unwrap();
+        let missing = dir.path().join("nope.pem");
+        let err = ClientTls::from_ca_file(&missing).unwrap_err().to_string();
+        assert!(err.contains("nope.pem"), "{err}");
+        let err = NodeTls::new(&pki.nodes[0].key, &pki.nodes[0].key, &pki.ca)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("node-1.key") && err.contains("no PEM certificate"),
+            "{err}"
+        );
+        let err = ClientTls::from_ca_file(&pki.ca)
+            .unwrap()
+            .identity_files(&pki.client.0, &pki.client.0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("client.pem") && err.contains("no PEM private key"),
+            "{err}"
+        );
+        assert!(ClientTls::from_pem(b"junk".to_vec()).is_err());
+    }
 }

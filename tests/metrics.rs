@@ -40,7 +40,11 @@ fn free_port() -> std::net::SocketAddr {
 
 /// Scrapes until `done` holds for the text, for at most 30 s (the node sets its figures once a
 /// second).
-async fn scrape_until(addr: std::net::SocketAddr, what: &str, done: impl Fn(&str) -> bool) -> String {
+async fn scrape_until(
+    addr: std::net::SocketAddr,
+    what: &str,
+    done: impl Fn(&str) -> bool,
+) -> String {
     let wait = async {
         loop {
             if let Some(text) = scrape(addr).await
@@ -90,13 +94,19 @@ async fn a_nodes_metrics_endpoint_moves_with_its_writes() {
         value(t, "dcoord_node_applied_index").is_some_and(|v| v >= before + 5.0)
     })
     .await;
-    assert!(value(&text, "dcoord_node_keys").is_some_and(|k| k >= 5.0), "{text}");
+    assert!(
+        value(&text, "dcoord_node_keys").is_some_and(|k| k >= 5.0),
+        "{text}"
+    );
     assert!(
         value(&text, "dcoord_node_last_log_index").unwrap()
             >= value(&text, "dcoord_node_applied_index").unwrap(),
         "{text}"
     );
-    assert!(value(&text, "dcoord_node_term").is_some_and(|t| t >= 1.0), "{text}");
+    assert!(
+        value(&text, "dcoord_node_term").is_some_and(|t| t >= 1.0),
+        "{text}"
+    );
     // d-engine's own series come along.
     assert!(text.contains("raft_write_propose_to_commit_ms"), "{text}");
     drop(node.stdin.take());
@@ -108,7 +118,12 @@ fn a_taken_metrics_port_is_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(binary())
-        .args(["node", "--listen", &free_port().to_string(), "--metrics-addr"])
+        .args([
+            "node",
+            "--listen",
+            &free_port().to_string(),
+            "--metrics-addr",
+        ])
         .arg(taken.local_addr().unwrap().to_string())
         .arg("--dir")
         .arg(dir.path())
@@ -116,7 +131,10 @@ fn a_taken_metrics_port_is_a_clear_error() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains(&taken.local_addr().unwrap().to_string()), "{err}");
+    assert!(
+        err.contains(&taken.local_addr().unwrap().to_string()),
+        "{err}"
+    );
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -174,9 +192,13 @@ async fn the_library_series_move_as_the_recipes_run() {
 
     // A config value applied, then a bad one rejected.
     store.put(b"/m/flags", br#"{"level":1}"#).await.unwrap();
-    let config = ConfigWatch::<Flags>::open(store.clone(), Source::key("/m/flags"), ConfigOptions::default())
-        .await
-        .unwrap();
+    let config = ConfigWatch::<Flags>::open(
+        store.clone(),
+        Source::key("/m/flags"),
+        ConfigOptions::default(),
+    )
+    .await
+    .unwrap();
     let mut events = Box::pin(config.events());
     config.wait_configured().await.unwrap();
     store.put(b"/m/flags", b"{not json").await.unwrap();
@@ -190,16 +212,32 @@ async fn the_library_series_move_as_the_recipes_run() {
     let value = |name: &str| value(&text, name).unwrap_or_else(|| panic!("no {name} in\n{text}"));
     assert_eq!(value(r#"dcoord_lock_acquired_total{lock="m-lock"}"#), 2.0);
     assert_eq!(value(r#"dcoord_lock_handoffs_total{lock="m-lock"}"#), 1.0);
-    assert_eq!(value(r#"dcoord_lock_wait_seconds_count{lock="m-lock"}"#), 2.0);
-    assert_eq!(value(r#"dcoord_queue_enqueued_total{queue="m-queue"}"#), 2.0);
+    assert_eq!(
+        value(r#"dcoord_lock_wait_seconds_count{lock="m-lock"}"#),
+        2.0
+    );
+    assert_eq!(
+        value(r#"dcoord_queue_enqueued_total{queue="m-queue"}"#),
+        2.0
+    );
     assert_eq!(value(r#"dcoord_queue_acked_total{queue="m-queue"}"#), 1.0);
-    assert_eq!(value(r#"dcoord_queue_dead_letters_total{queue="m-queue"}"#), 1.0);
-    assert_eq!(value(r#"dcoord_config_applied_total{key="/m/flags"}"#), 1.0);
-    assert_eq!(value(r#"dcoord_config_rejections_total{key="/m/flags"}"#), 1.0);
+    assert_eq!(
+        value(r#"dcoord_queue_dead_letters_total{queue="m-queue"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"dcoord_config_applied_total{config="/m/flags"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"dcoord_config_rejections_total{config="/m/flags"}"#),
+        1.0
+    );
     assert!(value(r#"dcoord_watch_relists_total{reason="start"}"#) >= 3.0);
     assert!(
-        value(r#"dcoord_store_request_seconds_count{store="embedded",op="compare_and_swap",outcome="ok"}"#)
-            >= 4.0
+        value(
+            r#"dcoord_store_request_seconds_count{store="embedded",op="compare_and_swap",outcome="ok"}"#
+        ) >= 4.0
     );
     assert!(text.contains("# HELP dcoord_lock_wait_seconds"), "{text}");
     drop((queue, config, lock));

@@ -33,15 +33,25 @@ struct Flags {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recipes_run_over_a_mutual_tls_cluster_and_wrong_clients_get_clear_errors() {
-    let cluster = LocalCluster::start(ClusterOptions::default().nodes(3).binary(binary()).mutual_tls())
-        .await
-        .unwrap();
+    let cluster = LocalCluster::start(
+        ClusterOptions::default()
+            .nodes(3)
+            .binary(binary())
+            .mutual_tls(),
+    )
+    .await
+    .unwrap();
     let endpoints = cluster.endpoints();
-    assert!(endpoints.iter().all(|e| e.starts_with("https://")), "{endpoints:?}");
+    assert!(
+        endpoints.iter().all(|e| e.starts_with("https://")),
+        "{endpoints:?}"
+    );
     let store: Arc<dyn Store> = Arc::new(
         RemoteStore::connect(
             &endpoints,
-            cluster.remote_options().op_deadline(Duration::from_secs(30)),
+            cluster
+                .remote_options()
+                .op_deadline(Duration::from_secs(30)),
         )
         .await
         .unwrap(),
@@ -53,11 +63,14 @@ async fn recipes_run_over_a_mutual_tls_cluster_and_wrong_clients_get_clear_error
         .await
         .unwrap();
     store.put(b"/tls/k", b"v").await.unwrap();
-    let event = tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut watch))
-        .await
-        .expect("an event within 10 s")
-        .expect("the watch goes on")
-        .unwrap();
+    let event = tokio::time::timeout(
+        Duration::from_secs(10),
+        futures::StreamExt::next(&mut watch),
+    )
+    .await
+    .expect("an event within 10 s")
+    .expect("the watch goes on")
+    .unwrap();
     assert_eq!(&event.key[..], b"/tls/k");
 
     // The recipes.
@@ -81,10 +94,7 @@ async fn recipes_run_over_a_mutual_tls_cluster_and_wrong_clients_get_clear_error
     assert_eq!(&delivery.payload()[..], b"job");
     delivery.ack().await.unwrap();
 
-    store
-        .put(b"/tls/flags", br#"{"level":1}"#)
-        .await
-        .unwrap();
+    store.put(b"/tls/flags", br#"{"level":1}"#).await.unwrap();
     let config = ConfigWatch::<Flags>::open(
         store.clone(),
         Source::key("/tls/flags"),
@@ -124,18 +134,25 @@ async fn recipes_run_over_a_mutual_tls_cluster_and_wrong_clients_get_clear_error
         .unwrap();
     let err = refused(&endpoints, RemoteOptions::default().tls(wrong_ca)).await;
     assert!(
-        err.contains("TLS handshake failed") && err.contains("invalid peer certificate: UnknownIssuer"),
+        err.contains("TLS handshake failed")
+            && err.contains("invalid peer certificate: UnknownIssuer"),
         "wrong CA: {err}"
     );
 
     let plain = refused(&endpoints, RemoteOptions::default()).await;
-    assert!(plain.contains("--cacert"), "https endpoints without a CA: {plain}");
+    assert!(
+        plain.contains("--cacert"),
+        "https endpoints without a CA: {plain}"
+    );
     let hosts: Vec<String> = endpoints
         .iter()
         .map(|e| e.trim_start_matches("https://").to_string())
         .collect();
     let plain = refused(&hosts, RemoteOptions::default()).await;
-    assert!(plain.contains("the node speaks TLS"), "plain text against TLS: {plain}");
+    assert!(
+        plain.contains("the node speaks TLS"),
+        "plain text against TLS: {plain}"
+    );
 
     let no_cert = ClientTls::from_ca_file(&pki.ca).unwrap();
     let err = refused(&endpoints, RemoteOptions::default().tls(no_cert)).await;
@@ -145,7 +162,9 @@ async fn recipes_run_over_a_mutual_tls_cluster_and_wrong_clients_get_clear_error
     );
     eprintln!("no client certificate: {err}");
 
-    let err = ClientTls::from_ca_file(&pki.client.1).unwrap_err().to_string();
+    let err = ClientTls::from_ca_file(&pki.client.1)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("client.key") && err.contains("no PEM certificate"),
         "a key given as the CA: {err}"
@@ -168,14 +187,24 @@ async fn recipes_run_over_a_mutual_tls_cluster_and_wrong_clients_get_clear_error
         pki.client.0.to_str().unwrap(),
         pki.client.1.to_str().unwrap(),
     );
-    let (code, text) = cli(&["put", "/tls/cli", "x", "--cacert", ca, "--cert", cert, "--key", key]);
+    let (code, text) = cli(&[
+        "put", "/tls/cli", "x", "--cacert", ca, "--cert", cert, "--key", key,
+    ]);
     assert_eq!(code, Some(0), "{text}");
-    let (code, text) = cli(&["get", "/tls/cli", "--cacert", ca, "--cert", cert, "--key", key]);
+    let (code, text) = cli(&[
+        "get", "/tls/cli", "--cacert", ca, "--cert", cert, "--key", key,
+    ]);
     assert_eq!((code, text.as_str()), (Some(0), "x"));
     let (code, text) = cli(&["get", "/tls/cli"]);
-    assert!(code == Some(2) && text.contains("--cacert"), "{code:?} {text}");
+    assert!(
+        code == Some(2) && text.contains("--cacert"),
+        "{code:?} {text}"
+    );
     let (code, text) = cli(&["get", "/tls/cli", "--cacert", ca]);
-    assert!(code == Some(3) && text.contains("client certificate"), "{code:?} {text}");
+    assert!(
+        code == Some(3) && text.contains("client certificate"),
+        "{code:?} {text}"
+    );
 
     let report = cluster
         .check_replicas(Duration::from_secs(60))
@@ -192,13 +221,23 @@ async fn a_tls_client_against_a_plain_node_is_told_so() {
     let dir = tempfile::tempdir().unwrap();
     let pki = generate_local(dir.path(), 1, &[], false).unwrap();
     let tls = ClientTls::from_ca_file(&pki.ca).unwrap();
-    let err = refused(&cluster.endpoints(), RemoteOptions::default().tls(tls.clone())).await;
-    assert!(err.contains("TLS is configured"), "http:// endpoint with TLS: {err}");
+    let err = refused(
+        &cluster.endpoints(),
+        RemoteOptions::default().tls(tls.clone()),
+    )
+    .await;
+    assert!(
+        err.contains("TLS is configured"),
+        "http:// endpoint with TLS: {err}"
+    );
     let hosts: Vec<String> = cluster
         .endpoints()
         .iter()
         .map(|e| e.trim_start_matches("http://").to_string())
         .collect();
     let err = refused(&hosts, RemoteOptions::default().tls(tls)).await;
-    assert!(err.contains("TLS handshake failed"), "TLS against plain text: {err}");
+    assert!(
+        err.contains("TLS handshake failed"),
+        "TLS against plain text: {err}"
+    );
 }

@@ -25,7 +25,8 @@ pub async fn store(dir: &Path) -> dcoord::Result<(Arc<dyn Store>, Option<Embedde
         // A TLS cluster (`dcoord cluster --tls` prints these): its CA, and a client certificate.
         if let Ok(ca) = std::env::var("DCOORD_CACERT") {
             let mut tls = dcoord::tls::ClientTls::from_ca_file(ca)?;
-            if let (Ok(cert), Ok(key)) = (std::env::var("DCOORD_CERT"), std::env::var("DCOORD_KEY")) {
+            if let (Ok(cert), Ok(key)) = (std::env::var("DCOORD_CERT"), std::env::var("DCOORD_KEY"))
+            {
                 tls = tls.identity_files(cert, key)?;
             }
             options = options.tls(tls);

@@ -86,7 +86,11 @@ impl State {
             Ok(value) => shared.apply(Arc::new(value), revision),
             Err((key, error)) => {
                 tracing::warn!(config = %shared.source.name(), %key, %error, "refusing a bad value");
-                crate::metrics::count(crate::metrics::CONFIG_REJECTIONS_TOTAL, "key", &key);
+                crate::metrics::count(
+                    crate::metrics::CONFIG_REJECTIONS_TOTAL,
+                    "config",
+                    shared.source.name(),
+                );
                 shared.status.send_replace(Status::Rejected {
                     key: key.clone(),
                     error: error.clone(),
@@ -116,7 +120,11 @@ impl<T> Shared<T> {
             }
         };
         self.status.send_replace(Status::Current { revision });
-        crate::metrics::count(crate::metrics::CONFIG_APPLIED_TOTAL, "key", self.source.name());
+        crate::metrics::count(
+            crate::metrics::CONFIG_APPLIED_TOTAL,
+            "config",
+            self.source.name(),
+        );
         self.emit(ConfigEvent::Applied { old, new, revision });
     }
 }

@@ -183,7 +183,11 @@ impl Inner {
                 Settled::Applied => {
                     tracing::debug!(lock = %self.name, ?me, seq = next.seq, holder = ?next.holder, "left");
                     if rec.is_holder(me) && next.holder.is_some() {
-                        crate::metrics::count(crate::metrics::LOCK_HANDOFFS_TOTAL, "lock", &self.name);
+                        crate::metrics::count(
+                            crate::metrics::LOCK_HANDOFFS_TOTAL,
+                            "lock",
+                            &self.name,
+                        );
                     }
                     return Ok(());
                 }

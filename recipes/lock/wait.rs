@@ -145,10 +145,13 @@ impl<'a> Waiter<'a> {
             return Ok(false);
         }
         bump(&inner.stats.takeovers);
-        crate::metrics::count(crate::metrics::LOCK_TAKEOVERS_TOTAL, "lock", &inner.name);
         let view = inner.session.peers().await?.snapshot();
         next.prune(|s| view.get(&inner.session.heartbeat_key(s)).is_none());
-        self.current = inner.cas(self.current.take(), next.encode()).await?;
+        let new = next.encode();
+        self.current = inner.cas(self.current.take(), new.clone()).await?;
+        if self.current.as_deref() == Some(&new[..]) {
+            crate::metrics::count(crate::metrics::LOCK_TAKEOVERS_TOTAL, "lock", &inner.name);
+        }
         for b in blockers {
             inner.forget_arrival(b);
         }

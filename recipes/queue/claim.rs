@@ -163,7 +163,11 @@ impl Inner {
             for key in keys {
                 if let Some(d) = self.try_claim(key, |rec| rec.claimed_by(session)).await? {
                     tracing::info!(queue = %self.name, id = %d.record.header.id, dead = %session, "redelivering a dead consumer's message");
-                    crate::metrics::count(crate::metrics::QUEUE_REDELIVERIES_TOTAL, "queue", &self.name);
+                    crate::metrics::count(
+                        crate::metrics::QUEUE_REDELIVERIES_TOTAL,
+                        "queue",
+                        &self.name,
+                    );
                     return Ok(Some(d));
                 }
             }

@@ -222,9 +222,21 @@ impl NodeConfig {
         if let Some(tls) = &self.tls {
             let _ = writeln!(s, "\n[tls]");
             let _ = writeln!(s, "enable_tls = true");
-            let _ = writeln!(s, "server_certificate_path = {:?}", tls.cert.display().to_string());
-            let _ = writeln!(s, "server_private_key_path = {:?}", tls.key.display().to_string());
-            let _ = writeln!(s, "certificate_authority_root_path = {:?}", tls.ca.display().to_string());
+            let _ = writeln!(
+                s,
+                "server_certificate_path = {:?}",
+                tls.cert.display().to_string()
+            );
+            let _ = writeln!(
+                s,
+                "server_private_key_path = {:?}",
+                tls.key.display().to_string()
+            );
+            let _ = writeln!(
+                s,
+                "certificate_authority_root_path = {:?}",
+                tls.ca.display().to_string()
+            );
             if let Some(client_ca) = &tls.client_ca {
                 let _ = writeln!(s, "enable_mtls = true");
                 let _ = writeln!(
@@ -325,6 +337,27 @@ mod tests {
         assert_eq!(
             loaded.network.control.connect_timeout_in_ms, 20,
             "defaults kept"
+        );
+    }
+
+    #[test]
+    fn tls_settings_reach_d_engine() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = crate::tls::generate_local(&dir.path().join("tls"), 1, &["node1.example"], true)
+            .unwrap();
+        let addr: SocketAddr = "127.0.0.1:19997".parse().unwrap();
+        let mut cfg = NodeConfig::single(dir.path().join("n1"), addr);
+        cfg.tls = Some(pki.nodes[0].clone());
+        let loaded = load(&cfg.write().unwrap()).unwrap();
+        assert!(loaded.tls.enable_tls && loaded.tls.enable_mtls);
+        assert_eq!(
+            std::path::Path::new(&loaded.tls.certificate_authority_root_path),
+            pki.ca
+        );
+        let back = crate::tls::NodeTls::from_engine(&loaded.tls).unwrap();
+        assert!(
+            back.client().unwrap().has_identity(),
+            "mTLS: the node presents its certificate"
         );
     }
 

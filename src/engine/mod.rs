@@ -89,11 +89,19 @@ pub async fn run_node(
         .filter_map(|m| Some((m.id, m.address.parse().ok()?)))
         .collect();
     let (id, listen) = (cfg.cluster.node_id, cfg.cluster.listen_address);
-    // How this node reaches itself and its peers: over TLS when it serves TLS.
-    let tls = crate::tls::NodeTls::from_engine(&cfg.tls)
+    // How this node reaches its peers, and itself (on 127.0.0.1, verifying the name it
+    // advertises): over TLS when it serves TLS.
+    let peer_tls = crate::tls::NodeTls::from_engine(&cfg.tls)
         .map(|t| t.client())
         .transpose()?;
-    let mut dog = AbortOnDrop(tokio::spawn(watchdog::run(id, listen, peers, tls.clone())));
+    let tls = self_tls(&cfg, peer_tls.clone());
+    let mut dog = AbortOnDrop(tokio::spawn(watchdog::run(
+        id,
+        listen,
+        peers,
+        tls.clone(),
+        peer_tls,
+    )));
     let _admin = match (admin, &backend) {
         (Some(addr), embedded::Backend::Redb(sm, log)) => {
             let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
@@ -119,7 +127,12 @@ pub async fn run_node(
     let run = async {
         match &backend {
             embedded::Backend::Redb(sm, log) => {
-                let _clock = AbortOnDrop(tokio::spawn(leader_clock(sm.clone(), id, listen, tls.clone())));
+                let _clock = AbortOnDrop(tokio::spawn(leader_clock(
+                    sm.clone(),
+                    id,
+                    listen,
+                    tls.clone(),
+                )));
                 let _figures = AbortOnDrop(tokio::spawn(node_metrics::run(
                     sm.clone(),
                     log.clone(),
@@ -181,9 +194,28 @@ pub async fn run_node(
 /// certificate file that cannot be read.
 pub fn node_client_tls(config_path: &Path) -> Result<Option<crate::tls::ClientTls>> {
     let cfg = config::load(config_path)?;
-    crate::tls::NodeTls::from_engine(&cfg.tls)
+    let tls = crate::tls::NodeTls::from_engine(&cfg.tls)
         .map(|t| t.client())
-        .transpose()
+        .transpose()?;
+    Ok(self_tls(&cfg, tls))
+}
+
+/// `tls` verifying the node's own advertised host (its address in `initial_cluster`), for
+/// connections to itself on a local address.
+fn self_tls(
+    cfg: &d_engine_core::RaftNodeConfig,
+    tls: Option<crate::tls::ClientTls>,
+) -> Option<crate::tls::ClientTls> {
+    let own = cfg
+        .cluster
+        .initial_cluster
+        .iter()
+        .find(|m| m.id == cfg.cluster.node_id)?;
+    let host = own
+        .address
+        .rsplit_once(':')
+        .map_or(own.address.as_str(), |(h, _)| h);
+    tls.map(|t| t.verifying_as(host))
 }
 
 /// The clock ticks of a cluster node: proposed while this node leads (see
@@ -198,20 +230,24 @@ async fn leader_clock(
     state_machine::run_clock(sm, move |tick| {
         let (client, tls) = (client.clone(), tls.clone());
         async move {
-            let state = probe_with(listen, tls.as_ref(), std::time::Duration::from_secs(1)).await;
+            let state = probe_with(
+                watchdog::local(listen),
+                tls.as_ref(),
+                std::time::Duration::from_secs(1),
+            )
+            .await;
             if !matches!(state, NodeState::Serving { leader: Some(l) } if l == id) {
                 return Ok(());
             }
             let mut slot = client.lock().await;
             if slot.is_none() {
-                let mut builder = d_engine::Client::builder(vec![listen.to_string()]);
+                let scheme = if tls.is_some() { "https" } else { "http" };
+                let local = watchdog::local(listen);
+                let mut builder = d_engine::Client::builder(vec![format!("{scheme}://{local}")]);
                 if let Some(tls) = &tls {
                     builder = builder.tls_config(tls.config());
                 }
-                let built = builder
-                    .build()
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let built = builder.build().await.map_err(|e| e.to_string())?;
                 *slot = Some(built);
             }
             let c = slot.as_ref().expect("set above");

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use d_engine_core::{LogStore, MetaStore, StateMachine, StorageEngine};
+use d_engine_core::{LogStore, StateMachine, StorageEngine};
 use metrics::gauge;
 
 use super::probe::{NodeState, probe_with};
@@ -26,6 +26,7 @@ pub(crate) async fn run(
     listen: SocketAddr,
     tls: Option<ClientTls>,
 ) {
+    let tls = tls.as_ref();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -35,17 +36,15 @@ pub(crate) async fn run(
         gauge!(NODE_APPLIED_TERM).set(applied.term as f64);
         gauge!(NODE_KEYS).set(StateMachine::len(&sm) as f64);
         gauge!(NODE_LAST_LOG_INDEX).set(log.log_store().last_index() as f64);
-        if let Ok(Some(hard)) = log.meta_store().load_hard_state() {
-            gauge!(NODE_TERM).set(hard.current_term as f64);
+        if let Ok(term) = log.last_log_term() {
+            gauge!(NODE_TERM).set(term as f64);
         }
-        let state = probe_with(
-            super::watchdog::local(listen),
-            tls.as_ref(),
-            Duration::from_secs(1),
-        )
-        .await;
+        let state = probe_with(super::watchdog::local(listen), tls, Duration::from_secs(1)).await;
         let leader = state.leader();
-        gauge!(NODE_SERVING).set(f64::from(u8::from(matches!(state, NodeState::Serving { .. }))));
+        gauge!(NODE_SERVING).set(f64::from(u8::from(matches!(
+            state,
+            NodeState::Serving { .. }
+        ))));
         gauge!(NODE_LEADER_ID).set(f64::from(leader.unwrap_or(0)));
         gauge!(NODE_IS_LEADER).set(f64::from(u8::from(leader == Some(id))));
     }

@@ -66,9 +66,7 @@ pub async fn probe_with(addr: SocketAddr, tls: Option<&ClientTls>, timeout: Dura
         let Ok(endpoint) = crate::tls::endpoint(&addr.to_string(), tls) else {
             return NodeState::Down;
         };
-        let endpoint = endpoint
-            .connect_timeout(timeout)
-            .timeout(timeout);
+        let endpoint = endpoint.connect_timeout(timeout).timeout(timeout);
         let channel = match endpoint.connect().await {
             Ok(c) => c,
             Err(_) => return NodeState::Down,

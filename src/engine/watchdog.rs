@@ -202,22 +202,18 @@ pub(crate) async fn run(
     node_id: u32,
     listen: SocketAddr,
     peers: Vec<(u32, SocketAddr)>,
-    tls: Option<ClientTls>,
+    self_tls: Option<ClientTls>,
+    peer_tls: Option<ClientTls>,
 ) -> String {
-    let tls = tls.as_ref();
+    let (self_tls, tls) = (self_tls.as_ref(), peer_tls.as_ref());
     let mut watch = Watch::new(node_id, peers.len(), Instant::now());
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let me = probe_with(local(listen), tls, Duration::from_secs(2)).await;
-        let others = futures::future::join_all(
-            peers
-                .iter()
-                .filter(|(id, _)| *id != node_id)
-                .map(|&(id, addr)| async move {
-                    (id, probe_with(addr, tls, Duration::from_secs(2)).await)
-                }),
-        )
+        let me = probe_with(local(listen), self_tls, Duration::from_secs(2)).await;
+        let others = futures::future::join_all(peers.iter().filter(|(id, _)| *id != node_id).map(
+            |&(id, addr)| async move { (id, probe_with(addr, tls, Duration::from_secs(2)).await) },
+        ))
         .await;
         match watch.observe(Instant::now(), me, &others) {
             Verdict::Quiet => {}

@@ -190,7 +190,9 @@ async fn handshake(
         let connect = endpoint.connect();
         let channel = match tokio::time::timeout(timeout, connect).await {
             Ok(Ok(channel)) => channel,
-            Ok(Err(e)) => return Some(format!("TLS handshake failed: {}", crate::error::chain(&e))),
+            Ok(Err(e)) => {
+                return Some(format!("TLS handshake failed: {}", crate::error::chain(&e)));
+            }
             Err(_) => return None,
         };
         // A node that requires a client certificate refuses one after the handshake (TLS 1.3):
@@ -226,7 +228,10 @@ async fn handshake(
     }
     // An HTTP/2 server answers the client preface with a SETTINGS frame; a TLS server answers
     // bytes that are not a ClientHello with a TLS alert record (content type 21).
-    stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.ok()?;
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .ok()?;
     let mut first = [0u8; 1];
     match tokio::time::timeout(timeout, stream.read(&mut first)).await {
         Ok(Ok(1)) if first[0] == 21 => Some(
@@ -246,13 +251,13 @@ pub(crate) fn validate_endpoint(e: &str, tls: bool) -> Result<()> {
             return bad("http:// is plain text, but TLS is configured; use https:// or host:port");
         }
         Some(("https", _)) if !tls => {
-            return bad(
-                "https:// needs the cluster's CA: pass --cacert (or RemoteOptions::tls)",
-            );
+            return bad("https:// needs the cluster's CA: pass --cacert (or RemoteOptions::tls)");
         }
         Some(("http" | "https", rest)) => rest,
         Some((scheme, _)) => {
-            return bad(&format!("unknown scheme {scheme:?}; use http:// or https://"));
+            return bad(&format!(
+                "unknown scheme {scheme:?}; use http:// or https://"
+            ));
         }
         None => e,
     };
@@ -319,7 +324,8 @@ fn classify(e: &ClientApiError, is_write: bool) -> Verdict {
 }
 
 impl RemoteStore {
-    /// Connects to a cluster through any of `endpoints` (`host:port` or `http://host:port`) and
+    /// Connects to a cluster through any of `endpoints` (`host:port`, `http://host:port`, or
+    /// `https://host:port` with [`RemoteOptions::tls`]) and
     /// waits until it has a leader, up to [`RemoteOptions::op_deadline`].
     ///
     /// # Errors
@@ -739,8 +745,14 @@ mod tests {
 
     #[test]
     fn endpoints_get_a_scheme() {
-        assert_eq!(normalize_endpoint("127.0.0.1:1", false), "http://127.0.0.1:1");
-        assert_eq!(normalize_endpoint("127.0.0.1:1", true), "https://127.0.0.1:1");
+        assert_eq!(
+            normalize_endpoint("127.0.0.1:1", false),
+            "http://127.0.0.1:1"
+        );
+        assert_eq!(
+            normalize_endpoint("127.0.0.1:1", true),
+            "https://127.0.0.1:1"
+        );
         assert_eq!(normalize_endpoint("https://h:1", true), "https://h:1");
         for good in ["127.0.0.1:1", "http://h:9081", "http://h:9081/", "[::1]:80"] {
             assert!(validate_endpoint(good, false).is_ok(), "{good}");

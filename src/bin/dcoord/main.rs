@@ -34,6 +34,7 @@ pub use process::{shutdown_signal, signal};
     about = "Coordination recipes on d-engine",
     after_help = "Examples:
   dcoord cluster                                  # a local 3-node cluster (Ctrl-C stops it)
+  dcoord cluster --mtls                           # the same over TLS with client certificates
   dcoord status
   dcoord put /app/flags.json '{\"dark\": true}'
   dcoord get --prefix /app/ -o json
@@ -46,7 +47,9 @@ Exit codes: 0 ok; 1 key not found (get), cluster not healthy (status), replicas 
 With -- CMD (lock, queue consume): the command's own code, 128+n for signal n; 124 lock lost;
 125 dcoord failed or --wait ran out; 126 cannot run; 127 not found; 130/143 Ctrl-C/SIGTERM.
 
-Endpoints: --endpoints, else $DCOORD_ENDPOINTS, else the running `dcoord cluster`'s."
+Endpoints: --endpoints, else $DCOORD_ENDPOINTS, else the running `dcoord cluster`'s.
+TLS: --cacert (and --cert/--key for mTLS), or $DCOORD_CACERT/$DCOORD_CERT/$DCOORD_KEY;
+`dcoord cluster --tls` or `--mtls` makes its own CA and tells the other commands."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -347,7 +350,10 @@ fn exit_code(e: &Error) -> u8 {
 /// cluster`'s file) and how to reach them (--cacert/--cert/--key, else the file's).
 pub fn endpoints(conn: &Conn) -> dcoord::Result<(Vec<String>, Option<ClientTls>)> {
     let mut endpoints = conn.endpoints.clone();
-    let (mut cacert, mut identity) = (conn.cacert.clone(), (conn.client_cert.clone(), conn.client_key.clone()));
+    let (mut cacert, mut identity) = (
+        conn.cacert.clone(),
+        (conn.client_cert.clone(), conn.client_key.clone()),
+    );
     if endpoints.is_empty()
         && let Some(EndpointsFile {
             owner,
@@ -368,7 +374,10 @@ pub fn endpoints(conn: &Conn) -> dcoord::Result<(Vec<String>, Option<ClientTls>)
         }
         endpoints = listed;
         if cacert.is_none() {
-            (cacert, identity) = (file_ca, file_identity);
+            cacert = file_ca;
+        }
+        if identity == (None, None) {
+            identity = file_identity;
         }
     }
     if endpoints.is_empty() {

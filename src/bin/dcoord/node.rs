@@ -191,7 +191,7 @@ fn serve_metrics(addr: SocketAddr) -> dcoord::Result<()> {
             metrics_exporter_prometheus::BuildError::FailedToCreateHTTPListener(why)
                 if why.contains("in use") =>
             {
-                Error::PortInUse { addr }
+                Error::Config(format!("--metrics-addr {addr} is in use: {why}"))
             }
             e => Error::Config(format!("cannot serve metrics on {addr}: {e}")),
         })?;

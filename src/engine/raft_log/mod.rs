@@ -113,6 +113,12 @@ pub(crate) fn open_raft_log(data_dir: &Path) -> crate::Result<Arc<RaftStorage>> 
 }
 
 impl RaftStorage {
+    /// The term of the last log entry (of the purge boundary when the log is empty): the
+    /// node's term is at least this. Read without side effects (for metrics).
+    pub(crate) fn last_log_term(&self) -> Result<u64, Error> {
+        last_log_term(&self.meta.db)
+    }
+
     /// Opens (or creates) the raft log in `dir` (the file `dir/raft.redb`). A running node
     /// holds the file's lock, so this fails on a live node's directory.
     ///

@@ -251,7 +251,8 @@ impl WatchLoop {
     #[tracing::instrument(level = "debug", name = "reconcile.relist", skip_all, fields(prefix = %self.name, reason = reason.as_str()))]
     async fn watch_then_scan(&mut self, reason: Relist) -> Transition {
         StatsHandle::bump(&self.counters.relists[reason.index()]);
-        metrics::counter!(crate::metrics::WATCH_RELISTS_TOTAL, "reason" => reason.as_str()).increment(1);
+        metrics::counter!(crate::metrics::WATCH_RELISTS_TOTAL, "reason" => reason.as_str())
+            .increment(1);
         // 1. Watch first, so nothing written after the scan can be missed.
         let watch = match self.store.watch(self.target.clone(), false).await {
             Ok(w) => w,
