@@ -82,59 +82,123 @@ pub const NODE_SERVING: &str = "dcoord_node_serving";
 /// The number of keys a node's state machine holds.
 pub const NODE_KEYS: &str = "dcoord_node_keys";
 
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+    Seconds,
+}
+
+/// Every series: name, kind, help text.
+const SERIES: &[(&str, Kind, &str)] = &[
+    (
+        STORE_REQUEST_SECONDS,
+        Kind::Seconds,
+        "One store call, after retries.",
+    ),
+    (
+        LOCK_WAIT_SECONDS,
+        Kind::Seconds,
+        "From acquire() to the grant.",
+    ),
+    (
+        LOCK_ACQUIRED_TOTAL,
+        Kind::Counter,
+        "Lock grants to this process.",
+    ),
+    (
+        LOCK_HANDOFFS_TOTAL,
+        Kind::Counter,
+        "Releases that handed the lock to a waiter.",
+    ),
+    (
+        LOCK_TAKEOVERS_TOTAL,
+        Kind::Counter,
+        "Takeover writes that removed dead holders.",
+    ),
+    (
+        QUEUE_DEPTH,
+        Kind::Gauge,
+        "Messages ready, delayed or in flight.",
+    ),
+    (
+        QUEUE_ENQUEUED_TOTAL,
+        Kind::Counter,
+        "Enqueues that created a message.",
+    ),
+    (QUEUE_ACKED_TOTAL, Kind::Counter, "Messages acked."),
+    (
+        QUEUE_REDELIVERIES_TOTAL,
+        Kind::Counter,
+        "Messages taken over from dead consumers.",
+    ),
+    (
+        QUEUE_DEAD_LETTERS_TOTAL,
+        Kind::Counter,
+        "Messages moved to the dead letters.",
+    ),
+    (
+        CONFIG_APPLIED_TOTAL,
+        Kind::Counter,
+        "Config values applied.",
+    ),
+    (
+        CONFIG_REJECTIONS_TOTAL,
+        Kind::Counter,
+        "Config values that failed to decode or validate.",
+    ),
+    (
+        WATCH_RELISTS_TOTAL,
+        Kind::Counter,
+        "Reconcile relists (new watch and scan), by reason.",
+    ),
+    (
+        SESSION_RENEW_FAILURES_TOTAL,
+        Kind::Counter,
+        "Failed session renewals.",
+    ),
+    (SESSION_LOST_TOTAL, Kind::Counter, "Sessions lost."),
+    (
+        NODE_APPLIED_INDEX,
+        Kind::Gauge,
+        "The node's last applied raft index.",
+    ),
+    (
+        NODE_APPLIED_TERM,
+        Kind::Gauge,
+        "The term of the node's last applied entry.",
+    ),
+    (
+        NODE_LAST_LOG_INDEX,
+        Kind::Gauge,
+        "The node's last raft log index.",
+    ),
+    (
+        NODE_TERM,
+        Kind::Gauge,
+        "The term of the node's last log entry.",
+    ),
+    (
+        NODE_LEADER_ID,
+        Kind::Gauge,
+        "The leader the node follows (0: none).",
+    ),
+    (NODE_IS_LEADER, Kind::Gauge, "1 while the node leads."),
+    (NODE_SERVING, Kind::Gauge, "1 while the node serves."),
+    (NODE_KEYS, Kind::Gauge, "Keys in the node's state machine."),
+];
+
 /// Registers a description (Prometheus `# HELP`) and unit for every dcoord series with the
 /// installed recorder. Call it once after installing one; optional.
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-    describe_histogram!(
-        STORE_REQUEST_SECONDS,
-        Unit::Seconds,
-        "One store call, after retries."
-    );
-    describe_histogram!(
-        LOCK_WAIT_SECONDS,
-        Unit::Seconds,
-        "From acquire() to the grant."
-    );
-    describe_counter!(LOCK_ACQUIRED_TOTAL, "Lock grants to this process.");
-    describe_counter!(
-        LOCK_HANDOFFS_TOTAL,
-        "Releases that handed the lock to a waiter."
-    );
-    describe_counter!(LOCK_TAKEOVERS_TOTAL, "Locks taken over from dead holders.");
-    describe_gauge!(QUEUE_DEPTH, "Messages ready, delayed or in flight.");
-    describe_counter!(QUEUE_ENQUEUED_TOTAL, "Enqueues that created a message.");
-    describe_counter!(QUEUE_ACKED_TOTAL, "Messages acked.");
-    describe_counter!(
-        QUEUE_REDELIVERIES_TOTAL,
-        "Messages taken over from dead consumers."
-    );
-    describe_counter!(
-        QUEUE_DEAD_LETTERS_TOTAL,
-        "Messages moved to the dead letters."
-    );
-    describe_counter!(CONFIG_APPLIED_TOTAL, "Config values applied.");
-    describe_counter!(
-        CONFIG_REJECTIONS_TOTAL,
-        "Config values that failed to decode or validate."
-    );
-    describe_counter!(
-        WATCH_RELISTS_TOTAL,
-        "Reconcile relists (new watch and scan), by reason."
-    );
-    describe_counter!(SESSION_RENEW_FAILURES_TOTAL, "Failed session renewals.");
-    describe_counter!(SESSION_LOST_TOTAL, "Sessions lost.");
-    describe_gauge!(NODE_APPLIED_INDEX, "The node's last applied raft index.");
-    describe_gauge!(
-        NODE_APPLIED_TERM,
-        "The term of the node's last applied entry."
-    );
-    describe_gauge!(NODE_LAST_LOG_INDEX, "The node's last raft log index.");
-    describe_gauge!(NODE_TERM, "The term of the node's last log entry.");
-    describe_gauge!(NODE_LEADER_ID, "The leader the node follows (0: none).");
-    describe_gauge!(NODE_IS_LEADER, "1 while the node leads.");
-    describe_gauge!(NODE_SERVING, "1 while the node serves.");
-    describe_gauge!(NODE_KEYS, "Keys in the node's state machine.");
+    for &(name, kind, help) in SERIES {
+        match kind {
+            Kind::Counter => describe_counter!(name, help),
+            Kind::Gauge => describe_gauge!(name, help),
+            Kind::Seconds => describe_histogram!(name, Unit::Seconds, help),
+        }
+    }
 }
 
 /// `outcome` label of a store call.

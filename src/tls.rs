@@ -255,6 +255,26 @@ impl NodeTls {
         })
     }
 
+    /// The node's certificate file.
+    pub fn cert(&self) -> &Path {
+        &self.cert
+    }
+
+    /// The node's private key file.
+    pub fn key(&self) -> &Path {
+        &self.key
+    }
+
+    /// The CA file the node trusts for its peers.
+    pub fn ca(&self) -> &Path {
+        &self.ca
+    }
+
+    /// The client CA, when the node requires client certificates.
+    pub fn client_ca(&self) -> Option<&Path> {
+        self.client_ca.as_deref()
+    }
+
     /// Requires every client and peer to present a certificate signed by `client_ca` (mTLS).
     /// Peers present the node's own certificate, so it must be signed by `client_ca` too, and
     /// allow client authentication (no extended key usage, or one that includes `clientAuth`

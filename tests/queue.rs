@@ -874,3 +874,64 @@ async fn leader_kill_mid_run_loses_nothing() {
         "an effect reported twice"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_producer_needs_no_session_keeps_its_order_and_is_idempotent_by_id() {
+    use dcoord::queue::Producer;
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let producer = Producer::new(store.clone(), "p-jobs").unwrap();
+    let ids = producer
+        .enqueue_many((0..100).map(|i| {
+            (
+                format!("job {i}").into_bytes(),
+                EnqueueOptions::default().id(format!("j{i:03}")),
+            )
+        }))
+        .await
+        .unwrap();
+    assert_eq!(ids.len(), 100);
+    assert_eq!(ids[7], "j007");
+    // Again, and one more by itself: nothing is added twice.
+    producer
+        .enqueue_many((0..100).map(|i| {
+            (
+                b"again".to_vec(),
+                EnqueueOptions::default().id(format!("j{i:03}")),
+            )
+        }))
+        .await
+        .unwrap();
+    producer
+        .enqueue(b"job 0 again", EnqueueOptions::default().id("j000"))
+        .await
+        .unwrap();
+    // Bad input anywhere in a batch writes nothing of it.
+    let err = producer
+        .enqueue_many([
+            (b"fine".to_vec(), EnqueueOptions::default().id("fine")),
+            (b"bad".to_vec(), EnqueueOptions::default().id("no/slash")),
+        ])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    assert!(Producer::new(store.clone(), "bad/name").is_err());
+
+    let (_s, q) = open_long_lease(store.clone(), "p-jobs", opts()).await;
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        common::until(|| q.stats().ready >= 100),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        q.stats().ready,
+        100,
+        "the second batch and the repeat added nothing"
+    );
+    for i in 0..100 {
+        let d = next(&q).await;
+        assert_eq!(d.id(), format!("j{i:03}"), "enqueue order");
+        assert_eq!(&d.payload()[..], format!("job {i}").as_bytes());
+        d.ack().await.unwrap();
+    }
+}

@@ -241,3 +241,58 @@ async fn a_tls_client_against_a_plain_node_is_told_so() {
         "TLS against plain text: {err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dcoord_node_serves_tls_from_its_flags_and_refuses_a_readable_key() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = generate_local(&dir.path().join("tls"), 1, &[], false).unwrap();
+    let node_tls = &pki.nodes[0];
+    let listen = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let node = |data: &str| {
+        let mut cmd = tokio::process::Command::new(binary());
+        cmd.args(["node", "--listen", &listen, "--tls-cert"])
+            .arg(node_tls.cert())
+            .arg("--tls-key")
+            .arg(node_tls.key())
+            .arg("--tls-ca")
+            .arg(node_tls.ca())
+            .arg("--dir")
+            .arg(dir.path().join(data))
+            .arg("--exit-with-stdin")
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        cmd
+    };
+    let mut running = node("n1").spawn().unwrap();
+    let store = RemoteStore::connect(
+        std::slice::from_ref(&listen),
+        RemoteOptions::default()
+            .op_deadline(Duration::from_secs(30))
+            .tls(pki.client_tls().unwrap()),
+    )
+    .await
+    .unwrap();
+    assert!(store.endpoints()[0].starts_with("https://"));
+    store.put(b"/tls/flags", b"on").await.unwrap();
+    assert_eq!(
+        store
+            .get(b"/tls/flags", Consistency::Linearizable)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(&b"on"[..])
+    );
+    drop(running.stdin.take());
+    let _ = tokio::time::timeout(Duration::from_secs(10), running.wait()).await;
+
+    std::fs::set_permissions(node_tls.key(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = node("n2").output().await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("node-1.key") && err.contains("600"), "{err}");
+}

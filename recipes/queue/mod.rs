@@ -44,14 +44,15 @@ mod delivery;
 mod index;
 mod message;
 mod options;
+mod producer;
 
 pub use delivery::{Delivery, Message};
 use index::{Index, maintain};
 pub use options::{DeadLetter, EnqueueOptions, QueueOptions, QueueStats, RunStats};
+pub use producer::Producer;
 
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -60,9 +61,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
-use message::{Header, Record, State};
+use message::{Record, State};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::reconcile::{Mirror, MirrorOptions, WatcherOptions};
 use crate::session::{Liveness, Session};
 use crate::store::{Cas, Consistency, Settled, Store, WatchTarget};
@@ -93,7 +94,8 @@ struct Inner {
     changed: tokio::sync::Notify,
     /// Messages claimed by this session and not held here, with the bytes and when first seen.
     suspects: Mutex<std::collections::HashMap<Bytes, (Bytes, Instant)>>,
-    producer_seq: AtomicU64,
+    /// Enqueues, with the session id as the producer id.
+    producer: Producer,
     maintainer: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -131,7 +133,7 @@ impl WorkQueue {
     /// Cancel-safe.
     pub async fn open(session: &Session, name: &str, options: QueueOptions) -> Result<WorkQueue> {
         crate::keys::validate_name("queue", name)?;
-        let prefix = Bytes::from(format!("{}queues/{name}/m/", session.root()));
+        let prefix = producer::messages_prefix(session.root(), name);
         let store = session.store().clone();
         let mirror = Mirror::shared(
             store.clone(),
@@ -139,6 +141,7 @@ impl WorkQueue {
             MirrorOptions::default()
                 .watcher(WatcherOptions::default().resync_every(Some(options.rescan_every))),
         );
+        let producer = Producer::with_id(store.clone(), prefix.clone(), name, session.id());
         let inner = Arc::new(Inner {
             name: name.to_string(),
             prefix,
@@ -149,7 +152,7 @@ impl WorkQueue {
             index: Mutex::new(Index::default()),
             changed: tokio::sync::Notify::new(),
             suspects: Mutex::new(Default::default()),
-            producer_seq: AtomicU64::new(0),
+            producer,
             maintainer: Mutex::new(None),
         });
         let changes = inner.mirror.changes();
@@ -171,6 +174,7 @@ impl WorkQueue {
     }
 
     /// Adds a message (raw bytes). Returns its id. Durable when it returns; idempotent by id.
+    /// The same as [`Producer::enqueue`], with this session's id ordering the messages.
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for a bad id; [`Error::ValueTooLarge`] for a payload over
@@ -178,47 +182,8 @@ impl WorkQueue {
     ///
     /// # Cancel safety
     /// If dropped, the message may or may not have been added; enqueue again with the same id.
-    #[tracing::instrument(level = "debug", name = "queue.enqueue", skip_all, fields(queue = %self.inner.name), err(level = "debug", Display))]
     pub async fn enqueue(&self, payload: &[u8], options: EnqueueOptions) -> Result<String> {
-        let q = &self.inner;
-        let id = match options.id {
-            Some(id) => {
-                crate::keys::validate_name("message id", &id)?;
-                id
-            }
-            None => uuid::Uuid::new_v4().simple().to_string(),
-        };
-        let key = q.key(&id);
-        let now = now_ms();
-        let rec = Record {
-            header: Header {
-                v: Header::VERSION,
-                id: id.clone(),
-                prio: options.priority,
-                ts_ms: now,
-                producer: q.session.id(),
-                n: q.producer_seq.fetch_add(1, Ordering::Relaxed),
-                not_before_ms: if options.delay.is_zero() {
-                    0
-                } else {
-                    now + options.delay.as_millis() as u64
-                },
-                attempts: 0,
-                state: State::Ready,
-                last_error: None,
-                w: 0,
-            },
-            payload: Bytes::copy_from_slice(payload),
-        };
-        let bytes = rec.encode();
-        crate::store::check_write(&key, &bytes)?;
-        // Settled by re-sending (see `Cas`): the key is never absent again while a write could
-        // be in flight (the tombstone sweep waits `retention`). Refused means the id exists
-        // already, ours or an earlier enqueue's: idempotent either way.
-        if let Settled::Applied = Cas::new(&*q.store, &key, None, &bytes).settle().await? {
-            crate::metrics::count(crate::metrics::QUEUE_ENQUEUED_TOTAL, "queue", &q.name);
-        }
-        Ok(id)
+        self.inner.producer.enqueue(payload, options).await
     }
 
     /// Adds a message whose payload is `value` as JSON.
@@ -233,9 +198,14 @@ impl WorkQueue {
         value: &T,
         options: EnqueueOptions,
     ) -> Result<String> {
-        let payload = serde_json::to_vec(value)
-            .map_err(|e| Error::InvalidArgument(format!("message does not serialize: {e}")))?;
-        self.enqueue(&payload, options).await
+        self.inner.producer.enqueue_json(value, options).await
+    }
+
+    /// A [`Producer`] of this queue that orders its messages by this session's id (clones of
+    /// it share the sequence with [`WorkQueue::enqueue`]). For a producer that needs no
+    /// session at all, [`Producer::new`].
+    pub fn producer(&self) -> Producer {
+        self.inner.producer.clone()
     }
 
     /// Waits for a message and claims it. Ack or nack the delivery; dropping it gives the

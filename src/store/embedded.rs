@@ -159,12 +159,7 @@ impl Store for EmbeddedStore {
                 .scan_prefix(prefix)
                 .await
                 .map_err(|e| self.map_err("scan_prefix", None, e))?;
-            let mut entries = scan.entries;
-            entries.sort_by(|a, b| a.0.cmp(&b.0));
-            Ok(Scan {
-                entries,
-                revision: scan.revision,
-            })
+            Ok(Scan::sorted(scan.entries, scan.revision))
         })
         .await
     }

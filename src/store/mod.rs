@@ -174,6 +174,14 @@ pub struct Scan {
     pub revision: u64,
 }
 
+impl Scan {
+    /// A scan of `entries` in any order, sorted here by key.
+    pub(crate) fn sorted(mut entries: Vec<(Bytes, Bytes)>, revision: u64) -> Self {
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        Self { entries, revision }
+    }
+}
+
 /// A watch stream: events, then exactly one terminal error, then `None`.
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<Event>> + Send + 'static>>;
 

@@ -602,12 +602,7 @@ impl Store for RemoteStore {
                     c.scan_prefix(prefix).await
                 })
                 .await?;
-            let mut entries = scan.entries;
-            entries.sort_by(|a, b| a.0.cmp(&b.0));
-            Ok(Scan {
-                entries,
-                revision: scan.revision,
-            })
+            Ok(Scan::sorted(scan.entries, scan.revision))
         })
         .await
     }

@@ -119,15 +119,17 @@ pub async fn run(op: QueueOp) -> dcoord::Result<ExitCode> {
             if let Some(id) = &id {
                 dcoord::keys::validate_name("message id", id)?;
             }
-            let (session, q) = open(name, conn, DEFAULT_LEASE).await?;
+            // A producer: no session, no mirror of the queue.
+            let store: std::sync::Arc<dyn dcoord::store::Store> =
+                std::sync::Arc::new(crate::connect(&conn).await?);
+            let producer = dcoord::queue::Producer::with_root(store, &conn.root, &name)?;
             let mut options = EnqueueOptions::default()
                 .priority(priority)
                 .delay(Duration::from_millis(delay_ms));
             if let Some(id) = id {
                 options = options.id(id);
             }
-            println!("{}", q.enqueue(&payload, options).await?);
-            let _ = session.close().await;
+            println!("{}", producer.enqueue(&payload, options).await?);
             Ok(ExitCode::SUCCESS)
         }
         QueueOp::Consume {
