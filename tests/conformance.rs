@@ -686,3 +686,32 @@ async fn a_node_killed_with_sigkill_keeps_its_term_and_vote() {
         summary.saved_term
     );
 }
+
+/// A cluster whose nodes cannot start (here: a config d-engine refuses) fails at once, naming
+/// the nodes that exited and carrying their logs, instead of waiting out its ready timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_whose_nodes_exit_fails_fast_with_their_logs() {
+    let started = Instant::now();
+    let err = LocalCluster::start(
+        ClusterOptions::default()
+            .nodes(2)
+            .binary(binary())
+            .ready_timeout(Duration::from_secs(120))
+            .env("RAFT__RAFT__ELECTION__ELECTION_TIMEOUT_MIN", "not-a-number"),
+    )
+    .await
+    .err()
+    .expect("nodes with a broken config never serve");
+    let text = err.to_string();
+    assert!(text.contains("exited"), "{text}");
+    assert!(text.contains("node.log"), "the nodes' logs: {text}");
+    assert!(
+        text.contains("ELECTION_TIMEOUT_MIN") || text.contains("election_timeout_min"),
+        "why: {text}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}: {text}",
+        started.elapsed()
+    );
+}

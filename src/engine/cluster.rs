@@ -547,7 +547,17 @@ impl LocalCluster {
             {
                 return Ok(*leader);
             }
-            if Instant::now() >= deadline {
+            let exited: Vec<u32> = self
+                .nodes
+                .iter()
+                .filter(|n| n.process.as_ref().is_some_and(|(c, _)| exited(c.id())))
+                .map(|n| n.id)
+                .collect();
+            if !exited.is_empty() || Instant::now() >= deadline {
+                let why = match exited.is_empty() {
+                    true => format!("not every node serves one leader within {timeout:?}"),
+                    false => format!("node(s) {exited:?} exited"),
+                };
                 let report: Vec<String> = states
                     .iter()
                     .map(|(id, s)| format!("node {id}: {s}"))
@@ -555,7 +565,7 @@ impl LocalCluster {
                 return Err(Error::Unavailable {
                     op: "cluster ready",
                     message: format!(
-                        "not every node serves one leader within {timeout:?} ({}); data in {:?}\n{}",
+                        "{why} ({}); data in {:?}\n{}",
                         report.join("; "),
                         self.dir,
                         self.log_tails(40)
@@ -596,6 +606,17 @@ impl LocalCluster {
 ///
 /// # Errors
 /// [`Error::Io`] if `kill` cannot run; [`Error::InvalidArgument`] if it fails.
+/// Whether the child `pid` has exited (a zombie not yet reaped, or gone).
+fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may itself hold spaces.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+        Err(_) => true,
+    }
+}
+
 pub(crate) fn signal(pid: u32, sig: &str) -> Result<()> {
     let status = Command::new("kill")
         .arg(format!("-{sig}"))
@@ -632,5 +653,32 @@ impl Drop for LocalCluster {
                 drop(stdin);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exited;
+
+    #[test]
+    fn an_exited_child_is_seen_before_it_is_reaped() {
+        let mut running = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        assert!(!exited(running.id()));
+        assert!(!exited(std::process::id()));
+        let mut done = std::process::Command::new("true").spawn().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !exited(done.id()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "`true` still running after 10 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        done.wait().unwrap();
+        running.kill().unwrap();
+        running.wait().unwrap();
     }
 }
