@@ -700,8 +700,7 @@ async fn a_cluster_whose_nodes_exit_fails_fast_with_their_logs() {
             .env("RAFT__RAFT__ELECTION__ELECTION_TIMEOUT_MIN", "not-a-number"),
     )
     .await
-    .err()
-    .expect("nodes with a broken config never serve");
+    .expect_err("nodes with a broken config never serve");
     let text = err.to_string();
     assert!(text.contains("exited"), "{text}");
     assert!(text.contains("node.log"), "the nodes' logs: {text}");
