@@ -1,6 +1,7 @@
 //! `queue::WorkQueue`, embedded and on a local 3-node cluster, in one run: raw put→watch
 //! latency (the limit) next to enqueue→handler latency, throughput with 2 consumers while 2
-//! producers enqueue, and the drain rate of a pre-filled queue. Prints markdown tables.
+//! producers enqueue, the drain rate of a pre-filled queue, and the enqueue rate of 16 tasks
+//! calling `WorkQueue::enqueue` next to one `Producer::enqueue_many`. Prints markdown tables.
 //!
 //! Run: `cargo bench --bench queue` (optionally `-- --latency 300 --messages 4000`).
 
@@ -12,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dcoord::engine::EmbeddedNode;
-use dcoord::queue::{EnqueueOptions, QueueOptions, WorkQueue};
+use dcoord::queue::{EnqueueOptions, Producer, QueueOptions, WorkQueue};
 use dcoord::session::{Session, SessionOptions};
 use dcoord::store::{Store, WatchTarget};
 use futures::StreamExt;
@@ -34,6 +35,10 @@ struct Report {
     e2h: Vec<Duration>,
     throughput: f64,
     drain: f64,
+    /// Pre-filling the drain queue: 16 tasks of `WorkQueue::enqueue`, msg/s.
+    fill_tasks: f64,
+    /// The same count through one `Producer::enqueue_many`, msg/s.
+    fill_many: f64,
 }
 
 /// Consumers that count acks and note when each message's handler started.
@@ -165,6 +170,7 @@ async fn run(
     let name = format!("drain-{ns}");
     let (_s, q) = queue(&store, &name).await;
     let mut tasks = tokio::task::JoinSet::new();
+    let t = Instant::now();
     for _ in 0..16 {
         let q = q.clone();
         tasks.spawn(async move {
@@ -174,6 +180,15 @@ async fn run(
         });
     }
     while tasks.join_next().await.is_some() {}
+    let fill_tasks = total as f64 / t.elapsed().as_secs_f64();
+    // The same number through one sessionless producer's enqueue_many (64 writes in flight).
+    let producer = Producer::new(store.clone(), &format!("many-{ns}")).unwrap();
+    let t = Instant::now();
+    producer
+        .enqueue_many((0..total).map(|_| (b"job", EnqueueOptions::default())))
+        .await
+        .unwrap();
+    let fill_many = total as f64 / t.elapsed().as_secs_f64();
     let started = Arc::new(Mutex::new(HashMap::new()));
     let stop = Arc::new(Notify::new());
     let t = Instant::now();
@@ -190,6 +205,8 @@ async fn run(
         e2h,
         throughput,
         drain,
+        fill_tasks,
+        fill_many,
     }
 }
 
@@ -208,12 +225,12 @@ async fn main() {
     drop(cluster);
 
     println!(
-        "\n| setup | put→watch p50 / p99 ms | enqueue→handler p50 / p99 ms | p50 ratio | 2 producers + 2 consumers msg/s | drain (2 consumers) msg/s |"
+        "\n| setup | put→watch p50 / p99 ms | enqueue→handler p50 / p99 ms | p50 ratio | 2 producers + 2 consumers msg/s | drain (2 consumers) msg/s | enqueue, 16 tasks msg/s | Producer::enqueue_many msg/s |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for r in &reports {
         println!(
-            "| {} | {} / {} | {} / {} | {:.2}x | {:.0} | {:.0} |",
+            "| {} | {} / {} | {} / {} | {:.2}x | {:.0} | {:.0} | {:.0} | {:.0} |",
             r.setup,
             ms(pct(&r.raw, 0.5)),
             ms(pct(&r.raw, 0.99)),
@@ -221,7 +238,9 @@ async fn main() {
             ms(pct(&r.e2h, 0.99)),
             pct(&r.e2h, 0.5).as_secs_f64() / pct(&r.raw, 0.5).as_secs_f64(),
             r.throughput,
-            r.drain
+            r.drain,
+            r.fill_tasks,
+            r.fill_many
         );
     }
 }
