@@ -608,16 +608,25 @@ impl LocalCluster {
 /// [`Error::Io`] if `kill` cannot run; [`Error::InvalidArgument`] if it fails.
 /// Whether the child `pid` has exited (a zombie not yet reaped, or gone).
 fn exited(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name, which may itself hold spaces.
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
-        Err(_) => true,
-    }
+    process_group(pid).is_none()
 }
 
-pub(crate) fn signal(pid: u32, sig: &str) -> Result<()> {
+/// The process group of `pid` if it runs, from `/proc/PID/stat` ("pid (comm) state ppid pgrp
+/// ..."; comm may hold spaces or ')'). A zombie is dead already (its parent has not reaped it
+/// yet): `None`. For the `dcoord` binary's supervisor; not part of the library's API.
+#[doc(hidden)]
+pub fn process_group(pid: u32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let state = fields.next()?;
+    let pgrp = fields.nth(1)?.parse().ok()?;
+    (!matches!(state, "Z" | "X")).then_some(pgrp)
+}
+
+/// Sends signal `sig` (`STOP`, `CONT`, `TERM`, ...; see `kill -l`) to process `pid` with
+/// `kill(1)`. For the `dcoord` binary; not part of the library's API.
+#[doc(hidden)]
+pub fn signal(pid: u32, sig: &str) -> Result<()> {
     let status = Command::new("kill")
         .arg(format!("-{sig}"))
         .arg(pid.to_string())

@@ -45,6 +45,8 @@ pub mod watchdog;
 use std::path::Path;
 
 pub use cluster::{ClusterOptions, LocalCluster, dcoord_binary};
+#[doc(hidden)]
+pub use cluster::{process_group, signal};
 pub use config::{NodeConfig, Timing};
 pub use embedded::{EmbeddedNode, EmbeddedOptions};
 pub use probe::{NodeState, probe, probe_with};

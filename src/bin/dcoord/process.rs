@@ -15,28 +15,8 @@ pub async fn shutdown_signal() -> u8 {
     }
 }
 
-/// Sends signal `sig` (`STOP`, `CONT`, `TERM`, ...; see `kill -l`) to process `pid` with
-/// `kill(1)`.
-pub fn signal(pid: u32, sig: &str) -> dcoord::Result<()> {
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .map_err(|e| Error::Io {
-            what: "cannot run",
-            path: "kill".into(),
-            source: e,
-        })?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(Error::InvalidArgument(format!(
-            "kill -{sig} {pid} failed: {status}"
-        )))
-    }
-}
+pub use dcoord::engine::signal;
 
-// ---------------------------------------------------------------------------------------------
 // Supervision of `-- CMD`: the command runs in a process group of its own, led by a supervisor
 // (`dcoord supervise`, a child of dcoord). Stopping means SIGTERM to the group, a grace period,
 // then SIGKILL to the group, so whatever the command started stops with it. The supervisor
@@ -242,16 +222,7 @@ pub async fn supervise(command: Vec<String>, kill_after: Duration, parent: u32) 
     ExitCode::from(exit_code(status))
 }
 
-/// The process group of `pid` if it runs, from `/proc/PID/stat` ("pid (comm) state ppid pgrp
-/// ..."; comm may hold spaces or ')'). A zombie is dead already (its parent has not reaped it
-/// yet): `None`.
-fn running_in_group(pid: u32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
-    let state = fields.next()?;
-    let pgrp = fields.nth(1)?.parse().ok()?;
-    (!matches!(state, "Z" | "X")).then_some(pgrp)
-}
+use dcoord::engine::process_group as running_in_group;
 
 /// Whether process `pid` runs (a zombie does not).
 pub fn running(pid: u32) -> bool {
