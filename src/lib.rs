@@ -35,6 +35,7 @@
 
 pub mod engine;
 mod error;
+mod fair;
 pub mod keys;
 pub mod metrics;
 pub mod reconcile;

@@ -17,6 +17,9 @@
 //! - **Fencing.** Every grant carries [`MutexGuard::fencing_token`], strictly greater than every
 //!   earlier grant's. [`MutexGuard::fenced_put`] / [`fenced_put`] write a key only if no newer
 //!   token has written it.
+//! - **Dead participants are dropped.** A waiter that sees any participant in front of it
+//!   dead (holder or waiter) removes it from the record, confirmed the same way; the next live
+//!   participant is granted in that write.
 //! - **`lost()` comes first.** A holder's [`MutexGuard::lost`] fires when its session's
 //!   renewals have failed long enough that a waiter could take over, *before* one can (the
 //!   holder counts from when it sent its last successful renewal, a waiter from when it saw
@@ -75,57 +78,31 @@
 //! # Ok(()) }
 //! ```
 
-mod decide;
-mod fence;
 mod guard;
-mod ops;
-mod record;
-mod wait;
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
-use bytes::Bytes;
-
-pub use fence::{Fenced, fenced_get, fenced_put};
+pub use crate::fair::fence::{Fenced, fenced_get, fenced_put};
 pub use guard::MutexGuard;
-use guard::{Pending, spawn_late_leave, spawn_leave};
-use record::{Record, Slot};
-use wait::{Queued, Waiter};
 
 #[cfg(doc)]
 use crate::error::Error;
 use crate::error::Result;
-use crate::reconcile::{Mirror, MirrorOptions, Snapshot, WatcherOptions};
+use crate::fair::Fair;
 use crate::session::Session;
-use crate::store::{Store, WatchTarget};
 
 /// A named distributed lock. Cheap to clone; clones share one watch on the lock record.
 #[derive(Clone)]
 pub struct Mutex {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    stats: Counters,
-    name: String,
-    /// The lock record.
-    key: Bytes,
-    /// Where waiters announce themselves: `<root>locks/<name>/w/<session>.<ticket>`.
-    arrivals: Bytes,
-    session: Session,
-    store: Arc<dyn Store>,
-    /// The record and the arrivals (one prefix watch).
-    record: Arc<Mirror>,
+    fair: Arc<Fair>,
 }
 
 impl fmt::Debug for Mutex {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Mutex")
-            .field("name", &self.inner.name)
-            .field("session", &self.inner.session.id())
+            .field("name", &self.fair.name)
+            .field("session", &self.fair.session.id())
             .finish()
     }
 }
@@ -148,36 +125,19 @@ impl Mutex {
     /// # Errors
     /// [`Error::InvalidArgument`] for a bad name.
     pub fn new(session: &Session, name: &str) -> Result<Mutex> {
-        crate::keys::validate_name("lock", name)?;
-        let base = format!("{}locks/{name}/", session.root());
-        let store = session.store().clone();
-        let resync = session.lease().max(Duration::from_secs(1));
-        let record = Mirror::shared(
-            store.clone(),
-            WatchTarget::prefix(base.clone()),
-            MirrorOptions::default().watcher(WatcherOptions::default().resync_every(Some(resync))),
-        );
         Ok(Mutex {
-            inner: Arc::new(Inner {
-                stats: Counters::default(),
-                name: name.to_string(),
-                key: Bytes::from(format!("{base}rec")),
-                arrivals: Bytes::from(format!("{base}w/")),
-                session: session.clone(),
-                store,
-                record,
-            }),
+            fair: Fair::open(session, "lock", "locks", name, 1)?,
         })
     }
 
     /// The lock's name.
     pub fn name(&self) -> &str {
-        &self.inner.name
+        &self.fair.name
     }
 
     /// The key of the lock record.
     pub fn key(&self) -> &[u8] {
-        &self.inner.key
+        &self.fair.key
     }
 
     /// Waits until this participant holds the lock, in arrival order behind earlier waiters.
@@ -190,30 +150,9 @@ impl Mutex {
     /// Cancel-safe: if the future is dropped, its queue entry is removed in the background (and
     /// a grant that raced with the drop is passed on to the next waiter). Compose a deadline
     /// with `tokio::time::timeout`.
-    #[tracing::instrument(level = "debug", name = "lock.acquire", skip_all, fields(lock = %self.inner.name), err(level = "debug", Display))]
+    #[tracing::instrument(level = "debug", name = "lock.acquire", skip_all, fields(lock = %self.fair.name), err(level = "debug", Display))]
     pub async fn acquire(&self) -> Result<MutexGuard> {
-        let started = std::time::Instant::now();
-        let guard = self.wait().await?;
-        metrics::histogram!(crate::metrics::LOCK_WAIT_SECONDS, "lock" => self.inner.name.clone())
-            .record(started.elapsed().as_secs_f64());
-        Ok(guard)
-    }
-
-    async fn wait(&self) -> Result<MutexGuard> {
-        let inner = &self.inner;
-        let mut pending = Pending::new(inner.clone());
-        if let Some(guard) = inner.grab(&mut pending).await? {
-            return Ok(guard);
-        }
-        loop {
-            inner.session.check()?;
-            let me = inner.slot();
-            pending.arm(me.clone());
-            match Waiter::join(inner, me).await?.run(&mut pending).await? {
-                Queued::Granted(guard) => return Ok(guard),
-                Queued::Vanished => {}
-            }
-        }
+        self.fair.acquire(1, None).await.map(MutexGuard::new)
     }
 
     /// Takes the lock only if it is free and nobody waits: `Ok(None)` otherwise (including
@@ -224,19 +163,18 @@ impl Mutex {
     ///
     /// # Cancel safety
     /// Cancel-safe: a grant that raced with the drop is released in the background.
-    #[tracing::instrument(level = "debug", name = "lock.try_acquire", skip_all, fields(lock = %self.inner.name), err(level = "debug", Display))]
+    #[tracing::instrument(level = "debug", name = "lock.try_acquire", skip_all, fields(lock = %self.fair.name), err(level = "debug", Display))]
     pub async fn try_acquire(&self) -> Result<Option<MutexGuard>> {
-        let mut pending = Pending::new(self.inner.clone());
-        self.inner.grab(&mut pending).await
+        Ok(self.fair.try_acquire(1, None).await?.map(MutexGuard::new))
     }
 
     /// This handle's counters: grants, takeovers, CAS conflicts (a measure of contention).
     pub fn stats(&self) -> LockStats {
-        let c = &self.inner.stats;
+        let s = self.fair.stats();
         LockStats {
-            grants: c.grants.load(Ordering::Relaxed),
-            takeovers: c.takeovers.load(Ordering::Relaxed),
-            conflicts: c.conflicts.load(Ordering::Relaxed),
+            grants: s.grants,
+            takeovers: s.takeovers,
+            conflicts: s.conflicts,
         }
     }
 
@@ -248,44 +186,13 @@ impl Mutex {
     /// # Cancel safety
     /// Cancel-safe (a read).
     pub async fn info(&self) -> Result<LockInfo> {
-        let inner = &self.inner;
-        let base = &inner.key[..inner.key.len() - "rec".len()];
-        let scan = inner.store.scan_prefix(base).await?;
-        let record = scan
-            .entries
-            .iter()
-            .find(|(k, _)| *k == inner.key)
-            .map(|(_, v)| v);
-        let rec = Record::decode(&inner.key, record)?;
-        let mut arrivals: Vec<Slot> = scan
-            .entries
-            .iter()
-            .filter_map(|(k, _)| inner.parse_arrival(k))
-            .filter(|a| !rec.seen(a))
-            .collect();
-        arrivals.sort_by_key(|a| (a.session.clone(), a.ticket));
+        let info = self.fair.info().await?;
         Ok(LockInfo {
-            token: rec.epoch,
-            holder: rec.holder.map(|h| h.session),
-            waiters: rec
-                .queue
-                .into_iter()
-                .chain(arrivals)
-                .map(|s| s.session)
-                .collect(),
+            token: info.token,
+            holder: info.holders.into_iter().next().map(|h| h.session),
+            waiters: info.waiters.into_iter().map(|w| w.session).collect(),
         })
     }
-}
-
-#[derive(Debug, Default)]
-struct Counters {
-    grants: AtomicU64,
-    takeovers: AtomicU64,
-    conflicts: AtomicU64,
-}
-
-fn bump(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Counters of one [`Mutex`] handle (and its clones): see [`Mutex::stats`].
@@ -293,22 +200,9 @@ fn bump(c: &AtomicU64) {
 pub struct LockStats {
     /// Grants received through this handle.
     pub grants: u64,
-    /// Takeover attempts (the holder and every waiter ahead were dead).
+    /// Writes that removed dead participants from the record (a dead holder taken over, or
+    /// dead waiters ahead dropped).
     pub takeovers: u64,
     /// Compare-and-swaps on the record that lost a race and were retried (contention).
     pub conflicts: u64,
-}
-
-/// Of the record bytes we hold and the mirror's, the newer (higher `seq`).
-fn newer(key: &[u8], current: Option<Bytes>, snap: &Snapshot) -> Option<Bytes> {
-    let Some(theirs) = snap.get(key).map(|e| e.value.clone()) else {
-        return current;
-    };
-    let seq = |b: &Option<Bytes>| Record::decode(key, b.as_ref()).map(|r| r.seq).unwrap_or(0);
-    let theirs = Some(theirs);
-    if seq(&theirs) > seq(&current) {
-        theirs
-    } else {
-        current
-    }
 }

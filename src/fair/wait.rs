@@ -1,4 +1,4 @@
-//! A queued acquire: observe, [`decide`], act, sleep; until granted or its slot vanishes.
+//! A queued wait: observe, [`decide`], act, sleep; until granted or its slot vanishes.
 
 use std::sync::Arc;
 
@@ -7,23 +7,23 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::decide::{Step, decide, sessions_in_sight};
-use super::record::{Record, Slot};
-use super::{Inner, MutexGuard, Pending, bump, newer, spawn_leave};
+use super::record::{Entry, Record, Slot};
+use super::{Fair, Holding, Pending, bump, spawn_leave};
 use crate::error::{Error, Result};
 use crate::reconcile::Snapshot;
 use crate::session::Liveness;
 
 /// How a queued acquire ended.
 pub(super) enum Queued {
-    Granted(MutexGuard),
+    Granted(Holding),
     /// Our slot left the record without us: queue again with a new one.
     Vanished,
 }
 
 /// One queued slot's wait: what it knows, and what it wakes on.
 pub(super) struct Waiter<'a> {
-    inner: &'a Arc<Inner>,
-    me: Slot,
+    inner: &'a Arc<Fair>,
+    me: Entry,
     /// The newest record bytes known.
     current: Option<Bytes>,
     liveness: Liveness,
@@ -38,10 +38,13 @@ pub(super) struct Waiter<'a> {
 
 impl<'a> Waiter<'a> {
     /// Announces `me` (a key of our own: no contention with anyone) and starts waiting.
-    pub(super) async fn join(inner: &'a Arc<Inner>, me: Slot) -> Result<Waiter<'a>> {
+    pub(super) async fn join(inner: &'a Arc<Fair>, me: Entry) -> Result<Waiter<'a>> {
         // Not empty: d-engine 0.2.4's own FileStateMachine drops empty values after a crash
         // (a cluster not run by dcoord may use it).
-        inner.store.put(&inner.arrival_key(&me), b"w").await?;
+        inner
+            .store
+            .put(&inner.arrival_key(&me.slot), &me.arrival_bytes())
+            .await?;
         Ok(Waiter {
             current: inner.current(None).await?,
             liveness: Liveness::new(inner.session.lease()),
@@ -54,7 +57,7 @@ impl<'a> Waiter<'a> {
         })
     }
 
-    fn read_due(inner: &Inner) -> Instant {
+    fn read_due(inner: &Fair) -> Instant {
         Instant::now() + inner.session.lease() / 2
     }
 
@@ -63,28 +66,28 @@ impl<'a> Waiter<'a> {
         let inner = self.inner;
         loop {
             let snap = self.record.borrow_and_update().clone();
-            self.current = newer(&inner.key, self.current.take(), &snap);
-            let rec = Record::decode(&inner.key, self.current.as_ref())?;
+            self.current = inner.newer(self.current.take(), &snap);
+            let rec = inner.decode(self.current.as_ref())?;
             let arrivals = inner.arrivals_in(&snap);
             let blockers = match self.decide(&rec, &arrivals).await? {
                 Step::Granted { token } => {
-                    tracing::debug!(lock = %inner.name, me = ?self.me, seq = rec.seq, epoch = token, "granted");
+                    tracing::debug!(kind = inner.kind, name = %inner.name, me = ?self.me.slot, seq = rec.seq, token, "granted");
                     bump(&inner.stats.grants);
-                    crate::metrics::count(crate::metrics::LOCK_ACQUIRED_TOTAL, "lock", &inner.name);
+                    crate::metrics::count(crate::metrics::LOCK_ACQUIRED_TOTAL, inner.kind, &inner.name);
                     let owned = pending.hand_over();
-                    inner.forget_arrival(&self.me);
-                    let guard = MutexGuard::new(inner.clone(), self.me, owned, token, self.current);
-                    return Ok(Queued::Granted(guard));
+                    inner.forget_arrival(&self.me.slot);
+                    let holding = Holding::new(inner.clone(), self.me.slot, owned, token, rec.seq, self.current);
+                    return Ok(Queued::Granted(holding));
                 }
                 Step::Vanished => {
                     pending.disarm();
                     inner.session.check()?;
-                    tracing::warn!(lock = %inner.name, "our queue entry vanished; queueing again");
+                    tracing::warn!(kind = inner.kind, name = %inner.name, "our queue entry vanished; queueing again");
                     return Ok(Queued::Vanished);
                 }
-                _ if self.announced && rec.contains(&self.me) => {
+                _ if self.announced && rec.contains(&self.me.slot) => {
                     // Taken into the queue: the arrival key has done its job.
-                    inner.forget_arrival(&self.me);
+                    inner.forget_arrival(&self.me.slot);
                     self.announced = false;
                     continue;
                 }
@@ -93,8 +96,12 @@ impl<'a> Waiter<'a> {
                     self.write(next).await?;
                     continue;
                 }
-                Step::TakeOver { next, blockers } => {
-                    if self.take_over(next, &blockers).await? {
+                Step::Reap {
+                    next,
+                    dead,
+                    blockers,
+                } => {
+                    if self.reap(next, &dead).await? {
                         continue;
                     }
                     blockers
@@ -108,15 +115,15 @@ impl<'a> Waiter<'a> {
 
     /// [`decide`], after observing the heartbeats of whoever is ahead (the peers mirror starts
     /// on first use: not needed while nobody is).
-    async fn decide(&mut self, rec: &Record, arrivals: &[Slot]) -> Result<Step> {
+    async fn decide(&mut self, rec: &Record, arrivals: &[Entry]) -> Result<Step> {
         let step = decide(rec, arrivals, &self.me, &self.liveness, Instant::now());
-        if !matches!(step, Step::Wait { .. } | Step::TakeOver { .. }) {
+        if !matches!(step, Step::Wait { .. } | Step::Reap { .. }) {
             return Ok(step);
         }
         let peers = self.inner.session.peers().await?;
         let rx = self.peers.get_or_insert_with(|| peers.subscribe());
         let view = rx.borrow_and_update().clone();
-        let ids = sessions_in_sight(rec, arrivals, &self.me);
+        let ids = sessions_in_sight(rec, arrivals, &self.me.slot);
         self.inner
             .session
             .observe_peers(&view, &ids, &mut self.liveness);
@@ -136,11 +143,11 @@ impl<'a> Waiter<'a> {
         Ok(())
     }
 
-    /// Takes over from `blockers` once fresh reads confirm they are all dead; false if one
+    /// Drops `dead` from the record once fresh reads confirm they are all dead; false if one
     /// is not.
-    async fn take_over(&mut self, mut next: Record, blockers: &[Slot]) -> Result<bool> {
+    async fn reap(&mut self, mut next: Record, dead: &[Slot]) -> Result<bool> {
         let inner = self.inner;
-        let ids: Vec<&str> = blockers.iter().map(|b| b.session.as_str()).collect();
+        let ids: Vec<&str> = dead.iter().map(|b| b.session.as_str()).collect();
         if !inner.session.confirm_dead(&ids, &mut self.liveness).await? {
             return Ok(false);
         }
@@ -150,9 +157,9 @@ impl<'a> Waiter<'a> {
         let new = next.encode();
         self.current = inner.cas(self.current.take(), new.clone()).await?;
         if self.current.as_deref() == Some(&new[..]) {
-            crate::metrics::count(crate::metrics::LOCK_TAKEOVERS_TOTAL, "lock", &inner.name);
+            crate::metrics::count(crate::metrics::LOCK_TAKEOVERS_TOTAL, inner.kind, &inner.name);
         }
-        for b in blockers {
+        for b in dead {
             inner.forget_arrival(b);
         }
         Ok(true)
@@ -162,10 +169,10 @@ impl<'a> Waiter<'a> {
     /// failed, or was never written): leave it for its owner.
     fn clean_up_abandoned(&self, blockers: &[Slot]) {
         for b in blockers {
-            if b.session == self.me.session
+            if b.session == self.me.slot.session
                 && let Some(owned) = self.inner.own(b)
             {
-                tracing::warn!(lock = %self.inner.name, slot = ?b, "removing an abandoned slot of this session");
+                tracing::warn!(kind = self.inner.kind, name = %self.inner.name, slot = ?b, "removing an abandoned slot of this session");
                 spawn_leave(self.inner.clone(), b.clone(), None, Some(owned));
             }
         }

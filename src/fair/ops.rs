@@ -6,13 +6,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::record::{Record, Slot};
-use super::{Inner, MutexGuard, Pending, bump, newer, spawn_late_leave};
+use super::record::{Entry, Slot};
+use super::{Fair, Holding, Pending, bump, spawn_late_leave};
 use crate::error::Result;
 use crate::reconcile::Snapshot;
 use crate::store::{Cas, Consistency, Settled};
 
-impl Inner {
+impl Fair {
     pub(super) async fn read(&self) -> Result<Option<Bytes>> {
         self.store.get(&self.key, Consistency::Linearizable).await
     }
@@ -55,29 +55,30 @@ impl Inner {
     }
 
     /// The slot an arrival key announces, if `key` is one.
-    pub(super) fn parse_arrival(&self, key: &[u8]) -> Option<Slot> {
+    pub(super) fn parse_arrival(&self, key: &[u8], value: &[u8]) -> Option<Entry> {
         let name = std::str::from_utf8(key.strip_prefix(&self.arrivals[..])?).ok()?;
         let (session, ticket) = name.rsplit_once('.')?;
-        Some(Slot {
+        let slot = Slot {
             session: session.to_string(),
             ticket: ticket.parse().ok()?,
-        })
+        };
+        Entry::from_arrival(slot, value)
     }
 
     /// The arrivals in `snap`, oldest first (by the revision that wrote them).
-    pub(super) fn arrivals_in(&self, snap: &Snapshot) -> Vec<Slot> {
-        let mut found: Vec<(u64, Slot)> = snap
+    pub(super) fn arrivals_in(&self, snap: &Snapshot) -> Vec<Entry> {
+        let mut found: Vec<(u64, Entry)> = snap
             .with_prefix(&self.arrivals)
-            .filter_map(|e| Some((e.revision, self.parse_arrival(&e.key)?)))
+            .filter_map(|e| Some((e.revision, self.parse_arrival(&e.key, &e.value)?)))
             .collect();
-        found.sort_by(|a, b| (a.0, &a.1.session, a.1.ticket).cmp(&(b.0, &b.1.session, b.1.ticket)));
+        found.sort_by(|a, b| (a.0, &a.1.slot).cmp(&(b.0, &b.1.slot)));
         found.into_iter().map(|(_, s)| s).collect()
     }
 
     /// The newest record we can see: `known`, the mirror's, or (if neither) a read.
     pub(super) async fn current(&self, known: Option<Bytes>) -> Result<Option<Bytes>> {
         let snap = self.record.snapshot();
-        let current = newer(&self.key, known, &snap);
+        let current = self.newer(known, &snap);
         if current.is_none() && !snap.is_ready() {
             return self.read().await;
         }
@@ -100,17 +101,19 @@ impl Inner {
     pub(super) async fn grab(
         self: &Arc<Self>,
         pending: &mut Pending,
-    ) -> Result<Option<MutexGuard>> {
+        n: u64,
+        value: Option<&[u8]>,
+    ) -> Result<Option<Holding>> {
         self.session.check()?;
-        let me = self.slot();
+        let me = Entry::new(self.slot(), n, value);
         let mut current = self.current(None).await?;
         let mut confirmed = false;
         loop {
-            let rec = Record::decode(&self.key, current.as_ref())?;
+            let rec = self.decode(current.as_ref())?;
             let waiting = self
                 .arrivals_in(&self.record.snapshot())
                 .iter()
-                .any(|a| !rec.seen(a));
+                .any(|a| !rec.seen(&a.slot));
             let next = if waiting { None } else { rec.grab(&me) };
             let Some(next) = next else {
                 if confirmed {
@@ -121,7 +124,7 @@ impl Inner {
                 current = self.read().await?;
                 continue;
             };
-            pending.arm(me.clone());
+            pending.arm(me.slot.clone());
             let sent = Instant::now();
             let new = next.encode();
             // Settled by re-sending the identical CAS (see `Cas`): the record never returns to
@@ -132,22 +135,24 @@ impl Inner {
                 Err(e) if e.is_ambiguous() => {
                     // Still unknown, and the first attempt may land yet: give back a grant
                     // that lands late, one lease from now.
-                    spawn_late_leave(self.clone(), me, pending.hand_over());
+                    spawn_late_leave(self.clone(), me.slot, pending.hand_over());
                     return Err(e);
                 }
                 Err(e) => return Err(e),
             };
-            let rec = Record::decode(&self.key, after.as_ref())?;
-            if rec.is_holder(&me) {
-                tracing::debug!(lock = %self.name, ?me, seq = rec.seq, epoch = rec.epoch, "granted (fast path)");
+            let rec = self.decode(after.as_ref())?;
+            if let Some(grant) = rec.grant_of(&me.slot) {
+                tracing::debug!(kind = self.kind, name = %self.name, ?me, seq = rec.seq, token = grant.token, "granted (fast path)");
                 bump(&self.stats.grants);
-                crate::metrics::count(crate::metrics::LOCK_ACQUIRED_TOTAL, "lock", &self.name);
+                crate::metrics::count(crate::metrics::LOCK_ACQUIRED_TOTAL, self.kind, &self.name);
                 let owned = pending.hand_over();
-                return Ok(Some(MutexGuard::new(
+                let token = grant.token;
+                return Ok(Some(Holding::new(
                     self.clone(),
-                    me,
+                    me.slot,
                     owned,
-                    rec.epoch,
+                    token,
+                    rec.seq,
                     after,
                 )));
             }
@@ -165,12 +170,12 @@ impl Inner {
         let mut current = self.current(known).await?;
         loop {
             let snap = self.record.snapshot();
-            current = newer(&self.key, current, &snap);
-            let rec = Record::decode(&self.key, current.as_ref())?;
+            current = self.newer(current, &snap);
+            let rec = self.decode(current.as_ref())?;
             let mut arrivals = self.arrivals_in(&snap);
-            arrivals.retain(|a| a != me);
+            arrivals.retain(|a| a.slot != *me);
             let Some(next) = rec.leaving(me, &arrivals) else {
-                tracing::debug!(lock = %self.name, ?me, seq = rec.seq, "leave: nothing to do");
+                tracing::debug!(kind = self.kind, name = %self.name, ?me, seq = rec.seq, "leave: nothing to do");
                 return Ok(());
             };
             let new = next.encode();
@@ -181,11 +186,11 @@ impl Inner {
                 .await?
             {
                 Settled::Applied => {
-                    tracing::debug!(lock = %self.name, ?me, seq = next.seq, holder = ?next.holder, "left");
-                    if rec.is_holder(me) && next.holder.is_some() {
+                    tracing::debug!(kind = self.kind, name = %self.name, ?me, seq = next.seq, holders = next.holders.len(), "left");
+                    if rec.is_holder(me) && next.epoch > rec.epoch {
                         crate::metrics::count(
                             crate::metrics::LOCK_HANDOFFS_TOTAL,
-                            "lock",
+                            self.kind,
                             &self.name,
                         );
                     }

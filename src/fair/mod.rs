@@ -1,0 +1,265 @@
+//! The fair queue every exclusive-or-counted recipe is built on: `lock::Mutex` (capacity 1),
+//! `semaphore::Semaphore` (N permits), `rwlock::RwLock` (readers weigh 1, a writer all) and
+//! `election::Election` (capacity 1, holders carry a value).
+//!
+//! The state of one queue lives in ONE record (`<root><dir>/<name>/rec`), changed only by
+//! compare-and-swap: the holders with their fencing tokens, the waiters in arrival order, and
+//! `epoch`, the token of the latest grant. The record is never deleted and never has a TTL, so
+//! tokens increase forever. A waiter announces itself with a key of its own
+//! (`<root><dir>/<name>/w/<session>.<ticket>`, a plain put that contends with nobody); whoever
+//! writes the record next (normally a releasing holder) takes every announced waiter into the
+//! queue and grants whoever now fits in the same write. Liveness comes from the [`Session`]
+//! each participant names: one heartbeat per process, however many queues it is in.
+//!
+//! The guarantees (at most `capacity` granted to live sessions; tokens strictly increasing;
+//! `lost()` before anyone can take over; FIFO with no passing; cancel-safe waits) are stated in
+//! the recipes' docs; the pure parts are `record` (the transitions) and `decide` (what a
+//! waiter does next), the IO is `ops` (writes), `wait` (the waiter's loop) and `holding`
+//! (a grant, and what keeps a slot from being abandoned).
+
+mod decide;
+pub(crate) mod fence;
+mod holding;
+mod ops;
+mod record;
+mod wait;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+pub(crate) use holding::Holding;
+use holding::{Pending, spawn_late_leave, spawn_leave};
+pub(crate) use record::Record;
+use record::Entry;
+use wait::{Queued, Waiter};
+
+use crate::error::{Error, Result};
+use crate::reconcile::{Mirror, MirrorOptions, Snapshot, WatcherOptions};
+use crate::session::Session;
+use crate::store::{Store, WatchTarget};
+
+/// One named fair queue, shared by a recipe handle and its clones.
+pub(crate) struct Fair {
+    /// What the recipe calls itself in errors, logs and metric labels ("lock", ...).
+    pub(crate) kind: &'static str,
+    pub(crate) name: String,
+    /// What the holders' weights add up to at most.
+    pub(crate) capacity: u64,
+    stats: Counters,
+    /// The record.
+    pub(crate) key: Bytes,
+    /// Where waiters announce themselves.
+    arrivals: Bytes,
+    pub(crate) session: Session,
+    pub(crate) store: Arc<dyn Store>,
+    /// The record and the arrivals (one prefix watch).
+    record: Arc<Mirror>,
+}
+
+/// A participant of a queue, as [`Fair::info`] shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Member {
+    pub(crate) session: String,
+    pub(crate) n: u64,
+    /// The fencing token (holders only; 0 for waiters).
+    pub(crate) token: u64,
+    pub(crate) value: Bytes,
+}
+
+/// What a record and its arrivals say right now.
+#[derive(Debug, Clone)]
+pub(crate) struct Info {
+    pub(crate) token: u64,
+    pub(crate) holders: Vec<Member>,
+    pub(crate) waiters: Vec<Member>,
+}
+
+impl Member {
+    fn of(e: &Entry, token: u64) -> Member {
+        Member {
+            session: e.slot.session.clone(),
+            n: e.n,
+            token,
+            value: e.value_bytes(),
+        }
+    }
+}
+
+/// Counters of one queue handle (and its clones).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Stats {
+    pub(crate) grants: u64,
+    pub(crate) takeovers: u64,
+    pub(crate) conflicts: u64,
+}
+
+impl Fair {
+    /// The queue `name` of `kind` under `<root><dir>/`, of `capacity`. Starts watching the
+    /// record; must be called within a tokio runtime.
+    pub(crate) fn open(
+        session: &Session,
+        kind: &'static str,
+        dir: &str,
+        name: &str,
+        capacity: u64,
+    ) -> Result<Arc<Fair>> {
+        crate::keys::validate_name(kind, name)?;
+        if capacity == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "{kind} {name:?}: the capacity must be at least 1"
+            )));
+        }
+        let base = format!("{}{dir}/{name}/", session.root());
+        let store = session.store().clone();
+        let resync = session.lease().max(Duration::from_secs(1));
+        let record = Mirror::shared(
+            store.clone(),
+            WatchTarget::prefix(base.clone()),
+            MirrorOptions::default().watcher(WatcherOptions::default().resync_every(Some(resync))),
+        );
+        Ok(Arc::new(Fair {
+            kind,
+            name: name.to_string(),
+            capacity,
+            stats: Counters::default(),
+            key: Bytes::from(format!("{base}rec")),
+            arrivals: Bytes::from(format!("{base}w/")),
+            session: session.clone(),
+            store,
+            record,
+        }))
+    }
+
+    fn check_weight(&self, n: u64) -> Result<()> {
+        if n == 0 || n > self.capacity {
+            return Err(Error::InvalidArgument(format!(
+                "{} {:?}: cannot take {n} of {} (1..={})",
+                self.kind, self.name, self.capacity, self.capacity
+            )));
+        }
+        Ok(())
+    }
+
+    /// Waits until `n` (with `value`) is granted, in arrival order behind earlier waiters.
+    /// Cancel-safe: a dropped wait leaves (or passes on a grant that raced with the drop) in the
+    /// background.
+    pub(crate) async fn acquire(self: &Arc<Self>, n: u64, value: Option<&[u8]>) -> Result<Holding> {
+        self.check_weight(n)?;
+        let started = std::time::Instant::now();
+        let mut pending = Pending::new(self.clone());
+        let holding = match self.grab(&mut pending, n, value).await? {
+            Some(h) => h,
+            None => loop {
+                self.session.check()?;
+                let me = Entry::new(self.slot(), n, value);
+                pending.arm(me.slot.clone());
+                match Waiter::join(self, me).await?.run(&mut pending).await? {
+                    Queued::Granted(h) => break h,
+                    Queued::Vanished => {}
+                }
+            },
+        };
+        metrics::histogram!(crate::metrics::LOCK_WAIT_SECONDS, self.kind => self.name.clone())
+            .record(started.elapsed().as_secs_f64());
+        Ok(holding)
+    }
+
+    /// Takes `n` only if it fits and nobody waits: `Ok(None)` otherwise.
+    pub(crate) async fn try_acquire(
+        self: &Arc<Self>,
+        n: u64,
+        value: Option<&[u8]>,
+    ) -> Result<Option<Holding>> {
+        self.check_weight(n)?;
+        let mut pending = Pending::new(self.clone());
+        self.grab(&mut pending, n, value).await
+    }
+
+    pub(crate) fn stats(&self) -> Stats {
+        let c = &self.stats;
+        Stats {
+            grants: c.grants.load(Ordering::Relaxed),
+            takeovers: c.takeovers.load(Ordering::Relaxed),
+            conflicts: c.conflicts.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn decode(&self, bytes: Option<&Bytes>) -> Result<Record> {
+        Record::decode(self.kind, &self.key, self.capacity, bytes)
+    }
+
+    /// The record in the mirror's snapshot (`None` if the mirror has not loaded yet).
+    pub(crate) fn record_in(&self, snap: &Snapshot) -> Option<Result<Record>> {
+        if !snap.is_ready() {
+            return None;
+        }
+        Some(self.decode(snap.get(&self.key).map(|e| &e.value)))
+    }
+
+    /// The mirror of the record and its arrivals.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Snapshot> {
+        self.record.subscribe()
+    }
+
+    /// What the record says now (a linearizable read), with the arrivals not yet taken in.
+    pub(crate) async fn info(&self) -> Result<Info> {
+        let base = &self.key[..self.key.len() - "rec".len()];
+        let scan = self.store.scan_prefix(base).await?;
+        let record = scan
+            .entries
+            .iter()
+            .find(|(k, _)| *k == self.key)
+            .map(|(_, v)| v);
+        let rec = self.decode(record)?;
+        let mut arrivals: Vec<Entry> = scan
+            .entries
+            .iter()
+            .filter_map(|(k, v)| self.parse_arrival(k, v))
+            .filter(|a| !rec.seen(&a.slot))
+            .collect();
+        arrivals.sort_by(|a, b| a.slot.cmp(&b.slot));
+        Ok(Info {
+            token: rec.epoch,
+            holders: rec
+                .holders
+                .iter()
+                .map(|g| Member::of(&g.entry, g.token))
+                .collect(),
+            waiters: rec
+                .queue
+                .iter()
+                .chain(&arrivals)
+                .map(|e| Member::of(e, 0))
+                .collect(),
+        })
+    }
+
+    /// Of the record bytes we hold and the mirror's, the newer (higher `seq`).
+    fn newer(&self, current: Option<Bytes>, snap: &Snapshot) -> Option<Bytes> {
+        let Some(theirs) = snap.get(&self.key).map(|e| e.value.clone()) else {
+            return current;
+        };
+        let seq = |b: &Option<Bytes>| self.decode(b.as_ref()).map(|r| r.seq).unwrap_or(0);
+        let theirs = Some(theirs);
+        if seq(&theirs) > seq(&current) {
+            theirs
+        } else {
+            current
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    grants: AtomicU64,
+    takeovers: AtomicU64,
+    conflicts: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
