@@ -6,12 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use async_trait::async_trait;
-use bytes::Bytes;
-use common::{long_session, session};
+use common::{Cuttable, long_session, session};
 use dcoord::Error;
 use dcoord::lock::{Mutex, fenced_get, fenced_put};
-use dcoord::store::{Consistency, Scan, Store, WatchStream, WatchTarget};
+use dcoord::store::{Consistency, Store};
 use dcoord::testing::MemStore;
 use tokio::time::Instant;
 
@@ -151,71 +149,11 @@ async fn a_crashed_holder_is_taken_over_after_its_lease() {
     );
 }
 
-/// A store that can be cut off from the others (a partition), wrapping a shared MemStore.
-#[derive(Debug, Clone)]
-struct Cuttable {
-    inner: MemStore,
-    cut: Arc<AtomicBool>,
-}
-
-impl Cuttable {
-    fn check(&self, op: &'static str) -> dcoord::Result<()> {
-        if self.cut.load(Ordering::SeqCst) {
-            return Err(Error::Unavailable {
-                op,
-                message: "partitioned by the test".into(),
-                source: None,
-            });
-        }
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl Store for Cuttable {
-    async fn get(&self, key: &[u8], c: Consistency) -> dcoord::Result<Option<Bytes>> {
-        self.check("get")?;
-        self.inner.get(key, c).await
-    }
-    async fn put(&self, key: &[u8], value: &[u8]) -> dcoord::Result<()> {
-        self.check("put")?;
-        self.inner.put(key, value).await
-    }
-    async fn put_with_ttl(&self, key: &[u8], value: &[u8], ttl: Duration) -> dcoord::Result<()> {
-        self.check("put_with_ttl")?;
-        self.inner.put_with_ttl(key, value, ttl).await
-    }
-    async fn delete(&self, key: &[u8]) -> dcoord::Result<()> {
-        self.check("delete")?;
-        self.inner.delete(key).await
-    }
-    async fn compare_and_swap(
-        &self,
-        key: &[u8],
-        expected: Option<&[u8]>,
-        new: &[u8],
-    ) -> dcoord::Result<bool> {
-        self.check("compare_and_swap")?;
-        self.inner.compare_and_swap(key, expected, new).await
-    }
-    async fn scan_prefix(&self, prefix: &[u8]) -> dcoord::Result<Scan> {
-        self.check("scan_prefix")?;
-        self.inner.scan_prefix(prefix).await
-    }
-    async fn watch(&self, target: WatchTarget, prev: bool) -> dcoord::Result<WatchStream> {
-        self.check("watch")?;
-        self.inner.watch(target, prev).await
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_partitioned_holder_learns_it_lost_the_lock_before_anyone_takes_it() {
     let mem = MemStore::new();
     let cut = Arc::new(AtomicBool::new(false));
-    let a_store: Arc<dyn Store> = Arc::new(Cuttable {
-        inner: mem.clone(),
-        cut: cut.clone(),
-    });
+    let a_store: Arc<dyn Store> = Arc::new(Cuttable::new(mem.clone(), cut.clone()));
     let a = session(a_store).await;
     let ga = Mutex::new(&a, "part").unwrap().acquire().await.unwrap();
     let b = session(Arc::new(mem.clone())).await;

@@ -205,6 +205,11 @@ impl Fair {
         self.record.subscribe()
     }
 
+    /// The mirror's first complete snapshot (at once if it has loaded).
+    pub(crate) async fn ready(&self) -> Result<Snapshot> {
+        self.record.wait_ready().await
+    }
+
     /// What the record says now (a linearizable read), with the arrivals not yet taken in.
     pub(crate) async fn info(&self) -> Result<Info> {
         let base = &self.key[..self.key.len() - "rec".len()];

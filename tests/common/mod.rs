@@ -2,12 +2,15 @@
 //! sessions, `dcoord` child processes, and a poll.
 #![allow(dead_code)]
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use dcoord::engine::{ClusterOptions, EmbeddedNode, LocalCluster};
 use dcoord::session::{Session, SessionOptions};
-use dcoord::store::{Event, Store, WatchStream};
+use async_trait::async_trait;
+use bytes::Bytes;
+use dcoord::store::{Consistency, Event, Scan, Store, WatchStream, WatchTarget};
 use dcoord::testing::MemStore;
 use futures::StreamExt;
 
@@ -225,3 +228,66 @@ pub fn snapshot_every_50(nodes: usize) -> ClusterOptions {
         )
         .env("RAFT__RAFT__SNAPSHOT__RETAINED_LOG_ENTRIES", "5")
 }
+
+/// A store that can be cut off from the others (a partition), wrapping a shared MemStore.
+#[derive(Debug, Clone)]
+pub struct Cuttable {
+    inner: MemStore,
+    cut: Arc<AtomicBool>,
+}
+
+impl Cuttable {
+    /// `inner`, failing every operation while `cut` is set.
+    pub fn new(inner: MemStore, cut: Arc<AtomicBool>) -> Self {
+        Cuttable { inner, cut }
+    }
+
+    fn check(&self, op: &'static str) -> dcoord::Result<()> {
+        if self.cut.load(Ordering::SeqCst) {
+            return Err(dcoord::Error::Unavailable {
+                op,
+                message: "partitioned by the test".into(),
+                source: None,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for Cuttable {
+    async fn get(&self, key: &[u8], c: Consistency) -> dcoord::Result<Option<Bytes>> {
+        self.check("get")?;
+        self.inner.get(key, c).await
+    }
+    async fn put(&self, key: &[u8], value: &[u8]) -> dcoord::Result<()> {
+        self.check("put")?;
+        self.inner.put(key, value).await
+    }
+    async fn put_with_ttl(&self, key: &[u8], value: &[u8], ttl: Duration) -> dcoord::Result<()> {
+        self.check("put_with_ttl")?;
+        self.inner.put_with_ttl(key, value, ttl).await
+    }
+    async fn delete(&self, key: &[u8]) -> dcoord::Result<()> {
+        self.check("delete")?;
+        self.inner.delete(key).await
+    }
+    async fn compare_and_swap(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: &[u8],
+    ) -> dcoord::Result<bool> {
+        self.check("compare_and_swap")?;
+        self.inner.compare_and_swap(key, expected, new).await
+    }
+    async fn scan_prefix(&self, prefix: &[u8]) -> dcoord::Result<Scan> {
+        self.check("scan_prefix")?;
+        self.inner.scan_prefix(prefix).await
+    }
+    async fn watch(&self, target: WatchTarget, prev: bool) -> dcoord::Result<WatchStream> {
+        self.check("watch")?;
+        self.inner.watch(target, prev).await
+    }
+}
+

@@ -1,0 +1,359 @@
+//! `election::Election`: the contract, on the in-memory store (paused time, fault injection),
+//! the embedded engine, a 3-node cluster with its Raft leader killed, and `dcoord elect`
+//! processes SIGKILLed.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::{Cuttable, long_session, session};
+use dcoord::Error;
+use dcoord::election::{Election, Leader};
+use dcoord::lock::{fenced_get, fenced_put};
+use dcoord::store::Store;
+use dcoord::testing::MemStore;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// `candidates` sessions campaign `terms` times each. Never two leaders at once (an
+/// in-process counter), every term writes a fenced register, and tokens strictly increase.
+async fn candidates_never_overlap(store: Arc<dyn Store>, ns: &str, candidates: usize, terms: usize) {
+    let name = format!("el-{}", uuid::Uuid::new_v4().simple());
+    let inside = Arc::new(AtomicUsize::new(0));
+    let tokens = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let register = format!("{ns}register");
+    let mut tasks = Vec::new();
+    for c in 0..candidates {
+        let store = store.clone();
+        let (name, inside, tokens, register) =
+            (name.clone(), inside.clone(), tokens.clone(), register.clone());
+        tasks.push(tokio::spawn(async move {
+            let s = long_session(store).await;
+            let election = Election::new(&s, &name).unwrap();
+            for t in 0..terms {
+                let lead = election.campaign(format!("c{c}")).await.unwrap();
+                assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "two leaders");
+                tokens.lock().unwrap().push(lead.token());
+                lead.fenced_put(register.as_bytes(), format!("{c}/{t}").as_bytes())
+                    .await
+                    .unwrap();
+                let named = election.leader().await.unwrap().expect("a leader");
+                assert_eq!(
+                    (named.token, &named.value[..]),
+                    (lead.token(), format!("c{c}").as_bytes())
+                );
+                tokio::task::yield_now().await;
+                inside.fetch_sub(1, Ordering::SeqCst);
+                lead.resign().await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let tokens = tokens.lock().unwrap().clone();
+    assert_eq!(tokens.len(), candidates * terms);
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "terms not strictly increasing: {tokens:?}"
+    );
+    let last = fenced_get(&*store, register.as_bytes()).await.unwrap().unwrap();
+    assert_eq!(last.token, *tokens.last().unwrap());
+}
+
+#[tokio::test(start_paused = true)]
+async fn mem_candidates_never_overlap_and_terms_increase() {
+    candidates_never_overlap(Arc::new(MemStore::new()), "/t/", 6, 10).await;
+}
+
+#[tokio::test]
+async fn embedded_candidates_never_overlap_and_terms_increase() {
+    let f = common::fixture(common::Backend::Embedded).await;
+    candidates_never_overlap(f.store.clone(), &f.ns, 6, 10).await;
+}
+
+#[tokio::test]
+async fn cluster_candidates_never_overlap_and_terms_increase() {
+    let f = common::fixture(common::Backend::Cluster).await;
+    candidates_never_overlap(f.store.clone(), &f.ns, 4, 5).await;
+}
+
+/// Waits until `rx` shows a leader satisfying `pred`.
+async fn until_leader(
+    rx: &mut watch::Receiver<Option<Leader>>,
+    pred: impl Fn(&Option<Leader>) -> bool,
+) -> Option<Leader> {
+    tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|l| pred(l)))
+        .await
+        .expect("the observer converges")
+        .expect("the observer runs")
+        .clone()
+}
+
+#[tokio::test(start_paused = true)]
+async fn candidates_lead_in_campaign_order_and_observers_see_each_term_and_value() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let a = session(store.clone()).await;
+    let election = Election::new(&a, "fifo").unwrap();
+    let mut observed = election.observe().await.unwrap();
+    assert_eq!(*observed.borrow(), None, "nobody leads yet");
+    let mut lead = election.campaign("a:1").await.unwrap();
+    let seen = until_leader(&mut observed, |l| l.is_some()).await.unwrap();
+    assert_eq!((seen.session.as_str(), &seen.value[..]), (a.id().as_str(), &b"a:1"[..]));
+    // A proclaimed value reaches observers; the term (token) stays.
+    lead.proclaim("a:2").await.unwrap();
+    let seen = until_leader(&mut observed, |l| l.as_ref().is_some_and(|l| l.value == "a:2")).await;
+    assert_eq!(seen.unwrap().token, lead.token());
+    // Three more candidates, in order.
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 0..3 {
+        let s = session(store.clone()).await;
+        let order = order.clone();
+        let e = Election::new(&s, "fifo").unwrap();
+        tasks.push(tokio::spawn(async move {
+            let lead = e.campaign(format!("c{i}")).await.unwrap();
+            order.lock().unwrap().push((i, lead.token()));
+            lead.resign().await.unwrap();
+            drop(s);
+        }));
+        tokio::time::timeout(Duration::from_secs(1), async {
+            while election.candidates().await.unwrap().len() != i + 1 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the candidate queues");
+    }
+    let first = lead.token();
+    lead.resign().await.unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let order = order.lock().unwrap().clone();
+    let expected: Vec<_> = (0..3).map(|i| (i, first + 1 + i as u64)).collect();
+    assert_eq!(order, expected, "served in campaign order, one term each");
+    until_leader(&mut observed, |l| l.is_none()).await;
+    assert_eq!(election.leader().await.unwrap(), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crashed_leader_is_replaced_one_lease_after_its_last_heartbeat() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let a = session(store.clone()).await;
+    let lead = Election::new(&a, "crash").unwrap().campaign("a").await.unwrap();
+    let token = lead.token();
+    let watcher = session(store.clone()).await;
+    let mut observed = Election::new(&watcher, "crash").unwrap().observe().await.unwrap();
+    assert_eq!(observed.borrow().as_ref().map(|l| l.token), Some(token));
+    // A crash: no resignation, no more renewals.
+    std::mem::forget(lead);
+    let crashed = Instant::now();
+    a.orphan();
+    // With no candidate left, an observer still sees the dead leader go.
+    until_leader(&mut observed, |l| l.is_none()).await;
+    let gone = crashed.elapsed();
+    assert!(
+        (Duration::from_millis(1300)..=Duration::from_millis(2500)).contains(&gone),
+        "the observer saw the leader go after {gone:?} (lease 2 s)"
+    );
+    let b = session(store.clone()).await;
+    let lead = Election::new(&b, "crash").unwrap().campaign("b").await.unwrap();
+    assert!(lead.token() > token);
+    let seen = until_leader(&mut observed, |l| l.is_some()).await.unwrap();
+    assert_eq!((seen.session, seen.token), (b.id(), lead.token()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_candidate_takes_over_from_a_crashed_leader_after_its_lease() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let a = session(store.clone()).await;
+    let lead = Election::new(&a, "takeover").unwrap().campaign("a").await.unwrap();
+    let token = lead.token();
+    let b = session(store.clone()).await;
+    let eb = Election::new(&b, "takeover").unwrap();
+    let campaign = tokio::spawn(async move { (eb.campaign("b").await.unwrap(), Instant::now()) });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    std::mem::forget(lead);
+    let crashed = Instant::now();
+    a.orphan();
+    let (lead, at) = campaign.await.unwrap();
+    let took = at - crashed;
+    assert!(lead.token() > token);
+    assert!(
+        (Duration::from_millis(1300)..=Duration::from_millis(2500)).contains(&took),
+        "took over after {took:?} (lease 2 s)"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_partitioned_leader_learns_it_lost_before_another_leads() {
+    let mem = MemStore::new();
+    let cut = Arc::new(AtomicBool::new(false));
+    let a = session(Arc::new(Cuttable::new(mem.clone(), cut.clone()))).await;
+    let la = Election::new(&a, "part").unwrap().campaign("a").await.unwrap();
+    let b = session(Arc::new(mem.clone())).await;
+    let eb = Election::new(&b, "part").unwrap();
+    let waiter = tokio::spawn(async move {
+        let l = eb.campaign("b").await.unwrap();
+        (Instant::now(), l)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    cut.store(true, Ordering::SeqCst);
+    la.lost().await;
+    let lost_at = Instant::now();
+    assert!(la.is_lost());
+    let (led_at, lb) = waiter.await.unwrap();
+    assert!(lost_at < led_at, "lost at {lost_at:?}, next term at {led_at:?}");
+    assert!(lb.token() > la.token());
+    lb.fenced_put(b"/data/x", b"b").await.unwrap();
+    cut.store(false, Ordering::SeqCst);
+    let err = fenced_put(&mem, b"/data/x", la.token(), b"stale").await.unwrap_err();
+    assert!(matches!(err, Error::Fenced { .. }), "{err}");
+    // The old leader's resignation never ends the new term.
+    la.resign().await.unwrap();
+    let now = Election::new(&b, "part").unwrap().leader().await.unwrap().unwrap();
+    assert_eq!(now.token, lb.token());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_campaign_leaves_no_residue() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let a = session(store.clone()).await;
+    let ea = Election::new(&a, "cancel").unwrap();
+    let lead = ea.campaign("a").await.unwrap();
+    let b = session(store.clone()).await;
+    let eb = Election::new(&b, "cancel").unwrap();
+    let res = tokio::time::timeout(Duration::from_millis(500), eb.campaign("b")).await;
+    assert!(res.is_err(), "a leads: the campaign times out");
+    tokio::time::timeout(Duration::from_secs(1), async {
+        while !ea.candidates().await.unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the candidacy is withdrawn");
+    lead.resign().await.unwrap();
+    assert_eq!(ea.leader().await.unwrap(), None, "b was never made leader");
+    let c = session(store.clone()).await;
+    let lc = Election::new(&c, "cancel").unwrap().try_campaign("c").await.unwrap();
+    assert!(lc.is_some(), "nobody is left in front of c");
+}
+
+#[tokio::test(start_paused = true)]
+async fn observers_converge_after_lost_watch_events() {
+    let mem = MemStore::new();
+    let store: Arc<dyn Store> = Arc::new(mem.clone());
+    let a = session(store.clone()).await;
+    let ea = Election::new(&a, "lossy").unwrap();
+    let watcher = session(store.clone()).await;
+    let mut observed = Election::new(&watcher, "lossy").unwrap().observe().await.unwrap();
+    // Every event of the next writes is lost: the campaign's and the proclamation's.
+    mem.drop_next_events(10);
+    let mut lead = ea.campaign("v1").await.unwrap();
+    lead.proclaim("v2").await.unwrap();
+    let seen = until_leader(&mut observed, |l| l.as_ref().is_some_and(|l| l.value == "v2")).await;
+    assert_eq!(seen.unwrap().token, lead.token());
+    // A cancelled watch is relisted too.
+    mem.cancel_watches();
+    lead.resign().await.unwrap();
+    until_leader(&mut observed, |l| l.is_none()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_input_is_a_clear_error_and_foreign_bytes_are_left_alone() {
+    let mem = MemStore::new();
+    let s = session(Arc::new(mem.clone())).await;
+    let err = Election::new(&s, "no/slashes").unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    let e = Election::new(&s, "big").unwrap();
+    let err = e.campaign(vec![0u8; 100 * 1024]).await.unwrap_err();
+    assert!(err.to_string().contains("at most"), "{err}");
+    assert_eq!(e.leader().await.unwrap(), None, "nothing was written");
+    let key = format!("{}elections/foreign/rec", s.root());
+    mem.put(key.as_bytes(), b"not a record").await.unwrap();
+    let e = Election::new(&s, "foreign").unwrap();
+    let err = e.campaign("x").await.unwrap_err();
+    assert!(matches!(err, Error::Decode { .. }), "{err}");
+    assert!(err.to_string().contains(&key), "{err}");
+    let err = e.leader().await.unwrap_err();
+    assert!(matches!(err, Error::Decode { .. }), "{err}");
+    assert_eq!(
+        &mem.get(key.as_bytes(), dcoord::store::Consistency::Linearizable)
+            .await
+            .unwrap()
+            .unwrap()[..],
+        b"not a record",
+        "left alone"
+    );
+}
+
+/// The Raft leader SIGKILLed while candidates campaign: never two leaders, terms still
+/// increase, and the replicas agree afterwards.
+#[tokio::test]
+async fn raft_leader_kill_during_campaigns_keeps_one_leader_per_term() {
+    let _heavy = common::HEAVY.lock().await;
+    let (mut cluster, remote) = common::own_cluster().await;
+    let raft_leader = remote.leader_id().await.unwrap();
+    let store: Arc<dyn Store> = Arc::new(remote);
+    let inside = Arc::new(AtomicUsize::new(0));
+    let terms = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for c in 0..3 {
+        let (store, inside, terms, stop) =
+            (store.clone(), inside.clone(), terms.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut s = long_session(store.clone()).await;
+            while !stop.load(Ordering::SeqCst) {
+                let election = Election::new(&s, "raft-kill").unwrap();
+                match election.campaign(format!("c{c}")).await {
+                    Ok(lead) => {
+                        assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "two leaders");
+                        terms.lock().unwrap().push(lead.token());
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        inside.fetch_sub(1, Ordering::SeqCst);
+                        let _ = lead.resign().await;
+                    }
+                    Err(Error::SessionLost { .. }) => s = long_session(store.clone()).await,
+                    Err(e) if e.is_retryable() || e.is_ambiguous() => {}
+                    Err(e) => panic!("campaign: {e}"),
+                }
+            }
+        }));
+    }
+    let count = |t: &Arc<std::sync::Mutex<Vec<u64>>>| t.lock().unwrap().len();
+    tokio::time::timeout(Duration::from_secs(120), common::until(|| count(&terms) >= 20))
+        .await
+        .expect("terms before the kill");
+    cluster.kill(raft_leader).unwrap();
+    let before = count(&terms);
+    let killed = std::time::Instant::now();
+    tokio::time::timeout(
+        Duration::from_secs(90),
+        common::until(|| count(&terms) >= before + 20),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("no new terms after the kill\n{}", cluster.log_tails(40)));
+    println!("terms resumed within {:?} of the kill", killed.elapsed());
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .expect("candidate stops")
+            .unwrap();
+    }
+    let terms = terms.lock().unwrap().clone();
+    assert!(
+        terms.windows(2).all(|w| w[0] < w[1]),
+        "terms not strictly increasing: {terms:?}"
+    );
+    cluster.restart(raft_leader).unwrap();
+    cluster.wait_ready(Duration::from_secs(60)).await.unwrap();
+    cluster
+        .check_replicas(Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("replicas after the kill: {e}"));
+}

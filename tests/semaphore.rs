@@ -1,0 +1,308 @@
+//! `semaphore::Semaphore` and `rwlock::RwLock`: the contract, on the in-memory store (paused
+//! time, fault injection), the embedded engine and the shared 3-node cluster.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::{long_session, session};
+use dcoord::Error;
+use dcoord::rwlock::{MAX_READERS, RwLock};
+use dcoord::semaphore::Semaphore;
+use dcoord::store::Store;
+use dcoord::testing::MemStore;
+use tokio::time::Instant;
+
+/// `contenders` sessions take 1..=3 of 4 permits `rounds` times each: the permits held at once
+/// never exceed 4, and tokens strictly increase in grant order.
+async fn never_more_than_n_permits(store: Arc<dyn Store>, contenders: usize, rounds: usize) {
+    const N: u64 = 4;
+    let name = format!("sem-{}", uuid::Uuid::new_v4().simple());
+    let held = Arc::new(AtomicU64::new(0));
+    let peak = Arc::new(AtomicU64::new(0));
+    let tokens = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for c in 0..contenders {
+        let (store, name, held, peak, tokens) = (
+            store.clone(),
+            name.clone(),
+            held.clone(),
+            peak.clone(),
+            tokens.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let s = long_session(store).await;
+            let sem = Semaphore::new(&s, &name, N).unwrap();
+            for r in 0..rounds {
+                let n = 1 + ((c + r) % 3) as u64;
+                let permit = sem.acquire(n).await.unwrap();
+                assert_eq!(permit.permits(), n);
+                let now = held.fetch_add(n, Ordering::SeqCst) + n;
+                assert!(now <= N, "{now} permits held at once");
+                peak.fetch_max(now, Ordering::SeqCst);
+                tokens.lock().unwrap().push(permit.fencing_token());
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                held.fetch_sub(n, Ordering::SeqCst);
+                permit.release().await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut tokens = tokens.lock().unwrap().clone();
+    assert_eq!(tokens.len(), contenders * rounds);
+    tokens.sort_unstable();
+    tokens.dedup();
+    assert_eq!(tokens.len(), contenders * rounds, "a token was granted twice");
+    assert!(peak.load(Ordering::SeqCst) > 1, "permits were never shared");
+}
+
+#[tokio::test(start_paused = true)]
+async fn mem_never_more_than_n_permits() {
+    never_more_than_n_permits(Arc::new(MemStore::new()), 8, 20).await;
+}
+
+#[tokio::test]
+async fn embedded_never_more_than_n_permits() {
+    let f = common::fixture(common::Backend::Embedded).await;
+    never_more_than_n_permits(f.store.clone(), 8, 10).await;
+}
+
+#[tokio::test]
+async fn cluster_never_more_than_n_permits() {
+    let f = common::fixture(common::Backend::Cluster).await;
+    never_more_than_n_permits(f.store.clone(), 6, 5).await;
+}
+
+async fn until_waiters(sem: &Semaphore, n: usize) {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while sem.info().await.unwrap().waiters.len() != n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("never {n} waiters"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_are_served_in_order_and_a_small_one_never_passes_a_big_one() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let a = session(store.clone()).await;
+    let sem = Semaphore::new(&a, "order", 4).unwrap();
+    let three = sem.acquire(3).await.unwrap();
+    let b = session(store.clone()).await;
+    let big = {
+        let sem = Semaphore::new(&b, "order", 4).unwrap();
+        tokio::spawn(async move { (sem.acquire(2).await.unwrap(), Instant::now()) })
+    };
+    until_waiters(&sem, 1).await;
+    let c = session(store.clone()).await;
+    let small = {
+        let sem = Semaphore::new(&c, "order", 4).unwrap();
+        tokio::spawn(async move { (sem.acquire(1).await.unwrap(), Instant::now()) })
+    };
+    until_waiters(&sem, 2).await;
+    // One permit is free, but the 1-permit request waits behind the 2-permit one.
+    assert!(sem.try_acquire(1).await.unwrap().is_none(), "nobody jumps the queue");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!small.is_finished(), "the small request passed the big one");
+    let released = Instant::now();
+    three.release().await.unwrap();
+    let ((p2, t2), (p1, t1)) = (big.await.unwrap(), small.await.unwrap());
+    assert!(t2 >= released && t1 >= released);
+    assert!(p1.fencing_token() > p2.fencing_token(), "granted in order");
+    let info = sem.info().await.unwrap();
+    assert_eq!((info.available, info.holders.len()), (1, 2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crashed_holders_permits_are_taken_back_after_its_lease() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let a = session(store.clone()).await;
+    let permit = Semaphore::new(&a, "crash", 2).unwrap().acquire(2).await.unwrap();
+    let token = permit.fencing_token();
+    std::mem::forget(permit);
+    let crashed = Instant::now();
+    a.orphan();
+    let b = session(store.clone()).await;
+    let sem = Semaphore::new(&b, "crash", 2).unwrap();
+    let p = sem.acquire(1).await.unwrap();
+    let waited = crashed.elapsed();
+    assert!(p.fencing_token() > token);
+    assert!(
+        (Duration::from_millis(1300)..=Duration::from_millis(2500)).contains(&waited),
+        "took back after {waited:?} (lease 2 s)"
+    );
+    assert_eq!(sem.info().await.unwrap().available, 1, "the dead holder's permits are free");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_acquire_leaves_no_residue_and_bad_input_is_refused() {
+    let mem = MemStore::new();
+    let store: Arc<dyn Store> = Arc::new(mem.clone());
+    let a = session(store.clone()).await;
+    let sem = Semaphore::new(&a, "cancel", 2).unwrap();
+    let all = sem.acquire(2).await.unwrap();
+    let b = session(store.clone()).await;
+    let sb = Semaphore::new(&b, "cancel", 2).unwrap();
+    assert!(tokio::time::timeout(Duration::from_millis(500), sb.acquire(1)).await.is_err());
+    until_waiters(&sem, 0).await;
+    all.release().await.unwrap();
+    assert_eq!(sem.info().await.unwrap().available, 2);
+    // Bad input: a clear error, nothing written.
+    let err = sem.acquire(3).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)) && err.to_string().contains("3 of 2"), "{err}");
+    assert!(matches!(sem.acquire(0).await.unwrap_err(), Error::InvalidArgument(_)));
+    assert!(matches!(Semaphore::new(&a, "zero", 0).unwrap_err(), Error::InvalidArgument(_)));
+    let other = Semaphore::new(&b, "cancel", 5).unwrap();
+    let err = other.acquire(1).await.unwrap_err();
+    assert!(matches!(err, Error::Decode { .. }) && err.to_string().contains("capacity 2"), "{err}");
+    assert_eq!(sem.info().await.unwrap().holders.len(), 0, "nothing was written");
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiters_converge_after_lost_watch_events() {
+    let mem = MemStore::new();
+    let store: Arc<dyn Store> = Arc::new(mem.clone());
+    let a = session(store.clone()).await;
+    let sem = Semaphore::new(&a, "lossy", 1).unwrap();
+    let p = sem.acquire(1).await.unwrap();
+    let b = session(store.clone()).await;
+    let sb = Semaphore::new(&b, "lossy", 1).unwrap();
+    let waiter = tokio::spawn(async move { sb.acquire(1).await.unwrap() });
+    until_waiters(&sem, 1).await;
+    // The release's event never reaches the waiter: its periodic re-read finds the grant.
+    mem.drop_next_events(5);
+    p.release().await.unwrap();
+    let granted = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("granted despite the lost event")
+        .unwrap();
+    assert_eq!(granted.permits(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn readers_share_a_writer_excludes_and_is_never_starved() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let a = session(store.clone()).await;
+    let lock = RwLock::new(&a, "catalog").unwrap();
+    let r1 = lock.read().await.unwrap();
+    let r2 = lock.read().await.unwrap();
+    assert!(!r1.is_write());
+    assert!(lock.try_write().await.unwrap().is_none(), "readers hold it");
+    let b = session(store.clone()).await;
+    let writer = {
+        let lock = RwLock::new(&b, "catalog").unwrap();
+        tokio::spawn(async move { lock.write().await.unwrap() })
+    };
+    let waiting = |n: usize| {
+        let lock = lock.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while lock.info().await.unwrap().waiters.len() != n {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .expect("queued")
+        }
+    };
+    waiting(1).await;
+    // A reader arriving after the waiting writer waits for it.
+    let c = session(store.clone()).await;
+    let late_reader = {
+        let lock = RwLock::new(&c, "catalog").unwrap();
+        tokio::spawn(async move { lock.read().await.unwrap() })
+    };
+    waiting(2).await;
+    assert!(lock.try_read().await.unwrap().is_none(), "a writer waits: no new readers");
+    let info = lock.info().await.unwrap();
+    assert_eq!((info.readers.len(), info.writer.as_ref()), (2, None));
+    assert_eq!(info.waiters, vec![(b.id(), true), (c.id(), false)]);
+    r1.release().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!writer.is_finished(), "one reader still holds");
+    let last_read = r2.fencing_token();
+    r2.release().await.unwrap();
+    let w = writer.await.unwrap();
+    assert!(w.is_write() && w.fencing_token() > last_read);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!late_reader.is_finished(), "the writer holds");
+    assert_eq!(lock.info().await.unwrap().writer, Some(b.id()));
+    let write_token = w.fencing_token();
+    w.release().await.unwrap();
+    let r = late_reader.await.unwrap();
+    assert!(r.fencing_token() > write_token);
+}
+
+/// Readers and writers on one lock from many sessions: a writer is always alone.
+async fn rwlock_excludes_writers(store: Arc<dyn Store>, contenders: usize, rounds: usize) {
+    let name = format!("rw-{}", uuid::Uuid::new_v4().simple());
+    let readers = Arc::new(AtomicU64::new(0));
+    let writers = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..contenders {
+        let (store, name, readers, writers) =
+            (store.clone(), name.clone(), readers.clone(), writers.clone());
+        tasks.push(tokio::spawn(async move {
+            let s = long_session(store).await;
+            let lock = RwLock::new(&s, &name).unwrap();
+            for r in 0..rounds {
+                if (c + r) % 3 == 0 {
+                    let w = lock.write().await.unwrap();
+                    assert_eq!(writers.fetch_add(1, Ordering::SeqCst), 0, "two writers");
+                    assert_eq!(readers.load(Ordering::SeqCst), 0, "a writer among readers");
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    writers.fetch_sub(1, Ordering::SeqCst);
+                    w.release().await.unwrap();
+                } else {
+                    let g = lock.read().await.unwrap();
+                    readers.fetch_add(1, Ordering::SeqCst);
+                    assert_eq!(writers.load(Ordering::SeqCst), 0, "a reader beside a writer");
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    readers.fetch_sub(1, Ordering::SeqCst);
+                    g.release().await.unwrap();
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn mem_rwlock_writers_are_alone() {
+    rwlock_excludes_writers(Arc::new(MemStore::new()), 6, 15).await;
+}
+
+#[tokio::test]
+async fn embedded_rwlock_writers_are_alone() {
+    let f = common::fixture(common::Backend::Embedded).await;
+    rwlock_excludes_writers(f.store.clone(), 6, 9).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crashed_writer_is_taken_over_after_its_lease() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let a = session(store.clone()).await;
+    let w = RwLock::new(&a, "crash").unwrap().write().await.unwrap();
+    let token = w.fencing_token();
+    std::mem::forget(w);
+    let crashed = Instant::now();
+    a.orphan();
+    let b = session(store.clone()).await;
+    let r = RwLock::new(&b, "crash").unwrap().read().await.unwrap();
+    let waited = crashed.elapsed();
+    assert!(r.fencing_token() > token);
+    assert!(
+        (Duration::from_millis(1300)..=Duration::from_millis(2500)).contains(&waited),
+        "took over after {waited:?} (lease 2 s)"
+    );
+    let info = RwLock::new(&b, "crash").unwrap().info().await.unwrap();
+    assert_eq!((info.writer, info.readers), (None, vec![b.id()]));
+    assert!(MAX_READERS > 1);
+}
