@@ -226,7 +226,14 @@ impl Fair {
             .filter_map(|(k, v)| self.parse_arrival(k, v))
             .filter(|a| !rec.seen(&a.slot))
             .collect();
-        arrivals.sort_by(|a, b| a.slot.cmp(&b.slot));
+        // In arrival order where the mirror has seen them (the scan carries no per-key
+        // revision); by session id after those.
+        let snap = self.record.snapshot();
+        let revision = |e: &Entry| {
+            snap.get(&self.arrival_key(&e.slot))
+                .map_or(u64::MAX, |seen| seen.revision)
+        };
+        arrivals.sort_by_cached_key(|a| (revision(a), a.slot.clone()));
         Ok(Info {
             token: rec.epoch,
             holders: rec
