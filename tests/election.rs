@@ -19,7 +19,12 @@ use tokio::time::Instant;
 
 /// `candidates` sessions campaign `terms` times each. Never two leaders at once (an
 /// in-process counter), every term writes a fenced register, and tokens strictly increase.
-async fn candidates_never_overlap(store: Arc<dyn Store>, ns: &str, candidates: usize, terms: usize) {
+async fn candidates_never_overlap(
+    store: Arc<dyn Store>,
+    ns: &str,
+    candidates: usize,
+    terms: usize,
+) {
     let name = format!("el-{}", uuid::Uuid::new_v4().simple());
     let inside = Arc::new(AtomicUsize::new(0));
     let tokens = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -27,8 +32,12 @@ async fn candidates_never_overlap(store: Arc<dyn Store>, ns: &str, candidates: u
     let mut tasks = Vec::new();
     for c in 0..candidates {
         let store = store.clone();
-        let (name, inside, tokens, register) =
-            (name.clone(), inside.clone(), tokens.clone(), register.clone());
+        let (name, inside, tokens, register) = (
+            name.clone(),
+            inside.clone(),
+            tokens.clone(),
+            register.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let s = long_session(store).await;
             let election = Election::new(&s, &name).unwrap();
@@ -59,7 +68,10 @@ async fn candidates_never_overlap(store: Arc<dyn Store>, ns: &str, candidates: u
         tokens.windows(2).all(|w| w[0] < w[1]),
         "terms not strictly increasing: {tokens:?}"
     );
-    let last = fenced_get(&*store, register.as_bytes()).await.unwrap().unwrap();
+    let last = fenced_get(&*store, register.as_bytes())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(last.token, *tokens.last().unwrap());
 }
 
@@ -101,10 +113,16 @@ async fn candidates_lead_in_campaign_order_and_observers_see_each_term_and_value
     assert_eq!(*observed.borrow(), None, "nobody leads yet");
     let mut lead = election.campaign("a:1").await.unwrap();
     let seen = until_leader(&mut observed, |l| l.is_some()).await.unwrap();
-    assert_eq!((seen.session.as_str(), &seen.value[..]), (a.id().as_str(), &b"a:1"[..]));
+    assert_eq!(
+        (seen.session.as_str(), &seen.value[..]),
+        (a.id().as_str(), &b"a:1"[..])
+    );
     // A proclaimed value reaches observers; the term (token) stays.
     lead.proclaim("a:2").await.unwrap();
-    let seen = until_leader(&mut observed, |l| l.as_ref().is_some_and(|l| l.value == "a:2")).await;
+    let seen = until_leader(&mut observed, |l| {
+        l.as_ref().is_some_and(|l| l.value == "a:2")
+    })
+    .await;
     assert_eq!(seen.unwrap().token, lead.token());
     // Three more candidates, in order.
     let order = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -143,10 +161,18 @@ async fn candidates_lead_in_campaign_order_and_observers_see_each_term_and_value
 async fn a_crashed_leader_is_replaced_one_lease_after_its_last_heartbeat() {
     let store: Arc<dyn Store> = Arc::new(MemStore::new());
     let a = session(store.clone()).await;
-    let lead = Election::new(&a, "crash").unwrap().campaign("a").await.unwrap();
+    let lead = Election::new(&a, "crash")
+        .unwrap()
+        .campaign("a")
+        .await
+        .unwrap();
     let token = lead.token();
     let watcher = session(store.clone()).await;
-    let mut observed = Election::new(&watcher, "crash").unwrap().observe().await.unwrap();
+    let mut observed = Election::new(&watcher, "crash")
+        .unwrap()
+        .observe()
+        .await
+        .unwrap();
     assert_eq!(observed.borrow().as_ref().map(|l| l.token), Some(token));
     // A crash: no resignation, no more renewals.
     std::mem::forget(lead);
@@ -160,7 +186,11 @@ async fn a_crashed_leader_is_replaced_one_lease_after_its_last_heartbeat() {
         "the observer saw the leader go after {gone:?} (lease 2 s)"
     );
     let b = session(store.clone()).await;
-    let lead = Election::new(&b, "crash").unwrap().campaign("b").await.unwrap();
+    let lead = Election::new(&b, "crash")
+        .unwrap()
+        .campaign("b")
+        .await
+        .unwrap();
     assert!(lead.token() > token);
     let seen = until_leader(&mut observed, |l| l.is_some()).await.unwrap();
     assert_eq!((seen.session, seen.token), (b.id(), lead.token()));
@@ -170,7 +200,11 @@ async fn a_crashed_leader_is_replaced_one_lease_after_its_last_heartbeat() {
 async fn a_waiting_candidate_takes_over_from_a_crashed_leader_after_its_lease() {
     let store: Arc<dyn Store> = Arc::new(MemStore::new());
     let a = session(store.clone()).await;
-    let lead = Election::new(&a, "takeover").unwrap().campaign("a").await.unwrap();
+    let lead = Election::new(&a, "takeover")
+        .unwrap()
+        .campaign("a")
+        .await
+        .unwrap();
     let token = lead.token();
     let b = session(store.clone()).await;
     let eb = Election::new(&b, "takeover").unwrap();
@@ -193,7 +227,11 @@ async fn a_partitioned_leader_learns_it_lost_before_another_leads() {
     let mem = MemStore::new();
     let cut = Arc::new(AtomicBool::new(false));
     let a = session(Arc::new(Cuttable::new(mem.clone(), cut.clone()))).await;
-    let la = Election::new(&a, "part").unwrap().campaign("a").await.unwrap();
+    let la = Election::new(&a, "part")
+        .unwrap()
+        .campaign("a")
+        .await
+        .unwrap();
     let b = session(Arc::new(mem.clone())).await;
     let eb = Election::new(&b, "part").unwrap();
     let waiter = tokio::spawn(async move {
@@ -206,15 +244,25 @@ async fn a_partitioned_leader_learns_it_lost_before_another_leads() {
     let lost_at = Instant::now();
     assert!(la.is_lost());
     let (led_at, lb) = waiter.await.unwrap();
-    assert!(lost_at < led_at, "lost at {lost_at:?}, next term at {led_at:?}");
+    assert!(
+        lost_at < led_at,
+        "lost at {lost_at:?}, next term at {led_at:?}"
+    );
     assert!(lb.token() > la.token());
     lb.fenced_put(b"/data/x", b"b").await.unwrap();
     cut.store(false, Ordering::SeqCst);
-    let err = fenced_put(&mem, b"/data/x", la.token(), b"stale").await.unwrap_err();
+    let err = fenced_put(&mem, b"/data/x", la.token(), b"stale")
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::Fenced { .. }), "{err}");
     // The old leader's resignation never ends the new term.
     la.resign().await.unwrap();
-    let now = Election::new(&b, "part").unwrap().leader().await.unwrap().unwrap();
+    let now = Election::new(&b, "part")
+        .unwrap()
+        .leader()
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(now.token, lb.token());
 }
 
@@ -238,7 +286,11 @@ async fn a_cancelled_campaign_leaves_no_residue() {
     lead.resign().await.unwrap();
     assert_eq!(ea.leader().await.unwrap(), None, "b was never made leader");
     let c = session(store.clone()).await;
-    let lc = Election::new(&c, "cancel").unwrap().try_campaign("c").await.unwrap();
+    let lc = Election::new(&c, "cancel")
+        .unwrap()
+        .try_campaign("c")
+        .await
+        .unwrap();
     assert!(lc.is_some(), "nobody is left in front of c");
 }
 
@@ -249,12 +301,19 @@ async fn observers_converge_after_lost_watch_events() {
     let a = session(store.clone()).await;
     let ea = Election::new(&a, "lossy").unwrap();
     let watcher = session(store.clone()).await;
-    let mut observed = Election::new(&watcher, "lossy").unwrap().observe().await.unwrap();
+    let mut observed = Election::new(&watcher, "lossy")
+        .unwrap()
+        .observe()
+        .await
+        .unwrap();
     // Every event of the next writes is lost: the campaign's and the proclamation's.
     mem.drop_next_events(10);
     let mut lead = ea.campaign("v1").await.unwrap();
     lead.proclaim("v2").await.unwrap();
-    let seen = until_leader(&mut observed, |l| l.as_ref().is_some_and(|l| l.value == "v2")).await;
+    let seen = until_leader(&mut observed, |l| {
+        l.as_ref().is_some_and(|l| l.value == "v2")
+    })
+    .await;
     assert_eq!(seen.unwrap().token, lead.token());
     // A cancelled watch is relisted too.
     mem.cancel_watches();
@@ -325,9 +384,12 @@ async fn raft_leader_kill_during_campaigns_keeps_one_leader_per_term() {
         }));
     }
     let count = |t: &Arc<std::sync::Mutex<Vec<u64>>>| t.lock().unwrap().len();
-    tokio::time::timeout(Duration::from_secs(120), common::until(|| count(&terms) >= 20))
-        .await
-        .expect("terms before the kill");
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        common::until(|| count(&terms) >= 20),
+    )
+    .await
+    .expect("terms before the kill");
     cluster.kill(raft_leader).unwrap();
     let before = count(&terms);
     let killed = std::time::Instant::now();
@@ -356,4 +418,194 @@ async fn raft_leader_kill_during_campaigns_keeps_one_leader_per_term() {
         .check_replicas(Duration::from_secs(60))
         .await
         .unwrap_or_else(|e| panic!("replicas after the kill: {e}"));
+}
+
+// Other processes: `dcoord elect` campaigning, observing, SIGKILLed; `dcoord semaphore`.
+
+mod process {
+    use super::*;
+    use std::process::Stdio;
+    use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+    use tokio::process::{Child, ChildStdout};
+
+    fn spawn(
+        args: &[&str],
+        endpoints: &str,
+        command: &[&str],
+    ) -> (Child, Lines<BufReader<ChildStdout>>) {
+        let mut child = common::dcoord_child(args, endpoints, command)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        (child, lines)
+    }
+
+    async fn line(lines: &mut Lines<BufReader<ChildStdout>>, what: &str) -> String {
+        tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("no line: {what}"))
+            .unwrap()
+            .unwrap_or_else(|| panic!("stdout ended: {what}"))
+    }
+
+    fn token(line: &str, name: &str) -> u64 {
+        let mut parts = line.splitn(3, ' ');
+        assert_eq!(parts.next(), Some(name), "{line}");
+        parts
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap_or_else(|_| panic!("{line}"))
+    }
+
+    /// A leader process SIGKILLed: a listener sees it go one lease later, and the waiting
+    /// candidate process leads with a higher token. Nothing is printed before leading.
+    #[tokio::test]
+    async fn a_sigkilled_leader_process_is_replaced_and_listeners_see_each_change() {
+        let (_store, endpoints) = common::shared_remote().await;
+        let name = format!("cli-{}", uuid::Uuid::new_v4().simple());
+        let (mut first, mut first_out) = spawn(
+            &["elect", &name, "host-a:1", "--lease", "2"],
+            &endpoints,
+            &[],
+        );
+        let led = line(&mut first_out, "the first candidate leads").await;
+        let t1 = token(&led, &name);
+        assert!(led.ends_with(" host-a:1"), "{led}");
+        let (_listener, mut heard) = spawn(
+            &["elect", "--listen", &name, "--lease", "2"],
+            &endpoints,
+            &[],
+        );
+        assert_eq!(line(&mut heard, "the current leader").await, led);
+        let (_second, mut second_out) = spawn(
+            &["elect", &name, "host-b:2", "--lease", "2", "-o", "json"],
+            &endpoints,
+            &[],
+        );
+        // The second candidate queues; it prints nothing while it waits.
+        let s = session(_store.clone()).await;
+        let election = Election::new(&s, &name).unwrap();
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while election.candidates().await.unwrap().is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the second candidate queues");
+        first.start_kill().unwrap();
+        let killed = std::time::Instant::now();
+        let json: serde_json::Value =
+            serde_json::from_str(&line(&mut second_out, "the second candidate leads").await)
+                .unwrap();
+        let took = killed.elapsed();
+        let t2 = json["token"].as_u64().unwrap();
+        assert!(t2 > t1, "{json}");
+        assert_eq!(json["value"], "host-b:2");
+        println!("SIGKILLed leader replaced after {took:?} (lease 2 s)");
+        assert!(
+            took < Duration::from_secs(2) + Duration::from_secs(10),
+            "{took:?}"
+        );
+        // The listener saw the new term (perhaps `NAME -` in between, if it saw the death first).
+        loop {
+            let l = line(&mut heard, "the listener sees the new term").await;
+            if l == format!("{name} -") {
+                continue;
+            }
+            assert_eq!(token(&l, &name), t2, "{l}");
+            assert!(l.ends_with(" host-b:2"), "{l}");
+            break;
+        }
+    }
+
+    /// `dcoord semaphore --permits 2`: four processes, at most two running at once (each
+    /// holds a marker file while it runs), all exit 0; then `semaphore info`.
+    #[tokio::test]
+    async fn semaphore_processes_never_run_more_than_n_at_once() {
+        let (_store, endpoints) = common::shared_remote().await;
+        let name = format!("cli-sem-{}", uuid::Uuid::new_v4().simple());
+        let dir = tempfile::tempdir().unwrap();
+        let script = format!(
+            "touch {d}/$$; n=$(ls {d} | wc -l); echo $n >> {d}.peaks; sleep 0.3; rm {d}/$$",
+            d = dir.path().display()
+        );
+        let mut children = Vec::new();
+        for _ in 0..4 {
+            let child = common::dcoord_child(
+                &["semaphore", &name, "--permits", "2"],
+                &endpoints,
+                &["sh", "-c", &script],
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+            children.push(child);
+        }
+        for mut c in children {
+            let status = tokio::time::timeout(Duration::from_secs(60), c.wait())
+                .await
+                .expect("the command ran")
+                .unwrap();
+            assert!(status.success(), "{status}");
+        }
+        let peaks = std::fs::read_to_string(format!("{}.peaks", dir.path().display())).unwrap();
+        let peaks: Vec<u32> = peaks.lines().map(|l| l.trim().parse().unwrap()).collect();
+        assert_eq!(peaks.len(), 4, "{peaks:?}");
+        assert!(
+            peaks.iter().all(|p| *p <= 2),
+            "more than 2 at once: {peaks:?}"
+        );
+        let out = tokio::process::Command::new(common::binary())
+            .args([
+                "semaphore",
+                "info",
+                &name,
+                "--permits",
+                "2",
+                "-o",
+                "json",
+                "--endpoints",
+                &endpoints,
+            ])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            (info["available"].as_u64(), info["token"].as_u64()),
+            (Some(2), Some(4)),
+            "{info}"
+        );
+        // Another N is refused with a clear message, and changes nothing.
+        let out = tokio::process::Command::new(common::binary())
+            .args([
+                "semaphore",
+                &name,
+                "--permits",
+                "3",
+                "--endpoints",
+                &endpoints,
+                "--",
+                "true",
+            ])
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(out.status.code(), Some(125));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("capacity 2"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

@@ -56,7 +56,11 @@ async fn never_more_than_n_permits(store: Arc<dyn Store>, contenders: usize, rou
     assert_eq!(tokens.len(), contenders * rounds);
     tokens.sort_unstable();
     tokens.dedup();
-    assert_eq!(tokens.len(), contenders * rounds, "a token was granted twice");
+    assert_eq!(
+        tokens.len(),
+        contenders * rounds,
+        "a token was granted twice"
+    );
     assert!(peak.load(Ordering::SeqCst) > 1, "permits were never shared");
 }
 
@@ -106,7 +110,10 @@ async fn requests_are_served_in_order_and_a_small_one_never_passes_a_big_one() {
     };
     until_waiters(&sem, 2).await;
     // One permit is free, but the 1-permit request waits behind the 2-permit one.
-    assert!(sem.try_acquire(1).await.unwrap().is_none(), "nobody jumps the queue");
+    assert!(
+        sem.try_acquire(1).await.unwrap().is_none(),
+        "nobody jumps the queue"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!small.is_finished(), "the small request passed the big one");
     let released = Instant::now();
@@ -122,7 +129,11 @@ async fn requests_are_served_in_order_and_a_small_one_never_passes_a_big_one() {
 async fn a_crashed_holders_permits_are_taken_back_after_its_lease() {
     let store: Arc<dyn Store> = Arc::new(MemStore::new());
     let a = session(store.clone()).await;
-    let permit = Semaphore::new(&a, "crash", 2).unwrap().acquire(2).await.unwrap();
+    let permit = Semaphore::new(&a, "crash", 2)
+        .unwrap()
+        .acquire(2)
+        .await
+        .unwrap();
     let token = permit.fencing_token();
     std::mem::forget(permit);
     let crashed = Instant::now();
@@ -136,7 +147,11 @@ async fn a_crashed_holders_permits_are_taken_back_after_its_lease() {
         (Duration::from_millis(1300)..=Duration::from_millis(2500)).contains(&waited),
         "took back after {waited:?} (lease 2 s)"
     );
-    assert_eq!(sem.info().await.unwrap().available, 1, "the dead holder's permits are free");
+    assert_eq!(
+        sem.info().await.unwrap().available,
+        1,
+        "the dead holder's permits are free"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -148,19 +163,39 @@ async fn a_cancelled_acquire_leaves_no_residue_and_bad_input_is_refused() {
     let all = sem.acquire(2).await.unwrap();
     let b = session(store.clone()).await;
     let sb = Semaphore::new(&b, "cancel", 2).unwrap();
-    assert!(tokio::time::timeout(Duration::from_millis(500), sb.acquire(1)).await.is_err());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), sb.acquire(1))
+            .await
+            .is_err()
+    );
     until_waiters(&sem, 0).await;
     all.release().await.unwrap();
     assert_eq!(sem.info().await.unwrap().available, 2);
     // Bad input: a clear error, nothing written.
     let err = sem.acquire(3).await.unwrap_err();
-    assert!(matches!(err, Error::InvalidArgument(_)) && err.to_string().contains("3 of 2"), "{err}");
-    assert!(matches!(sem.acquire(0).await.unwrap_err(), Error::InvalidArgument(_)));
-    assert!(matches!(Semaphore::new(&a, "zero", 0).unwrap_err(), Error::InvalidArgument(_)));
+    assert!(
+        matches!(err, Error::InvalidArgument(_)) && err.to_string().contains("3 of 2"),
+        "{err}"
+    );
+    assert!(matches!(
+        sem.acquire(0).await.unwrap_err(),
+        Error::InvalidArgument(_)
+    ));
+    assert!(matches!(
+        Semaphore::new(&a, "zero", 0).unwrap_err(),
+        Error::InvalidArgument(_)
+    ));
     let other = Semaphore::new(&b, "cancel", 5).unwrap();
     let err = other.acquire(1).await.unwrap_err();
-    assert!(matches!(err, Error::Decode { .. }) && err.to_string().contains("capacity 2"), "{err}");
-    assert_eq!(sem.info().await.unwrap().holders.len(), 0, "nothing was written");
+    assert!(
+        matches!(err, Error::Decode { .. }) && err.to_string().contains("capacity 2"),
+        "{err}"
+    );
+    assert_eq!(
+        sem.info().await.unwrap().holders.len(),
+        0,
+        "nothing was written"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -218,7 +253,10 @@ async fn readers_share_a_writer_excludes_and_is_never_starved() {
         tokio::spawn(async move { lock.read().await.unwrap() })
     };
     waiting(2).await;
-    assert!(lock.try_read().await.unwrap().is_none(), "a writer waits: no new readers");
+    assert!(
+        lock.try_read().await.unwrap().is_none(),
+        "a writer waits: no new readers"
+    );
     let info = lock.info().await.unwrap();
     assert_eq!((info.readers.len(), info.writer.as_ref()), (2, None));
     assert_eq!(info.waiters, vec![(b.id(), true), (c.id(), false)]);
@@ -245,8 +283,12 @@ async fn rwlock_excludes_writers(store: Arc<dyn Store>, contenders: usize, round
     let writers = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for c in 0..contenders {
-        let (store, name, readers, writers) =
-            (store.clone(), name.clone(), readers.clone(), writers.clone());
+        let (store, name, readers, writers) = (
+            store.clone(),
+            name.clone(),
+            readers.clone(),
+            writers.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let s = long_session(store).await;
             let lock = RwLock::new(&s, &name).unwrap();
@@ -261,7 +303,11 @@ async fn rwlock_excludes_writers(store: Arc<dyn Store>, contenders: usize, round
                 } else {
                     let g = lock.read().await.unwrap();
                     readers.fetch_add(1, Ordering::SeqCst);
-                    assert_eq!(writers.load(Ordering::SeqCst), 0, "a reader beside a writer");
+                    assert_eq!(
+                        writers.load(Ordering::SeqCst),
+                        0,
+                        "a reader beside a writer"
+                    );
                     tokio::time::sleep(Duration::from_millis(1)).await;
                     readers.fetch_sub(1, Ordering::SeqCst);
                     g.release().await.unwrap();

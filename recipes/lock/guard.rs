@@ -2,9 +2,9 @@
 
 use std::fmt;
 
-use crate::error::Result;
 #[cfg(doc)]
 use crate::error::Error;
+use crate::error::Result;
 use crate::fair::Holding;
 
 /// Proof of holding a [`Mutex`](super::Mutex). Release it with [`MutexGuard::release`];

@@ -163,10 +163,8 @@ impl RwLock {
     /// Cancel-safe (a read).
     pub async fn info(&self) -> Result<RwLockInfo> {
         let info = self.fair.info().await?;
-        let (writers, readers): (Vec<_>, Vec<_>) = info
-            .holders
-            .into_iter()
-            .partition(|m| m.n == MAX_READERS);
+        let (writers, readers): (Vec<_>, Vec<_>) =
+            info.holders.into_iter().partition(|m| m.n == MAX_READERS);
         Ok(RwLockInfo {
             token: info.token,
             writer: writers.into_iter().next().map(|m| m.session),

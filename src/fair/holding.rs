@@ -7,9 +7,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::Fair;
+use super::fence::fenced_put;
 use super::record::Slot;
 use crate::error::{Error, Result};
-use super::fence::fenced_put;
 use crate::reconcile::Snapshot;
 use crate::session::Owned;
 

@@ -182,8 +182,11 @@ impl Record {
             key: show(key),
             reason,
         };
-        let foreign =
-            |e: serde_json::Error| bad(format!("not a dcoord {kind} record ({e}); refusing to overwrite it"));
+        let foreign = |e: serde_json::Error| {
+            bad(format!(
+                "not a dcoord {kind} record ({e}); refusing to overwrite it"
+            ))
+        };
         let Version { v } = serde_json::from_slice(bytes).map_err(foreign)?;
         let rec = match v {
             2 => {
@@ -489,7 +492,10 @@ mod tests {
         assert!(r.is_holder(&slot("a", 1)));
         assert_eq!(r.queue, vec![e("b", 1), e("c", 1)]);
         assert!(r.grab(&e("d", 1)).is_none(), "held");
-        assert!(r.absorb(&[e("b", 1)]).is_none(), "an arrival is taken in once");
+        assert!(
+            r.absorb(&[e("b", 1)]).is_none(),
+            "an arrival is taken in once"
+        );
     }
 
     #[test]
@@ -498,7 +504,10 @@ mod tests {
         let r2 = r.release(&slot("a", 1)).unwrap();
         assert_eq!(holders(&r2), vec![("b".into(), r.epoch + 1)]);
         assert_eq!(r2.epoch, r.epoch + 1);
-        assert!(r2.release(&slot("a", 1)).is_none(), "a second release is a no-op");
+        assert!(
+            r2.release(&slot("a", 1)).is_none(),
+            "a second release is a no-op"
+        );
         let r3 = r2
             .release(&slot("b", 1))
             .unwrap()
@@ -598,10 +607,16 @@ mod tests {
         assert_eq!(&back.value_bytes()[..], b"\x00host:1");
         assert!(Entry::from_arrival(slot("a", 3), b"junk").is_none());
         assert!(Entry::from_arrival(slot("a", 3), br#"{"n":0}"#).is_none());
-        assert!(Record::empty(1).grab(&rich).is_none(), "3 does not fit in 1");
+        assert!(
+            Record::empty(1).grab(&rich).is_none(),
+            "3 does not fit in 1"
+        );
         let r = Record::empty(3).grab(&rich).unwrap();
         let p = r.proclaim(&slot("a", 2), b"new").unwrap();
-        assert_eq!(&p.grant_of(&slot("a", 2)).unwrap().entry.value_bytes()[..], b"new");
+        assert_eq!(
+            &p.grant_of(&slot("a", 2)).unwrap().entry.value_bytes()[..],
+            b"new"
+        );
         assert!(p.proclaim(&slot("z", 1), b"x").is_none());
     }
 
@@ -612,7 +627,12 @@ mod tests {
             r.absorbed.insert(format!("gone{i}"), 1);
         }
         r.prune(|_| true);
-        assert_eq!(r.absorbed.len(), 3, "{:?}", r.absorbed.keys().collect::<Vec<_>>());
+        assert_eq!(
+            r.absorbed.len(),
+            3,
+            "{:?}",
+            r.absorbed.keys().collect::<Vec<_>>()
+        );
     }
 
     #[test]

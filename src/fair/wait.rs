@@ -73,10 +73,21 @@ impl<'a> Waiter<'a> {
                 Step::Granted { token } => {
                     tracing::debug!(kind = inner.kind, name = %inner.name, me = ?self.me.slot, seq = rec.seq, token, "granted");
                     bump(&inner.stats.grants);
-                    crate::metrics::count(crate::metrics::LOCK_ACQUIRED_TOTAL, inner.kind, &inner.name);
+                    crate::metrics::count(
+                        crate::metrics::LOCK_ACQUIRED_TOTAL,
+                        inner.kind,
+                        &inner.name,
+                    );
                     let owned = pending.hand_over();
                     inner.forget_arrival(&self.me.slot);
-                    let holding = Holding::new(inner.clone(), self.me.slot, owned, token, rec.seq, self.current);
+                    let holding = Holding::new(
+                        inner.clone(),
+                        self.me.slot,
+                        owned,
+                        token,
+                        rec.seq,
+                        self.current,
+                    );
                     return Ok(Queued::Granted(holding));
                 }
                 Step::Vanished => {
@@ -157,7 +168,11 @@ impl<'a> Waiter<'a> {
         let new = next.encode();
         self.current = inner.cas(self.current.take(), new.clone()).await?;
         if self.current.as_deref() == Some(&new[..]) {
-            crate::metrics::count(crate::metrics::LOCK_TAKEOVERS_TOTAL, inner.kind, &inner.name);
+            crate::metrics::count(
+                crate::metrics::LOCK_TAKEOVERS_TOTAL,
+                inner.kind,
+                &inner.name,
+            );
         }
         for b in dead {
             inner.forget_arrival(b);

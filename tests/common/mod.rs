@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use dcoord::engine::{ClusterOptions, EmbeddedNode, LocalCluster};
-use dcoord::session::{Session, SessionOptions};
 use async_trait::async_trait;
 use bytes::Bytes;
+use dcoord::engine::{ClusterOptions, EmbeddedNode, LocalCluster};
+use dcoord::session::{Session, SessionOptions};
 use dcoord::store::{Consistency, Event, Scan, Store, WatchStream, WatchTarget};
 use dcoord::testing::MemStore;
 use futures::StreamExt;
@@ -290,4 +290,3 @@ impl Store for Cuttable {
         self.inner.watch(target, prev).await
     }
 }
-

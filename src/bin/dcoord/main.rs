@@ -16,12 +16,15 @@ use dcoord::store::{RemoteOptions, RemoteStore};
 use dcoord::tls::ClientTls;
 
 mod config;
+mod elect;
+mod hold;
 mod kv;
 mod lock;
 mod node;
 mod output;
 mod process;
 mod queue;
+mod semaphore;
 mod soak;
 
 use output::Output;
@@ -174,6 +177,40 @@ enum Cmd {
         op: Option<lock::LockOp>,
         #[command(flatten)]
         args: lock::LockArgs,
+    },
+    /// Campaign to lead an election and hold leadership until interrupted (etcdctl elect
+    /// parity). Once elected it prints `NAME TOKEN VALUE` on stdout (nothing before); with a
+    /// command, it runs the command while leading, supervised as `dcoord lock` runs its
+    /// command (the term's token in $DCOORD_FENCING_TOKEN). `--listen` observes without
+    /// campaigning and prints every change; a leader that stopped heartbeating is reported
+    /// gone (`NAME -`) one lease after its last heartbeat.
+    ///
+    /// Exit codes as `dcoord lock`'s: 124 leadership lost, 125 dcoord failed or --wait ran
+    /// out, 130 / 143 Ctrl-C / SIGTERM.
+    #[command(
+        after_help = "Examples:\n  dcoord elect scheduler \"$(hostname):8080\" -- ./scheduler\n  dcoord elect --listen scheduler -o json"
+    )]
+    Elect {
+        #[command(flatten)]
+        args: elect::ElectArgs,
+    },
+    /// Run a command while holding permits of a counting semaphore: at most N permits are
+    /// held at once across every process, granted in arrival order, taken back from crashed
+    /// holders after their lease. Supervision, environment and exit codes as `dcoord lock`'s
+    /// ($DCOORD_SEMAPHORE, $DCOORD_FENCING_TOKEN).
+    ///
+    /// `dcoord semaphore info NAME --permits N` shows holders, waiters and free permits (so a
+    /// semaphore cannot be named `info`).
+    #[command(
+        after_help = "Examples:\n  dcoord semaphore db-pool --permits 4 -- ./migrate.sh\n  dcoord semaphore gpu --permits 8 --take 2 --wait 5m -- ./train\n  dcoord semaphore info db-pool --permits 4 -o json",
+        args_conflicts_with_subcommands = true,
+        subcommand_negates_reqs = true
+    )]
+    Semaphore {
+        #[command(subcommand)]
+        op: Option<semaphore::SemaphoreOp>,
+        #[command(flatten)]
+        args: semaphore::SemaphoreArgs,
     },
     /// Read, write or follow a configuration value (JSON, or TOML for keys ending in .toml).
     Config {
@@ -446,6 +483,18 @@ async fn run(cmd: Cmd) -> dcoord::Result<ExitCode> {
             ..
         } => lock::info(name, output, conn).await,
         Cmd::Lock { op: None, args } => lock::run(args).await,
+        Cmd::Elect { args } => elect::run(args).await,
+        Cmd::Semaphore {
+            op:
+                Some(semaphore::SemaphoreOp::Info {
+                    name,
+                    permits,
+                    output,
+                    conn,
+                }),
+            ..
+        } => semaphore::info(name, permits, output, conn).await,
+        Cmd::Semaphore { op: None, args } => semaphore::run(args).await,
         Cmd::Supervise {
             kill_after_ms,
             parent,

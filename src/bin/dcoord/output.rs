@@ -23,6 +23,15 @@ pub enum Output {
 pub fn entry(key: &[u8], value: &[u8], extra: &[(&str, Value)]) -> Value {
     let mut obj = Map::new();
     obj.insert("key".into(), json!(String::from_utf8_lossy(key)));
+    insert_value(&mut obj, value);
+    for (k, v) in extra {
+        obj.insert((*k).to_string(), v.clone());
+    }
+    Value::Object(obj)
+}
+
+/// `"value": "..."` into `obj`, or `"value_base64"` for bytes that are not UTF-8.
+pub fn insert_value(obj: &mut Map<String, Value>, value: &[u8]) {
     match std::str::from_utf8(value) {
         Ok(text) => obj.insert("value".into(), json!(text)),
         Err(_) => obj.insert(
@@ -30,10 +39,6 @@ pub fn entry(key: &[u8], value: &[u8], extra: &[(&str, Value)]) -> Value {
             json!(base64::engine::general_purpose::STANDARD.encode(value)),
         ),
     };
-    for (k, v) in extra {
-        obj.insert((*k).to_string(), v.clone());
-    }
-    Value::Object(obj)
 }
 
 /// Prints one JSON record on its own line.
