@@ -38,6 +38,7 @@ mod error;
 mod fair;
 pub mod keys;
 pub mod metrics;
+mod presence;
 pub mod reconcile;
 pub mod session;
 pub mod store;

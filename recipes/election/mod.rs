@@ -27,6 +27,9 @@
 //! - Exclusion of *effects* against a leader paused past its lease: use the token.
 //! - That observers see every intermediate term: a watch delivers the latest state, and
 //!   terms shorter than a round trip may be skipped.
+//! - An observer's verdict on a silent leader comes from its watch of the heartbeats: an
+//!   observer whose watch stalls for a lease may report a live leader gone until its watch
+//!   recovers; an observer started after the leader died counts the lease from its start.
 //! - [`Election::leader`] is the record as written: a crashed leader stays named there until a
 //!   candidate replaces it (only an observer over time can tell it is dead).
 //!

@@ -20,6 +20,8 @@
 //! - Exclusion of *effects* against a holder paused past its lease: use the fencing token.
 //!   A writer's token is newer than every reader's before it, so fenced writes by readers
 //!   that lost their grant are rejected once the writer has written the key.
+//! - Fenced writes shared by readers: each read grant has its own token, so two readers
+//!   writing the same key with `fenced_put` fence each other. Readers should not write.
 //! - Upgrades: a reader cannot become the writer in place (release, then `write()`).
 //! - More than [`MAX_READERS`] concurrent readers.
 //!

@@ -22,6 +22,9 @@
 //! # NOT guaranteed
 //! - Exclusion of *effects* against a holder paused past its lease: use the fencing token.
 //! - Bounded waiting while the holders are alive: wrap `acquire` in `tokio::time::timeout`.
+//! - Fenced writes shared by holders: every grant has its own token, so two permit holders
+//!   that are both valid and write the *same* key with `fenced_put` fence each other (the
+//!   older one gets [`Error::Fenced`]). Give each holder keys of its own.
 //! - Agreement on N: every handle must be opened with the same `permits`. The first grant
 //!   writes N into the record; a handle opened with another N gets [`Error::Decode`] naming
 //!   both, and writes nothing. To change N, use a new name.

@@ -57,11 +57,15 @@ pub(crate) fn decide(
         return Step::Take(next);
     }
     let blockers: Vec<Slot> = next.blockers(&me.slot).into_iter().cloned().collect();
-    let dead: Vec<Slot> = blockers
-        .iter()
-        .filter(|b| b.session != me.slot.session && liveness.is_dead(&b.session, now))
-        .cloned()
-        .collect();
+    let dead = |s: &Slot| s.session != me.slot.session && liveness.is_dead(&s.session, now);
+    // One reaper at a time: the first live waiter. A live waiter ahead of `me` reaps what is
+    // dead in front of it (and `me` what is left once it is served), so a death costs one
+    // write, not one per waiter.
+    let ahead = next.ahead(&me.slot);
+    if !ahead.iter().all(|s| dead(s)) {
+        return Step::Wait { blockers };
+    }
+    let dead: Vec<Slot> = blockers.iter().filter(|b| dead(b)).cloned().collect();
     match next.reap(&dead) {
         Some(next) => Step::Reap {
             next,
@@ -157,19 +161,21 @@ mod tests {
         let t0 = Instant::now();
         let (rec, mut l) = held_by_a_b_waiting(t0);
         let me = e("me", 1);
-        // b renewed: only the holder a is dead, so it is reaped and b (alive) is granted.
+        // b renewed: only the holder a is dead. b (the first live waiter) reaps it; me, behind
+        // a live b, leaves it to b.
         l.observe(
             "b",
             Some(&bytes::Bytes::from_static(b"beat")),
             t0 + LEASE / 2,
         );
-        let Step::Reap { next, dead, .. } =
-            decide(&rec, std::slice::from_ref(&me), &me, &l, t0 + LEASE)
-        else {
-            panic!("the dead holder is reaped");
+        let step = decide(&rec, std::slice::from_ref(&me), &me, &l, t0 + LEASE);
+        assert!(matches!(step, Step::Wait { .. }), "{step:?}");
+        let b = e("b", 1);
+        let Step::Reap { next, dead, .. } = decide(&rec, &[], &b, &l, t0 + LEASE) else {
+            panic!("the dead holder is reaped by the first live waiter");
         };
         assert_eq!(dead, vec![e("a", 1).slot]);
-        assert!(next.is_holder(&e("b", 1).slot));
+        assert!(next.is_holder(&b.slot));
         // Both silent for a lease: both reaped, me granted.
         let (rec, l) = held_by_a_b_waiting(t0);
         let Step::Reap { next, dead, .. } =

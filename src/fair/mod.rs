@@ -212,6 +212,8 @@ impl Fair {
 
     /// What the record says now (a linearizable read), with the arrivals not yet taken in.
     pub(crate) async fn info(&self) -> Result<Info> {
+        // The mirror orders the arrivals: let it load first (at once when it has).
+        self.record.wait_ready().await?;
         let base = &self.key[..self.key.len() - "rec".len()];
         let scan = self.store.scan_prefix(base).await?;
         let record = scan

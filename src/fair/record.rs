@@ -226,7 +226,28 @@ impl Record {
         Ok(rec)
     }
 
+    /// The bytes to store: a plain lock's record in the format before weights (version 2), so
+    /// that processes of earlier releases keep working beside this one; version 3 otherwise.
     pub(crate) fn encode(&self) -> Vec<u8> {
+        let plain = |e: &Entry| e.n == 1 && e.value.is_none();
+        let v2 = self.capacity == 1
+            && self.holders.len() <= 1
+            && self
+                .holders
+                .iter()
+                .all(|g| plain(&g.entry) && g.token == self.epoch)
+            && self.queue.iter().all(plain);
+        if v2 {
+            return serde_json::to_vec(&serde_json::json!({
+                "v": 2,
+                "seq": self.seq,
+                "epoch": self.epoch,
+                "holder": self.holders.first().map(|g| &g.entry.slot),
+                "queue": self.queue.iter().map(|e| &e.slot).collect::<Vec<_>>(),
+                "absorbed": self.absorbed,
+            }))
+            .expect("a record always serializes");
+        }
         serde_json::to_vec(self).expect("a record always serializes")
     }
 
@@ -289,7 +310,11 @@ impl Record {
         let mut changed = false;
         for a in arrivals {
             if !record.seen(&a.slot) {
-                record.queue.push(a.clone());
+                // A weight over the capacity (a handle opened with another capacity, which
+                // fails on the record) would block the queue forever: never taken in.
+                if a.n <= record.capacity {
+                    record.queue.push(a.clone());
+                }
                 record.note(&a.slot);
                 changed = true;
             }
@@ -409,6 +434,14 @@ impl Record {
             .chain(self.queue[..i].iter())
             .map(|e| &e.slot)
             .collect()
+    }
+
+    /// The waiters ahead of `me` (empty when `me` is not queued, or first).
+    pub(crate) fn ahead(&self, me: &Slot) -> Vec<&Slot> {
+        let Some(i) = self.queued(me) else {
+            return Vec::new();
+        };
+        self.queue[..i].iter().map(|e| &e.slot).collect()
     }
 
     /// Drops the `dead` participants (holders and waiters alike); waiters that now fit are
@@ -594,6 +627,36 @@ mod tests {
         assert_eq!(r.queue, vec![e("b", 1)]);
         let r2 = r.release(&slot("a", 3)).unwrap();
         assert_eq!(holders(&r2), vec![("b".into(), 8)]);
+    }
+
+    #[test]
+    fn a_plain_lock_record_is_written_as_version_2_and_anything_else_as_3() {
+        let r = held_by_a_with_b_c_waiting();
+        let bytes = Bytes::from(r.encode());
+        let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(json["v"], 2, "{json}");
+        assert_eq!(json["holder"]["session"], "a");
+        assert_eq!(Record::decode("lock", b"k", 1, Some(&bytes)).unwrap(), r);
+        let sem = Record::empty(4).grab(&w("a", 1, 2)).unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&sem.encode()).unwrap();
+        assert_eq!(json["v"], 3, "{json}");
+        let leader = Record::empty(1)
+            .grab(&Entry::new(slot("a", 1), 1, Some(b"x")))
+            .unwrap();
+        let bytes = Bytes::from(leader.encode());
+        assert_eq!(
+            Record::decode("election", b"k", 1, Some(&bytes)).unwrap(),
+            leader
+        );
+    }
+
+    #[test]
+    fn an_arrival_heavier_than_the_capacity_is_never_taken_in() {
+        let r = Record::empty(4)
+            .absorb(&[w("big", 1, 6), w("ok", 1, 1)])
+            .unwrap();
+        assert!(r.seen(&slot("big", 1)) && !r.contains(&slot("big", 1)));
+        assert!(r.is_holder(&slot("ok", 1)));
     }
 
     #[test]

@@ -50,19 +50,20 @@ pub struct SemaphoreArgs {
 pub async fn run(args: SemaphoreArgs) -> dcoord::Result<ExitCode> {
     let name = args.name.as_deref().unwrap_or_default();
     let permits = args.permits.unwrap_or_default();
-    if permits == 0 || args.take == 0 || args.take > permits {
-        return Err(dcoord::Error::InvalidArgument(format!(
-            "--take {} must be between 1 and --permits {permits} (at least 1)",
-            args.take
-        )));
-    }
     let what = What {
         kind: "semaphore",
         name,
         env: "DCOORD_SEMAPHORE",
     };
     let take = args.take;
+    // Checked in here, so that with a command a bad --take exits 125 like every failure of
+    // dcoord's own.
     let acquire = async |session: &Session| {
+        if permits == 0 || take == 0 || take > permits {
+            return Err(dcoord::Error::InvalidArgument(format!(
+                "--take {take} must be between 1 and --permits {permits} (at least 1)"
+            )));
+        }
         let sem = Semaphore::new(session, name, permits)?;
         Ok(Held::Permit(sem.acquire(take).await?))
     };
