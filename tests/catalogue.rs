@@ -344,3 +344,103 @@ async fn a_crashed_participant_does_not_keep_the_others_inside() {
         Error::InvalidArgument(_)
     ));
 }
+
+/// `dcoord counter` and `dcoord members` as processes against the shared cluster.
+#[tokio::test]
+async fn counter_and_members_from_the_command_line() {
+    use std::process::Stdio;
+    use tokio::io::AsyncWriteExt;
+    let (_store, endpoints) = common::shared_remote().await;
+    let run = |args: Vec<String>| {
+        let endpoints = endpoints.clone();
+        async move {
+            let out = tokio::process::Command::new(common::binary())
+                .args(&args)
+                .args(["--endpoints", &endpoints])
+                .output()
+                .await
+                .unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    };
+    let name = format!("cli-{}", uuid::Uuid::new_v4().simple());
+    let adds: Vec<_> = (0..3)
+        .map(|_| {
+            run(vec![
+                "counter".into(),
+                name.clone(),
+                "add".into(),
+                "2".into(),
+            ])
+        })
+        .collect();
+    for (code, _, err) in futures::future::join_all(adds).await {
+        assert_eq!(code, Some(0), "{err}");
+    }
+    let (code, out, err) = run(vec![
+        "counter".into(),
+        name.clone(),
+        "add".into(),
+        "-1".into(),
+    ])
+    .await;
+    assert_eq!((code, out.trim()), (Some(0), "5"), "{err}");
+    let (_, out, _) = run(vec!["counter".into(), name.clone()]).await;
+    assert_eq!(out.trim(), "5");
+    let (code, _, err) = run(vec![
+        "counter".into(),
+        name.clone(),
+        "sub".into(),
+        "1".into(),
+    ])
+    .await;
+    assert_ne!(code, Some(0));
+    assert!(err.contains("unknown operation"), "{err}");
+
+    let mut member = tokio::process::Command::new(common::binary())
+        .args([
+            "members",
+            &name,
+            "--join",
+            "host-a:1",
+            "--endpoints",
+            &endpoints,
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let listed = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let (_, out, _) = run(vec![
+                "members".into(),
+                name.clone(),
+                "-o".into(),
+                "json".into(),
+            ])
+            .await;
+            let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+            if v["members"].as_array().unwrap().len() == 1 {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the member is listed");
+    assert_eq!(listed["members"][0]["value"], "host-a:1", "{listed}");
+    // stdin closes: the member leaves and dcoord exits 0.
+    member.stdin.take().unwrap().shutdown().await.unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), member.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let (_, out, _) = run(vec!["members".into(), name.clone()]).await;
+    assert_eq!(out, "", "the member left");
+}

@@ -17,6 +17,7 @@ use dcoord::tls::ClientTls;
 
 mod config;
 mod elect;
+mod group;
 mod hold;
 mod kv;
 mod lock;
@@ -212,6 +213,24 @@ enum Cmd {
         #[command(flatten)]
         args: semaphore::SemaphoreArgs,
     },
+    /// List the members of a group (service registry / presence), follow it with --watch,
+    /// or join it with --join VALUE and stay a member until stdin closes or Ctrl-C.
+    #[command(
+        after_help = "Examples:\n  dcoord members api\n  dcoord members api --watch -o json\n  dcoord members api --join \"$(hostname):8080\" --watch"
+    )]
+    Members {
+        #[command(flatten)]
+        args: group::MembersArgs,
+    },
+    /// Read a shared counter, or add to it (exactly once, even across a leader change):
+    /// prints the value after.
+    #[command(
+        after_help = "Examples:\n  dcoord counter builds\n  dcoord counter builds add 1\n  dcoord counter slots add -2"
+    )]
+    Counter {
+        #[command(flatten)]
+        args: group::CounterArgs,
+    },
     /// Read, write or follow a configuration value (JSON, or TOML for keys ending in .toml).
     Config {
         #[command(subcommand)]
@@ -264,7 +283,7 @@ pub struct Conn {
     timeout: Duration,
     /// The key root dcoord's records live under (sessions, locks, queues).
     #[arg(long, default_value = dcoord::keys::DEFAULT_ROOT)]
-    root: String,
+    pub root: String,
 }
 
 impl Conn {
@@ -484,6 +503,8 @@ async fn run(cmd: Cmd) -> dcoord::Result<ExitCode> {
         } => lock::info(name, output, conn).await,
         Cmd::Lock { op: None, args } => lock::run(args).await,
         Cmd::Elect { args } => elect::run(args).await,
+        Cmd::Members { args } => group::members(args).await,
+        Cmd::Counter { args } => group::counter(args).await,
         Cmd::Semaphore {
             op:
                 Some(semaphore::SemaphoreOp::Info {
