@@ -16,7 +16,9 @@ use dcoord::{Error, Result};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::check::{self, ConfigReport, Ev, Fault, LockReport, QueueReport, Violation};
+use super::check::{
+    self, ConfigReport, Ev, Fault, LockReport, QueueReport, SemaphoreReport, Violation,
+};
 use super::load::{count, produce, publish_final, write_config};
 use super::nemesis::Nemesis;
 use super::settle::{drain, settle_config, wait_ready};
@@ -147,6 +149,8 @@ struct Ending {
 /// The checkers' results, for the summary.
 struct Report {
     lock: LockReport,
+    election: LockReport,
+    semaphore: SemaphoreReport,
     queue: QueueReport,
     config: ConfigReport,
     /// The takeover bound the lock check used (µs).
@@ -305,6 +309,15 @@ impl Soak {
             ending.end,
             &mut self.violations,
         );
+        let election = check::check_exclusive(
+            &check::ELECTION,
+            &lines,
+            &self.faults,
+            takeover_bound,
+            ending.end,
+            &mut self.violations,
+        );
+        let semaphore = check::check_semaphore(&lines, super::PERMITS, &mut self.violations);
         let queue = check::check_queue(&lines, &rec.facts, &mut self.violations);
         let config = check::check_config(
             &lines,
@@ -343,6 +356,8 @@ impl Soak {
             .count();
         Report {
             lock,
+            election,
+            semaphore,
             queue,
             config,
             takeover_bound,
@@ -416,7 +431,8 @@ impl Soak {
     }
 }
 
-/// Starts the workers (3 lock workers, 2 consumers, 2 watchers) and waits until each is ready.
+/// Starts the workers (3 lock workers, 2 consumers, 2 watchers, 2 electors, 3 permit workers)
+/// and waits until each is ready.
 async fn start_workers(
     exe: PathBuf,
     dir: PathBuf,
@@ -437,6 +453,10 @@ async fn start_workers(
     for i in 0..2 {
         workers.start(Role::Consumer, &format!("consumer-{i}"))?;
         workers.start(Role::Watcher, &format!("watch-{i}"))?;
+        workers.start(Role::Elector, &format!("elect-{i}"))?;
+    }
+    for i in 0..3 {
+        workers.start(Role::Permit, &format!("permit-{i}"))?;
     }
     wait_ready(&workers.histories, Duration::from_secs(120)).await?;
     Ok(workers)
@@ -446,6 +466,8 @@ async fn start_workers(
 fn print_table(report: &Report, poison: usize) {
     let Report {
         lock,
+        election,
+        semaphore,
         queue: q,
         config: cfg,
         takeover_bound,
@@ -462,6 +484,23 @@ fn print_table(report: &Report, poison: usize) {
         lock.takeovers,
         lock.worst_takeover as f64 / 1e6,
         *takeover_bound as f64 / 1e6
+    );
+    println!(
+        "| election | {} terms, {} fenced writes accepted, {} refused | one leader per term, real-time order, fenced register, {} leader faults (worst replacement {:.1} s, bound {:.0} s) |",
+        election.grants,
+        election.fenced_ok,
+        election.fenced_rejected,
+        election.takeovers,
+        election.worst_takeover as f64 / 1e6,
+        *takeover_bound as f64 / 1e6
+    );
+    println!(
+        "| semaphore | {} grants of 1-2 of {} permits | unique tokens, never more than {} held (peak {}; {} holds of killed or paused workers not counted) |",
+        semaphore.grants,
+        super::PERMITS,
+        super::PERMITS,
+        semaphore.peak,
+        semaphore.uncounted
     );
     println!(
         "| queue | {} enqueued ({} poison or undecodable), {} deliveries ({} redeliveries), {} effects, {} dead letters | none lost, effects once, dead letters = poison |",

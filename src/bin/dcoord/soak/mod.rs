@@ -2,7 +2,8 @@
 //! `dcoord` binary, not of the library).
 //!
 //! The harness starts a 3-node cluster as child processes and client processes
-//! (`dcoord soak-worker`): 3 lock workers, 2 queue consumers, 2 config watchers. In-process it
+//! (`dcoord soak-worker`): 3 lock workers, 2 queue consumers, 2 config watchers, 2 electors
+//! (leader election) and 3 permit workers (a semaphore of 2 permits). In-process it
 //! enqueues messages (some poison, some undecodable) and publishes config values. A nemesis
 //! injects one fault at a time, at random intervals: SIGKILL and restart of the leader or a
 //! follower, SIGSTOP/SIGCONT of a node, SIGKILL or SIGSTOP (past the lease) of a lock worker,
@@ -10,7 +11,8 @@
 //! invalid names). Every worker records its history; at the end the checkers in [`check`] read
 //! it all and print a summary. Exit status 1 on any violation, with the history that shows it.
 //!
-//! What it checks is listed on [`check::check_lock`], [`check::check_queue`] and
+//! What it checks is listed on [`check::check_lock`] (and, for the election, the same
+//! invariants per term), [`check::check_semaphore`], [`check::check_queue`] and
 //! [`check::check_config`], plus: bad input is refused with a clear error and leaves nothing
 //! behind, and every node holds the same state after each node fault's heal and at the end
 //! ([`dcoord::engine::replica`]: compared by state digest at every index all nodes remember,
@@ -42,6 +44,13 @@ use worker::Role;
 pub const LOCK: &str = "soak";
 /// The fenced register the lock holders write.
 pub const REGISTER: &str = "/soak/register";
+/// The election the electors campaign in.
+pub const ELECTION: &str = "soak";
+/// The fenced register the leaders write.
+pub const ELECTION_REGISTER: &str = "/soak/leader-register";
+/// The semaphore the permit workers share, and its N.
+pub const SEMAPHORE: &str = "soak";
+pub const PERMITS: u64 = 2;
 /// The queue.
 pub const QUEUE: &str = "soak";
 /// Where consumers record each message's effect (one key per message id).
@@ -71,7 +80,8 @@ pub struct SoakArgs {
     lease: u64,
     /// Only these fault kinds (comma-separated; default all): kill-leader, kill-follower,
     /// pause-node, kill-lock-worker, pause-lock-worker, kill-consumer, pause-consumer,
-    /// kill-watcher, bad-input.
+    /// kill-watcher, kill-elector, pause-elector, kill-permit-worker, pause-permit-worker,
+    /// bad-input.
     #[arg(long, value_delimiter = ',')]
     faults: Vec<String>,
     /// Seconds between a node's recovery and the next node fault (client faults and bad input
@@ -162,6 +172,8 @@ impl Workers {
             Role::Lock => "lock",
             Role::Consumer => "consumer",
             Role::Watcher => "watcher",
+            Role::Elector => "elector",
+            Role::Permit => "permit",
         };
         let mut child = tokio::process::Command::new(&self.exe)
             .arg("soak-worker")

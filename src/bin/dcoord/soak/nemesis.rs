@@ -120,19 +120,23 @@ impl Nemesis {
                 kill_node(cluster, rng, kind, &mut soak.violations).await
             }
             "pause-node" => pause_node(cluster, rng).await,
-            "kill-lock-worker" | "kill-consumer" | "kill-watcher" => {
+            "kill-lock-worker" | "kill-consumer" | "kill-watcher" | "kill-elector"
+            | "kill-permit-worker" => {
                 let role = match kind {
                     "kill-lock-worker" => Role::Lock,
                     "kill-consumer" => Role::Consumer,
+                    "kill-elector" => Role::Elector,
+                    "kill-permit-worker" => Role::Permit,
                     _ => Role::Watcher,
                 };
                 kill_worker(&mut soak.workers, rng, role).await
             }
-            "pause-lock-worker" | "pause-consumer" => {
-                let role = if kind == "pause-lock-worker" {
-                    Role::Lock
-                } else {
-                    Role::Consumer
+            "pause-lock-worker" | "pause-consumer" | "pause-elector" | "pause-permit-worker" => {
+                let role = match kind {
+                    "pause-lock-worker" => Role::Lock,
+                    "pause-elector" => Role::Elector,
+                    "pause-permit-worker" => Role::Permit,
+                    _ => Role::Consumer,
                 };
                 pause_worker(&soak.workers, rng, role).await
             }
@@ -224,5 +228,9 @@ const KINDS: &[&str] = &[
     "kill-consumer",
     "pause-consumer",
     "kill-watcher",
+    "kill-elector",
+    "pause-elector",
+    "kill-permit-worker",
+    "pause-permit-worker",
     "bad-input",
 ];

@@ -9,8 +9,10 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dcoord::config::{ConfigEvent, ConfigOptions, ConfigWatch, Source, Status};
+use dcoord::election::Election;
 use dcoord::lock::{Mutex, fenced_put};
 use dcoord::queue::{Message, QueueOptions, WorkQueue};
+use dcoord::semaphore::Semaphore;
 use dcoord::session::{Session, SessionOptions};
 use dcoord::store::{RemoteOptions, RemoteStore, Store};
 use dcoord::{Error, Result};
@@ -18,7 +20,9 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::check::{Ev, Line};
-use super::{CONFIG_KEY, EFFECTS, LOCK, QUEUE, REGISTER};
+use super::{
+    CONFIG_KEY, EFFECTS, ELECTION, ELECTION_REGISTER, LOCK, PERMITS, QUEUE, REGISTER, SEMAPHORE,
+};
 
 /// Microseconds since the Unix epoch.
 pub fn now_us() -> u64 {
@@ -102,6 +106,10 @@ pub enum Role {
     Consumer,
     /// Follows the config key.
     Watcher,
+    /// Campaigns, writes the leaders' fenced register, resigns; forever.
+    Elector,
+    /// Takes 1 or 2 of the semaphore's permits, holds them a moment, releases; forever.
+    Permit,
 }
 
 /// Runs a worker until killed.
@@ -127,6 +135,8 @@ pub async fn run(
         Role::Lock => lock_worker(store, h, lease).await,
         Role::Consumer => consumer(store, h, lease).await,
         Role::Watcher => watcher(store, h).await,
+        Role::Elector => elector(store, h, lease).await,
+        Role::Permit => permit_worker(store, h, lease).await,
     }
 }
 
@@ -163,6 +173,98 @@ async fn lock_worker(store: Arc<dyn Store>, h: History, lease: Duration) -> Resu
                     Err(e) => h.error("fenced_put", &e),
                 }
                 match g.release().await {
+                    Ok(()) => h.log(Ev::Release { token }),
+                    Err(e) => h.error("release", &e),
+                }
+            }
+            Err(Error::SessionLost { .. }) => {
+                h.log(Ev::Error {
+                    what: "acquire".into(),
+                    error: "session lost; starting a new one".into(),
+                });
+                s = session(&store, lease, &h).await;
+            }
+            Err(e) if e.is_retryable() || e.is_ambiguous() => {
+                h.error("acquire", &e);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                h.error("acquire (fatal)", &e);
+                return Err(e);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..30))).await;
+    }
+}
+
+async fn elector(store: Arc<dyn Store>, h: History, lease: Duration) -> Result<()> {
+    let mut s = session(&store, lease, &h).await;
+    h.log(Ev::Ready);
+    loop {
+        let election = Election::new(&s, ELECTION)?;
+        let asked = now_us();
+        match election.campaign(h.w.as_bytes()).await {
+            Ok(lead) => {
+                let token = lead.token();
+                h.log(Ev::Grant { token, asked });
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(10..80))).await;
+                // The store-side fence only (no local "am I lost?" check), as the lock worker.
+                let sent = now_us();
+                let value = format!("{}:{token}", h.w);
+                match fenced_put(
+                    &*store,
+                    ELECTION_REGISTER.as_bytes(),
+                    token,
+                    value.as_bytes(),
+                )
+                .await
+                {
+                    Ok(()) => h.log(Ev::FenceOk { token, sent }),
+                    Err(Error::Fenced { stored, .. }) => h.log(Ev::FenceRejected { token, stored }),
+                    Err(e) => h.error("fenced_put", &e),
+                }
+                match lead.resign().await {
+                    Ok(()) => h.log(Ev::Release { token }),
+                    Err(e) => h.error("resign", &e),
+                }
+            }
+            Err(Error::SessionLost { .. }) => {
+                h.log(Ev::Error {
+                    what: "campaign".into(),
+                    error: "session lost; starting a new one".into(),
+                });
+                s = session(&store, lease, &h).await;
+            }
+            Err(e) if e.is_retryable() || e.is_ambiguous() => {
+                h.error("campaign", &e);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                h.error("campaign (fatal)", &e);
+                return Err(e);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..30))).await;
+    }
+}
+
+async fn permit_worker(store: Arc<dyn Store>, h: History, lease: Duration) -> Result<()> {
+    let mut s = session(&store, lease, &h).await;
+    h.log(Ev::Ready);
+    loop {
+        let sem = Semaphore::new(&s, SEMAPHORE, PERMITS)?;
+        let n = fastrand::u64(1..=PERMITS);
+        let asked = now_us();
+        match sem.acquire(n).await {
+            Ok(p) => {
+                let token = p.fencing_token();
+                h.log(Ev::Permit { token, asked, n });
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(10..80))).await;
+                // The end of the counted hold: taken first, then checked still valid.
+                let at = now_us();
+                let valid = !p.is_lost();
+                h.log_at(at, Ev::PermitEnd { token, valid });
+                match p.release().await {
                     Ok(()) => h.log(Ev::Release { token }),
                     Err(e) => h.error("release", &e),
                 }

@@ -1,15 +1,45 @@
-//! The lock checker.
+//! The checker of exclusive grants: the lock's, and the election's (a term is a grant).
 
 use std::collections::HashMap;
 
 use super::{Ev, Fault, Line, LockReport, Violation, show, v};
 
-/// Lock invariants:
-/// 1. no token is granted twice;
-/// 2. real-time order: a grant released before another grant was made has a smaller token;
-/// 3. the fenced register: a write accepted with token `t` was never sent after a write with
-///    a newer token had been accepted;
-/// 4. a holder killed or paused is taken over (the next grant comes) within `takeover_bound`.
+/// What one exclusive recipe's workers are called, and its invariants' names.
+pub struct Exclusive {
+    /// The worker slots' prefix (`lock-`).
+    pub slots: &'static str,
+    /// The nemesis's fault kinds on a worker.
+    pub kill: &'static str,
+    pub pause: &'static str,
+    pub unique: &'static str,
+    pub order: &'static str,
+    pub fence: &'static str,
+    pub takeover: &'static str,
+}
+
+/// The lock's.
+pub const LOCK: Exclusive = Exclusive {
+    slots: "lock-",
+    kill: "kill-lock-worker",
+    pause: "pause-lock-worker",
+    unique: "lock: each token granted once",
+    order: "lock: tokens increase in real time",
+    fence: "lock: fenced register rejects older tokens",
+    takeover: "lock: a failed holder is taken over within lease + slack",
+};
+
+/// The election's: one leader per term.
+pub const ELECTION: Exclusive = Exclusive {
+    slots: "elect-",
+    kill: "kill-elector",
+    pause: "pause-elector",
+    unique: "election: each term (token) has one leader",
+    order: "election: terms increase in real time",
+    fence: "election: fenced register rejects older terms",
+    takeover: "election: a failed leader is replaced within lease + slack",
+};
+
+/// [`check_exclusive`] for the lock workers.
 pub fn check_lock(
     lines: &[Line],
     faults: &[Fault],
@@ -17,14 +47,39 @@ pub fn check_lock(
     end: u64,
     out: &mut Vec<Violation>,
 ) -> LockReport {
+    check_exclusive(&LOCK, lines, faults, takeover_bound, end, out)
+}
+
+/// Invariants of an exclusive grant (the lock's, the election's), over the lines of the
+/// workers of `x` only:
+/// 1. no token is granted twice;
+/// 2. real-time order: a grant released before another grant was made has a smaller token;
+/// 3. the fenced register: a write accepted with token `t` was never sent after a write with
+///    a newer token had been accepted;
+/// 4. a holder killed or paused is taken over (the next grant comes) within `takeover_bound`.
+pub fn check_exclusive(
+    x: &Exclusive,
+    lines: &[Line],
+    faults: &[Fault],
+    takeover_bound: u64,
+    end: u64,
+    out: &mut Vec<Violation>,
+) -> LockReport {
+    let lines: Vec<Line> = lines
+        .iter()
+        .filter(|l| l.w.starts_with(x.slots))
+        .cloned()
+        .collect();
+    let lines = &lines[..];
     let grants: Vec<&Line> = lines
         .iter()
         .filter(|l| matches!(l.ev, Ev::Grant { .. }))
         .collect();
-    unique_tokens(&grants, out);
-    tokens_increase(lines, &grants, out);
-    let (fenced_ok, fenced_rejected) = fenced_register(lines, out);
-    let (takeovers, worst_takeover) = taken_over(lines, &grants, faults, takeover_bound, end, out);
+    unique_tokens(x, &grants, out);
+    tokens_increase(x, lines, &grants, out);
+    let (fenced_ok, fenced_rejected) = fenced_register(x, lines, out);
+    let (takeovers, worst_takeover) =
+        taken_over(x, lines, &grants, faults, takeover_bound, end, out);
     LockReport {
         grants: grants.len(),
         fenced_ok,
@@ -46,21 +101,18 @@ fn token(l: &Line) -> u64 {
 }
 
 /// 1. Unique tokens.
-fn unique_tokens(grants: &[&Line], out: &mut Vec<Violation>) {
+fn unique_tokens(x: &Exclusive, grants: &[&Line], out: &mut Vec<Violation>) {
     let mut by_token: HashMap<u64, &Line> = HashMap::new();
     for g in grants {
         if let Some(first) = by_token.insert(token(g), g) {
-            out.push(v(
-                "lock: each token granted once",
-                format!("{}\n{}", show(first), show(g)),
-            ));
+            out.push(v(x.unique, format!("{}\n{}", show(first), show(g))));
         }
     }
 }
 
 /// 2. Released before the other even asked => smaller token. (`at` of a grant is only an
 ///    upper bound: a worker paused right after acquire() returned logs it late.)
-fn tokens_increase(lines: &[Line], grants: &[&Line], out: &mut Vec<Violation>) {
+fn tokens_increase(x: &Exclusive, lines: &[Line], grants: &[&Line], out: &mut Vec<Violation>) {
     let mut releases: Vec<(u64, u64, &Line)> = lines
         .iter()
         .filter(|l| matches!(l.ev, Ev::Release { .. }))
@@ -86,7 +138,7 @@ fn tokens_increase(lines: &[Line], grants: &[&Line], out: &mut Vec<Violation>) {
             && t >= token(g)
         {
             out.push(v(
-                "lock: tokens increase in real time",
+                x.order,
                 format!(
                     "released before this grant, with a token not smaller:\n{}\n{}",
                     show(r),
@@ -100,7 +152,7 @@ fn tokens_increase(lines: &[Line], grants: &[&Line], out: &mut Vec<Violation>) {
 /// 3. The fenced register.
 ///
 /// Returns how many fenced writes were accepted, and how many refused.
-fn fenced_register(lines: &[Line], out: &mut Vec<Violation>) -> (usize, usize) {
+fn fenced_register(x: &Exclusive, lines: &[Line], out: &mut Vec<Violation>) -> (usize, usize) {
     let mut oks: Vec<(u64, u64, u64, &Line)> = lines
         .iter()
         .filter_map(|l| match l.ev {
@@ -128,7 +180,7 @@ fn fenced_register(lines: &[Line], out: &mut Vec<Violation>) -> (usize, usize) {
                 && at < o.1
             {
                 out.push(v(
-                    "lock: fenced register rejects older tokens",
+                    x.fence,
                     format!(
                         "accepted a write sent after a newer token's write was accepted:\n{}\n{}",
                         show(newer),
@@ -152,6 +204,7 @@ fn fenced_register(lines: &[Line], out: &mut Vec<Violation>) -> (usize, usize) {
 /// Returns how many faults hit a holder, and the longest time from one of them to the next
 /// grant (µs).
 fn taken_over(
+    x: &Exclusive,
     lines: &[Line],
     grants: &[&Line],
     faults: &[Fault],
@@ -165,7 +218,7 @@ fn taken_over(
     let mut worst_takeover = 0u64;
     for f in faults
         .iter()
-        .filter(|f| matches!(f.kind, "kill-lock-worker" | "pause-lock-worker"))
+        .filter(|f| f.kind == x.kill || f.kind == x.pause)
     {
         let held = grants.iter().rev().find(|g| {
             g.w == f.target
@@ -187,7 +240,7 @@ fn taken_over(
                 worst_takeover = worst_takeover.max(took);
                 if took > takeover_bound {
                     out.push(v(
-                        "lock: a failed holder is taken over within lease + slack",
+                        x.takeover,
                         format!(
                             "{} on {} at {}; next grant {:.1} s later:\n{}\n{}",
                             f.kind,
@@ -201,7 +254,7 @@ fn taken_over(
                 }
             }
             None if end.saturating_sub(f.at) > takeover_bound => out.push(v(
-                "lock: a failed holder is taken over within lease + slack",
+                x.takeover,
                 format!(
                     "{} on {}: never taken over:\n{}",
                     f.kind,

@@ -7,14 +7,16 @@
 mod config;
 mod lock;
 mod queue;
+mod semaphore;
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
 pub use config::check_config;
-pub use lock::check_lock;
+pub use lock::{ELECTION, check_exclusive, check_lock};
 pub use queue::check_queue;
+pub use semaphore::check_semaphore;
 
 /// One line of a worker's history.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -42,6 +44,11 @@ pub enum Ev {
     FenceRejected { token: u64, stored: u64 },
     /// `release()` of the grant returned.
     Release { token: u64 },
+    /// `Semaphore::acquire(n)`, called at `asked`, returned permits with `token`.
+    Permit { token: u64, asked: u64, n: u64 },
+    /// The permit holder is about to release; `valid`: its session was still valid at `at`
+    /// (checked after `at` was taken).
+    PermitEnd { token: u64, valid: bool },
     /// A queue message's handler ran; `wrote`: its effect_once reported a write.
     Handled {
         id: String,
@@ -103,6 +110,17 @@ pub struct LockReport {
     pub takeovers: usize,
     /// The longest time from such a fault to the next grant (µs).
     pub worst_takeover: u64,
+}
+
+/// Results of the semaphore checks.
+#[derive(Debug, Default)]
+pub struct SemaphoreReport {
+    /// Grants recorded.
+    pub grants: usize,
+    /// The most permits held at once (counted holds only).
+    pub peak: u64,
+    /// Grants whose hold could not be bounded (a killed or paused holder): not counted.
+    pub uncounted: usize,
 }
 
 /// What the harness knows about the queue at the end.

@@ -8,9 +8,42 @@ fn l(w: &str, at: u64, ev: Ev) -> Line {
     }
 }
 
+/// The lock checker's violations, with the workers named as lock workers (`a#1` is
+/// `lock-a#1`); the election's name the same events as election invariants.
 fn lock_violations(lines: &[Line], faults: &[Fault]) -> Vec<&'static str> {
+    let slot = |w: &str| format!("lock-{w}");
+    let lines: Vec<Line> = lines
+        .iter()
+        .map(|l| Line {
+            w: slot(&l.w),
+            ..l.clone()
+        })
+        .collect();
+    let faults: Vec<Fault> = faults
+        .iter()
+        .map(|f| Fault {
+            target: slot(&f.target),
+            ..f.clone()
+        })
+        .collect();
     let mut out = Vec::new();
-    check_lock(lines, faults, 10, 1_000, &mut out);
+    check_lock(&lines, &faults, 10, 1_000, &mut out);
+    // Another recipe's workers are not the lock's business.
+    let mut none = Vec::new();
+    check_lock(
+        &lines
+            .iter()
+            .map(|l| Line {
+                w: format!("elect-{}", l.w),
+                ..l.clone()
+            })
+            .collect::<Vec<_>>(),
+        &[],
+        10,
+        1_000,
+        &mut none,
+    );
+    assert!(none.is_empty(), "{none:?}");
     out.into_iter().map(|v| v.invariant).collect()
 }
 
@@ -158,4 +191,49 @@ fn config_regressions_garbage_and_slow_convergence_are_caught() {
     assert!(got.contains("config: never goes backwards"));
     assert!(got.contains("config: only written values are applied"));
     assert!(got.contains("config: watchers end at the last written value"));
+}
+
+#[test]
+fn more_than_n_permits_at_once_is_caught_and_invalid_holds_are_not_counted() {
+    let permit = |w: &str, at, token, n| {
+        l(
+            w,
+            at,
+            Ev::Permit {
+                token,
+                asked: at,
+                n,
+            },
+        )
+    };
+    let end = |w: &str, at, token, valid| l(w, at, Ev::PermitEnd { token, valid });
+    let clean = [
+        permit("permit-a#1", 1, 1, 2),
+        end("permit-a#1", 5, 1, true),
+        permit("permit-b#1", 5, 2, 1),
+        permit("permit-c#1", 6, 3, 1),
+        end("permit-b#1", 9, 2, true),
+        end("permit-c#1", 9, 3, true),
+        // A paused holder: its hold ended invalid, and is not counted.
+        permit("permit-d#1", 7, 4, 2),
+        end("permit-d#1", 20, 4, false),
+    ];
+    let mut out = Vec::new();
+    let r = check_semaphore(&clean, 2, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!((r.grants, r.peak, r.uncounted), (4, 2, 1));
+    let mut bad = clean.to_vec();
+    bad.push(permit("permit-e#1", 7, 5, 1));
+    bad.push(end("permit-e#1", 8, 5, true));
+    bad.push(permit("permit-f#1", 8, 2, 1));
+    let mut out = Vec::new();
+    check_semaphore(&bad, 2, &mut out);
+    let got: Vec<_> = out.iter().map(|v| v.invariant).collect();
+    assert_eq!(
+        got,
+        [
+            "semaphore: each token granted once",
+            "semaphore: never more than N permits held"
+        ]
+    );
 }
