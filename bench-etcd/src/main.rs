@@ -5,7 +5,11 @@
 //!
 //! The etcd side uses etcd's own algorithms: the Lock RPC and the client-side mutex of its
 //! `concurrency` package (lease + key under a prefix + wait for the predecessor's delete), a
-//! txn-claim queue (compare the key exists, delete it), and N watch streams on one key.
+//! txn-claim queue (compare the key exists, delete it), N watch streams on one key, the
+//! `concurrency.Election` algorithm (a key per candidate under a lease; the lowest create
+//! revision leads; each candidate waits for its predecessor's delete), and the client-side
+//! semaphore pattern (a key per contender under a lease; the first N by create revision hold;
+//! a waiter re-checks on every delete under the prefix).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,10 +17,12 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
 use clap::Parser;
+use dcoord::election::Election;
 use dcoord::engine::{ClusterOptions, EmbeddedNode, LocalCluster};
 use dcoord::lock::Mutex;
 use dcoord::queue::{EnqueueOptions, Message, QueueOptions, WorkQueue};
 use dcoord::reconcile::{Mirror, MirrorOptions};
+use dcoord::semaphore::Semaphore;
 use dcoord::session::{Session, SessionOptions};
 use dcoord::store::{RemoteOptions, RemoteStore, Store, WatchTarget};
 use etcd_client::{
@@ -47,6 +53,15 @@ struct Args {
     /// Messages per queue round.
     #[arg(long, default_value_t = 300)]
     messages: usize,
+    /// Lease of the failover workload (g), in seconds, the same for dcoord and etcd.
+    #[arg(long, default_value_t = 5)]
+    failover_lease: u64,
+    /// Leader crashes per system in the failover workload (g).
+    #[arg(long, default_value_t = 3)]
+    failovers: usize,
+    /// Only these workloads (letters, comma-separated: a,b,...,h); default all.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 /// One system under test.
@@ -569,6 +584,258 @@ async fn contention(
     Ok((s.counts.iter().sum(), s.handoffs, s.counts))
 }
 
+// ---------------------------------------------------------------------------------------------
+// (g) Election and (h) semaphore.
+
+/// etcd's `concurrency.Election`, client side: the candidate's key `<prefix><lease>` holds its
+/// value under its lease; the key with the lowest create revision leads; a candidate waits for
+/// the deletion of the key just before its own (as `concurrency.Mutex`).
+struct EtcdCandidate {
+    client: Client,
+    prefix: String,
+    lease: i64,
+    keepalive: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl EtcdCandidate {
+    /// A candidate whose lease (`ttl` s) is kept alive every ttl/3 until [`Self::crash`].
+    async fn new(client: &Client, name: &str, ttl: i64) -> Res<Self> {
+        let mut client = client.clone();
+        let lease = client.lease_grant(ttl, None).await?.id();
+        let (mut keeper, mut stream) = client.lease_keep_alive(lease).await?;
+        let every = Duration::from_millis((ttl as u64 * 1000) / 3);
+        let keepalive = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if keeper.keep_alive().await.is_err() || stream.message().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(EtcdCandidate {
+            client,
+            prefix: format!("/bench/election/{name}/"),
+            lease,
+            keepalive: Some(keepalive),
+        })
+    }
+
+    fn key(&self) -> String {
+        format!("{}{:x}", self.prefix, self.lease)
+    }
+
+    /// Campaigns with `value`; returns once leading.
+    async fn campaign(&mut self, value: &str) -> Res<()> {
+        let key = self.key();
+        let put = etcd_client::PutOptions::new().with_lease(self.lease);
+        let resp = self.client.put(key.as_str(), value, Some(put)).await?;
+        let my_rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+        wait_predecessors(&mut self.client, &self.prefix, my_rev, 1).await
+    }
+
+    async fn resign(&mut self) -> Res<()> {
+        self.client.delete(self.key(), None).await?;
+        Ok(())
+    }
+
+    /// Stops keeping the lease alive (a crashed process): its key goes when the lease expires.
+    fn crash(&mut self) {
+        if let Some(k) = self.keepalive.take() {
+            k.abort();
+        }
+    }
+}
+
+/// Waits until at most `n - 1` keys under `prefix` were created before `my_rev`, re-checking
+/// on every delete under the prefix.
+async fn wait_predecessors(client: &mut Client, prefix: &str, my_rev: i64, n: usize) -> Res<()> {
+    loop {
+        let opts = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend)
+            .with_max_create_revision(my_rev - 1)
+            .with_keys_only();
+        let got = client.get(prefix, Some(opts)).await?;
+        if got.kvs().len() < n {
+            return Ok(());
+        }
+        let rev = got.header().map(|h| h.revision()).unwrap_or(0);
+        let watch_key = if n == 1 {
+            // Just the predecessor, as concurrency.Mutex / Election do.
+            got.kvs()
+                .last()
+                .map(|kv| kv.key().to_vec())
+                .unwrap_or_default()
+        } else {
+            prefix.as_bytes().to_vec()
+        };
+        let mut opts = WatchOptions::new().with_start_revision(rev + 1);
+        if n > 1 {
+            opts = opts.with_prefix();
+        }
+        let mut stream = client.watch(watch_key, Some(opts)).await?;
+        'deleted: loop {
+            let resp = stream.message().await?.ok_or("watch ended")?;
+            if resp
+                .events()
+                .iter()
+                .any(|e| e.event_type() == EventType::Delete)
+            {
+                break 'deleted;
+            }
+        }
+    }
+}
+
+/// (g1) uncontended campaign → leading, then resign.
+async fn campaign_latency(sys: &Sys, n: usize, tag: &str) -> Res<Vec<Duration>> {
+    let name = format!("g-{tag}");
+    let mut out = Vec::new();
+    match sys {
+        Sys::Dcoord(store) => {
+            let session = Session::start(store.clone(), SessionOptions::default()).await?;
+            let election = Election::new(&session, &name)?;
+            for _ in 0..n {
+                let t = Instant::now();
+                let lead = election.campaign("me").await?;
+                out.push(t.elapsed());
+                lead.resign().await?;
+            }
+        }
+        Sys::Etcd(c) => {
+            let mut cand = EtcdCandidate::new(c, &name, 60).await?;
+            for _ in 0..n {
+                let t = Instant::now();
+                cand.campaign("me").await?;
+                out.push(t.elapsed());
+                cand.resign().await?;
+            }
+            cand.crash();
+        }
+    }
+    Ok(out)
+}
+
+/// (g2) the leader crashes (no more heartbeats / keepalives) with a candidate waiting: time to
+/// the next leader.
+async fn failover(sys: &Sys, lease: u64, tag: &str) -> Res<Duration> {
+    let name = format!("gf-{tag}");
+    match sys {
+        Sys::Dcoord(store) => {
+            let options = SessionOptions::default().lease(Duration::from_secs(lease));
+            let a = Session::start(store.clone(), options.clone()).await?;
+            let lead = Election::new(&a, &name)?.campaign("a").await?;
+            let b = Session::start(store.clone(), options).await?;
+            let election = Election::new(&b, &name)?;
+            let next = tokio::spawn(async move {
+                let l = election.campaign("b").await;
+                (Instant::now(), l.map(|l| l.token()), b)
+            });
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            std::mem::forget(lead);
+            let crashed = Instant::now();
+            a.orphan();
+            let (at, token, _b) = next.await?;
+            token?;
+            Ok(at - crashed)
+        }
+        Sys::Etcd(c) => {
+            let mut a = EtcdCandidate::new(c, &name, lease as i64).await?;
+            a.campaign("a").await?;
+            let mut b = EtcdCandidate::new(c, &name, lease as i64).await?;
+            let next = tokio::spawn(async move {
+                let r = b.campaign("b").await.map_err(|e| e.to_string());
+                (Instant::now(), r, b)
+            });
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let crashed = Instant::now();
+            a.crash();
+            let (at, r, mut b) = next.await?;
+            r?;
+            b.crash();
+            Ok(at - crashed)
+        }
+    }
+}
+
+/// (h) 16 contenders on a 4-permit semaphore for `secs`: grants, release → next grant.
+async fn semaphore_contention(sys: &Sys, secs: u64, tag: &str) -> Res<(usize, Vec<Duration>)> {
+    const N: usize = 4;
+    const CONTENDERS: usize = 16;
+    let name = format!("h-{tag}");
+    #[derive(Default)]
+    struct Stats {
+        releases: std::collections::VecDeque<Instant>,
+        handoffs: Vec<Duration>,
+        grants: usize,
+        inside: usize,
+    }
+    let stats = Arc::new(StdMutex::new(Stats::default()));
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for _ in 0..CONTENDERS {
+        let stats = stats.clone();
+        let on_grant = {
+            let stats = stats.clone();
+            move || {
+                let mut s = stats.lock().unwrap();
+                s.inside += 1;
+                assert!(s.inside <= N, "more than {N} holders");
+                s.grants += 1;
+                if let Some(r) = s.releases.pop_front() {
+                    s.handoffs.push(r.elapsed());
+                }
+            }
+        };
+        let on_release = move || {
+            let mut s = stats.lock().unwrap();
+            s.inside -= 1;
+            s.releases.push_back(Instant::now());
+        };
+        match sys {
+            Sys::Dcoord(store) => {
+                let session = Session::start(store.clone(), SessionOptions::default()).await?;
+                let sem = Semaphore::new(&session, &name, N as u64)?;
+                tasks.push(tokio::spawn(async move {
+                    let _session = session;
+                    while Instant::now() < deadline {
+                        let p = sem.acquire(1).await?;
+                        on_grant();
+                        on_release();
+                        p.release().await?;
+                    }
+                    Res::Ok(())
+                }));
+            }
+            Sys::Etcd(c) => {
+                let mut client = Client::clone(c);
+                let lease = client.lease_grant(60, None).await?.id();
+                let prefix = format!("/bench/semaphore/{name}/");
+                tasks.push(tokio::spawn(async move {
+                    let mut i = 0u64;
+                    while Instant::now() < deadline {
+                        i += 1;
+                        let key = format!("{prefix}{lease:x}-{i}");
+                        let put = etcd_client::PutOptions::new().with_lease(lease);
+                        let resp = client.put(key.as_str(), "", Some(put)).await?;
+                        let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+                        wait_predecessors(&mut client, &prefix, rev, N).await?;
+                        on_grant();
+                        on_release();
+                        client.delete(key.as_str(), None).await?;
+                    }
+                    Res::Ok(())
+                }));
+            }
+        }
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let s = std::mem::take(&mut *stats.lock().unwrap());
+    Ok((s.grants, s.handoffs))
+}
+
 /// (e) a queue with 2 consumers: enqueue → handled latency and throughput with the producer
 /// running, then the drain rate of a pre-filled queue.
 async fn queue(sys: &Sys, m: usize, tag: &str) -> Res<(Vec<Duration>, f64, f64)> {
@@ -904,177 +1171,266 @@ async fn main() -> Res<()> {
         eprintln!("{etcd_note}");
     }
     let live: Vec<usize> = (0..4).filter(|&i| systems[i].is_some()).collect();
+    let run = |w: &str| args.only.is_empty() || args.only.iter().any(|o| o == w);
     let sys = |i: usize| systems[i].as_ref().expect("live");
     let mut sections = Vec::new();
 
     // (a)
-    eprintln!("(a) put / CAS latency ...");
-    let (mut puts, mut cases) = (Samples::default(), Samples::default());
-    for round in 0..2 {
-        for &i in &live {
-            let (p, c) = raw_ops(sys(i), half, &format!("{i}-{round}")).await?;
-            puts.by_sys[i].extend(p);
-            cases.by_sys[i].extend(c);
+    if run("a") {
+        eprintln!("(a) put / CAS latency ...");
+        let (mut puts, mut cases) = (Samples::default(), Samples::default());
+        for round in 0..2 {
+            for &i in &live {
+                let (p, c) = raw_ops(sys(i), half, &format!("{i}-{round}")).await?;
+                puts.by_sys[i].extend(p);
+                cases.by_sys[i].extend(c);
+            }
         }
-    }
-    let mut rows = puts.rows("put");
-    rows.extend(cases.rows("CAS"));
-    sections.push(Section {
+        let mut rows = puts.rows("put");
+        rows.extend(cases.rows("CAS"));
+        sections.push(Section {
         title: "(a) Raw put and CAS latency".into(),
         how: format!(
             "{n} sequential puts, then {n} sequential compare-and-swaps on one key (etcd: a txn comparing the value), per system. Ratio columns: dcoord's advantage, etcd ÷ dcoord for latencies (> 1: dcoord is faster)."
         ),
         rows,
     });
+    }
 
     // (b)
-    eprintln!("(b) put → watch ...");
-    let mut w = Samples::default();
-    for round in 0..2 {
-        for &i in &live {
-            w.by_sys[i].extend(watch_latency(sys(i), half, &format!("{i}-{round}")).await?);
-        }
-    }
-    sections.push(Section {
-        title: "(b) put → watch event".into(),
-        how: format!("{n} puts on one key, each timed until the watcher (opened before) sees it."),
-        rows: w.rows("put→event"),
-    });
-
-    // (c)
-    eprintln!("(c) uncontended lock ...");
-    let (mut rpc, mut cm) = (Samples::default(), Samples::default());
-    for round in 0..2 {
-        for &i in &live {
-            let tag = format!("{i}-{round}");
-            rpc.by_sys[i].extend(uncontended(sys(i), half, &tag, EtcdLock::Rpc).await?);
-            if i >= 2 {
-                cm.by_sys[i].extend(uncontended(sys(i), half, &tag, EtcdLock::ClientMutex).await?);
-            } else {
-                cm.by_sys[i] = rpc.by_sys[i].clone();
+    if run("b") {
+        eprintln!("(b) put → watch ...");
+        let mut w = Samples::default();
+        for round in 0..2 {
+            for &i in &live {
+                w.by_sys[i].extend(watch_latency(sys(i), half, &format!("{i}-{round}")).await?);
             }
         }
+        sections.push(Section {
+            title: "(b) put → watch event".into(),
+            how: format!(
+                "{n} puts on one key, each timed until the watcher (opened before) sees it."
+            ),
+            rows: w.rows("put→event"),
+        });
     }
-    let mut rows = rpc.rows("lock+unlock (etcd: Lock RPC)");
-    rows.extend(cm.rows("lock+unlock (etcd: client-side mutex)"));
-    sections.push(Section {
+
+    // (c)
+    if run("c") {
+        eprintln!("(c) uncontended lock ...");
+        let (mut rpc, mut cm) = (Samples::default(), Samples::default());
+        for round in 0..2 {
+            for &i in &live {
+                let tag = format!("{i}-{round}");
+                rpc.by_sys[i].extend(uncontended(sys(i), half, &tag, EtcdLock::Rpc).await?);
+                if i >= 2 {
+                    cm.by_sys[i]
+                        .extend(uncontended(sys(i), half, &tag, EtcdLock::ClientMutex).await?);
+                } else {
+                    cm.by_sys[i] = rpc.by_sys[i].clone();
+                }
+            }
+        }
+        let mut rows = rpc.rows("lock+unlock (etcd: Lock RPC)");
+        rows.extend(cm.rows("lock+unlock (etcd: client-side mutex)"));
+        sections.push(Section {
         title: "(c) Uncontended lock + unlock".into(),
         how: format!(
             "{n} acquire+release pairs by one client. dcoord: `lock::Mutex` (fenced, fair, one-write handoff); etcd: its Lock RPC (with a lease), and the `concurrency` package's client-side mutex. The dcoord cells are the same in both rows."
         ),
         rows,
     });
+    }
 
     // (d)
-    eprintln!("(d) 8 contenders ...");
-    let secs = args.contention_secs.max(1);
-    let mut rows = Vec::new();
-    for kind in [EtcdLock::Rpc, EtcdLock::ClientMutex] {
-        let label = match kind {
-            EtcdLock::Rpc => "etcd: Lock RPC",
-            EtcdLock::ClientMutex => "etcd: client-side mutex",
-        };
-        let mut total = [None; 4];
-        let mut fairness = [None; 4];
-        let mut hand = Samples::default();
-        let mut counts: Vec<Vec<usize>> = vec![vec![0; 8]; 4];
-        let mut acq = [0usize; 4];
-        for round in 0..2 {
-            for &i in &live {
-                if kind == EtcdLock::ClientMutex && i < 2 && round == 1 {
-                    continue;
-                }
-                let (a, h, c) =
-                    contention(sys(i), secs, &format!("{i}-{round}-{}", kind as u8), kind).await?;
-                acq[i] += a;
-                hand.by_sys[i].extend(h);
-                for (k, v) in c.iter().enumerate() {
-                    counts[i][k] += v;
+    if run("d") {
+        eprintln!("(d) 8 contenders ...");
+        let secs = args.contention_secs.max(1);
+        let mut rows = Vec::new();
+        for kind in [EtcdLock::Rpc, EtcdLock::ClientMutex] {
+            let label = match kind {
+                EtcdLock::Rpc => "etcd: Lock RPC",
+                EtcdLock::ClientMutex => "etcd: client-side mutex",
+            };
+            let mut total = [None; 4];
+            let mut fairness = [None; 4];
+            let mut hand = Samples::default();
+            let mut counts: Vec<Vec<usize>> = vec![vec![0; 8]; 4];
+            let mut acq = [0usize; 4];
+            for round in 0..2 {
+                for &i in &live {
+                    if kind == EtcdLock::ClientMutex && i < 2 && round == 1 {
+                        continue;
+                    }
+                    let (a, h, c) =
+                        contention(sys(i), secs, &format!("{i}-{round}-{}", kind as u8), kind)
+                            .await?;
+                    acq[i] += a;
+                    hand.by_sys[i].extend(h);
+                    for (k, v) in c.iter().enumerate() {
+                        counts[i][k] += v;
+                    }
                 }
             }
+            for &i in &live {
+                let rounds = if kind == EtcdLock::ClientMutex && i < 2 {
+                    1
+                } else {
+                    2
+                };
+                total[i] = Some(acq[i] as f64 / (secs * rounds) as f64);
+                let (min, max) = (
+                    *counts[i].iter().min().unwrap_or(&0),
+                    *counts[i].iter().max().unwrap_or(&1),
+                );
+                fairness[i] = Some(min as f64 / max.max(1) as f64);
+            }
+            rows.push(Row {
+                metric: format!("acquisitions/s ({label})"),
+                values: total,
+                higher_better: true,
+            });
+            rows.extend(hand.rows(&format!("handoff ({label})")));
+            rows.push(Row {
+                metric: format!("fairness: fewest ÷ most grants per contender ({label})"),
+                values: fairness,
+                higher_better: true,
+            });
         }
-        for &i in &live {
-            let rounds = if kind == EtcdLock::ClientMutex && i < 2 {
-                1
-            } else {
-                2
-            };
-            total[i] = Some(acq[i] as f64 / (secs * rounds) as f64);
-            let (min, max) = (
-                *counts[i].iter().min().unwrap_or(&0),
-                *counts[i].iter().max().unwrap_or(&1),
-            );
-            fairness[i] = Some(min as f64 / max.max(1) as f64);
-        }
-        rows.push(Row {
-            metric: format!("acquisitions/s ({label})"),
-            values: total,
-            higher_better: true,
-        });
-        rows.extend(hand.rows(&format!("handoff ({label})")));
-        rows.push(Row {
-            metric: format!("fairness: fewest ÷ most grants per contender ({label})"),
-            values: fairness,
-            higher_better: true,
-        });
-    }
-    sections.push(Section {
+        sections.push(Section {
         title: "(d) 8 contenders".into(),
         how: format!(
             "8 clients (each with its own session / lease) acquire and release one lock in a loop for {secs} s per round, 2 rounds. Handoff: from the holder starting its release to the next grant."
         ),
         rows,
     });
+    }
 
     // (e)
-    eprintln!("(e) queue ...");
-    let mut lat = Samples::default();
-    let mut tput = [None; 4];
-    let mut drain = [None; 4];
-    let m = args.messages.max(10);
-    for round in 0..2 {
-        for &i in &live {
-            let (l, t, d) = queue(sys(i), m, &format!("{i}-{round}")).await?;
-            lat.by_sys[i].extend(l);
-            tput[i] = Some(tput[i].unwrap_or(0.0) + t / 2.0);
-            drain[i] = Some(drain[i].unwrap_or(0.0) + d / 2.0);
+    if run("e") {
+        eprintln!("(e) queue ...");
+        let mut lat = Samples::default();
+        let mut tput = [None; 4];
+        let mut drain = [None; 4];
+        let m = args.messages.max(10);
+        for round in 0..2 {
+            for &i in &live {
+                let (l, t, d) = queue(sys(i), m, &format!("{i}-{round}")).await?;
+                lat.by_sys[i].extend(l);
+                tput[i] = Some(tput[i].unwrap_or(0.0) + t / 2.0);
+                drain[i] = Some(drain[i].unwrap_or(0.0) + d / 2.0);
+            }
         }
-    }
-    let mut rows = vec![Row {
-        metric: "throughput, producer running (msg/s)".into(),
-        values: tput,
-        higher_better: true,
-    }];
-    rows.extend(lat.rows("enqueue→handler"));
-    rows.push(Row {
-        metric: format!("drain of {m} pre-filled (msg/s)"),
-        values: drain,
-        higher_better: true,
-    });
-    sections.push(Section {
+        let mut rows = vec![Row {
+            metric: "throughput, producer running (msg/s)".into(),
+            values: tput,
+            higher_better: true,
+        }];
+        rows.extend(lat.rows("enqueue→handler"));
+        rows.push(Row {
+            metric: format!("drain of {m} pre-filled (msg/s)"),
+            values: drain,
+            higher_better: true,
+        });
+        sections.push(Section {
         title: "(e) Work queue, 2 consumers".into(),
         how: format!(
             "{m} messages per round, 2 rounds; 2 consumers, 4 in flight each. dcoord: `queue::WorkQueue` (durable claim with a visibility lease, ack, retries, dead letters: at-least-once, 2 writes per message); etcd: a txn-claim queue (keys under a prefix; a consumer claims by a txn `version > 0 → delete`: 1 write, and a message whose consumer crashes is lost)."
         ),
         rows,
     });
+    }
 
     // (f)
-    eprintln!("(f) 100 watchers ...");
-    let mut f = Samples::default();
-    let writes = (n / 10).max(10);
-    for round in 0..2 {
-        for &i in &live {
-            f.by_sys[i].extend(fan_out(sys(i), 100, writes / 2, &format!("{i}-{round}")).await?);
+    if run("f") {
+        eprintln!("(f) 100 watchers ...");
+        let mut f = Samples::default();
+        let writes = (n / 10).max(10);
+        for round in 0..2 {
+            for &i in &live {
+                f.by_sys[i]
+                    .extend(fan_out(sys(i), 100, writes / 2, &format!("{i}-{round}")).await?);
+            }
         }
-    }
-    sections.push(Section {
+        sections.push(Section {
         title: "(f) 100 watchers on one key".into(),
         how: format!(
             "100 independent watchers (dcoord: 100 `reconcile::Mirror`s, each with its own watch and resync; etcd: 100 watch streams), {writes} writes; time from the write until the last watcher has it."
         ),
         rows: f.rows("write → all 100 notified"),
     });
+    }
+
+    // (g)
+    if run("g") {
+        eprintln!("(g) election ...");
+        let mut camp = Samples::default();
+        for round in 0..2 {
+            for &i in &live {
+                camp.by_sys[i]
+                    .extend(campaign_latency(sys(i), half, &format!("{i}-{round}")).await?);
+            }
+        }
+        let lease = args.failover_lease.max(1);
+        let mut fail = Samples::default();
+        for round in 0..args.failovers.max(1) {
+            for &i in &live {
+                fail.by_sys[i].push(failover(sys(i), lease, &format!("{i}-{round}")).await?);
+            }
+        }
+        let mut rows = camp.rows("campaign → leading, uncontended");
+        let worst = |v: &Vec<Duration>| v.iter().max().map(|d| d.as_secs_f64() * 1e3);
+        let mut over = [None; 4];
+        for &i in &live {
+            over[i] = worst(&fail.by_sys[i]).map(|ms| ms - lease as f64 * 1e3);
+        }
+        rows.extend(fail.rows(&format!("leader crash → next leader, lease {lease} s")));
+        rows.push(Row {
+            metric: format!("worst failover beyond the {lease} s lease (ms)"),
+            values: over,
+            higher_better: false,
+        });
+        sections.push(Section {
+            title: "(g) Leader election".into(),
+            how: format!(
+                "Campaign → leading: {n} campaign + resign pairs by one candidate. Failover: a leader crashes (dcoord: its session stops heartbeating; etcd: its lease stops being kept alive) while a second candidate waits; time from the crash to the candidate leading, {} crashes per system, lease {lease} s on both. dcoord: `election::Election`; etcd: the `concurrency.Election` algorithm (key per candidate under its lease, lowest create revision leads, wait for the predecessor's delete).",
+                args.failovers.max(1)
+            ),
+            rows,
+        });
+    }
+
+    // (h)
+    if run("h") {
+        eprintln!("(h) semaphore ...");
+        let secs = args.contention_secs.max(1);
+        let mut hand = Samples::default();
+        let mut grants = [0usize; 4];
+        for round in 0..2 {
+            for &i in &live {
+                let (g, h) = semaphore_contention(sys(i), secs, &format!("{i}-{round}")).await?;
+                grants[i] += g;
+                hand.by_sys[i].extend(h);
+            }
+        }
+        let mut rate = [None; 4];
+        for &i in &live {
+            rate[i] = Some(grants[i] as f64 / (secs * 2) as f64);
+        }
+        let mut rows = vec![Row {
+            metric: "grants/s".into(),
+            values: rate,
+            higher_better: true,
+        }];
+        rows.extend(hand.rows("release → next grant"));
+        sections.push(Section {
+            title: "(h) Semaphore: 4 permits, 16 contenders".into(),
+            how: format!(
+                "16 clients (each with its own session / lease) take 1 permit of 4 and release it, in a loop for {secs} s per round, 2 rounds. dcoord: `semaphore::Semaphore` (fair, fenced, one write per grant); etcd: the client-side semaphore pattern (a key per request under a lease; the first 4 by create revision hold; a waiter re-checks on every delete under the prefix)."
+            ),
+            rows,
+        });
+    }
 
     let elapsed = started.elapsed();
     let header = format!(
