@@ -34,7 +34,10 @@ async fn main() -> dcoord::Result<()> {
                     l.token,
                     String::from_utf8_lossy(&l.value)
                 ),
-                None => println!("{:>6.2}s  observer: no leader", started.elapsed().as_secs_f64()),
+                None => println!(
+                    "{:>6.2}s  observer: no leader",
+                    started.elapsed().as_secs_f64()
+                ),
             }
             if leader.changed().await.is_err() {
                 return;
@@ -61,7 +64,10 @@ async fn main() -> dcoord::Result<()> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     first.resign().await?;
     let second = second.await.expect("campaign task")?;
-    println!("candidate 2 leads (term {}); now it crashes", second.token());
+    println!(
+        "candidate 2 leads (term {}); now it crashes",
+        second.token()
+    );
     std::mem::forget(second);
     let crashed = Instant::now();
     sessions.remove(1).orphan();

@@ -12,6 +12,7 @@ use common::{Cuttable, long_session, session};
 use dcoord::Error;
 use dcoord::election::{Election, Leader};
 use dcoord::lock::{fenced_get, fenced_put};
+use dcoord::semaphore::Semaphore;
 use dcoord::store::Store;
 use dcoord::testing::MemStore;
 use tokio::sync::watch;
@@ -349,8 +350,9 @@ async fn bad_input_is_a_clear_error_and_foreign_bytes_are_left_alone() {
     );
 }
 
-/// The Raft leader SIGKILLed while candidates campaign: never two leaders, terms still
-/// increase, and the replicas agree afterwards.
+/// The Raft leader SIGKILLed while candidates campaign and semaphore contenders take permits:
+/// never two leaders, terms still increase, never more than N permits held, and the replicas
+/// agree afterwards.
 #[tokio::test]
 async fn raft_leader_kill_during_campaigns_keeps_one_leader_per_term() {
     let _heavy = common::HEAVY.lock().await;
@@ -383,6 +385,34 @@ async fn raft_leader_kill_during_campaigns_keeps_one_leader_per_term() {
             }
         }));
     }
+    // Beside them, semaphore contenders: never more than 2 of 2 permits held.
+    let held = Arc::new(AtomicUsize::new(0));
+    let grants = Arc::new(AtomicUsize::new(0));
+    for _ in 0..3 {
+        let (store, held, grants, stop) =
+            (store.clone(), held.clone(), grants.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut s = long_session(store.clone()).await;
+            while !stop.load(Ordering::SeqCst) {
+                let sem = Semaphore::new(&s, "raft-kill", 2).unwrap();
+                match sem.acquire(1).await {
+                    Ok(p) => {
+                        assert!(
+                            held.fetch_add(1, Ordering::SeqCst) < 2,
+                            "3 of 2 permits held"
+                        );
+                        grants.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        held.fetch_sub(1, Ordering::SeqCst);
+                        let _ = p.release().await;
+                    }
+                    Err(Error::SessionLost { .. }) => s = long_session(store.clone()).await,
+                    Err(e) if e.is_retryable() || e.is_ambiguous() => {}
+                    Err(e) => panic!("semaphore: {e}"),
+                }
+            }
+        }));
+    }
     let count = |t: &Arc<std::sync::Mutex<Vec<u64>>>| t.lock().unwrap().len();
     tokio::time::timeout(
         Duration::from_secs(120),
@@ -399,6 +429,13 @@ async fn raft_leader_kill_during_campaigns_keeps_one_leader_per_term() {
     )
     .await
     .unwrap_or_else(|_| panic!("no new terms after the kill\n{}", cluster.log_tails(40)));
+    let permits_before = grants.load(Ordering::SeqCst);
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        common::until(|| grants.load(Ordering::SeqCst) >= permits_before + 10),
+    )
+    .await
+    .expect("semaphore grants resume after the kill");
     println!("terms resumed within {:?} of the kill", killed.elapsed());
     stop.store(true, Ordering::SeqCst);
     for t in tasks {
@@ -585,6 +622,60 @@ mod process {
             (info["available"].as_u64(), info["token"].as_u64()),
             (Some(2), Some(4)),
             "{info}"
+        );
+        // A holder process SIGKILLed: its permit is taken back after its lease.
+        let one = format!("{name}-one");
+        let mut holder = common::dcoord_child(
+            &[
+                "semaphore",
+                &one,
+                "--permits",
+                "1",
+                "--lease",
+                "2",
+                "--print-token",
+            ],
+            &endpoints,
+            &["sleep", "1000"],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+        let mut out = BufReader::new(holder.stdout.take().unwrap()).lines();
+        let t1: u64 = line(&mut out, "the holder's token").await.parse().unwrap();
+        holder.start_kill().unwrap();
+        let killed = std::time::Instant::now();
+        let next = tokio::process::Command::new(common::binary())
+            .args([
+                "semaphore",
+                &one,
+                "--permits",
+                "1",
+                "--wait",
+                "30s",
+                "--print-token",
+                "--endpoints",
+                &endpoints,
+                "--",
+                "true",
+            ])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            next.status.success(),
+            "{}",
+            String::from_utf8_lossy(&next.stderr)
+        );
+        let t2: u64 = String::from_utf8_lossy(&next.stdout)
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(t2 > t1);
+        println!(
+            "a SIGKILLed permit holder's permit granted again after {:?} (lease 2 s)",
+            killed.elapsed()
         );
         // Another N is refused with a clear message, and changes nothing.
         let out = tokio::process::Command::new(common::binary())

@@ -1386,7 +1386,9 @@ async fn main() -> Res<()> {
         }
         rows.extend(fail.rows(&format!("leader crash → next leader, lease {lease} s")));
         rows.push(Row {
-            metric: format!("worst failover beyond the {lease} s lease (ms)"),
+            metric: format!(
+                "worst failover minus the {lease} s lease (ms; below 0: within the lease)"
+            ),
             values: over,
             higher_better: false,
         });

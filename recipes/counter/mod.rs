@@ -245,7 +245,7 @@ impl Counter {
                     }
                     current = now;
                     attempt += 1;
-                    if attempt % 8 == 0 {
+                    if attempt.is_multiple_of(8) {
                         tokio::task::yield_now().await;
                     }
                 }
