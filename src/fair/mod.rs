@@ -151,7 +151,7 @@ impl Fair {
         self.check_weight(n)?;
         let started = std::time::Instant::now();
         let mut pending = Pending::new(self.clone());
-        let holding = match self.grab(&mut pending, n, value).await? {
+        let holding = match self.grab(&mut pending, n, value, false).await? {
             Some(h) => h,
             None => loop {
                 self.session.check()?;
@@ -176,7 +176,7 @@ impl Fair {
     ) -> Result<Option<Holding>> {
         self.check_weight(n)?;
         let mut pending = Pending::new(self.clone());
-        self.grab(&mut pending, n, value).await
+        self.grab(&mut pending, n, value, true).await
     }
 
     pub(crate) fn stats(&self) -> Stats {

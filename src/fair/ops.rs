@@ -97,17 +97,20 @@ impl Fair {
     }
 
     /// The fast path: take the lock with one CAS if it is free and nobody waits or arrives.
-    /// `None` if it is not free.
+    /// `None` if it is not free. With `confirm`, a "not free" seen in the mirror is confirmed by
+    /// a linearizable read first (`try_acquire` must not say no on a stale view; `acquire`
+    /// queues anyway, and its waiter takes a lock that turns out free).
     pub(super) async fn grab(
         self: &Arc<Self>,
         pending: &mut Pending,
         n: u64,
         value: Option<&[u8]>,
+        confirm: bool,
     ) -> Result<Option<Holding>> {
         self.session.check()?;
         let me = Entry::new(self.slot(), n, value);
         let mut current = self.current(None).await?;
-        let mut confirmed = false;
+        let mut confirmed = !confirm;
         loop {
             let rec = self.decode(current.as_ref())?;
             let waiting = self

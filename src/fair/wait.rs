@@ -41,12 +41,15 @@ impl<'a> Waiter<'a> {
     pub(super) async fn join(inner: &'a Arc<Fair>, me: Entry) -> Result<Waiter<'a>> {
         // Not empty: d-engine 0.2.4's own FileStateMachine drops empty values after a crash
         // (a cluster not run by dcoord may use it).
-        inner
-            .store
-            .put(&inner.arrival_key(&me.slot), &me.arrival_bytes())
-            .await?;
+        // A fresh read of the record alongside (one round trip for both): the mirror may be
+        // behind, and a release it missed would otherwise be seen only at the periodic re-read.
+        let arrival = inner.arrival_key(&me.slot);
+        let bytes = me.arrival_bytes();
+        let (put, read) = tokio::join!(inner.store.put(&arrival, &bytes), inner.read());
+        put?;
+        let current = inner.newer(read?, &inner.record.snapshot());
         Ok(Waiter {
-            current: inner.current(None).await?,
+            current,
             liveness: Liveness::new(inner.session.lease()),
             record: inner.record.subscribe(),
             peers: None,
@@ -79,7 +82,9 @@ impl<'a> Waiter<'a> {
                         &inner.name,
                     );
                     let owned = pending.hand_over();
-                    inner.forget_arrival(&self.me.slot);
+                    if self.announced {
+                        inner.forget_arrival(&self.me.slot);
+                    }
                     let holding = Holding::new(
                         inner.clone(),
                         self.me.slot,
