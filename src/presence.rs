@@ -4,10 +4,11 @@
 //! An entry is `<prefix><session>.<ticket>` holding an opaque value, written with a plain put
 //! (entries never contend). It is as alive as its session: the view drops it at once when the
 //! session's heartbeat record is gone (the session closed, or was garbage-collected), and one
-//! lease after its heartbeat last changed, on the observer's own monotonic clock; the observer
-//! then confirms the death with a linearizable read and deletes the entry, so every view (and
-//! a later scan) agrees.
+//! lease after its heartbeat last changed, on the observer's own monotonic clock, once a
+//! linearizable read confirms it (a view whose watch lags never drops a live entry); the
+//! observer then deletes the entry, so every view (and a later scan) agrees.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -125,8 +126,13 @@ impl Presence {
         let mut view = View {
             presence: self.clone(),
             liveness: Liveness::new(self.session.lease()),
+            confirmed: HashSet::new(),
         };
-        let (first, _) = view.live(&entries.borrow_and_update(), &peers.borrow_and_update());
+        let (snap, beats) = (
+            entries.borrow_and_update().clone(),
+            peers.borrow_and_update().clone(),
+        );
+        let first = view.refresh(&snap, &beats).await;
         let (tx, rx) = watch::channel(first);
         tokio::spawn(async move {
             loop {
@@ -139,17 +145,12 @@ impl Presence {
                 }
                 let snap = entries.borrow_and_update().clone();
                 let beats = peers.borrow_and_update().clone();
-                let (live, dead) = view.live(&snap, &beats);
+                let live = view.refresh(&snap, &beats).await;
                 tx.send_if_modified(|l| {
                     let changed = *l != live;
                     *l = live;
                     changed
                 });
-                if !dead.is_empty()
-                    && let Err(e) = view.reap(&dead).await
-                {
-                    tracing::debug!(error = %e, "presence: reaping dead entries failed; retried on the next change");
-                }
             }
         });
         Ok(rx)
@@ -166,29 +167,38 @@ pub(crate) async fn sleep_until(at: Option<Instant>) {
 struct View {
     presence: Arc<Presence>,
     liveness: Liveness,
+    /// Entries whose session a linearizable read confirmed dead (deleted, or being deleted).
+    confirmed: HashSet<Bytes>,
 }
 
 impl View {
-    /// The live entries in `snap`, and the keys of entries whose session is dead on our clock
-    /// (to reap).
-    fn live(&mut self, snap: &Snapshot, beats: &Snapshot) -> (Vec<Present>, Vec<(Bytes, String)>) {
+    /// The entries in `snap` not confirmed dead, and among them the suspects: those whose
+    /// session looks dead on our clock, or whose heartbeat the mirror does not show.
+    fn candidates(
+        &mut self,
+        snap: &Snapshot,
+        beats: &Snapshot,
+    ) -> (Vec<Present>, Vec<(Bytes, String)>) {
         let p = &self.presence;
         let now = Instant::now();
-        let mut live = Vec::new();
-        let mut dead = Vec::new();
+        let mut list = Vec::new();
+        let mut suspects = Vec::new();
         let mut owners: Vec<String> = Vec::new();
+        self.confirmed.retain(|k| snap.get(k).is_some());
         for e in snap.with_prefix(&p.prefix) {
             let Some(owner) = p.owner(&e.key) else {
                 continue;
             };
+            if self.confirmed.contains(&e.key) {
+                continue;
+            }
             owners.push(owner.to_string());
             let hb = beats.get(&p.session.heartbeat_key(owner));
             self.liveness.observe(owner, hb.map(|h| &h.value), now);
             if hb.is_none() || self.liveness.is_dead(owner, now) {
-                dead.push((e.key.clone(), owner.to_string()));
-                continue;
+                suspects.push((e.key.clone(), owner.to_string()));
             }
-            live.push(Present {
+            list.push(Present {
                 key: e.key.clone(),
                 session: owner.to_string(),
                 value: e.value.clone(),
@@ -196,8 +206,59 @@ impl View {
             });
         }
         self.liveness.retain(|s| owners.iter().any(|o| o == s));
-        live.sort_by(|a, b| (a.revision, &a.key).cmp(&(b.revision, &b.key)));
-        (live, dead)
+        list.sort_by(|a, b| (a.revision, &a.key).cmp(&(b.revision, &b.key)));
+        (list, suspects)
+    }
+
+    /// The live entries: the candidates without the suspects a linearizable read confirms
+    /// dead (whose entries are deleted). A suspect that cannot be confirmed stays listed: a
+    /// lagging watch never drops a live member.
+    async fn refresh(&mut self, snap: &Snapshot, beats: &Snapshot) -> Vec<Present> {
+        let (mut list, suspects) = self.candidates(snap, beats);
+        // Entries confirmed dead whose delete failed: again (the mirror still shows them).
+        let undeleted: Vec<Bytes> = self.confirmed.iter().cloned().collect();
+        for key in undeleted {
+            let _ = self.presence.store.delete(&key).await;
+        }
+        for (key, owner) in suspects {
+            match self.confirm(&owner).await {
+                Ok(true) => {
+                    list.retain(|p| p.key != key);
+                    self.confirmed.insert(key.clone());
+                    match self.presence.store.delete(&key).await {
+                        Ok(()) => {
+                            tracing::debug!(key = %crate::error::show(&key), "presence: reaped the entry of a dead session")
+                        }
+                        Err(e) => {
+                            tracing::debug!(key = %crate::error::show(&key), error = %e, "presence: deleting a dead session's entry failed; the next observer retries")
+                        }
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "presence: cannot confirm a death now; retried on the next change")
+                }
+            }
+        }
+        list
+    }
+
+    /// True if a linearizable read confirms `owner` dead: its heartbeat record gone (closed,
+    /// or garbage-collected: a session writes it before any entry), or unchanged for its
+    /// lease on our clock.
+    async fn confirm(&mut self, owner: &str) -> Result<bool> {
+        let p = self.presence.clone();
+        if p.session.confirm_dead(&[owner], &mut self.liveness).await? {
+            return Ok(true);
+        }
+        let hb = p
+            .store
+            .get(
+                &p.session.heartbeat_key(owner),
+                crate::store::Consistency::Linearizable,
+            )
+            .await?;
+        Ok(hb.is_none())
     }
 
     fn expiry(&self) -> Option<Instant> {
@@ -208,31 +269,6 @@ impl View {
             .filter_map(|o| self.liveness.expires_at(o))
             .filter(|at| *at > now)
             .min()
-    }
-
-    /// Deletes the entries of sessions a linearizable read confirms dead (a closed session's
-    /// at once: its heartbeat record is gone for good).
-    async fn reap(&mut self, dead: &[(Bytes, String)]) -> Result<()> {
-        let p = self.presence.clone();
-        for (key, owner) in dead {
-            if !p.session.confirm_dead(&[owner], &mut self.liveness).await? {
-                // Absent heartbeat: observe() saw the deletion just now; a closed session never
-                // writes again.
-                let hb = p
-                    .store
-                    .get(
-                        &p.session.heartbeat_key(owner),
-                        crate::store::Consistency::Linearizable,
-                    )
-                    .await?;
-                if hb.is_some() {
-                    continue;
-                }
-            }
-            p.store.delete(key).await?;
-            tracing::debug!(key = %crate::error::show(key), "presence: reaped the entry of a dead session");
-        }
-        Ok(())
     }
 }
 

@@ -1,15 +1,17 @@
 //! Barriers: [`Barrier`] (everyone waits until a key is removed) and [`DoubleBarrier`]
 //! (enter together once N are present, leave together once all have left).
 //!
-//! A [`Barrier`] is one key (`<root>barriers/<name>/hold`): [`Barrier::hold`] creates it,
-//! [`Barrier::release`] removes it, [`Barrier::wait`] returns once it is absent. A
+//! A [`Barrier`] is one key (`<root>barriers/<name>/hold`): [`Barrier::hold`] marks it held,
+//! [`Barrier::release`] marks it open (the key is never deleted, so an unknown outcome can be
+//! settled), [`Barrier::wait`] returns once it is open. A
 //! [`DoubleBarrier`] keeps one session-bound entry per participant
 //! (`<root>barriers/<name>/m/<session>.<ticket>`) and a `ready` key written by whoever sees N
 //! live participants.
 //!
 //! # Guarantees
-//! - **Barrier:** `wait` returns only after a linearizable view shows the key absent; a
-//!   `wait` that started while the barrier was held returns once it is released.
+//! - **Barrier:** `wait` returns only after a linearizable read shows the barrier open; a
+//!   `wait` that started while the barrier was held returns once it is released (unless it
+//!   is held again before the wait sees the release).
 //! - **DoubleBarrier:** `enter` returns once N participants were present together (or the
 //!   barrier was already open); `leave` returns once every participant has left. A crashed
 //!   participant counts as gone one lease after its last heartbeat (on the observer's clock),
@@ -59,7 +61,13 @@ use crate::error::{Error, Result};
 use crate::presence::Presence;
 use crate::reconcile::{Mirror, MirrorOptions, WatcherOptions};
 use crate::session::Session;
-use crate::store::{Store, WatchTarget};
+use crate::store::{Cas, Consistency, Settled, Store, WatchTarget};
+
+/// A barrier key's bytes say held (`held <nonce>`); anything else (absent, `open <nonce>`) is
+/// open.
+fn held(value: Option<&[u8]>) -> bool {
+    value.is_some_and(|v| v.starts_with(b"held "))
+}
 
 fn exact(session: &Session, key: String) -> Arc<Mirror> {
     let resync = session.lease().max(Duration::from_secs(1));
@@ -102,22 +110,34 @@ impl Barrier {
         })
     }
 
-    /// Holds the barrier: true if this call created it, false if it was held already.
+    /// Holds the barrier: true if this call took it, false if it was held already.
     ///
     /// # Errors
-    /// The store's errors.
+    /// The store's errors ([`Error::Ambiguous`] if the outcome could not be settled).
     ///
     /// # Cancel safety
     /// If dropped, the barrier may or may not be held.
     pub async fn hold(&self) -> Result<bool> {
+        // Every state is unique bytes (a nonce), and the key is never deleted (a release
+        // writes an "open" marker), so an attempt still in flight can never land on a later
+        // state: what `Cas` needs to settle an unknown outcome.
         let marker = format!("held {}", fastrand::u64(..));
-        match crate::store::Cas::new(&*self.store, &self.key, None, marker.as_bytes())
+        let mut current = self.store.get(&self.key, Consistency::Linearizable).await?;
+        loop {
+            if held(current.as_deref()) {
+                return Ok(current.as_deref() == Some(marker.as_bytes()));
+            }
+            match Cas::new(
+                &*self.store,
+                &self.key,
+                current.as_deref(),
+                marker.as_bytes(),
+            )
             .settle()
             .await?
-        {
-            crate::store::Settled::Applied => Ok(true),
-            crate::store::Settled::Rejected { current, .. } => {
-                Ok(current.as_deref() == Some(marker.as_bytes()))
+            {
+                Settled::Applied => return Ok(true),
+                Settled::Rejected { current: now, .. } => current = now,
             }
         }
     }
@@ -130,7 +150,8 @@ impl Barrier {
     /// # Cancel safety
     /// If dropped, the barrier may or may not be released.
     pub async fn release(&self) -> Result<()> {
-        self.store.delete(&self.key).await
+        let open = format!("open {}", fastrand::u64(..));
+        self.store.put(&self.key, open.as_bytes()).await
     }
 
     /// True if the barrier is held now (a linearizable read).
@@ -141,11 +162,8 @@ impl Barrier {
     /// # Cancel safety
     /// Cancel-safe (a read).
     pub async fn is_held(&self) -> Result<bool> {
-        Ok(self
-            .store
-            .get(&self.key, crate::store::Consistency::Linearizable)
-            .await?
-            .is_some())
+        let now = self.store.get(&self.key, Consistency::Linearizable).await?;
+        Ok(held(now.as_deref()))
     }
 
     /// Returns once the barrier is not held (at once if it is not).
@@ -160,14 +178,14 @@ impl Barrier {
         // read so a lagging mirror never opens the barrier early.
         loop {
             self.mirror
-                .wait_for(|snap| snap.get(&self.key).is_none())
+                .wait_for(|snap| !held(snap.get(&self.key).map(|e| &e.value[..])))
                 .await?;
             if !self.is_held().await? {
                 return Ok(());
             }
             let mut rx = self.mirror.subscribe();
             tokio::select! {
-                _ = rx.wait_for(|snap| snap.get(&self.key).is_some()) => {}
+                _ = rx.wait_for(|snap| held(snap.get(&self.key).map(|e| &e.value[..]))) => {}
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
         }
@@ -294,9 +312,17 @@ impl Inside {
         res?;
         drop(self);
         let mut view = p.view().await?;
-        view.wait_for(|live| live.is_empty())
-            .await
-            .map_err(|_| Error::Stopped)?;
+        loop {
+            view.wait_for(|live| live.is_empty())
+                .await
+                .map_err(|_| Error::Stopped)?;
+            // The view says everyone left; a linearizable scan must agree (dead entries are
+            // deleted by the view once confirmed) before the barrier closes.
+            if p.store.scan_prefix(&p.prefix).await?.entries.is_empty() {
+                break;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(200), view.changed()).await;
+        }
         p.store.delete(&b.ready).await
     }
 }

@@ -10,7 +10,9 @@
 //! - **Linearizable.** Every operation is one CAS on the key; `get` is a linearizable read.
 //! - **Exactly once per call.** A call that returns `Ok` applied exactly once, even when a
 //!   write's outcome was unknown and was re-sent; a call that returns an error other than
-//!   [`Error::Ambiguous`] applied nothing.
+//!   [`Error::Ambiguous`] applied nothing. `Ambiguous` (applied once or not at all, never
+//!   twice) comes only when the outcome cannot be settled: the store stayed unreachable after
+//!   an unknown outcome, or more than [`REMEMBERED`] operations landed in between.
 //! - **No overflow.** An add that would overflow `i64` is refused ([`Error::InvalidArgument`])
 //!   and writes nothing.
 //!
@@ -167,9 +169,10 @@ impl Counter {
     /// Adds `delta` (which may be negative) and returns the value after it.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] on overflow (nothing written); [`Error::Ambiguous`] only if
-    /// the outcome stayed unknown past [`REMEMBERED`] other operations; [`Error::Decode`];
-    /// the store's errors (nothing applied).
+    /// [`Error::InvalidArgument`] on overflow (nothing written); [`Error::Ambiguous`] if the
+    /// outcome could not be settled (the store unreachable after an unknown outcome, or more
+    /// than [`REMEMBERED`] other operations since); [`Error::Decode`]; the store's other
+    /// errors (nothing applied).
     ///
     /// # Cancel safety
     /// If dropped, the add may or may not have applied (at most once).
@@ -231,10 +234,27 @@ impl Counter {
             };
             let next = rec.with(id, value);
             let bytes = serde_json::to_vec(&next).expect("a counter always serializes");
-            match Cas::new(&*self.store, &self.key, current.as_deref(), &bytes)
+            let settled = match Cas::new(&*self.store, &self.key, current.as_deref(), &bytes)
                 .settle()
-                .await?
+                .await
             {
+                Ok(settled) => settled,
+                // Still unknown: the record tells. Our op id in it means applied; the record
+                // unchanged means the next round re-sends these very bytes (at most one of
+                // the identical attempts applies); anything else, with the id absent and the
+                // window remembered, means it can no longer apply (the expected bytes are
+                // gone for good).
+                Err(e) if e.is_ambiguous() => {
+                    unknown_since.get_or_insert(rec.seq);
+                    current = match self.store.get(&self.key, Consistency::Linearizable).await {
+                        Ok(now) => now,
+                        Err(_) => return Err(e),
+                    };
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            match settled {
                 Settled::Applied => return Ok(Some(value)),
                 Settled::Rejected {
                     current: now,

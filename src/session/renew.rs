@@ -75,6 +75,10 @@ pub(super) async fn renew(mut r: Renewer) {
             _ = r.stop.changed() => return,
         };
         match outcome {
+            // A write that succeeded only after our deadline (its answer waited while this
+            // task was not scheduled: a pause, a busy host) extends nothing: an observer may
+            // already count this session dead, so it must stay lost.
+            Ok(Ok(())) if Instant::now() >= r.valid_until => break,
             Ok(Ok(())) => {
                 r.last_sent = sent;
                 r.valid_until = sent + r.lease - r.margin;

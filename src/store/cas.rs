@@ -151,7 +151,22 @@ impl<'a> Cas<'a> {
     }
 
     async fn rejected(&self, unsure: bool) -> Result<Settled> {
-        let current = self.store.get(self.key, Consistency::Linearizable).await?;
+        let current = match self.store.get(self.key, Consistency::Linearizable).await {
+            Ok(current) => current,
+            // After an unknown outcome a failed read decides nothing: the first attempt may
+            // have applied, so the answer is "unknown", never the read's "nothing happened".
+            Err(e) if unsure => {
+                return Err(Error::Ambiguous {
+                    op: "compare_and_swap",
+                    key: show(self.key),
+                    message: format!(
+                        "an earlier attempt's outcome is unknown, and reading the key failed: {e}"
+                    ),
+                    source: None,
+                });
+            }
+            Err(e) => return Err(e),
+        };
         if unsure && self.unique && current.as_deref() == Some(self.new) {
             // Nobody else writes these bytes: the refused re-send lost to our first attempt.
             return Ok(Settled::Applied);

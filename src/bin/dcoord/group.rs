@@ -20,7 +20,8 @@ pub struct MembersArgs {
     /// last heartbeat), until interrupted.
     #[arg(long)]
     watch: bool,
-    /// Join with this value first, and stay a member until stdin closes or Ctrl-C.
+    /// Join with this value first, and stay a member until stdin closes or Ctrl-C (exit 124
+    /// if the membership is lost). Under a service manager, keep stdin open (not /dev/null).
     #[arg(long, value_name = "VALUE")]
     join: Option<String>,
     /// How long without a heartbeat before others drop this member (with --join).
@@ -68,32 +69,52 @@ pub async fn members(args: MembersArgs) -> dcoord::Result<ExitCode> {
         Some(value) => Some(group.join(value).await?),
         None => None,
     };
-    let code = if args.watch {
-        let mut rx = group.watch().await?;
-        loop {
-            print(args.output, &args.name, &rx.borrow_and_update(), true);
-            tokio::select! {
-                changed = rx.changed() => if changed.is_err() { break crate::process::code::FAILED },
-                code = shutdown_signal() => break code,
-            }
-        }
-    } else {
-        print(args.output, &args.name, &group.members().await?, false);
-        match &me {
-            Some(me) => {
-                let stdin_closed = tokio::task::spawn_blocking(|| {
+    // With --join: stdin closing ends the membership (and the command), and so does its loss.
+    let code = {
+        let joined = me.is_some();
+        let stdin_closed = async move {
+            if joined {
+                let _ = tokio::task::spawn_blocking(|| {
                     let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
-                });
+                })
+                .await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        let lost = async {
+            match &me {
+                Some(me) => me.lost().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(stdin_closed, lost);
+        let lost_code = || {
+            eprintln!("dcoord: membership of {:?} lost (lease ran out)", args.name);
+            crate::process::code::LOST
+        };
+        if args.watch {
+            let mut rx = group.watch().await?;
+            loop {
+                print(args.output, &args.name, &rx.borrow_and_update(), true);
                 tokio::select! {
-                    _ = stdin_closed => 0,
-                    code = shutdown_signal() => code,
-                    _ = me.lost() => {
-                        eprintln!("dcoord: membership of {:?} lost (lease ran out)", args.name);
-                        crate::process::code::LOST
-                    }
+                    changed = rx.changed() => if changed.is_err() { break crate::process::code::FAILED },
+                    code = shutdown_signal() => break code,
+                    _ = &mut stdin_closed => break 0,
+                    _ = &mut lost => break lost_code(),
                 }
             }
-            None => 0,
+        } else {
+            print(args.output, &args.name, &group.members().await?, false);
+            if me.is_some() {
+                tokio::select! {
+                    _ = &mut stdin_closed => 0,
+                    code = shutdown_signal() => code,
+                    _ = &mut lost => lost_code(),
+                }
+            } else {
+                0
+            }
         }
     };
     if let Some(me) = me {

@@ -379,13 +379,17 @@ fn main() -> ExitCode {
             return ExitCode::from(5);
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    let code = match runtime.block_on(run(cli.command)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("dcoord: {e}");
             ExitCode::from(exit_code(&e))
         }
-    }
+    };
+    // Not a plain drop: that waits for blocking tasks, and a command holding a grant until
+    // stdin closes has one reading a terminal, so Ctrl-C would hang until EOF.
+    runtime.shutdown_background();
+    code
 }
 
 fn exit_code(e: &Error) -> u8 {
