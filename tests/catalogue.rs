@@ -444,3 +444,23 @@ async fn counter_and_members_from_the_command_line() {
     let (_, out, _) = run(vec!["members".into(), name.clone()]).await;
     assert_eq!(out, "", "the member left");
 }
+
+/// A hold whose outcome was unknown is settled (applied once, reported as this caller's), also
+/// after a release (which marks the key open instead of deleting it).
+#[tokio::test(start_paused = true)]
+async fn a_barrier_hold_with_an_unknown_outcome_is_settled() {
+    let mem = MemStore::new();
+    let s = session(Arc::new(mem.clone())).await;
+    let gate = Barrier::new(&s, "ambiguous").unwrap();
+    mem.ambiguous_next_writes(1);
+    assert!(gate.hold().await.unwrap(), "applied once, reported as ours");
+    assert!(!gate.hold().await.unwrap());
+    gate.release().await.unwrap();
+    assert!(!gate.is_held().await.unwrap());
+    // A second holder's hold whose outcome is unknown: it applied, so it is that holder's.
+    mem.ambiguous_next_writes(1);
+    assert!(gate.hold().await.unwrap());
+    assert!(gate.is_held().await.unwrap());
+    gate.release().await.unwrap();
+    gate.wait().await.unwrap();
+}
