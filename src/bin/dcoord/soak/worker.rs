@@ -152,6 +152,49 @@ async fn session(store: &Arc<dyn Store>, lease: Duration, h: &History) -> Sessio
     }
 }
 
+/// What a failed acquire means for a worker's loop: a new session (the old one is lost), a
+/// pause (the store is unavailable or the outcome unknown), or the end.
+async fn failed(
+    h: &History,
+    what: &str,
+    e: Error,
+    s: &mut Session,
+    store: &Arc<dyn Store>,
+    lease: Duration,
+) -> Result<()> {
+    match e {
+        Error::SessionLost { .. } => {
+            h.log(Ev::Error {
+                what: what.into(),
+                error: "session lost; starting a new one".into(),
+            });
+            *s = session(store, lease, h).await;
+            Ok(())
+        }
+        e if e.is_retryable() || e.is_ambiguous() => {
+            h.error(what, &e);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok(())
+        }
+        e => {
+            h.error(&format!("{what} (fatal)"), &e);
+            Err(e)
+        }
+    }
+}
+
+/// A holder's write to a fenced register, store-side fence only (no local "am I lost?"
+/// check): a paused holder's write must be refused by the register itself.
+async fn write_register(store: &dyn Store, h: &History, register: &str, token: u64) {
+    let sent = now_us();
+    let value = format!("{}:{token}", h.w);
+    match fenced_put(store, register.as_bytes(), token, value.as_bytes()).await {
+        Ok(()) => h.log(Ev::FenceOk { token, sent }),
+        Err(Error::Fenced { stored, .. }) => h.log(Ev::FenceRejected { token, stored }),
+        Err(e) => h.error("fenced_put", &e),
+    }
+}
+
 async fn lock_worker(store: Arc<dyn Store>, h: History, lease: Duration) -> Result<()> {
     let mut s = session(&store, lease, &h).await;
     h.log(Ev::Ready);
@@ -163,35 +206,13 @@ async fn lock_worker(store: Arc<dyn Store>, h: History, lease: Duration) -> Resu
                 let token = g.fencing_token();
                 h.log(Ev::Grant { token, asked });
                 tokio::time::sleep(Duration::from_millis(fastrand::u64(10..80))).await;
-                // The store-side fence, without the guard's local "am I lost?" check: a paused
-                // holder's write must be refused by the register itself.
-                let sent = now_us();
-                let value = format!("{}:{token}", h.w);
-                match fenced_put(&*store, REGISTER.as_bytes(), token, value.as_bytes()).await {
-                    Ok(()) => h.log(Ev::FenceOk { token, sent }),
-                    Err(Error::Fenced { stored, .. }) => h.log(Ev::FenceRejected { token, stored }),
-                    Err(e) => h.error("fenced_put", &e),
-                }
+                write_register(&*store, &h, REGISTER, token).await;
                 match g.release().await {
                     Ok(()) => h.log(Ev::Release { token }),
                     Err(e) => h.error("release", &e),
                 }
             }
-            Err(Error::SessionLost { .. }) => {
-                h.log(Ev::Error {
-                    what: "acquire".into(),
-                    error: "session lost; starting a new one".into(),
-                });
-                s = session(&store, lease, &h).await;
-            }
-            Err(e) if e.is_retryable() || e.is_ambiguous() => {
-                h.error("acquire", &e);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => {
-                h.error("acquire (fatal)", &e);
-                return Err(e);
-            }
+            Err(e) => failed(&h, "acquire", e, &mut s, &store, lease).await?,
         }
         tokio::time::sleep(Duration::from_millis(fastrand::u64(0..30))).await;
     }
@@ -208,41 +229,13 @@ async fn elector(store: Arc<dyn Store>, h: History, lease: Duration) -> Result<(
                 let token = lead.token();
                 h.log(Ev::Grant { token, asked });
                 tokio::time::sleep(Duration::from_millis(fastrand::u64(10..80))).await;
-                // The store-side fence only (no local "am I lost?" check), as the lock worker.
-                let sent = now_us();
-                let value = format!("{}:{token}", h.w);
-                match fenced_put(
-                    &*store,
-                    ELECTION_REGISTER.as_bytes(),
-                    token,
-                    value.as_bytes(),
-                )
-                .await
-                {
-                    Ok(()) => h.log(Ev::FenceOk { token, sent }),
-                    Err(Error::Fenced { stored, .. }) => h.log(Ev::FenceRejected { token, stored }),
-                    Err(e) => h.error("fenced_put", &e),
-                }
+                write_register(&*store, &h, ELECTION_REGISTER, token).await;
                 match lead.resign().await {
                     Ok(()) => h.log(Ev::Release { token }),
                     Err(e) => h.error("resign", &e),
                 }
             }
-            Err(Error::SessionLost { .. }) => {
-                h.log(Ev::Error {
-                    what: "campaign".into(),
-                    error: "session lost; starting a new one".into(),
-                });
-                s = session(&store, lease, &h).await;
-            }
-            Err(e) if e.is_retryable() || e.is_ambiguous() => {
-                h.error("campaign", &e);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => {
-                h.error("campaign (fatal)", &e);
-                return Err(e);
-            }
+            Err(e) => failed(&h, "campaign", e, &mut s, &store, lease).await?,
         }
         tokio::time::sleep(Duration::from_millis(fastrand::u64(0..30))).await;
     }
@@ -269,21 +262,7 @@ async fn permit_worker(store: Arc<dyn Store>, h: History, lease: Duration) -> Re
                     Err(e) => h.error("release", &e),
                 }
             }
-            Err(Error::SessionLost { .. }) => {
-                h.log(Ev::Error {
-                    what: "acquire".into(),
-                    error: "session lost; starting a new one".into(),
-                });
-                s = session(&store, lease, &h).await;
-            }
-            Err(e) if e.is_retryable() || e.is_ambiguous() => {
-                h.error("acquire", &e);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => {
-                h.error("acquire (fatal)", &e);
-                return Err(e);
-            }
+            Err(e) => failed(&h, "acquire", e, &mut s, &store, lease).await?,
         }
         tokio::time::sleep(Duration::from_millis(fastrand::u64(0..30))).await;
     }
