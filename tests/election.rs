@@ -105,6 +105,17 @@ async fn until_leader(
         .clone()
 }
 
+/// Waits until `election` has `n` candidates queued behind the leader.
+async fn until_candidates(election: &Election, n: usize, secs: u64) {
+    tokio::time::timeout(Duration::from_secs(secs), async {
+        while election.candidates().await.unwrap().len() != n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("never {n} candidates"));
+}
+
 #[tokio::test(start_paused = true)]
 async fn candidates_lead_in_campaign_order_and_observers_see_each_term_and_value() {
     let store: Arc<dyn Store> = Arc::new(MemStore::new());
@@ -138,13 +149,7 @@ async fn candidates_lead_in_campaign_order_and_observers_see_each_term_and_value
             lead.resign().await.unwrap();
             drop(s);
         }));
-        tokio::time::timeout(Duration::from_secs(1), async {
-            while election.candidates().await.unwrap().len() != i + 1 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await
-        .expect("the candidate queues");
+        until_candidates(&election, i + 1, 1).await;
     }
     let first = lead.token();
     lead.resign().await.unwrap();
@@ -209,8 +214,9 @@ async fn a_waiting_candidate_takes_over_from_a_crashed_leader_after_its_lease() 
     let token = lead.token();
     let b = session(store.clone()).await;
     let eb = Election::new(&b, "takeover").unwrap();
+    let queued = eb.clone();
     let campaign = tokio::spawn(async move { (eb.campaign("b").await.unwrap(), Instant::now()) });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    until_candidates(&queued, 1, 1).await;
     std::mem::forget(lead);
     let crashed = Instant::now();
     a.orphan();
@@ -235,11 +241,12 @@ async fn a_partitioned_leader_learns_it_lost_before_another_leads() {
         .unwrap();
     let b = session(Arc::new(mem.clone())).await;
     let eb = Election::new(&b, "part").unwrap();
+    let queued = eb.clone();
     let waiter = tokio::spawn(async move {
         let l = eb.campaign("b").await.unwrap();
         (Instant::now(), l)
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    until_candidates(&queued, 1, 1).await;
     cut.store(true, Ordering::SeqCst);
     la.lost().await;
     let lost_at = Instant::now();
@@ -277,13 +284,7 @@ async fn a_cancelled_campaign_leaves_no_residue() {
     let eb = Election::new(&b, "cancel").unwrap();
     let res = tokio::time::timeout(Duration::from_millis(500), eb.campaign("b")).await;
     assert!(res.is_err(), "a leads: the campaign times out");
-    tokio::time::timeout(Duration::from_secs(1), async {
-        while !ea.candidates().await.unwrap().is_empty() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the candidacy is withdrawn");
+    until_candidates(&ea, 0, 1).await;
     lead.resign().await.unwrap();
     assert_eq!(ea.leader().await.unwrap(), None, "b was never made leader");
     let c = session(store.clone()).await;
@@ -526,13 +527,7 @@ mod process {
         // The second candidate queues; it prints nothing while it waits.
         let s = session(_store.clone()).await;
         let election = Election::new(&s, &name).unwrap();
-        tokio::time::timeout(Duration::from_secs(30), async {
-            while election.candidates().await.unwrap().is_empty() {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .expect("the second candidate queues");
+        until_candidates(&election, 1, 30).await;
         first.start_kill().unwrap();
         let killed = std::time::Instant::now();
         let json: serde_json::Value =
