@@ -5,7 +5,7 @@
 
 use tokio::time::Instant;
 
-use super::record::{Entry, Record, Slot};
+use super::record::{Entry, Record, Released, Slot};
 use crate::session::Liveness;
 
 /// The next step of a wait for entry `me`.
@@ -16,8 +16,8 @@ pub(crate) enum Step {
     /// The record took `me` in once and no longer has it: only a participant that saw our
     /// session dead removes a slot, so queue again with a new one.
     Vanished,
-    /// `me` fits and is first in line: write `next`, which also takes every arrival in sight
-    /// into the queue.
+    /// `me` fits and is first in line (of those `next` grants, the first alive): write
+    /// `next`, which also applies every release marker and takes every arrival in sight.
     Take(Record),
     /// Some of those in front of `me` look dead on this process's clock: confirm it with fresh
     /// reads of their heartbeats, then write `next` (they are dropped; whoever now fits,
@@ -32,11 +32,12 @@ pub(crate) enum Step {
     Wait { blockers: Vec<Slot> },
 }
 
-/// Decides the next step for `me` from `rec` (the newest record in sight) and `arrivals`
-/// (announced waiters, oldest first; `me` among them or not), with `liveness` observed up to
-/// `now`.
+/// Decides the next step for `me` from `rec` (the newest record in sight), `released` (the
+/// release markers in sight) and `arrivals` (announced waiters, oldest first; `me` among them
+/// or not), with `liveness` observed up to `now`.
 pub(crate) fn decide(
     rec: &Record,
+    released: &[Released],
     arrivals: &[Entry],
     me: &Entry,
     liveness: &Liveness,
@@ -52,12 +53,27 @@ pub(crate) fn decide(
     if !arrivals.iter().any(|a| a.slot == me.slot) {
         arrivals.push(me.clone());
     }
-    let next = rec.absorbed(&arrivals);
+    let next = rec.released(released).absorbed(&arrivals);
+    let dead = |s: &Slot| s.session != me.slot.session && liveness.is_dead(&s.session, now);
     if next.is_holder(&me.slot) {
-        return Step::Take(next);
+        // Everyone `next` grants could write it (the same record from the same sight); the
+        // first of them that is alive does, so k releases cost one write and no collisions.
+        // The others wait for it, or for it to die. A wrong guess costs time, never safety.
+        let writer = next
+            .holders
+            .iter()
+            .map(|g| &g.entry.slot)
+            .filter(|s| !rec.is_holder(s))
+            .find(|s| **s == me.slot || !dead(s))
+            .expect("`next` grants `me`, and `rec` does not");
+        if *writer == me.slot {
+            return Step::Take(next);
+        }
+        return Step::Wait {
+            blockers: vec![writer.clone()],
+        };
     }
     let blockers: Vec<Slot> = next.blockers(&me.slot).into_iter().cloned().collect();
-    let dead = |s: &Slot| s.session != me.slot.session && liveness.is_dead(&s.session, now);
     // One reaper at a time: the first live waiter. A live waiter ahead of `me` reaps what is
     // dead in front of it (and `me` what is left once it is served), so a death costs one
     // write, not one per waiter.
@@ -132,12 +148,12 @@ mod tests {
         let t0 = Instant::now();
         let l = Liveness::new(LEASE);
         let me = e("me", 1);
-        let Step::Take(next) = decide(&Record::empty(1), &[], &me, &l, t0) else {
+        let Step::Take(next) = decide(&Record::empty(1), &[], &[], &me, &l, t0) else {
             panic!("a free lock is taken");
         };
         assert!(next.is_holder(&me.slot));
         assert_eq!(
-            decide(&next, &[], &me, &l, t0),
+            decide(&next, &[], &[], &me, &l, t0),
             Step::Granted { token: next.epoch }
         );
     }
@@ -147,7 +163,14 @@ mod tests {
         let t0 = Instant::now();
         let (rec, l) = held_by_a_b_waiting(t0);
         let me = e("me", 1);
-        let step = decide(&rec, std::slice::from_ref(&me), &me, &l, t0 + LEASE / 2);
+        let step = decide(
+            &rec,
+            &[],
+            std::slice::from_ref(&me),
+            &me,
+            &l,
+            t0 + LEASE / 2,
+        );
         assert_eq!(
             step,
             Step::Wait {
@@ -168,10 +191,10 @@ mod tests {
             Some(&bytes::Bytes::from_static(b"beat")),
             t0 + LEASE / 2,
         );
-        let step = decide(&rec, std::slice::from_ref(&me), &me, &l, t0 + LEASE);
+        let step = decide(&rec, &[], std::slice::from_ref(&me), &me, &l, t0 + LEASE);
         assert!(matches!(step, Step::Wait { .. }), "{step:?}");
         let b = e("b", 1);
-        let Step::Reap { next, dead, .. } = decide(&rec, &[], &b, &l, t0 + LEASE) else {
+        let Step::Reap { next, dead, .. } = decide(&rec, &[], &[], &b, &l, t0 + LEASE) else {
             panic!("the dead holder is reaped by the first live waiter");
         };
         assert_eq!(dead, vec![e("a", 1).slot]);
@@ -179,7 +202,7 @@ mod tests {
         // Both silent for a lease: both reaped, me granted.
         let (rec, l) = held_by_a_b_waiting(t0);
         let Step::Reap { next, dead, .. } =
-            decide(&rec, std::slice::from_ref(&me), &me, &l, t0 + LEASE)
+            decide(&rec, &[], std::slice::from_ref(&me), &me, &l, t0 + LEASE)
         else {
             panic!("every blocker is dead");
         };
@@ -188,7 +211,14 @@ mod tests {
         assert!(next.epoch > rec.epoch, "a takeover is a new grant");
         // Nobody dead yet: wait.
         let (rec, l) = held_by_a_b_waiting(t0);
-        let step = decide(&rec, std::slice::from_ref(&me), &me, &l, t0 + LEASE / 2);
+        let step = decide(
+            &rec,
+            &[],
+            std::slice::from_ref(&me),
+            &me,
+            &l,
+            t0 + LEASE / 2,
+        );
         assert!(matches!(step, Step::Wait { .. }), "{step:?}");
     }
 
@@ -198,7 +228,64 @@ mod tests {
         let (rec, l) = held_by_a_b_waiting(t0);
         let b = e("b", 1);
         let gone = rec.leave(&b.slot).expect("b leaves");
-        assert_eq!(decide(&gone, &[], &b, &l, t0), Step::Vanished);
+        assert_eq!(decide(&gone, &[], &[], &b, &l, t0), Step::Vanished);
+    }
+
+    #[test]
+    fn release_markers_let_the_first_live_waiter_they_grant_write_for_all() {
+        let t0 = Instant::now();
+        // Two permits, held by a and b; c, d, e wait in that order.
+        let mut rec = Record::empty(2);
+        for s in ["a", "b"] {
+            rec = rec.grab(&e(s, 1)).unwrap();
+        }
+        let rec = rec.absorbed(&[e("c", 1), e("d", 1), e("e", 1)]);
+        let mut l = Liveness::new(LEASE);
+        for id in ["a", "b", "c", "d", "e"] {
+            l.observe(id, None, t0);
+        }
+        let marks = [
+            Released {
+                slot: e("a", 1).slot,
+                token: 1,
+            },
+            Released {
+                slot: e("b", 1).slot,
+                token: 2,
+            },
+        ];
+        // Both released: c and d fit. c writes for both; d waits for c; e still waits.
+        let Step::Take(next) = decide(&rec, &marks, &[], &e("c", 1), &l, t0) else {
+            panic!("the first waiter the markers grant writes");
+        };
+        assert!(next.is_holder(&e("c", 1).slot) && next.is_holder(&e("d", 1).slot));
+        assert!(!next.is_holder(&e("a", 1).slot) && !next.is_holder(&e("b", 1).slot));
+        let d = decide(&rec, &marks, &[], &e("d", 1), &l, t0 + LEASE / 2);
+        assert_eq!(
+            d,
+            Step::Wait {
+                blockers: vec![e("c", 1).slot]
+            }
+        );
+        assert!(matches!(
+            decide(&rec, &marks, &[], &e("e", 1), &l, t0),
+            Step::Wait { .. }
+        ));
+        // c silent for a lease: d writes instead.
+        l.observe(
+            "d",
+            Some(&bytes::Bytes::from_static(b"beat")),
+            t0 + LEASE / 2,
+        );
+        let Step::Take(next) = decide(&rec, &marks, &[], &e("d", 1), &l, t0 + LEASE) else {
+            panic!("the next live waiter writes when the first is dead");
+        };
+        assert!(next.is_holder(&e("c", 1).slot) && next.is_holder(&e("d", 1).slot));
+        // Once written, c and d are granted by the record itself; the markers are spent.
+        assert_eq!(
+            decide(&next, &marks, &[], &e("d", 1), &l, t0),
+            Step::Granted { token: 4 }
+        );
     }
 
     #[test]

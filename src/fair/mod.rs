@@ -11,6 +11,16 @@
 //! queue and grants whoever now fits in the same write. Liveness comes from the [`Session`]
 //! each participant names: one heartbeat per process, however many queues it is in.
 //!
+//! Where several holders release at once (a capacity above 1), their CASes on the one record
+//! would collide and retry in turn. So a releaser tries ONE CAS, and if it is refused it puts a
+//! *release marker* instead (`<root><dir>/<name>/r/<session>.<ticket>`, the grant's token as
+//! value; a plain put again): every writer of the record applies the markers it can see, and
+//! the first waiter that the markers let in writes that, so k releases cost one write that
+//! grants k waiters. A marker only ever removes the grant it names (slot and token: slots are
+//! never reused), so the record stays the one authority on who holds: a pending marker only
+//! keeps a permit counted as held a little longer, never the other way round. Markers that no
+//! longer name a holder are deleted by whoever writes next; one that lingers changes nothing.
+//!
 //! The guarantees (at most `capacity` granted to live sessions; tokens strictly increasing;
 //! `lost()` before anyone can take over; FIFO with no passing; cancel-safe waits) are stated in
 //! the recipes' docs; the pure parts are `record` (the transitions) and `decide` (what a
@@ -33,8 +43,8 @@ use tokio::sync::watch;
 
 pub(crate) use holding::Holding;
 use holding::{Pending, spawn_late_leave, spawn_leave};
-use record::Entry;
 pub(crate) use record::Record;
+use record::{Entry, Released};
 use wait::{Queued, Waiter};
 
 use crate::error::{Error, Result};
@@ -54,6 +64,8 @@ pub(crate) struct Fair {
     pub(crate) key: Bytes,
     /// Where waiters announce themselves.
     arrivals: Bytes,
+    /// Where releasers leave their release markers.
+    releases: Bytes,
     pub(crate) session: Session,
     pub(crate) store: Arc<dyn Store>,
     /// The record and the arrivals (one prefix watch).
@@ -128,10 +140,16 @@ impl Fair {
             stats: Counters::default(),
             key: Bytes::from(format!("{base}rec")),
             arrivals: Bytes::from(format!("{base}w/")),
+            releases: Bytes::from(format!("{base}r/")),
             session: session.clone(),
             store,
             record,
         }))
+    }
+
+    /// The prefix of the record, the arrivals and the release markers.
+    fn base(&self) -> &[u8] {
+        &self.key[..self.key.len() - "rec".len()]
     }
 
     fn check_weight(&self, n: u64) -> Result<()> {
@@ -214,14 +232,24 @@ impl Fair {
     pub(crate) async fn info(&self) -> Result<Info> {
         // The mirror orders the arrivals: let it load first (at once when it has).
         self.record.wait_ready().await?;
-        let base = &self.key[..self.key.len() - "rec".len()];
-        let scan = self.store.scan_prefix(base).await?;
+        let scan = self.store.scan_prefix(self.base()).await?;
         let record = scan
             .entries
             .iter()
             .find(|(k, _)| *k == self.key)
             .map(|(_, v)| v);
-        let rec = self.decode(record)?;
+        let released: Vec<Released> = scan
+            .entries
+            .iter()
+            .filter_map(|(k, v)| self.parse_release(k, v))
+            .collect();
+        let mut rec = self.decode(record)?;
+        // A released grant is over, whether or not a writer has applied its marker yet.
+        rec.holders.retain(|g| {
+            !released
+                .iter()
+                .any(|r| r.slot == g.entry.slot && r.token == g.token)
+        });
         let mut arrivals: Vec<Entry> = scan
             .entries
             .iter()

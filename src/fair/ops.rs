@@ -6,11 +6,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::record::{Entry, Slot};
+use super::record::{Entry, Record, Released, Slot};
 use super::{Fair, Holding, Pending, bump, spawn_late_leave};
 use crate::error::Result;
 use crate::reconcile::Snapshot;
-use crate::store::{Cas, Consistency, Settled};
+use crate::store::{Cas, Consistency, Scan, Settled};
 
 impl Fair {
     pub(super) async fn read(&self) -> Result<Option<Bytes>> {
@@ -27,7 +27,10 @@ impl Fair {
             .settle()
             .await?;
         Ok(match settled {
-            Settled::Applied => Some(Bytes::from(new)),
+            Settled::Applied => {
+                self.sweep_releases(&new);
+                Some(Bytes::from(new))
+            }
             Settled::Rejected {
                 current,
                 maybe_applied,
@@ -63,6 +66,85 @@ impl Fair {
             ticket: ticket.parse().ok()?,
         };
         Entry::from_arrival(slot, value)
+    }
+
+    pub(super) fn release_key(&self, slot: &Slot) -> Vec<u8> {
+        let mut k = self.releases.to_vec();
+        k.extend_from_slice(format!("{}.{}", slot.session, slot.ticket).as_bytes());
+        k
+    }
+
+    /// The release marker `key` is, if it is one (its value is the released grant's token).
+    pub(super) fn parse_release(&self, key: &[u8], value: &[u8]) -> Option<Released> {
+        let name = std::str::from_utf8(key.strip_prefix(&self.releases[..])?).ok()?;
+        let (session, ticket) = name.rsplit_once('.')?;
+        Some(Released {
+            slot: Slot {
+                session: session.to_string(),
+                ticket: ticket.parse().ok()?,
+            },
+            token: std::str::from_utf8(value).ok()?.parse().ok()?,
+        })
+    }
+
+    /// The release markers in `snap`.
+    pub(super) fn releases_in(&self, snap: &Snapshot) -> Vec<Released> {
+        snap.with_prefix(&self.releases)
+            .filter_map(|e| self.parse_release(&e.key, &e.value))
+            .collect()
+    }
+
+    /// After `written` (the record's bytes) was applied: deletes, in the background, the release
+    /// markers in sight that no longer name a holder in it. Every marker was put after the
+    /// grant it names, and `written` is newer than anything in sight, so such a grant is over
+    /// for good (applied by this write or an earlier one, or taken over).
+    fn sweep_releases(&self, written: &[u8]) {
+        let snap = self.record.snapshot();
+        let markers = self.releases_in(&snap);
+        if markers.is_empty() {
+            return;
+        }
+        let Ok(rec) = self.decode(Some(&Bytes::copy_from_slice(written))) else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        for m in markers {
+            if rec.grant_of(&m.slot).is_none_or(|g| g.token != m.token) {
+                let (store, key) = (self.store.clone(), self.release_key(&m.slot));
+                rt.spawn(async move {
+                    let _ = store.delete(&key).await;
+                });
+            }
+        }
+    }
+
+    /// The record in sight with its pending release markers applied, and the arrivals in
+    /// sight not yet taken in. From the mirror, or from `scan` (a linearizable read) if given.
+    fn sighted(&self, current: Option<&Bytes>, scan: Option<&Scan>) -> Result<(Record, bool)> {
+        let rec = self.decode(current)?;
+        let (released, waiting) = match scan {
+            None => {
+                let snap = self.record.snapshot();
+                let waiting = self.arrivals_in(&snap).iter().any(|a| !rec.seen(&a.slot));
+                (self.releases_in(&snap), waiting)
+            }
+            Some(scan) => {
+                let released = scan
+                    .entries
+                    .iter()
+                    .filter_map(|(k, v)| self.parse_release(k, v))
+                    .collect::<Vec<_>>();
+                let waiting = scan
+                    .entries
+                    .iter()
+                    .filter_map(|(k, v)| self.parse_arrival(k, v))
+                    .any(|a| !rec.seen(&a.slot));
+                (released, waiting)
+            }
+        };
+        Ok((rec.released(&released), waiting))
     }
 
     /// The arrivals in `snap`, oldest first (by the revision that wrote them).
@@ -110,21 +192,23 @@ impl Fair {
         self.session.check()?;
         let me = Entry::new(self.slot(), n, value);
         let mut current = self.current(None).await?;
-        let mut confirmed = !confirm;
+        // A linearizable read of the record, its markers and arrivals (try_acquire's "no").
+        let mut scan: Option<Scan> = None;
         loop {
-            let rec = self.decode(current.as_ref())?;
-            let waiting = self
-                .arrivals_in(&self.record.snapshot())
-                .iter()
-                .any(|a| !rec.seen(&a.slot));
+            let (rec, waiting) = self.sighted(current.as_ref(), scan.as_ref())?;
             let next = if waiting { None } else { rec.grab(&me) };
             let Some(next) = next else {
-                if confirmed {
+                if !confirm || scan.is_some() {
                     return Ok(None);
                 }
                 // The mirror may be behind: confirm with a linearizable read before saying no.
-                confirmed = true;
-                current = self.read().await?;
+                let fresh = self.store.scan_prefix(self.base()).await?;
+                current = fresh
+                    .entries
+                    .iter()
+                    .find(|(k, _)| *k == self.key)
+                    .map(|(_, v)| v.clone());
+                scan = Some(fresh);
                 continue;
             };
             pending.arm(me.slot.clone());
@@ -162,7 +246,8 @@ impl Fair {
             pending.disarm();
             crate::reconcile::after_collision(1, sent.elapsed()).await;
             current = after;
-            confirmed = true;
+            // The markers and arrivals of the old scan are older than `after`.
+            scan = None;
         }
     }
 
@@ -177,7 +262,10 @@ impl Fair {
             let rec = self.decode(current.as_ref())?;
             let mut arrivals = self.arrivals_in(&snap);
             arrivals.retain(|a| a.slot != *me);
-            let Some(next) = rec.leaving(me, &arrivals) else {
+            let next = rec
+                .released(&self.releases_in(&snap))
+                .leaving(me, &arrivals);
+            let Some(next) = next else {
                 tracing::debug!(kind = self.kind, name = %self.name, ?me, seq = rec.seq, "leave: nothing to do");
                 return Ok(());
             };
@@ -189,6 +277,7 @@ impl Fair {
                 .await?
             {
                 Settled::Applied => {
+                    self.sweep_releases(&new);
                     tracing::debug!(kind = self.kind, name = %self.name, ?me, seq = next.seq, holders = next.holders.len(), "left");
                     if rec.is_holder(me) && next.epoch > rec.epoch {
                         crate::metrics::count(
@@ -212,5 +301,49 @@ impl Fair {
                 }
             }
         }
+    }
+
+    /// A holder gives back its grant of `token` where other holders may be releasing at the
+    /// same moment (a capacity above 1): ONE CAS from the newest record in sight (granting
+    /// whoever fits, as [`Fair::leave`] does) and, if that is refused or its outcome unknown, a
+    /// release marker for the next writer to apply (see the module docs). At most two writes
+    /// and no read, instead of a CAS retried against every other releaser.
+    pub(super) async fn release(&self, me: &Slot, token: u64, known: Option<Bytes>) -> Result<()> {
+        let current = self.current(known).await?;
+        let snap = self.record.snapshot();
+        let current = self.newer(current, &snap);
+        let rec = self.decode(current.as_ref())?;
+        if rec.grant_of(me).is_none_or(|g| g.token != token) {
+            // Released already, or taken over: nothing of ours to give back.
+            return Ok(());
+        }
+        let mut arrivals = self.arrivals_in(&snap);
+        arrivals.retain(|a| a.slot != *me);
+        let next = rec
+            .released(&self.releases_in(&snap))
+            .leaving(me, &arrivals);
+        if let Some(next) = next {
+            let new = next.encode();
+            match self
+                .store
+                .compare_and_swap(&self.key, current.as_deref(), &new)
+                .await
+            {
+                Ok(true) => {
+                    self.sweep_releases(&new);
+                    tracing::debug!(kind = self.kind, name = %self.name, ?me, seq = next.seq, "released");
+                    return Ok(());
+                }
+                Ok(false) => bump(&self.stats.conflicts),
+                // Unknown (it may land yet: the marker is then stale, and swept) or not sent.
+                Err(e) if e.is_ambiguous() || e.is_retryable() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.store
+            .put(&self.release_key(me), token.to_string().as_bytes())
+            .await?;
+        tracing::debug!(kind = self.kind, name = %self.name, ?me, token, "released by marker");
+        Ok(())
     }
 }

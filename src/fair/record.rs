@@ -105,6 +105,15 @@ pub(crate) fn encode_value(v: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(v)
 }
 
+/// A release marker: the holder of `slot` gave back its grant of `token`, and the next writer of
+/// the record applies that (see `Fair`'s docs). It names the grant, so a marker that outlives
+/// its write can never release anything else: slots are never reused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Released {
+    pub(crate) slot: Slot,
+    pub(crate) token: u64,
+}
+
 /// A granted entry and its fencing token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Grant {
@@ -383,6 +392,24 @@ impl Record {
         Some(record)
     }
 
+    /// The holders named by `released` (release markers: a slot and the token of its grant)
+    /// give their grants back; waiters that now fit are granted in the same write. Itself if
+    /// none of them holds that grant (a marker outlives the write that applied it).
+    pub(crate) fn released(&self, released: &[Released]) -> Record {
+        let mut record = self.clone();
+        let before = record.holders.len();
+        record.holders.retain(|g| {
+            !released
+                .iter()
+                .any(|r| r.slot == g.entry.slot && r.token == g.token)
+        });
+        if record.holders.len() != before {
+            record.fill();
+            record.seq += 1;
+        }
+        record
+    }
+
     /// A participant gives up: releases if holding, leaves the queue if waiting (which may let
     /// those behind it in), and in any case marks its slot as seen so its arrival key can never
     /// be taken in later. `None` if nothing changes.
@@ -516,6 +543,33 @@ mod tests {
         assert_eq!(gone.queue, vec![e("c", 1)]);
         let released = r.leaving(&slot("a", 1), &[]).unwrap();
         assert!(released.is_holder(&slot("b", 1)));
+    }
+
+    #[test]
+    fn release_markers_free_their_grants_and_grant_the_queue_in_order() {
+        let mut r = Record::empty(3);
+        for s in ["a", "b", "c"] {
+            r = r.grab(&e(s, 1)).unwrap();
+        }
+        let r = r.absorb(&[e("d", 1), w("e", 1, 2), e("f", 1)]).unwrap();
+        let mark = |s: &str, token| Released {
+            slot: slot(s, 1),
+            token,
+        };
+        // a and c release (tokens 1 and 3): d and then e (weight 2) would fit only once both
+        // have: d is granted, e waits for the third permit, f does not pass it.
+        let next = r.released(&[mark("a", 1)]);
+        assert_eq!(next.seq, r.seq + 1);
+        assert_eq!(
+            holders(&next),
+            vec![("b".into(), 2), ("c".into(), 3), ("d".into(), 4)]
+        );
+        let next = next.released(&[mark("c", 3), mark("b", 2)]);
+        assert_eq!(holders(&next), vec![("d".into(), 4), ("e".into(), 5)]);
+        assert_eq!(next.queue, vec![e("f", 1)]);
+        // A marker of another grant of the slot, or of a slot no longer holding: nothing.
+        assert_eq!(r.released(&[mark("b", 9), mark("z", 1)]), r);
+        assert_eq!(next.released(&[mark("a", 1)]), next);
     }
 
     #[test]

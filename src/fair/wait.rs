@@ -7,7 +7,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::decide::{Step, decide, sessions_in_sight};
-use super::record::{Entry, Record, Slot};
+use super::record::{Entry, Record, Released, Slot};
 use super::{Fair, Holding, Pending, bump, spawn_leave};
 use crate::error::{Error, Result};
 use crate::reconcile::Snapshot;
@@ -72,7 +72,8 @@ impl<'a> Waiter<'a> {
             self.current = inner.newer(self.current.take(), &snap);
             let rec = inner.decode(self.current.as_ref())?;
             let arrivals = inner.arrivals_in(&snap);
-            let blockers = match self.decide(&rec, &arrivals).await? {
+            let released = inner.releases_in(&snap);
+            let blockers = match self.decide(&rec, &released, &arrivals).await? {
                 Step::Granted { token } => {
                     tracing::debug!(kind = inner.kind, name = %inner.name, me = ?self.me.slot, seq = rec.seq, token, "granted");
                     bump(&inner.stats.grants);
@@ -131,8 +132,20 @@ impl<'a> Waiter<'a> {
 
     /// [`decide`], after observing the heartbeats of whoever is ahead (the peers mirror starts
     /// on first use: not needed while nobody is).
-    async fn decide(&mut self, rec: &Record, arrivals: &[Entry]) -> Result<Step> {
-        let step = decide(rec, arrivals, &self.me, &self.liveness, Instant::now());
+    async fn decide(
+        &mut self,
+        rec: &Record,
+        released: &[Released],
+        arrivals: &[Entry],
+    ) -> Result<Step> {
+        let step = decide(
+            rec,
+            released,
+            arrivals,
+            &self.me,
+            &self.liveness,
+            Instant::now(),
+        );
         if !matches!(step, Step::Wait { .. } | Step::Reap { .. }) {
             return Ok(step);
         }
@@ -145,6 +158,7 @@ impl<'a> Waiter<'a> {
             .observe_peers(&view, &ids, &mut self.liveness);
         Ok(decide(
             rec,
+            released,
             arrivals,
             &self.me,
             &self.liveness,
