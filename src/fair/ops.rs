@@ -180,8 +180,10 @@ impl Fair {
 
     /// The fast path: take the lock with one CAS if it is free and nobody waits or arrives.
     /// `None` if it is not free. With `confirm`, a "not free" seen in the mirror is confirmed by
-    /// a linearizable read first (`try_acquire` must not say no on a stale view; `acquire`
-    /// queues anyway, and its waiter takes a lock that turns out free).
+    /// a linearizable read first, and a CAS that lost a race is tried again (`try_acquire` must
+    /// not say no on a stale view); without, `None` on the first lost race too (`acquire`
+    /// queues then: FIFO among contenders, where racing for the record again is neither fair
+    /// nor fast, and its waiter takes a lock that turns out free).
     pub(super) async fn grab(
         self: &Arc<Self>,
         pending: &mut Pending,
@@ -244,6 +246,11 @@ impl Fair {
                 )));
             }
             pending.disarm();
+            if !confirm {
+                // Contended: `acquire` queues (FIFO from here on) rather than racing the
+                // others for the record again.
+                return Ok(None);
+            }
             crate::reconcile::after_collision(1, sent.elapsed()).await;
             current = after;
             // The markers and arrivals of the old scan are older than `after`.
