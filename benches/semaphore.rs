@@ -82,10 +82,7 @@ async fn run(setup: &'static str, store: Arc<dyn Store>, secs: u64) -> Report {
         setup,
         rate: counts.iter().sum::<usize>() as f64 / elapsed.as_secs_f64(),
         handoff,
-        fairness: (
-            *counts.iter().min().unwrap(),
-            *counts.iter().max().unwrap(),
-        ),
+        fairness: (*counts.iter().min().unwrap(), *counts.iter().max().unwrap()),
     }
 }
 

@@ -154,6 +154,61 @@ async fn a_crashed_holders_permits_are_taken_back_after_its_lease() {
     );
 }
 
+/// Releases with a capacity above 1 are markers the next writer applies: a holder that
+/// releases and crashes at once is not waited for, one grant write serves every release it
+/// sees, and the markers are deleted once applied.
+#[tokio::test(start_paused = true)]
+async fn released_permits_are_handed_on_without_waiting_and_markers_are_swept() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let (a, b, c) = (
+        session(store.clone()).await,
+        session(store.clone()).await,
+        session(store.clone()).await,
+    );
+    let name = "markers";
+    let (sa, sb, sc) = (
+        Semaphore::new(&a, name, 2).unwrap(),
+        Semaphore::new(&b, name, 2).unwrap(),
+        Semaphore::new(&c, name, 2).unwrap(),
+    );
+    let pa = sa.acquire(1).await.unwrap();
+    let pb = sb.acquire(1).await.unwrap();
+    let waiting = tokio::spawn(async move { sc.acquire(2).await.map(|p| (p, sc)) });
+    until_waiters(&sb, 1).await;
+    // a releases and its process dies at once; b releases too.
+    let started = Instant::now();
+    pa.release().await.unwrap();
+    a.orphan();
+    assert_eq!(sb.info().await.unwrap().available, 1, "a's permit is free");
+    pb.release().await.unwrap();
+    let (pc, sc) = tokio::time::timeout(Duration::from_secs(1), waiting)
+        .await
+        .expect("c is granted without waiting for a's lease")
+        .unwrap()
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_millis(500));
+    assert_eq!(pc.permits(), 2);
+    let info = sc.info().await.unwrap();
+    assert_eq!((info.available, info.holders.len()), (0, 1));
+    // The grant applied both markers: they are deleted.
+    let markers = format!("{}semaphores/{name}/r/", c.root());
+    tokio::time::timeout(Duration::from_secs(1), async {
+        while !store
+            .scan_prefix(markers.as_bytes())
+            .await
+            .unwrap()
+            .entries
+            .is_empty()
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the applied markers are deleted");
+    pc.release().await.unwrap();
+    assert_eq!(sc.info().await.unwrap().available, 2);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_cancelled_acquire_leaves_no_residue_and_bad_input_is_refused() {
     let mem = MemStore::new();

@@ -2,8 +2,11 @@
 //! recovered from crashed holders.
 //!
 //! The same machinery as [`lock::Mutex`](crate::lock::Mutex) (one CAS-managed record, arrival
-//! keys, the session's heartbeat), with a capacity of N: a holder takes `n` permits at once,
-//! and a release grants every waiter that now fits in the same write.
+//! keys, the session's heartbeat), with a capacity of N: a holder takes `n` permits at once.
+//! Since several holders release at once, a release is a *marker* (one put of a key of its
+//! own, which never collides with anyone), and the first waiter the markers let in grants
+//! every waiter they let in with one CAS on the record: releases never retry against each
+//! other, and k of them cost one record write.
 //!
 //! # Guarantees
 //! - **Never more than N permits held by live sessions.** A grant is a CAS on the record; a
@@ -16,7 +19,10 @@
 //!   grant has written it.
 //! - **`lost()` comes first**, as for the lock: a holder learns its permits may be gone before
 //!   anyone can be granted them.
-//! - **One-write handoff.** A release grants the waiters that now fit in the same write.
+//! - **Released is released.** Once [`Permit::release`] returns, its permits count as free
+//!   for every reader ([`Semaphore::info`], `try_acquire`, waiters), even before a waiter has
+//!   written its grant; and a holder that releases and then crashes is never waited for.
+//!   A handoff is two writes (the marker, then the grant that applies every marker in sight).
 //! - **Cancel-safe acquire** and idempotent release, as for the lock.
 //!
 //! # NOT guaranteed
@@ -238,8 +244,9 @@ impl Permit {
         self.holding.fenced_put(key, value).await
     }
 
-    /// Gives the permits back, granting the waiters that now fit in the same write.
-    /// Idempotent; never releases a later grant.
+    /// Gives the permits back: one put of a release marker, after which they count as free;
+    /// the first waiter that now fits grants everyone who does. Idempotent; never releases a
+    /// later grant.
     ///
     /// # Errors
     /// The store's errors; the permits are then released in the background, or freed by the

@@ -28,7 +28,7 @@ impl Fair {
             .await?;
         Ok(match settled {
             Settled::Applied => {
-                self.sweep_releases(&new);
+                self.sweep_releases(Some(&current), &new);
                 Some(Bytes::from(new))
             }
             Settled::Rejected {
@@ -94,24 +94,34 @@ impl Fair {
             .collect()
     }
 
-    /// After `written` (the record's bytes) was applied: deletes, in the background, the release
-    /// markers in sight that no longer name a holder in it. Every marker was put after the
-    /// grant it names, and `written` is newer than anything in sight, so such a grant is over
-    /// for good (applied by this write or an earlier one, or taken over).
-    fn sweep_releases(&self, written: &[u8]) {
+    /// After `written` (the record's bytes) was applied over `before`: deletes, in the
+    /// background, the release markers in sight that no longer name a holder in it; with
+    /// `before`, only those this write applied (so that the writers after it do not all delete
+    /// them again). Every marker was put after the grant it names, and `written` is newer than
+    /// anything in sight, so such a grant is over for good.
+    fn sweep_releases(&self, before: Option<&Option<Bytes>>, written: &[u8]) {
         let snap = self.record.snapshot();
         let markers = self.releases_in(&snap);
         if markers.is_empty() {
             return;
         }
+        let holds =
+            |rec: &Record, m: &Released| rec.grant_of(&m.slot).is_some_and(|g| g.token == m.token);
         let Ok(rec) = self.decode(Some(&Bytes::copy_from_slice(written))) else {
             return;
+        };
+        let before = match before {
+            Some(bytes) => match self.decode(bytes.as_ref()) {
+                Ok(rec) => Some(rec),
+                Err(_) => return,
+            },
+            None => None,
         };
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
         for m in markers {
-            if rec.grant_of(&m.slot).is_none_or(|g| g.token != m.token) {
+            if !holds(&rec, &m) && before.as_ref().is_none_or(|b| holds(b, &m)) {
                 let (store, key) = (self.store.clone(), self.release_key(&m.slot));
                 rt.spawn(async move {
                     let _ = store.delete(&key).await;
@@ -284,7 +294,8 @@ impl Fair {
                 .await?
             {
                 Settled::Applied => {
-                    self.sweep_releases(&new);
+                    // A rare writer: it also sweeps markers that outlived their grants.
+                    self.sweep_releases(None, &new);
                     tracing::debug!(kind = self.kind, name = %self.name, ?me, seq = next.seq, holders = next.holders.len(), "left");
                     if rec.is_holder(me) && next.epoch > rec.epoch {
                         crate::metrics::count(
@@ -311,46 +322,14 @@ impl Fair {
     }
 
     /// A holder gives back its grant of `token` where other holders may be releasing at the
-    /// same moment (a capacity above 1): ONE CAS from the newest record in sight (granting
-    /// whoever fits, as [`Fair::leave`] does) and, if that is refused or its outcome unknown, a
-    /// release marker for the next writer to apply (see the module docs). At most two writes
-    /// and no read, instead of a CAS retried against every other releaser.
-    pub(super) async fn release(&self, me: &Slot, token: u64, known: Option<Bytes>) -> Result<()> {
-        let current = self.current(known).await?;
-        let snap = self.record.snapshot();
-        let current = self.newer(current, &snap);
-        let rec = self.decode(current.as_ref())?;
-        if rec.grant_of(me).is_none_or(|g| g.token != token) {
-            // Released already, or taken over: nothing of ours to give back.
-            return Ok(());
-        }
-        let mut arrivals = self.arrivals_in(&snap);
-        arrivals.retain(|a| a.slot != *me);
-        let next = rec
-            .released(&self.releases_in(&snap))
-            .leaving(me, &arrivals);
-        if let Some(next) = next {
-            let new = next.encode();
-            match self
-                .store
-                .compare_and_swap(&self.key, current.as_deref(), &new)
-                .await
-            {
-                Ok(true) => {
-                    self.sweep_releases(&new);
-                    tracing::debug!(kind = self.kind, name = %self.name, ?me, seq = next.seq, "released");
-                    return Ok(());
-                }
-                Ok(false) => bump(&self.stats.conflicts),
-                // Unknown (it may land yet: the marker is then stale, and swept) or not sent.
-                Err(e) if e.is_ambiguous() || e.is_retryable() => {}
-                Err(e) => return Err(e),
-            }
-        }
+    /// same moment (a capacity above 1): one put of a release marker, which the next writer of
+    /// the record applies (see the module docs). Releases never collide, whatever their
+    /// number, and the first waiter they let in grants everyone they let in with one CAS.
+    pub(super) async fn release(&self, me: &Slot, token: u64) -> Result<()> {
         self.store
             .put(&self.release_key(me), token.to_string().as_bytes())
             .await?;
-        tracing::debug!(kind = self.kind, name = %self.name, ?me, token, "released by marker");
+        tracing::debug!(kind = self.kind, name = %self.name, ?me, token, "released (marker)");
         Ok(())
     }
 }
