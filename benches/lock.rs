@@ -112,13 +112,7 @@ async fn run(setup: &'static str, store: Arc<dyn Store>, ops: usize, secs: u64) 
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("DCOORD_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
+    init_logs();
     let ops = arg("--ops", 1000) as usize;
     let secs = arg("--secs", 5);
     let mut reports = Vec::new();

@@ -88,13 +88,7 @@ async fn run(setup: &'static str, store: Arc<dyn Store>, secs: u64) -> Report {
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("DCOORD_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
+    init_logs();
     let secs = arg("--secs", 5);
     let only: String = arg("--only", "both".to_string());
     let mut reports = Vec::new();

@@ -35,3 +35,14 @@ pub async fn cluster() -> LocalCluster {
     .await
     .unwrap()
 }
+
+/// Logs to stderr, filtered by `DCOORD_LOG` (default `warn`).
+pub fn init_logs() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DCOORD_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+}

@@ -52,37 +52,22 @@ impl Fair {
     }
 
     pub(super) fn arrival_key(&self, slot: &Slot) -> Vec<u8> {
-        let mut k = self.arrivals.to_vec();
-        k.extend_from_slice(format!("{}.{}", slot.session, slot.ticket).as_bytes());
-        k
+        slot_key(&self.arrivals, slot)
     }
 
     /// The slot an arrival key announces, if `key` is one.
     pub(super) fn parse_arrival(&self, key: &[u8], value: &[u8]) -> Option<Entry> {
-        let name = std::str::from_utf8(key.strip_prefix(&self.arrivals[..])?).ok()?;
-        let (session, ticket) = name.rsplit_once('.')?;
-        let slot = Slot {
-            session: session.to_string(),
-            ticket: ticket.parse().ok()?,
-        };
-        Entry::from_arrival(slot, value)
+        Entry::from_arrival(slot_of(&self.arrivals, key)?, value)
     }
 
     pub(super) fn release_key(&self, slot: &Slot) -> Vec<u8> {
-        let mut k = self.releases.to_vec();
-        k.extend_from_slice(format!("{}.{}", slot.session, slot.ticket).as_bytes());
-        k
+        slot_key(&self.releases, slot)
     }
 
     /// The release marker `key` is, if it is one (its value is the released grant's token).
     pub(super) fn parse_release(&self, key: &[u8], value: &[u8]) -> Option<Released> {
-        let name = std::str::from_utf8(key.strip_prefix(&self.releases[..])?).ok()?;
-        let (session, ticket) = name.rsplit_once('.')?;
         Some(Released {
-            slot: Slot {
-                session: session.to_string(),
-                ticket: ticket.parse().ok()?,
-            },
+            slot: slot_of(&self.releases, key)?,
             token: std::str::from_utf8(value).ok()?.parse().ok()?,
         })
     }
@@ -332,4 +317,21 @@ impl Fair {
         tracing::debug!(kind = self.kind, name = %self.name, ?me, token, "released (marker)");
         Ok(())
     }
+}
+
+/// `<prefix><session>.<ticket>`: a slot's arrival or release key.
+fn slot_key(prefix: &[u8], slot: &Slot) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    k.extend_from_slice(format!("{}.{}", slot.session, slot.ticket).as_bytes());
+    k
+}
+
+/// The slot a key under `prefix` names, if it is one.
+fn slot_of(prefix: &[u8], key: &[u8]) -> Option<Slot> {
+    let name = std::str::from_utf8(key.strip_prefix(prefix)?).ok()?;
+    let (session, ticket) = name.rsplit_once('.')?;
+    Some(Slot {
+        session: session.to_string(),
+        ticket: ticket.parse().ok()?,
+    })
 }
