@@ -12,14 +12,15 @@
 //! each participant names: one heartbeat per process, however many queues it is in.
 //!
 //! Where several holders release at once (a capacity above 1), their CASes on the one record
-//! would collide and retry in turn. So a releaser tries ONE CAS, and if it is refused it puts a
-//! *release marker* instead (`<root><dir>/<name>/r/<session>.<ticket>`, the grant's token as
+//! would collide and retry in turn. So a releaser puts a *release marker* instead (`<root><dir>/<name>/r/<session>.<ticket>`, the grant's token as
 //! value; a plain put again): every writer of the record applies the markers it can see, and
 //! the first waiter that the markers let in writes that, so k releases cost one write that
 //! grants k waiters. A marker only ever removes the grant it names (slot and token: slots are
 //! never reused), so the record stays the one authority on who holds: a pending marker only
 //! keeps a permit counted as held a little longer, never the other way round. Markers that no
-//! longer name a holder are deleted by whoever writes next; one that lingers changes nothing.
+//! longer name a holder (and name a token at most the written record's epoch: a later grant
+//! is not in it yet) are deleted by the writer that applied them; one that lingers changes
+//! nothing.
 //!
 //! The guarantees (at most `capacity` granted to live sessions; tokens strictly increasing;
 //! `lost()` before anyone can take over; FIFO with no passing; cancel-safe waits) are stated in

@@ -106,7 +106,10 @@ impl Fair {
             return;
         };
         for m in markers {
-            if !holds(&rec, &m) && before.as_ref().is_none_or(|b| holds(b, &m)) {
+            // A grant made after `written` has a token above its epoch: the mirror may show
+            // its marker already (the snapshot can be newer than `written`), so never that.
+            let over = m.token <= rec.epoch && !holds(&rec, &m);
+            if over && before.as_ref().is_none_or(|b| holds(b, &m)) {
                 let (store, key) = (self.store.clone(), self.release_key(&m.slot));
                 rt.spawn(async move {
                     let _ = store.delete(&key).await;
