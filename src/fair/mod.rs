@@ -45,7 +45,7 @@ use tokio::sync::watch;
 pub(crate) use holding::Holding;
 use holding::{Pending, spawn_late_leave, spawn_leave};
 pub(crate) use record::Record;
-use record::{Entry, Released};
+use record::Entry;
 use wait::{Queued, Waiter};
 
 use crate::error::{Error, Result};
@@ -239,11 +239,7 @@ impl Fair {
             .iter()
             .find(|(k, _)| *k == self.key)
             .map(|(_, v)| v);
-        let released: Vec<Released> = scan
-            .entries
-            .iter()
-            .filter_map(|(k, v)| self.parse_release(k, v))
-            .collect();
+        let released = self.releases_scanned(&scan);
         let mut rec = self.decode(record)?;
         // A released grant is over, whether or not a writer has applied its marker yet.
         rec.holders.retain(|g| {

@@ -72,6 +72,14 @@ impl Fair {
         })
     }
 
+    /// The release markers in a scan of the queue's prefix.
+    pub(super) fn releases_scanned(&self, scan: &Scan) -> Vec<Released> {
+        scan.entries
+            .iter()
+            .filter_map(|(k, v)| self.parse_release(k, v))
+            .collect()
+    }
+
     /// The release markers in `snap`.
     pub(super) fn releases_in(&self, snap: &Snapshot) -> Vec<Released> {
         snap.with_prefix(&self.releases)
@@ -80,10 +88,11 @@ impl Fair {
     }
 
     /// After `written` (the record's bytes) was applied over `before`: deletes, in the
-    /// background, the release markers in sight that no longer name a holder in it; with
-    /// `before`, only those this write applied (so that the writers after it do not all delete
-    /// them again). Every marker was put after the grant it names, and `written` is newer than
-    /// anything in sight, so such a grant is over for good.
+    /// background, the release markers in sight whose grant `written` could have held (token
+    /// at most its epoch) and does not; with `before`, only those this write applied (so that
+    /// the writers after it do not all delete them again). Such a grant is over for good. The
+    /// mirror may already be newer than `written`: a marker of a later grant (a higher token)
+    /// is never deleted here.
     fn sweep_releases(&self, before: Option<&Option<Bytes>>, written: &[u8]) {
         let snap = self.record.snapshot();
         let markers = self.releases_in(&snap);
@@ -129,11 +138,7 @@ impl Fair {
                 (self.releases_in(&snap), waiting)
             }
             Some(scan) => {
-                let released = scan
-                    .entries
-                    .iter()
-                    .filter_map(|(k, v)| self.parse_release(k, v))
-                    .collect::<Vec<_>>();
+                let released = self.releases_scanned(scan);
                 let waiting = scan
                     .entries
                     .iter()
