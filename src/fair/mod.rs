@@ -44,8 +44,8 @@ use tokio::sync::watch;
 
 pub(crate) use holding::Holding;
 use holding::{Pending, spawn_late_leave, spawn_leave};
-pub(crate) use record::Record;
 use record::Entry;
+pub(crate) use record::Record;
 use wait::{Queued, Waiter};
 
 use crate::error::{Error, Result};
