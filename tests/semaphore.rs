@@ -209,6 +209,53 @@ async fn released_permits_are_handed_on_without_waiting_and_markers_are_swept() 
     assert_eq!(sc.info().await.unwrap().available, 2);
 }
 
+/// The first waiter a batch of releases grants writes the grant for all of them; one that is
+/// alive but does not write (its task not polled, its view behind) does not hold the others
+/// for its lease: they write it themselves after a short patience.
+#[tokio::test(start_paused = true)]
+async fn a_stalled_batch_writer_is_written_for_well_within_its_lease() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let (a, b, w, d) = (
+        long_session(store.clone()).await,
+        long_session(store.clone()).await,
+        long_session(store.clone()).await,
+        long_session(store.clone()).await,
+    );
+    let name = "stalled-writer";
+    let open = |s| Semaphore::new(s, name, 2).unwrap();
+    let (sa, sb, sw, sd) = (open(&a), open(&b), open(&w), open(&d));
+    let pa = sa.acquire(1).await.unwrap();
+    let pb = sb.acquire(1).await.unwrap();
+    // w queues first, then its task stops being polled (its session keeps beating).
+    let mut stalled = Box::pin(sw.acquire(1));
+    tokio::select! {
+        _ = &mut stalled => panic!("w cannot be granted yet"),
+        _ = until_waiters(&sa, 1) => {}
+    }
+    let waiting = tokio::spawn(async move { sd.acquire(1).await.map(|p| (p, sd)) });
+    until_waiters(&sa, 2).await;
+    let started = Instant::now();
+    pa.release().await.unwrap();
+    pb.release().await.unwrap();
+    let (pd, sd) = tokio::time::timeout(Duration::from_secs(3), waiting)
+        .await
+        .expect("d writes the batch itself, long before w's 10 s lease")
+        .unwrap()
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // d's write granted w too: w is granted as soon as it runs again.
+    let pw = tokio::time::timeout(Duration::from_secs(1), stalled)
+        .await
+        .expect("w's grant is in the record")
+        .unwrap();
+    assert!(pw.fencing_token() != pd.fencing_token());
+    let info = sd.info().await.unwrap();
+    assert_eq!((info.available, info.holders.len()), (0, 2));
+    pw.release().await.unwrap();
+    pd.release().await.unwrap();
+    assert_eq!(sd.info().await.unwrap().available, 2);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_cancelled_acquire_leaves_no_residue_and_bad_input_is_refused() {
     let mem = MemStore::new();

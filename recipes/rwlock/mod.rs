@@ -27,7 +27,9 @@
 //!
 //! # Failure modes
 //! As [`lock::Mutex`](crate::lock::Mutex): [`Error::Unavailable`], [`Error::SessionLost`],
-//! [`Error::Decode`] for foreign bytes in the record.
+//! [`Error::Decode`] for foreign bytes in the record, and for a dcoord from before release
+//! markers reading this one's record (format version 4; upgrade the processes together, as
+//! for [`semaphore`](crate::semaphore)).
 //!
 //! # Example
 //! ```

@@ -23,6 +23,8 @@
 //!   for every reader ([`Semaphore::info`], `try_acquire`, waiters), even before a waiter has
 //!   written its grant; and a holder that releases and then crashes is never waited for.
 //!   A handoff is two writes (the marker, then the grant that applies every marker in sight).
+//!   A waiter a batch of releases lets in waits at most a short patience (a twentieth of the
+//!   lease, 50 to 500 ms) for the batch's writer, then writes the grant itself.
 //! - **Cancel-safe acquire** and idempotent release, as for the lock.
 //!
 //! # NOT guaranteed
@@ -39,6 +41,10 @@
 //! - The store unreachable: the store's error after its retries ([`Error::Unavailable`]).
 //! - The session lost while waiting or holding: [`Error::SessionLost`].
 //! - Foreign bytes in the record, or another N: [`Error::Decode`] naming the key.
+//! - Mixed versions: the record is format version 4 since release markers; a dcoord from
+//!   before them gets [`Error::Decode`] ("version 4 is not supported") on its next read
+//!   instead of waiting for releases it cannot see. Upgrade every process that uses one
+//!   semaphore (or read-write lock) together.
 //!
 //! # Example
 //! ```
@@ -99,7 +105,8 @@ pub struct PermitHolder {
 pub struct SemaphoreInfo {
     /// N.
     pub permits: u64,
-    /// Permits not held now.
+    /// Permits not held now and not about to be granted to a waiter (released permits that
+    /// queued waiters fit into count as theirs: a writer grants them next).
     pub available: u64,
     /// The fencing token of the latest grant (0: never granted).
     pub token: u64,
@@ -176,13 +183,11 @@ impl Semaphore {
             permits: m.n,
             token: m.token,
         };
-        let holders: Vec<PermitHolder> = info.holders.into_iter().map(holder).collect();
-        let used: u64 = holders.iter().map(|h| h.permits).sum();
         Ok(SemaphoreInfo {
             permits: self.fair.capacity,
-            available: self.fair.capacity.saturating_sub(used),
+            available: info.available,
             token: info.token,
-            holders,
+            holders: info.holders.into_iter().map(holder).collect(),
             waiters: info.waiters.into_iter().map(holder).collect(),
         })
     }

@@ -27,6 +27,12 @@ pub(crate) enum Step {
         dead: Vec<Slot>,
         blockers: Vec<Slot>,
     },
+    /// `next` grants `me` with others, and `writer` (granted by it too, ahead of `me` and
+    /// alive as far as this process knows) is the one to write it: wait for that write. Safe to
+    /// write `next` anyway (a CAS over the same record: a duplicate write loses, and its loser
+    /// finds itself granted by the winner); the wait only avoids the collision, so a writer
+    /// that does not write soon (stalled, or its sight is behind) is written for.
+    Batched { next: Record, writer: Slot },
     /// Everyone in front is alive (or not yet dead long enough): wait for a change, or until
     /// the first of `blockers` could expire.
     Wait { blockers: Vec<Slot> },
@@ -69,9 +75,8 @@ pub(crate) fn decide(
         if *writer == me.slot {
             return Step::Take(next);
         }
-        return Step::Wait {
-            blockers: vec![writer.clone()],
-        };
+        let writer = writer.clone();
+        return Step::Batched { next, writer };
     }
     let blockers: Vec<Slot> = next.blockers(&me.slot).into_iter().cloned().collect();
     // One reaper at a time: the first live waiter. A live waiter ahead of `me` reaps what is
@@ -260,13 +265,15 @@ mod tests {
         };
         assert!(next.is_holder(&e("c", 1).slot) && next.is_holder(&e("d", 1).slot));
         assert!(!next.is_holder(&e("a", 1).slot) && !next.is_holder(&e("b", 1).slot));
-        let d = decide(&rec, &marks, &[], &e("d", 1), &l, t0 + LEASE / 2);
-        assert_eq!(
-            d,
-            Step::Wait {
-                blockers: vec![e("c", 1).slot]
-            }
-        );
+        let Step::Batched {
+            next: for_d,
+            writer,
+        } = decide(&rec, &marks, &[], &e("d", 1), &l, t0 + LEASE / 2)
+        else {
+            panic!("d waits for c to write");
+        };
+        assert_eq!(writer, e("c", 1).slot);
+        assert_eq!(for_d, next, "d would write what c writes");
         assert!(matches!(
             decide(&rec, &marks, &[], &e("e", 1), &l, t0),
             Step::Wait { .. }

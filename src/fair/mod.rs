@@ -19,8 +19,15 @@
 //! never reused), so the record stays the one authority on who holds: a pending marker only
 //! keeps a permit counted as held a little longer, never the other way round. Markers that no
 //! longer name a holder (and name a token at most the written record's epoch: a later grant
-//! is not in it yet) are deleted by the writer that applied them; one that lingers changes
-//! nothing.
+//! is not in it yet) are deleted by the writer that applied them (a leftover, applied by a
+//! writer that had not seen it, by the next writer of each handle that sees it); one that
+//! lingers changes nothing. The first waiter a batch of markers lets in is the batch's writer
+//! only by convention (to avoid colliding CASes): the others it lets in wait for its write
+//! for a short patience (a twentieth of the lease, 50 to 500 ms), then write it themselves,
+//! so a writer that is alive but stalled, or whose view is behind, delays them by that much
+//! and never by a lease. Records of capacity above 1 are format version 4: a dcoord from
+//! before markers refuses one with a clear `Decode` error rather than waiting for releases it
+//! cannot see.
 //!
 //! The guarantees (at most `capacity` granted to live sessions; tokens strictly increasing;
 //! `lost()` before anyone can take over; FIFO with no passing; cancel-safe waits) are stated in
@@ -71,6 +78,9 @@ pub(crate) struct Fair {
     pub(crate) store: Arc<dyn Store>,
     /// The record and the arrivals (one prefix watch).
     record: Arc<Mirror>,
+    /// Release markers this handle has a delete in flight for (or done, not yet out of the
+    /// mirror): so that its writes do not delete a leftover marker again and again.
+    sweeping: Arc<std::sync::Mutex<std::collections::HashSet<Bytes>>>,
 }
 
 /// A participant of a queue, as [`Fair::info`] shows it.
@@ -87,6 +97,9 @@ pub(crate) struct Member {
 #[derive(Debug, Clone)]
 pub(crate) struct Info {
     pub(crate) token: u64,
+    /// The capacity nobody holds or is about to be granted: the queued waiters that released
+    /// grants (markers not yet applied) make room for count as holders here.
+    pub(crate) available: u64,
     pub(crate) holders: Vec<Member>,
     pub(crate) waiters: Vec<Member>,
 }
@@ -145,6 +158,7 @@ impl Fair {
             session: session.clone(),
             store,
             record,
+            sweeping: Default::default(),
         }))
     }
 
@@ -241,6 +255,7 @@ impl Fair {
             .map(|(_, v)| v);
         let released = self.releases_scanned(&scan);
         let mut rec = self.decode(record)?;
+        let available = self.capacity.saturating_sub(rec.released(&released).used());
         // A released grant is over, whether or not a writer has applied its marker yet.
         rec.holders.retain(|g| {
             !released
@@ -263,6 +278,7 @@ impl Fair {
         arrivals.sort_by_cached_key(|a| (revision(a), a.slot.clone()));
         Ok(Info {
             token: rec.epoch,
+            available,
             holders: rec
                 .holders
                 .iter()

@@ -89,13 +89,21 @@ impl Fair {
 
     /// After `written` (the record's bytes) was applied over `before`: deletes, in the
     /// background, the release markers in sight whose grant `written` could have held (token
-    /// at most its epoch) and does not; with `before`, only those this write applied (so that
-    /// the writers after it do not all delete them again). Such a grant is over for good. The
-    /// mirror may already be newer than `written`: a marker of a later grant (a higher token)
-    /// is never deleted here.
+    /// at most its epoch) and does not. Such a grant is over for good. With `before`: those this
+    /// write applied (the markers `before` still held), and leftovers that an earlier write
+    /// applied without deleting (its mirror had not seen the marker yet, or it applied it from
+    /// a scan), once per handle; so that the writers after it do not all delete the same
+    /// markers again. The mirror may already be newer than `written`: a marker of a later
+    /// grant (a higher token) is never deleted here.
     fn sweep_releases(&self, before: Option<&Option<Bytes>>, written: &[u8]) {
         let snap = self.record.snapshot();
-        let markers = self.releases_in(&snap);
+        let markers: Vec<(Bytes, Released)> = snap
+            .with_prefix(&self.releases)
+            .filter_map(|e| Some((e.key.clone(), self.parse_release(&e.key, &e.value)?)))
+            .collect();
+        let mut sweeping = self.sweeping.lock().expect("never poisoned");
+        // Forget deletes the mirror has seen land (the set stays as small as the markers).
+        sweeping.retain(|k| markers.iter().any(|(key, _)| key == k));
         if markers.is_empty() {
             return;
         }
@@ -114,16 +122,24 @@ impl Fair {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        for m in markers {
+        for (key, m) in markers {
             // A grant made after `written` has a token above its epoch: the mirror may show
             // its marker already (the snapshot can be newer than `written`), so never that.
-            let over = m.token <= rec.epoch && !holds(&rec, &m);
-            if over && before.as_ref().is_none_or(|b| holds(b, &m)) {
-                let (store, key) = (self.store.clone(), self.release_key(&m.slot));
-                rt.spawn(async move {
-                    let _ = store.delete(&key).await;
-                });
+            if m.token > rec.epoch || holds(&rec, &m) {
+                continue;
             }
+            let applied_now = before.as_ref().is_none_or(|b| holds(b, &m));
+            if !applied_now && sweeping.contains(&key) {
+                continue;
+            }
+            sweeping.insert(key.clone());
+            let (store, sweeping) = (self.store.clone(), self.sweeping.clone());
+            rt.spawn(async move {
+                if store.delete(&key).await.is_err() {
+                    // Another write of this handle tries again.
+                    sweeping.lock().expect("never poisoned").remove(&key);
+                }
+            });
         }
     }
 

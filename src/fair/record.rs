@@ -164,12 +164,26 @@ struct Version {
 pub(crate) const ABSORBED_PRUNE_AT: usize = 256;
 
 impl Record {
+    /// The format of a record of capacity 1 (a lock, an election).
     pub(crate) const VERSION: u32 = 3;
+    /// The format of a record of capacity above 1 (a semaphore, a read-write lock) since its
+    /// releases are release markers: a process that does not apply them (dcoord before them)
+    /// must refuse such a record with a clear error rather than wait for a release it cannot
+    /// see.
+    pub(crate) const VERSION_MARKERS: u32 = 4;
+
+    fn version_for(capacity: u64) -> u32 {
+        if capacity > 1 {
+            Self::VERSION_MARKERS
+        } else {
+            Self::VERSION
+        }
+    }
 
     /// An unused record of `capacity`.
     pub(crate) fn empty(capacity: u64) -> Record {
         Record {
-            v: Self::VERSION,
+            v: Self::version_for(capacity),
             capacity,
             ..Record::default()
         }
@@ -197,7 +211,7 @@ impl Record {
             ))
         };
         let Version { v } = serde_json::from_slice(bytes).map_err(foreign)?;
-        let rec = match v {
+        let mut rec = match v {
             2 => {
                 let old: RecordV2 = serde_json::from_slice(bytes).map_err(foreign)?;
                 let entry = |slot: Slot| Entry::new(slot, 1, None);
@@ -218,11 +232,13 @@ impl Record {
                     absorbed: old.absorbed,
                 }
             }
-            Self::VERSION => serde_json::from_slice(bytes).map_err(foreign)?,
+            Self::VERSION | Self::VERSION_MARKERS => {
+                serde_json::from_slice::<Record>(bytes).map_err(foreign)?
+            }
             v => {
                 return Err(bad(format!(
-                    "{kind} record version {v} is not supported (expected {})",
-                    Self::VERSION
+                    "{kind} record version {v} is not supported (this dcoord reads 2 to {})",
+                    Self::VERSION_MARKERS
                 )));
             }
         };
@@ -232,11 +248,15 @@ impl Record {
                 rec.capacity
             )));
         }
+        // A version 3 record of capacity > 1 (written before release markers) is written back
+        // as version 4.
+        rec.v = Self::version_for(rec.capacity);
         Ok(rec)
     }
 
     /// The bytes to store: a plain lock's record in the format before weights (version 2), so
-    /// that processes of earlier releases keep working beside this one; version 3 otherwise.
+    /// that processes of earlier releases keep working beside this one; version 4 for capacity
+    /// above 1 (release markers); version 3 otherwise.
     pub(crate) fn encode(&self) -> Vec<u8> {
         let plain = |e: &Entry| e.n == 1 && e.value.is_none();
         let v2 = self.capacity == 1
@@ -684,7 +704,7 @@ mod tests {
     }
 
     #[test]
-    fn a_plain_lock_record_is_written_as_version_2_and_anything_else_as_3() {
+    fn a_plain_lock_record_is_written_as_version_2_a_semaphore_as_4_and_anything_else_as_3() {
         let r = held_by_a_with_b_c_waiting();
         let bytes = Bytes::from(r.encode());
         let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
@@ -693,7 +713,7 @@ mod tests {
         assert_eq!(Record::decode("lock", b"k", 1, Some(&bytes)).unwrap(), r);
         let sem = Record::empty(4).grab(&w("a", 1, 2)).unwrap();
         let json: serde_json::Value = serde_json::from_slice(&sem.encode()).unwrap();
-        assert_eq!(json["v"], 3, "{json}");
+        assert_eq!(json["v"], 4, "{json}");
         let leader = Record::empty(1)
             .grab(&Entry::new(slot("a", 1), 1, Some(b"x")))
             .unwrap();
@@ -701,6 +721,24 @@ mod tests {
         assert_eq!(
             Record::decode("election", b"k", 1, Some(&bytes)).unwrap(),
             leader
+        );
+    }
+
+    #[test]
+    fn a_semaphore_record_from_before_release_markers_is_read_and_written_back_as_version_4() {
+        let v3 = br#"{"v":3,"seq":2,"epoch":1,"capacity":4,"holders":[{"session":"a","ticket":1,"n":2,"token":1}],"queue":[],"absorbed":{"a":1}}"#;
+        let r = Record::decode("semaphore", b"k", 4, Some(&Bytes::from_static(v3))).unwrap();
+        assert_eq!(r.used(), 2);
+        let json: serde_json::Value = serde_json::from_slice(&r.encode()).unwrap();
+        assert_eq!(json["v"], 4, "{json}");
+        // A process that reads only up to 3 refuses it (as this one refuses 5), naming it.
+        let v5 = br#"{"v":5,"seq":2,"epoch":1,"capacity":4,"holders":[],"queue":[]}"#;
+        let err = Record::decode("semaphore", b"/s/rec", 4, Some(&Bytes::from_static(v5)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("version 5 is not supported") && err.contains("/s/rec"),
+            "{err}"
         );
     }
 

@@ -34,6 +34,19 @@ pub(super) struct Waiter<'a> {
     next_read: Instant,
     /// Our arrival key is still there (not yet taken into the queue).
     announced: bool,
+    /// Since when (and for which record `seq`) a batch that grants us has waited for its
+    /// writer.
+    batched: Option<(u64, Instant)>,
+    /// Wake by then even if nothing changes (this turn of the loop only).
+    wake_by: Option<Instant>,
+}
+
+/// How long a waiter a batch grants waits for the batch's writer before writing it itself: a
+/// few write latencies on a busy cluster, well under a lease (a writer that is alive but
+/// stalled, or whose mirror is behind, must not hold the others for a lease).
+fn batch_patience(lease: std::time::Duration) -> std::time::Duration {
+    use std::time::Duration;
+    (lease / 20).clamp(Duration::from_millis(50), Duration::from_millis(500))
 }
 
 impl<'a> Waiter<'a> {
@@ -55,6 +68,8 @@ impl<'a> Waiter<'a> {
             peers: None,
             next_read: Self::read_due(inner),
             announced: true,
+            batched: None,
+            wake_by: None,
             inner,
             me,
         })
@@ -68,6 +83,7 @@ impl<'a> Waiter<'a> {
     pub(super) async fn run(mut self, pending: &mut Pending) -> Result<Queued> {
         let inner = self.inner;
         loop {
+            self.wake_by = None;
             let snap = self.record.borrow_and_update().clone();
             self.current = inner.newer(self.current.take(), &snap);
             let rec = inner.decode(self.current.as_ref())?;
@@ -123,6 +139,24 @@ impl<'a> Waiter<'a> {
                     }
                     blockers
                 }
+                Step::Batched { next, writer } => {
+                    let now = Instant::now();
+                    let since = match self.batched {
+                        Some((seq, since)) if seq == rec.seq => since,
+                        _ => {
+                            self.batched = Some((rec.seq, now));
+                            now
+                        }
+                    };
+                    let due = since + batch_patience(inner.session.lease());
+                    if now >= due {
+                        tracing::debug!(kind = inner.kind, name = %inner.name, me = ?self.me.slot, ?writer, seq = rec.seq, "the batch's writer has not written: writing it");
+                        self.write(next).await?;
+                        continue;
+                    }
+                    self.wake_by = Some(due);
+                    vec![writer]
+                }
                 Step::Wait { blockers } => blockers,
             };
             self.clean_up_abandoned(&blockers);
@@ -146,7 +180,10 @@ impl<'a> Waiter<'a> {
             &self.liveness,
             Instant::now(),
         );
-        if !matches!(step, Step::Wait { .. } | Step::Reap { .. }) {
+        if !matches!(
+            step,
+            Step::Wait { .. } | Step::Reap { .. } | Step::Batched { .. }
+        ) {
             return Ok(step);
         }
         let peers = self.inner.session.peers().await?;
@@ -221,7 +258,9 @@ impl<'a> Waiter<'a> {
             .filter_map(|b| self.liveness.expires_at(&b.session))
             .min()
             .unwrap_or(self.next_read);
-        let wake = expiry.min(self.next_read);
+        let wake = expiry
+            .min(self.next_read)
+            .min(self.wake_by.unwrap_or(self.next_read));
         let peers = self
             .peers
             .as_mut()
