@@ -310,6 +310,46 @@ async fn a_crashed_consumers_message_is_redelivered_after_its_lease() {
     d.ack().await.unwrap();
 }
 
+/// A backlog of ready messages never holds a dead consumer's message back: it is redelivered
+/// one lease after the crash while the queue is still busy.
+#[tokio::test(start_paused = true)]
+async fn a_crashed_consumers_message_is_redelivered_after_its_lease_under_a_backlog() {
+    let mem = MemStore::new();
+    let store: Arc<dyn Store> = Arc::new(mem.clone());
+    let (crashing, q1) = open(store.clone(), "crash-busy", opts()).await;
+    q1.enqueue(b"job", EnqueueOptions::default().id("a-crashed"))
+        .await
+        .unwrap();
+    let d = next(&q1).await;
+    std::mem::forget(d);
+    crashing.orphan();
+    let crashed = tokio::time::Instant::now();
+    let (_s2, q2) = open(store.clone(), "crash-busy", opts()).await;
+    for i in 0..400 {
+        q2.enqueue(b"x", EnqueueOptions::default().id(format!("b{i:03}")))
+            .await
+            .unwrap();
+    }
+    // One message every 20 ms: the backlog lasts 8 s, well past the 2 s lease.
+    let mut handled = 0;
+    let waited = loop {
+        let d = next(&q2).await;
+        if d.id() == "a-crashed" {
+            assert_eq!(d.attempt(), 2);
+            d.ack().await.unwrap();
+            break crashed.elapsed();
+        }
+        handled += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        d.ack().await.unwrap();
+    };
+    assert!(q2.stats().ready > 0, "the backlog is still there");
+    assert!(
+        waited >= Duration::from_millis(1300) && waited <= Duration::from_secs(4),
+        "redelivered after {waited:?} ({handled} others handled first)"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_idle_consumer_makes_no_reads_and_wakes_on_a_new_message() {
     let mem = MemStore::new();
@@ -441,6 +481,91 @@ async fn shutdown_lets_running_handlers_finish() {
     );
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(q.stats().ready, 2);
+}
+
+/// Drains `n` messages with `consumers` consumers running `slots` slots each; returns the
+/// (virtual) time it took and the store writes it made.
+async fn drain_with(
+    mem: &MemStore,
+    name: &str,
+    n: usize,
+    consumers: usize,
+    slots: usize,
+) -> (Duration, u64) {
+    let store: Arc<dyn Store> = Arc::new(mem.clone());
+    let mut queues = Vec::new();
+    for _ in 0..consumers {
+        queues.push(open_long_lease(store.clone(), name, opts()).await);
+    }
+    for i in 0..n {
+        queues[0]
+            .1
+            .enqueue(b"x", EnqueueOptions::default().id(format!("m{i:04}")))
+            .await
+            .unwrap();
+    }
+    mem.set_latency(Duration::from_millis(10));
+    let writes = mem.op_counts().writes;
+    let started = tokio::time::Instant::now();
+    let handled = Arc::new(AtomicUsize::new(0));
+    let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+    let mut runs = Vec::new();
+    for (_, q) in &queues {
+        let (q, handled, done_tx, mut done_rx) =
+            (q.clone(), handled.clone(), done_tx.clone(), done_rx.clone());
+        runs.push(tokio::spawn(async move {
+            q.run(
+                slots,
+                move |_m| {
+                    if handled.fetch_add(1, Ordering::SeqCst) + 1 == n {
+                        let _ = done_tx.send(true);
+                    }
+                    async { Ok(()) }
+                },
+                async move {
+                    let _ = done_rx.wait_for(|d| *d).await;
+                },
+            )
+            .await
+        }));
+    }
+    let mut done = done_rx.clone();
+    tokio::time::timeout(Duration::from_secs(60), done.wait_for(|d| *d))
+        .await
+        .expect("drained")
+        .unwrap();
+    let took = started.elapsed();
+    let mut acked = 0;
+    for r in runs {
+        acked += r.await.unwrap().unwrap().acked;
+    }
+    assert_eq!(acked, n as u64, "every message handled once");
+    mem.set_latency(Duration::ZERO);
+    (took, mem.op_counts().writes - writes)
+}
+
+/// `run` keeps its concurrency of claims in flight (a claim is one store round trip: claimed
+/// one after another, 64 messages would take 64 of them before the acks), and consumers that
+/// collide spread over the head of the queue instead of all racing for its first message.
+#[tokio::test(start_paused = true)]
+async fn run_pipelines_its_claims_and_consumers_spread_over_the_head() {
+    // One consumer, 8 slots, 10 ms per store op: about 64 / 8 x (claim + ack) = 160 ms.
+    let (took, _) = drain_with(&MemStore::new(), "pipelined", 64, 1, 8).await;
+    assert!(
+        took < Duration::from_millis(400),
+        "claims are pipelined: {took:?}"
+    );
+    // Two consumers of 4 slots: one claim and one ack per message, plus the claims that lost
+    // a race (most would, if both went for the oldest message each time).
+    let (took, writes) = drain_with(&MemStore::new(), "spread", 128, 2, 4).await;
+    let lost = writes.saturating_sub(2 * 128);
+    eprintln!(
+        "two consumers: {took:?}, {writes} writes ({lost} beyond one claim and one ack each)"
+    );
+    assert!(
+        lost <= 64,
+        "{lost} extra writes for 128 messages: consumers race for the same messages"
+    );
 }
 
 /// How many keys are under `prefix`.

@@ -40,10 +40,11 @@ struct Args {
     /// Where to write the markdown report.
     #[arg(long, default_value = "docs/benchmarks.md")]
     out: PathBuf,
-    /// Where etcd keeps its data (default: /dev/shm when it exists, like d-engine's
-    /// acknowledge-before-fsync; etcd fsyncs every write).
-    #[arg(long)]
-    etcd_dir: Option<PathBuf>,
+    /// Where both systems keep their data (default: /dev/shm when it exists). The same place
+    /// for both: dcoord fsyncs before it acknowledges (its patched core), as etcd does, so a
+    /// tmpfs makes both systems' fsyncs free alike, and a disk costs both alike.
+    #[arg(long, alias = "etcd-dir")]
+    data_dir: Option<PathBuf>,
     /// Samples per latency workload and system.
     #[arg(long, default_value_t = 200)]
     samples: usize,
@@ -51,8 +52,11 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     contention_secs: u64,
     /// Messages per queue round.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 2000)]
     messages: usize,
+    /// Enqueues the queue workload's producer keeps in flight (the same for both systems).
+    #[arg(long, default_value_t = 8)]
+    producer_in_flight: usize,
     /// Lease of the failover workload (g), in seconds, the same for dcoord and etcd.
     #[arg(long, default_value_t = 5)]
     failover_lease: u64,
@@ -838,7 +842,7 @@ async fn semaphore_contention(sys: &Sys, secs: u64, tag: &str) -> Res<(usize, Ve
 
 /// (e) a queue with 2 consumers: enqueue → handled latency and throughput with the producer
 /// running, then the drain rate of a pre-filled queue.
-async fn queue(sys: &Sys, m: usize, tag: &str) -> Res<(Vec<Duration>, f64, f64)> {
+async fn queue(sys: &Sys, m: usize, in_flight: usize, tag: &str) -> Res<(Vec<Duration>, f64, f64)> {
     let sent: Arc<StdMutex<HashMap<String, Instant>>> = Default::default();
     let lat: Arc<StdMutex<Vec<Duration>>> = Default::default();
     let done = Arc::new(tokio::sync::Notify::new());
@@ -877,17 +881,19 @@ async fn queue(sys: &Sys, m: usize, tag: &str) -> Res<(Vec<Duration>, f64, f64)>
                         tokio::spawn(async move {
                             let session = Session::start(s, SessionOptions::default()).await?;
                             let q = WorkQueue::open(&session, &name, QueueOptions::default()).await?;
-                            q.run(
-                                4,
-                                move |msg: Message| {
-                                    record(&msg.id);
-                                    async { Ok(()) }
-                                },
-                                async move {
-                                    let _ = stop.wait_for(|s| *s).await;
-                                },
-                            )
-                            .await?;
+                            let stats = q
+                                .run(
+                                    4,
+                                    move |msg: Message| {
+                                        record(&msg.id);
+                                        async { Ok(()) }
+                                    },
+                                    async move {
+                                        let _ = stop.wait_for(|s| *s).await;
+                                    },
+                                )
+                                .await?;
+                            eprintln!("  {name}: a consumer acked {}, lost {} claim races", stats.acked, stats.conflicts);
                             Res::Ok(())
                         })
                     }
@@ -981,19 +987,21 @@ async fn queue(sys: &Sys, m: usize, tag: &str) -> Res<(Vec<Duration>, f64, f64)>
                 Res::Ok(())
             }
         };
+        let produce_all = || {
+            futures::stream::iter(0..m)
+                .map(&enqueue)
+                .buffer_unordered(in_flight.max(1))
+                .collect::<Vec<Res<()>>>()
+        };
         if prefill {
-            for i in 0..m {
-                enqueue(i).await?;
-            }
+            produce_all().await.into_iter().collect::<Res<Vec<()>>>()?;
             sent.lock().unwrap().clear();
         }
         lat.lock().unwrap().clear();
         let t0 = Instant::now();
         let consumers = start_consumers(stop_rx)?;
         if !prefill {
-            for i in 0..m {
-                enqueue(i).await?;
-            }
+            produce_all().await.into_iter().collect::<Res<Vec<()>>>()?;
         }
         tokio::time::timeout(Duration::from_secs(120), done.notified())
             .await
@@ -1133,10 +1141,27 @@ async fn main() -> Res<()> {
     let n = args.samples.max(4);
     let half = n / 2;
 
-    eprintln!("starting dcoord (embedded, 3-node) ...");
-    let data = tempfile::tempdir()?;
+    let data_base = args.data_dir.clone().unwrap_or_else(|| {
+        if Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        }
+    });
+    eprintln!(
+        "starting dcoord (embedded, 3-node) in {} ...",
+        data_base.display()
+    );
+    let data = tempfile::Builder::new()
+        .prefix("dcoord-bench-")
+        .tempdir_in(&data_base)?;
     let embedded = EmbeddedNode::start(data.path().join("embedded")).await?;
-    let cluster = LocalCluster::start(ClusterOptions::default().nodes(3)).await?;
+    let cluster = LocalCluster::start(
+        ClusterOptions::default()
+            .nodes(3)
+            .dir(data.path().join("cluster")),
+    )
+    .await?;
     let remote = RemoteStore::connect(
         &cluster.endpoints(),
         RemoteOptions::default().op_deadline(Duration::from_secs(30)),
@@ -1148,19 +1173,12 @@ async fn main() -> Res<()> {
         None,
         None,
     ];
-    let etcd_base = args.etcd_dir.clone().unwrap_or_else(|| {
-        if Path::new("/dev/shm").is_dir() {
-            PathBuf::from("/dev/shm")
-        } else {
-            std::env::temp_dir()
-        }
-    });
-    let mut etcd_note = format!("etcd data in `{}`", etcd_base.display());
+    let mut etcd_note = format!("etcd data in `{}` too", data_base.display());
     let mut etcds = Vec::new();
     if which("etcd") {
         for (slot, members) in [(2, 1), (3, 3)] {
             eprintln!("starting etcd ({members} member(s)) ...");
-            let e = start_etcd(members, &etcd_base).await?;
+            let e = start_etcd(members, &data_base).await?;
             systems[slot] = Some(Sys::Etcd(Box::new(
                 Client::connect(&e.endpoints, None).await?,
             )));
@@ -1315,7 +1333,8 @@ async fn main() -> Res<()> {
         let m = args.messages.max(10);
         for round in 0..2 {
             for &i in &live {
-                let (l, t, d) = queue(sys(i), m, &format!("{i}-{round}")).await?;
+                let (l, t, d) =
+                    queue(sys(i), m, args.producer_in_flight, &format!("{i}-{round}")).await?;
                 lat.by_sys[i].extend(l);
                 tput[i] = Some(tput[i].unwrap_or(0.0) + t / 2.0);
                 drain[i] = Some(drain[i].unwrap_or(0.0) + d / 2.0);
@@ -1335,7 +1354,8 @@ async fn main() -> Res<()> {
         sections.push(Section {
         title: "(e) Work queue, 2 consumers".into(),
         how: format!(
-            "{m} messages per round, 2 rounds; 2 consumers, 4 in flight each. dcoord: `queue::WorkQueue` (durable claim with a visibility lease, ack, retries, dead letters: at-least-once, 2 writes per message); etcd: a txn-claim queue (keys under a prefix; a consumer claims by a txn `version > 0 → delete`: 1 write, and a message whose consumer crashes is lost)."
+            "{m} messages per round, 2 rounds; one producer with {} enqueues in flight, 2 consumers, 4 in flight each. dcoord: `queue::WorkQueue` (durable claim with a visibility lease, ack, retries, dead letters: at-least-once, 2 writes per message); etcd: a txn-claim queue (keys under a prefix; a consumer claims by a txn `version > 0 → delete`: 1 write, and a message whose consumer crashes is lost).",
+            args.producer_in_flight
         ),
         rows,
     });
@@ -1438,8 +1458,9 @@ async fn main() -> Res<()> {
     let header = format!(
         "# dcoord vs etcd\n\n\
          Generated by `./scripts/bench-etcd.sh {}` on {}, in {:.0} s.\n\n\
-         Machine: {}. d-engine 0.2.4 (dcoord's bundled engine; it acknowledges a write before \
-         fsync), etcd {} ({etcd_note}; tmpfs makes etcd's fsyncs free, so this is the \
+         Machine: {}. d-engine 0.2.4 (dcoord's bundled engine, patched to fsync a write on a \
+         majority before it acknowledges it, as etcd does), data in `{}`; etcd {} ({etcd_note}: \
+         both systems' data in the same place, so a tmpfs makes both fsyncs free alike, the \
          like-for-like durability setting). Every workload runs on all four systems in \
          alternating rounds in this one run; on a shared, noisy machine only the ratios in the \
          same table are meaningful. Ratio columns give **dcoord's advantage**: etcd ÷ dcoord \
@@ -1448,6 +1469,7 @@ async fn main() -> Res<()> {
         date(),
         elapsed.as_secs_f64(),
         machine(),
+        data_base.display(),
         etcd_version(),
     );
     let report = render(&sections, &header);

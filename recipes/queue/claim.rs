@@ -1,23 +1,52 @@
 //! Claiming messages: ready ones in order, and those of consumers whose session died.
 
 use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::Delivery;
-use super::Inner;
 use super::message::{Record, State};
+use super::{Delivery, Inner, now_ms};
 use crate::error::Result;
-use crate::session::{Liveness, Owned};
+use crate::session::Owned;
 use crate::store::{Cas, Settled};
+
+/// How many of the oldest ready messages a contended claim chooses from: enough for the
+/// claims of a few consumers with a few in flight each to land on different messages.
+pub(super) const CLAIM_WINDOW: usize = 16;
+
+/// How long after a lost claim race claims keep spreading (see [`Inner::contended`]).
+pub(super) const CONTENDED_FOR: Duration = Duration::from_secs(2);
+
+/// Which consumer's share a message is in (modulo the number of consumers): the same for all.
+fn share_of(key: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
+}
+
+/// A consumer's preference among the head of the queue: a hash of its session and the key
+/// (different consumers prefer different messages).
+fn spread_rank(session: &str, key: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    session.hash(&mut h);
+    key.hash(&mut h);
+    h.finish()
+}
 
 impl Inner {
     /// Brings the index up to the mirror's current view.
     pub(super) fn sync(self: &Arc<Self>) {
         let view = self.mirror.snapshot();
+        // Claims of ours the mirror now shows (or shows overtaken): the view is past them.
+        self.claimed_from
+            .lock()
+            .unwrap()
+            .retain(|k, from| view.get(k).is_some_and(|e| e.value == *from));
         let me = self.session.id();
         let orphans: Vec<(Bytes, Bytes)> = {
             let idx = self.index.lock().unwrap();
@@ -102,22 +131,56 @@ impl Inner {
         k
     }
 
-    /// Claims the first due ready message nobody in this process is claiming.
+    /// Claims a due ready message nobody in this process is claiming: the oldest of the
+    /// highest priority when this is the only consumer. With others (sessions seen claiming
+    /// in the last lease) the head of the queue is shared: of the oldest [`CLAIM_WINDOW`] of
+    /// that priority, the oldest in this consumer's share (a hash of the key, modulo the
+    /// consumers), else (its share there is empty, or its claims collide) one picked by a hash
+    /// of this session and the key. So consumers do not all race for the same message.
     pub(super) async fn claim_ready(self: &Arc<Self>, now: u64) -> Result<Option<Delivery>> {
         self.sync();
+        let me = self.session.id();
+        let within = self.session.lease().as_millis() as u64;
         let mut tried = HashSet::new();
         loop {
+            let contended = self.contended();
             let candidate = {
-                let idx = self.index.lock().unwrap();
-                idx.ready
-                    .iter()
-                    .map(|(_, k)| k)
-                    .find(|k| {
-                        !tried.contains(*k)
-                            && !self.session.owns(k)
-                            && idx.metas.get(*k).is_some_and(|m| m.2 <= now)
-                    })
-                    .cloned()
+                let mut idx = self.index.lock().unwrap();
+                let consumers = idx.consumers(&me, now, within);
+                let idx = &*idx;
+                let share = (
+                    consumers.len() as u64,
+                    consumers.iter().position(|c| *c == me),
+                );
+                let stale = self.claimed_from.lock().unwrap();
+                let mut eligible = idx.ready.iter().filter(|(_, k)| {
+                    !tried.contains(k)
+                        && !self.session.owns(k)
+                        && idx.metas.get(k).is_some_and(|m| m.2 <= now)
+                        && !stale.get(k).is_some_and(|from| {
+                            self.mirror.get(k).is_some_and(|e| e.value == *from)
+                        })
+                });
+                match (eligible.next(), share) {
+                    (None, _) => None,
+                    (Some(first), (1, _)) if !contended => Some(first.1.clone()),
+                    (Some(first), (n, rank)) => {
+                        let prio = first.0.0;
+                        let window: Vec<&Bytes> = std::iter::once(first)
+                            .chain(eligible.take_while(|(o, _)| o.0 == prio))
+                            .take(CLAIM_WINDOW)
+                            .map(|(_, k)| k)
+                            .collect();
+                        let mine = rank.and_then(|r| {
+                            window
+                                .iter()
+                                .find(|k| share_of(k) % n == r as u64)
+                                .filter(|_| !contended || n > 1)
+                        });
+                        mine.or_else(|| window.iter().min_by_key(|k| spread_rank(&me, k)))
+                            .map(|k| (*k).clone())
+                    }
+                }
             };
             let Some(key) = candidate else {
                 return Ok(None);
@@ -132,11 +195,24 @@ impl Inner {
         }
     }
 
+    /// True while a claim of this consumer lost a race with another consumer's in the last
+    /// [`CONTENDED_FOR`]: claims spread over the head of the queue then.
+    pub(super) fn contended(&self) -> bool {
+        let last = self.collided_at_ms.load(Ordering::Relaxed);
+        last != 0 && now_ms().saturating_sub(last) < CONTENDED_FOR.as_millis() as u64
+    }
+
     /// Takes over messages claimed by sessions that are dead (visibility timeout).
-    pub(super) async fn claim_orphaned(
-        self: &Arc<Self>,
-        liveness: &mut Liveness,
-    ) -> Result<Option<Delivery>> {
+    ///
+    /// What this consumer has observed of the other consumers' heartbeats persists across
+    /// calls ([`Inner::liveness`]), so a dead consumer is noticed one lease after its last
+    /// heartbeat however busy the queue is. One caller at a time does this (the others skip
+    /// it: it is the same work).
+    pub(super) async fn claim_orphaned(self: &Arc<Self>) -> Result<Option<Delivery>> {
+        let Ok(mut liveness) = self.liveness.try_lock() else {
+            return Ok(None);
+        };
+        let liveness = &mut *liveness;
         let me = self.session.id();
         let claimed: Vec<(String, Vec<Bytes>)> = {
             let idx = self.index.lock().unwrap();
@@ -177,7 +253,7 @@ impl Inner {
 
     /// When to look again without a change: the next delayed message, or the next claim
     /// that could expire.
-    pub(super) fn next_wake(&self, now: u64, liveness: &Liveness) -> Instant {
+    pub(super) fn next_wake(&self, now: u64) -> Instant {
         let mut wake = Instant::now() + self.options.rescan_every;
         if !self.suspects.lock().unwrap().is_empty() {
             wake = wake.min(Instant::now() + Duration::from_millis(2100));
@@ -192,10 +268,13 @@ impl Inner {
         {
             wake = wake.min(Instant::now() + Duration::from_millis(due - now));
         }
-        for s in idx.claimed.keys() {
-            match liveness.expires_at(s) {
-                Some(at) => wake = wake.min(at),
-                None => wake = wake.min(Instant::now() + Duration::from_millis(50)),
+        // (Another caller busy with the orphans wakes for them.)
+        if let Ok(liveness) = self.liveness.try_lock() {
+            for s in idx.claimed.keys() {
+                match liveness.expires_at(s) {
+                    Some(at) => wake = wake.min(at),
+                    None => wake = wake.min(Instant::now() + Duration::from_millis(50)),
+                }
             }
         }
         wake
@@ -237,11 +316,24 @@ impl Inner {
         let alive = || self.session.check();
         let got = Cas::new(&*self.store, key, Some(&entry.value), &bytes)
             .while_ok(&alive)
+            .without_reread()
             .settle()
             .await?
             == Settled::Applied;
         let owned = attempt.owned.take();
+        if got {
+            // Until the mirror shows it, it shows the bytes we claimed from: never claim the
+            // message again from those (a lost race with ourselves, taken for a collision).
+            self.claimed_from
+                .lock()
+                .unwrap()
+                .insert(key.clone(), entry.value.clone());
+        }
         if !got {
+            // Someone changed it first: another consumer's claim, normally.
+            self.collided_at_ms
+                .store(now_ms().max(1), Ordering::Relaxed);
+            self.conflicts.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         }
         Ok(Some(Delivery {

@@ -17,9 +17,24 @@ pub(super) struct Index {
     pub(super) ready: BTreeSet<(Order, Bytes)>,
     pub(super) claimed: HashMap<String, HashSet<Bytes>>,
     pub(super) undecodable: HashSet<Bytes>,
+    /// The sessions seen claiming messages of this queue, with when (wall ms): the consumers
+    /// the head of the queue is shared among.
+    pub(super) claimers: HashMap<String, u64>,
 }
 
 impl Index {
+    /// The consumers seen claiming within `within_ms` (and `me`), sorted; forgets older ones.
+    pub(super) fn consumers(&mut self, me: &str, now: u64, within_ms: u64) -> Vec<String> {
+        self.claimers
+            .retain(|_, at| now.saturating_sub(*at) < within_ms);
+        let mut all: Vec<String> = self.claimers.keys().cloned().collect();
+        if !self.claimers.contains_key(me) {
+            all.push(me.to_string());
+        }
+        all.sort_unstable();
+        all
+    }
+
     pub(super) fn remove(&mut self, key: &Bytes) {
         self.undecodable.remove(key);
         if let Some((order, state, _)) = self.metas.remove(key) {
@@ -63,6 +78,7 @@ impl Index {
                     .entry(session.clone())
                     .or_default()
                     .insert(key.clone());
+                self.claimers.insert(session.clone(), now_ms());
             }
             _ => {}
         }

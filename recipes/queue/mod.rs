@@ -19,11 +19,20 @@
 //! - A failing message is retried with exponential backoff, then moved to the dead letters with
 //!   its last error, where it can be listed and redriven. A payload that does not decode goes
 //!   there at once with the decode error: it never blocks the queue and never disappears.
-//! - Order: each consumer claims the oldest ready message of the highest priority first.
+//! - Order: a consumer claims the oldest ready message of the highest priority first.
 //!   Messages of one producer keep their enqueue order; across producers the order is by the
 //!   producers' wall clocks (skew between hosts can reorder messages enqueued that close
-//!   together). With several consumers, *starting* order is as above; finishing order is not
-//!   guaranteed, and a retried message goes back to its place once its backoff has passed.
+//!   together). With several consumers, *starting* order is as above to within a window: the
+//!   consumers seen claiming in the last lease share the head of the queue (a hash of the
+//!   message id splits it among them), and each starts the oldest message of its share among
+//!   the oldest 16 ready ones of the highest priority, or, when its share there is empty (or
+//!   its claims keep colliding), one of those 16 picked by a hash of its session. So
+//!   consumers do not all race for the queue's first message (one write per message instead
+//!   of one per collision), and a slow consumer's share is taken by the others. A lone
+//!   consumer keeps the exact order. Finishing order is not guaranteed, and a retried message
+//!   goes back to its place once its backoff has passed.
+//! - Pipelined: [`WorkQueue::run`] with a concurrency of N keeps up to N claims in flight, and
+//!   one message's ack overlaps the next claims.
 //!
 //! # NOT guaranteed
 //! - Exactly-once effects: a handler can run twice for one message (a consumer dies after the
@@ -97,6 +106,15 @@ struct Inner {
     /// Enqueues, with the session id as the producer id.
     producer: Producer,
     maintainer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// When a claim of ours last lost a race (wall ms; 0: never).
+    collided_at_ms: std::sync::atomic::AtomicU64,
+    /// Claims that lost a race, ever.
+    conflicts: std::sync::atomic::AtomicU64,
+    /// Messages this consumer claimed, with the bytes it claimed them from, until its mirror
+    /// shows the claim (or anything after it).
+    claimed_from: Mutex<std::collections::HashMap<Bytes, Bytes>>,
+    /// The other consumers' heartbeats as observed here, kept across claims.
+    liveness: tokio::sync::Mutex<Liveness>,
 }
 
 impl Drop for Inner {
@@ -154,6 +172,10 @@ impl WorkQueue {
             suspects: Mutex::new(Default::default()),
             producer,
             maintainer: Mutex::new(None),
+            collided_at_ms: Default::default(),
+            conflicts: Default::default(),
+            claimed_from: Mutex::new(Default::default()),
+            liveness: tokio::sync::Mutex::new(Liveness::new(session.lease())),
         });
         let changes = inner.mirror.changes();
         let view = inner.mirror.wait_ready().await?;
@@ -218,20 +240,21 @@ impl WorkQueue {
     /// Cancel-safe: a claim that raced with the drop is given back in the background.
     pub async fn next(&self) -> Result<Delivery> {
         let q = &self.inner;
-        let mut liveness = Liveness::new(q.session.lease());
         loop {
             q.session.check()?;
             let notified = q.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let now = now_ms();
+            // A dead consumer's messages first (they were claimed before any ready one, and
+            // have waited a lease already): a backlog never holds them back.
+            if let Some(d) = q.claim_orphaned().await? {
+                return Ok(d);
+            }
             if let Some(d) = q.claim_ready(now).await? {
                 return Ok(d);
             }
-            if let Some(d) = q.claim_orphaned(&mut liveness).await? {
-                return Ok(d);
-            }
-            let wake = q.next_wake(now, &liveness);
+            let wake = q.next_wake(now);
             tokio::select! {
                 _ = &mut notified => {}
                 _ = tokio::time::sleep_until(wake) => {}
@@ -242,12 +265,16 @@ impl WorkQueue {
 
     /// Runs `handler` on messages, up to `concurrency` at a time, until `shutdown` resolves.
     /// `Ok(())` acks; `Err(reason)` retries with backoff (dead letter after the last attempt).
-    /// On shutdown, no new message is claimed and running handlers finish (their messages are
-    /// acked or retried as usual).
+    /// Each of the `concurrency` slots claims on its own, so up to `concurrency` claims are in
+    /// flight at once; a slot is free again once its handler returns, and the ack (at most
+    /// `concurrency` in flight) overlaps the next claims. On shutdown, no new
+    /// message is claimed (claims not yet granted are abandoned; one that raced is given
+    /// back) and running handlers finish (their messages are acked or retried as usual).
     ///
     /// # Errors
-    /// [`Error::SessionLost`] (running handlers are left to finish; their acks may fail);
-    /// the store's errors from claiming.
+    /// [`Error::SessionLost`](crate::Error::SessionLost) (running handlers are left to
+    /// finish; their acks may fail); the store's errors from claiming that are not
+    /// retryable (retryable ones are retried).
     ///
     /// # Cancel safety
     /// If dropped, running handlers are dropped and their messages given back.
@@ -263,59 +290,43 @@ impl WorkQueue {
     {
         let handler = Arc::new(handler);
         let slots = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+        let acks = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
         let stats = Arc::new(Mutex::new(RunStats::default()));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let conflicts = || {
+            self.inner
+                .conflicts
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let conflicts_before = conflicts();
         let mut running = tokio::task::JoinSet::new();
         tokio::pin!(shutdown);
         let result = loop {
-            let permit = tokio::select! {
-                p = slots.clone().acquire_owned() => p.expect("never closed"),
+            tokio::select! {
+                biased;
                 _ = &mut shutdown => break Ok(()),
-            };
-            let delivery = tokio::select! {
-                d = self.next() => match d {
-                    Ok(d) => d,
-                    // A store hiccup while claiming: try again; anything else ends the run.
-                    Err(e) if e.is_retryable() || e.is_ambiguous() => {
-                        tracing::warn!(queue = %self.inner.name, error = %e, "claiming failed, retrying");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                    Err(e) => break Err(e),
-                },
-                _ = &mut shutdown => break Ok(()),
-            };
-            let (handler, stats, timeout) = (
-                handler.clone(),
-                stats.clone(),
-                self.inner.options.handler_timeout,
-            );
-            running.spawn(async move {
-                let _permit = permit;
-                let msg = delivery.message();
-                let outcome = match timeout {
-                    Some(t) => tokio::time::timeout(t, handler(msg))
-                        .await
-                        .unwrap_or_else(|_| Err(format!("handler timed out after {t:?}"))),
-                    None => handler(msg).await,
-                };
-                let res = match outcome {
-                    Ok(()) => delivery.ack().await.map(|()| true),
-                    Err(reason) => delivery.nack(&reason).await.map(|()| false),
-                };
-                let mut s = stats.lock().unwrap();
-                match res {
-                    Ok(true) => s.acked += 1,
-                    Ok(false) => s.failed += 1,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "ack/nack failed (the message will be redelivered)");
-                        s.lost += 1;
+                Some(joined) = running.join_next(), if !running.is_empty() => {
+                    if let Ok(Err(e)) = joined {
+                        break Err(e);
                     }
                 }
-            });
-            while running.try_join_next().is_some() {}
+                permit = slots.clone().acquire_owned() => {
+                    let permit = permit.expect("never closed");
+                    let slot = Slot {
+                        queue: self.clone(),
+                        handler: handler.clone(),
+                        acks: acks.clone(),
+                        stats: stats.clone(),
+                        stopped: stopped.clone(),
+                    };
+                    running.spawn(slot.serve_one(permit));
+                }
+            }
         };
+        let _ = stop.send(true);
         while running.join_next().await.is_some() {}
-        let stats = *stats.lock().unwrap();
+        let mut stats = *stats.lock().unwrap();
+        stats.conflicts = conflicts() - conflicts_before;
         result.map(|()| stats)
     }
 
@@ -442,5 +453,76 @@ impl WorkQueue {
     /// Counters of the underlying watch (relists, events).
     pub fn watch_stats(&self) -> crate::reconcile::WatcherStats {
         self.inner.mirror.stats()
+    }
+}
+
+/// One of [`WorkQueue::run`]'s `concurrency` slots: claims one message, runs the handler on
+/// it, and acks or nacks it.
+struct Slot<F> {
+    queue: WorkQueue,
+    handler: Arc<F>,
+    /// Acks and nacks in flight, at most `concurrency` (written after the slot is free).
+    acks: Arc<tokio::sync::Semaphore>,
+    stats: Arc<Mutex<RunStats>>,
+    /// True once the run stops claiming.
+    stopped: tokio::sync::watch::Receiver<bool>,
+}
+
+impl<F, Fut> Slot<F>
+where
+    F: Fn(Message) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = std::result::Result<(), String>> + Send + 'static,
+{
+    /// Holds `permit` (a slot) until the handler of the message it claims is done, then an
+    /// ack permit while the ack or nack is written (the slot claims the next message
+    /// meanwhile); an error only if claiming failed for good.
+    async fn serve_one(mut self, permit: tokio::sync::OwnedSemaphorePermit) -> Result<()> {
+        let name = self.queue.inner.name.clone();
+        let delivery = loop {
+            let claimed = tokio::select! {
+                d = self.queue.next() => d,
+                _ = self.stopped.wait_for(|s| *s) => return Ok(()),
+            };
+            match claimed {
+                Ok(d) => break d,
+                // A store hiccup while claiming: try again; anything else ends the run.
+                Err(e) if e.is_retryable() || e.is_ambiguous() => {
+                    tracing::warn!(queue = %name, error = %e, "claiming failed, retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        _ = self.stopped.wait_for(|s| *s) => return Ok(()),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let msg = delivery.message();
+        let outcome = match self.queue.inner.options.handler_timeout {
+            Some(t) => tokio::time::timeout(t, (self.handler)(msg))
+                .await
+                .unwrap_or_else(|_| Err(format!("handler timed out after {t:?}"))),
+            None => (self.handler)(msg).await,
+        };
+        let _acking = self
+            .acks
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("never closed");
+        drop(permit);
+        let res = match outcome {
+            Ok(()) => delivery.ack().await.map(|()| true),
+            Err(reason) => delivery.nack(&reason).await.map(|()| false),
+        };
+        let mut s = self.stats.lock().unwrap();
+        match res {
+            Ok(true) => s.acked += 1,
+            Ok(false) => s.failed += 1,
+            Err(e) => {
+                tracing::warn!(queue = %name, error = %e, "ack/nack failed (the message will be redelivered)");
+                s.lost += 1;
+            }
+        }
+        Ok(())
     }
 }

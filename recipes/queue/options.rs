@@ -139,4 +139,7 @@ pub struct RunStats {
     pub failed: u64,
     /// Acks or nacks that could not be written (the messages will be redelivered).
     pub lost: u64,
+    /// Claims that lost a race (another consumer claimed the message first, or it changed):
+    /// each cost a write that delivered nothing.
+    pub conflicts: u64,
 }

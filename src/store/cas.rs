@@ -71,6 +71,7 @@ pub struct Cas<'a> {
     expected: Option<&'a [u8]>,
     new: &'a [u8],
     unique: bool,
+    reread: bool,
     while_ok: Option<&'a (dyn Fn() -> Result<()> + Send + Sync)>,
 }
 
@@ -88,8 +89,19 @@ impl<'a> Cas<'a> {
             expected,
             new,
             unique: true,
+            reread: true,
             while_ok: None,
         }
+    }
+
+    /// A plain refusal (no earlier attempt's outcome unknown) is reported without reading the
+    /// key: [`Settled::Rejected`] then has `current: None`, which says nothing about the key.
+    /// For callers that drop a refused write and move on (a consumer that lost a claim race),
+    /// saving a linearizable read per refusal. After an unknown outcome the key is read as
+    /// always (it is what tells whether the first attempt applied).
+    pub fn without_reread(mut self) -> Self {
+        self.reread = false;
+        self
     }
 
     /// `new` is bytes another writer could also write (see the module docs).
@@ -151,6 +163,12 @@ impl<'a> Cas<'a> {
     }
 
     async fn rejected(&self, unsure: bool) -> Result<Settled> {
+        if !unsure && !self.reread {
+            return Ok(Settled::Rejected {
+                current: None,
+                maybe_applied: false,
+            });
+        }
         let current = match self.store.get(self.key, Consistency::Linearizable).await {
             Ok(current) => current,
             // After an unknown outcome a failed read decides nothing: the first attempt may
