@@ -85,7 +85,7 @@ async fn main() -> dcoord::Result<()> {
         )
         .await?;
     println!("consumer B: {} acked, {} failed", stats.acked, stats.failed);
-    for dl in hq.dead_letters() {
+    for dl in hq.dead_letters().await? {
         println!(
             "dead letter {}: {} attempt(s), error: {}",
             dl.id, dl.attempts, dl.error

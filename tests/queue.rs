@@ -122,7 +122,7 @@ async fn failures_retry_with_backoff_then_dead_letter_and_redrive() {
     )
     .await
     .unwrap();
-    let dead = q.dead_letters();
+    let dead = q.dead_letters().await.unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(
         (
@@ -179,7 +179,7 @@ async fn a_payload_that_does_not_decode_goes_to_the_dead_letters_without_blockin
         .unwrap();
     assert_eq!(seen.load(Ordering::SeqCst), 7);
     assert_eq!((stats.acked, stats.failed), (1, 1));
-    let dead = q.dead_letters();
+    let dead = q.dead_letters().await.unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].id, "bad");
     assert_eq!(dead[0].attempts, 1, "straight to the dead letters");
@@ -226,7 +226,8 @@ async fn an_acked_message_stays_done_while_the_index_lags() {
         "an acked message was delivered again: {:?}",
         again.map(|d| d.map(|d| (d.id().to_string(), d.attempt(), d.payload().len())))
     );
-    assert!(q.dead_letters().is_empty(), "{:?}", q.dead_letters());
+    let dead = q.dead_letters().await.unwrap();
+    assert!(dead.is_empty(), "{dead:?}");
 }
 
 /// `once` is true at most once per message, even for a later delivery to the same session

@@ -1,7 +1,6 @@
 //! Claiming messages: ready ones in order, and those of consumers whose session died.
 
 use std::collections::HashSet;
-use std::hash::{Hash, Hasher};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -9,110 +8,97 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 
+use super::index::{Id, Slim, pick, version_of};
 use super::message::{Record, State};
 use super::{Delivery, Inner, now_ms};
 use crate::error::Result;
 use crate::session::Owned;
-use crate::store::{Cas, Settled};
-
-/// How many of the oldest ready messages a contended claim chooses from: enough for the
-/// claims of a few consumers with a few in flight each to land on different messages.
-pub(super) const CLAIM_WINDOW: usize = 16;
+use crate::store::{Cas, Consistency, Settled};
 
 /// How long after a lost claim race claims keep spreading (see [`Inner::contended`]).
 pub(super) const CONTENDED_FOR: Duration = Duration::from_secs(2);
 
-/// Which consumer's share a message is in (modulo the number of consumers): the same for all.
-fn share_of(key: &[u8]) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    key.hash(&mut h);
-    h.finish()
-}
-
-/// A consumer's preference among the head of the queue: a hash of its session and the key
-/// (different consumers prefer different messages).
-fn spread_rank(session: &str, key: &[u8]) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    session.hash(&mut h);
-    key.hash(&mut h);
-    h.finish()
-}
-
 impl Inner {
-    /// Brings the index up to the mirror's current view.
+    /// Forgets the claims of ours the index now shows (or shows overtaken), and gives back
+    /// the messages claimed by our session that nobody here holds.
     pub(super) fn sync(self: &Arc<Self>) {
-        let view = self.mirror.snapshot();
-        // Claims of ours the mirror now shows (or shows overtaken): the view is past them.
-        self.claimed_from
-            .lock()
-            .unwrap()
-            .retain(|k, from| view.get(k).is_some_and(|e| e.value == *from));
         let me = self.session.id();
-        let orphans: Vec<(Bytes, Bytes)> = {
+        let orphans: Vec<Id> = {
             let idx = self.index.lock().unwrap();
+            self.claimed_from
+                .lock()
+                .unwrap()
+                .retain(|id, from| idx.metas.get(id).is_some_and(|m| m.version == *from));
             let mut suspects = self.suspects.lock().unwrap();
-            let mine = idx.claimed.get(&me);
             // A message claimed by our session that nobody here holds is an orphan, unless our
             // own ack/nack/give-back of it is just not visible yet: act only if it stays so.
             let now = Instant::now();
             let mut found = Vec::new();
             let mut still = std::collections::HashMap::new();
-            for key in mine.into_iter().flatten() {
-                if self.session.owns(key) {
+            for id in idx.claimed.get(me.as_str()).into_iter().flatten() {
+                if self.session.owns(&self.key(id)) {
                     continue;
                 }
-                let Some(bytes) = view.get(key).map(|e| e.value.clone()) else {
+                let Some(version) = idx.metas.get(id).map(|m| m.version) else {
                     continue;
                 };
-                // The index can lag the mirror (it is rebuilt from the same changes, later):
-                // only a record the view still shows as claimed by us can be our orphan. Our
-                // own ack, nack or give-back, or a takeover, is not.
-                if !Record::decode(key, &bytes).is_ok_and(|r| r.claimed_by(&me)) {
-                    continue;
-                }
-                match suspects.get(key) {
-                    Some((b, since)) if *b == bytes => {
+                match suspects.get(id) {
+                    Some((v, since)) if *v == version => {
                         if now.duration_since(*since) >= Duration::from_secs(2) {
-                            found.push((key.clone(), bytes));
+                            found.push(id.clone());
                         } else {
-                            still.insert(key.clone(), (bytes, *since));
+                            still.insert(id.clone(), (version, *since));
                         }
                     }
                     _ => {
-                        still.insert(key.clone(), (bytes, now));
+                        still.insert(id.clone(), (version, now));
                     }
                 }
             }
             *suspects = still;
             found
         };
-        for (key, claimed) in orphans {
+        for id in orphans {
+            let key = Bytes::from(self.key(&id));
             let Some(owned) = self.session.own(key.clone()) else {
                 continue;
             };
-            tracing::info!(queue = %self.name, key = %String::from_utf8_lossy(&key), "giving back a claim nobody here holds");
-            self.give_back(key, claimed, Some(owned));
+            tracing::info!(queue = %self.name, id = %id, "giving back a claim nobody here holds");
+            self.give_back(key, None, Some(owned));
         }
     }
 
     /// Gives a message claimed by us back (Ready, the attempt not counted), retrying while the
-    /// session lives; does nothing if `claimed` is not our claim or is no longer stored.
-    /// `owned` (the message marked as held here) is given up when it is done.
-    pub(super) fn give_back(self: &Arc<Self>, key: Bytes, claimed: Bytes, owned: Option<Owned>) {
+    /// session lives; does nothing if `claimed` (the claim's bytes; `None`: as read now) is not
+    /// our claim or is no longer stored. `owned` (the message marked as held here) is given up
+    /// when it is done.
+    pub(super) fn give_back(
+        self: &Arc<Self>,
+        key: Bytes,
+        claimed: Option<Bytes>,
+        owned: Option<Owned>,
+    ) {
         let me = self.session.id();
-        let Some(back) = Record::decode(&key, &claimed)
-            .ok()
-            .filter(|r| r.claimed_by(&me))
-            .and_then(|r| r.release())
-        else {
-            return;
-        };
-        let back = Bytes::from(back.encode());
         let q = self.clone();
         self.session.spawn_while_alive("give-back", move || {
             let _owner = &owned;
-            let (q, key, claimed, back) = (q.clone(), key.clone(), claimed.clone(), back.clone());
+            let (q, key, claimed, me) = (q.clone(), key.clone(), claimed.clone(), me.clone());
             async move {
+                let claimed = match claimed {
+                    Some(c) => c,
+                    None => match q.store.get(&key, Consistency::Linearizable).await? {
+                        Some(c) => c,
+                        None => return Ok(()),
+                    },
+                };
+                let Some(back) = Record::decode(&key, &claimed)
+                    .ok()
+                    .filter(|r| r.claimed_by(&me))
+                    .and_then(|r| r.release())
+                else {
+                    return Ok(());
+                };
+                let back = back.encode();
                 // Re-sending the same CAS stays sound (see `Cas`); refused means it is not our
                 // claim any more (acked meanwhile, or taken over): nothing to give back.
                 let alive = || q.session.check();
@@ -131,63 +117,43 @@ impl Inner {
         k
     }
 
-    /// Claims a due ready message nobody in this process is claiming: the oldest of the
-    /// highest priority when this is the only consumer. With others (sessions seen claiming
-    /// in the last lease) the head of the queue is shared: of the oldest [`CLAIM_WINDOW`] of
-    /// that priority, the oldest in this consumer's share (a hash of the key, modulo the
-    /// consumers), else (its share there is empty, or its claims collide) one picked by a hash
-    /// of this session and the key. So consumers do not all race for the same message.
+    /// Claims a due ready message nobody in this process is claiming, chosen by [`pick`]: the
+    /// oldest of the highest priority when this is the only consumer; with others (sessions
+    /// seen claiming in the last lease), the oldest of this consumer's share of the head of the
+    /// queue. So consumers do not all race for the same message.
     pub(super) async fn claim_ready(self: &Arc<Self>, now: u64) -> Result<Option<Delivery>> {
         self.sync();
         let me = self.session.id();
         let within = self.session.lease().as_millis() as u64;
-        let mut tried = HashSet::new();
+        let mut tried: HashSet<Id> = HashSet::new();
         loop {
             let contended = self.contended();
             let candidate = {
                 let mut idx = self.index.lock().unwrap();
                 let consumers = idx.consumers(&me, now, within);
+                let rank = consumers.iter().position(|c| *c == me).unwrap_or(0);
                 let idx = &*idx;
-                let share = (
-                    consumers.len() as u64,
-                    consumers.iter().position(|c| *c == me),
-                );
+                // Claimed by us from bytes the index still shows: not claimable again.
                 let stale = self.claimed_from.lock().unwrap();
-                let mut eligible = idx.ready.iter().filter(|(_, k)| {
-                    !tried.contains(k)
-                        && !self.session.owns(k)
-                        && idx.metas.get(k).is_some_and(|m| m.2 <= now)
-                        && !stale.get(k).is_some_and(|from| {
-                            self.mirror.get(k).is_some_and(|e| e.value == *from)
-                        })
-                });
-                match (eligible.next(), share) {
-                    (None, _) => None,
-                    (Some(first), (1, _)) if !contended => Some(first.1.clone()),
-                    (Some(first), (n, rank)) => {
-                        let prio = first.0.0;
-                        let window: Vec<&Bytes> = std::iter::once(first)
-                            .chain(eligible.take_while(|(o, _)| o.0 == prio))
-                            .take(CLAIM_WINDOW)
-                            .map(|(_, k)| k)
-                            .collect();
-                        let mine = rank.and_then(|r| {
-                            window
-                                .iter()
-                                .find(|k| share_of(k) % n == r as u64)
-                                .filter(|_| !contended || n > 1)
-                        });
-                        mine.or_else(|| window.iter().min_by_key(|k| spread_rank(&me, k)))
-                            .map(|k| (*k).clone())
-                    }
-                }
+                let eligible = idx
+                    .ready
+                    .iter()
+                    .filter(|(_, id)| {
+                        !tried.contains(id)
+                            && idx.metas.get(id).is_some_and(|m| {
+                                m.not_before_ms <= now && stale.get(id) != Some(&m.version)
+                            })
+                            && !self.session.owns(&self.key(id))
+                    })
+                    .map(|(o, id)| (o, id));
+                pick(eligible, consumers.len(), rank, contended, &me).cloned()
             };
-            let Some(key) = candidate else {
+            let Some(id) = candidate else {
                 return Ok(None);
             };
-            tried.insert(key.clone());
+            tried.insert(id.clone());
             if let Some(d) = self
-                .try_claim(&key, |rec| matches!(rec.header.state, State::Ready))
+                .try_claim(&id, |rec| matches!(rec.header.state, State::Ready))
                 .await?
             {
                 return Ok(Some(d));
@@ -214,12 +180,12 @@ impl Inner {
         };
         let liveness = &mut *liveness;
         let me = self.session.id();
-        let claimed: Vec<(String, Vec<Bytes>)> = {
+        let claimed: Vec<(String, Vec<Id>)> = {
             let idx = self.index.lock().unwrap();
             idx.claimed
                 .iter()
-                .filter(|(s, _)| **s != me)
-                .map(|(s, keys)| (s.clone(), keys.iter().cloned().collect()))
+                .filter(|(s, _)| ***s != *me)
+                .map(|(s, ids)| (s.to_string(), ids.iter().cloned().collect()))
                 .collect()
         };
         if claimed.is_empty() {
@@ -236,8 +202,8 @@ impl Inner {
             {
                 continue;
             }
-            for key in keys {
-                if let Some(d) = self.try_claim(key, |rec| rec.claimed_by(session)).await? {
+            for id in keys {
+                if let Some(d) = self.try_claim(id, |rec| rec.claimed_by(session)).await? {
                     tracing::info!(queue = %self.name, id = %d.record.header.id, dead = %session, "redelivering a dead consumer's message");
                     crate::metrics::count(
                         crate::metrics::QUEUE_REDELIVERIES_TOTAL,
@@ -262,8 +228,8 @@ impl Inner {
         if let Some(due) = idx
             .metas
             .values()
-            .filter(|m| matches!(m.1, State::Ready) && m.2 > now)
-            .map(|m| m.2)
+            .filter(|m| m.state == Slim::Ready && m.not_before_ms > now)
+            .map(|m| m.not_before_ms)
             .min()
         {
             wake = wake.min(Instant::now() + Duration::from_millis(due - now));
@@ -271,7 +237,7 @@ impl Inner {
         // (Another caller busy with the orphans wakes for them.)
         if let Ok(liveness) = self.liveness.try_lock() {
             for s in idx.claimed.keys() {
-                match liveness.expires_at(s) {
+                match liveness.expires_at(s.as_ref()) {
                     Some(at) => wake = wake.min(at),
                     None => wake = wake.min(Instant::now() + Duration::from_millis(50)),
                 }
@@ -280,17 +246,24 @@ impl Inner {
         wake
     }
 
-    /// CAS-claims `key` if `eligible`; `None` if someone else got it or it changed.
-    #[tracing::instrument(level = "debug", name = "queue.claim", skip_all, fields(queue = %self.name, key = %crate::error::show(key)), err(level = "debug", Display))]
+    /// CAS-claims message `id` if `eligible`; `None` if someone else got it or it changed.
+    /// Its bytes are the index's, or read now.
+    #[tracing::instrument(level = "debug", name = "queue.claim", skip_all, fields(queue = %self.name, id = %id), err(level = "debug", Display))]
     async fn try_claim(
         self: &Arc<Self>,
-        key: &Bytes,
+        id: &Id,
         eligible: impl Fn(&Record) -> bool,
     ) -> Result<Option<Delivery>> {
-        let Some(entry) = self.mirror.get(key) else {
-            return Ok(None);
+        let key = Bytes::from(self.key(id));
+        let cached = self.index.lock().unwrap().bytes(id);
+        let current = match cached {
+            Some(b) => b,
+            None => match self.store.get(&key, Consistency::Lease).await? {
+                Some(b) => b,
+                None => return Ok(None),
+            },
         };
-        let Ok(rec) = Record::decode(key, &entry.value) else {
+        let Ok(rec) = Record::decode(&key, &current) else {
             return Ok(None);
         };
         if !eligible(&rec) {
@@ -314,7 +287,7 @@ impl Inner {
         // Settled by re-sending (see `Cas`; every record's bytes are unique, `Header::w`). If
         // this future is dropped meanwhile, `attempt` gives back a claim that lands.
         let alive = || self.session.check();
-        let got = Cas::new(&*self.store, key, Some(&entry.value), &bytes)
+        let got = Cas::new(&*self.store, &key, Some(&current), &bytes)
             .while_ok(&alive)
             .without_reread()
             .settle()
@@ -327,7 +300,7 @@ impl Inner {
             self.claimed_from
                 .lock()
                 .unwrap()
-                .insert(key.clone(), entry.value.clone());
+                .insert(id.clone(), version_of(&current));
         }
         if !got {
             // Someone changed it first: another consumer's claim, normally.
@@ -338,7 +311,7 @@ impl Inner {
         }
         Ok(Some(Delivery {
             q: self.clone(),
-            key: key.clone(),
+            key,
             record: claimed,
             bytes,
             finished: false,
@@ -362,7 +335,7 @@ impl Drop for Attempt {
     fn drop(&mut self) {
         if let Some(owned) = self.owned.take() {
             self.q
-                .give_back(self.key.clone(), self.claimed.clone(), Some(owned));
+                .give_back(self.key.clone(), Some(self.claimed.clone()), Some(owned));
         }
     }
 }

@@ -162,8 +162,11 @@ impl Drop for Delivery {
             return;
         }
         // Unfinished: give it back (retried until the store answers).
-        self.q
-            .give_back(self.key.clone(), self.bytes.clone(), self.owned.take());
+        self.q.give_back(
+            self.key.clone(),
+            Some(self.bytes.clone()),
+            self.owned.take(),
+        );
     }
 }
 

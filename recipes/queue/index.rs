@@ -1,28 +1,158 @@
-//! The consumer's index of the queue (kept from the mirror), and the task that maintains it.
+//! The consumer's index of the queue, fed by a watcher of its prefix, and the task that keeps
+//! it.
+//!
+//! The index holds what claiming needs of each message and no payload: its id, place in the
+//! order, state, due time and a hash of its record's bytes (about 200 bytes a message, whatever
+//! the payload's size). The bytes of up to [`CACHE_ENTRIES`] ready messages ([`CACHE_BYTES`] in
+//! all) are kept too, so a claim of a message seen arriving needs no read; any other claim
+//! reads the record first.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
 
-use super::message::{Order, Record, State};
+use super::message::{Record, State};
 use super::{Inner, now_ms};
-use crate::error::Result;
+use crate::reconcile::{Watcher, WatcherEvent};
 
-/// What the consumer knows about each message (from its mirror).
+/// How many of the oldest ready messages a contended claim chooses from: enough for the
+/// claims of a few consumers with a few in flight each to land on different messages.
+pub(super) const CLAIM_WINDOW: usize = 16;
+
+/// At most this many messages' bytes are kept (see the module docs).
+pub(super) const CACHE_ENTRIES: usize = 4096;
+
+/// At most this many bytes of messages are kept.
+pub(super) const CACHE_BYTES: usize = 4 << 20;
+
+/// A message's id (its key without the queue's prefix).
+pub(super) type Id = Arc<str>;
+
+/// Where a message sorts: higher priority first, then enqueue time, producer, producer
+/// sequence (the fields of `Header::order`, the producer's name shared among its messages).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct Order {
+    neg_prio: i64,
+    ts_ms: u64,
+    producer: Arc<str>,
+    n: u64,
+}
+
+/// A message's state, without what claiming does not need (a dead letter's error is read when
+/// the dead letters are listed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Slim {
+    Ready,
+    Claimed(Arc<str>),
+    Dead,
+    Done { at_ms: u64 },
+}
+
+/// What the consumer knows about one message.
+#[derive(Debug, Clone)]
+pub(super) struct Meta {
+    pub(super) order: Order,
+    pub(super) state: Slim,
+    pub(super) not_before_ms: u64,
+    /// A hash of the record's bytes: which version of the message this is.
+    pub(super) version: u64,
+}
+
+/// A hash of a record's bytes (see [`Meta::version`]).
+pub(super) fn version_of(raw: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    raw.hash(&mut h);
+    h.finish()
+}
+
+/// Which consumer's share a message is in (modulo the number of consumers): the same for all.
+fn share_of(id: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    id.hash(&mut h);
+    h.finish()
+}
+
+/// A consumer's preference among the head of the queue: a hash of its session and the id
+/// (different consumers prefer different messages).
+fn spread_rank(session: &str, id: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    session.hash(&mut h);
+    id.hash(&mut h);
+    h.finish()
+}
+
+/// Which message a consumer claims next, of the `eligible` ready ones (in order). Alone and
+/// uncontended (`consumers == 1`, no lost race lately), the first. Otherwise it chooses among
+/// the first [`CLAIM_WINDOW`] of the first one's priority: with others, the first of its own
+/// share (`share_of(id) % consumers == rank`); its share empty there, or alone but colliding
+/// (another consumer it has not seen claim yet), the one `me` ranks first.
+pub(super) fn pick<'a>(
+    mut eligible: impl Iterator<Item = (&'a Order, &'a Id)>,
+    consumers: usize,
+    rank: usize,
+    contended: bool,
+    me: &str,
+) -> Option<&'a Id> {
+    let (first_order, first) = eligible.next()?;
+    if consumers <= 1 && !contended {
+        return Some(first);
+    }
+    let window: Vec<&Id> = std::iter::once(first)
+        .chain(
+            eligible
+                .take_while(|(o, _)| o.neg_prio == first_order.neg_prio)
+                .map(|(_, id)| id),
+        )
+        .take(CLAIM_WINDOW)
+        .collect();
+    let n = consumers as u64;
+    let own = (consumers > 1)
+        .then(|| window.iter().find(|id| share_of(id) % n == rank as u64))
+        .flatten();
+    own.or_else(|| window.iter().min_by_key(|id| spread_rank(me, id)))
+        .copied()
+}
+
+/// What the consumer knows about each message.
 #[derive(Default)]
 pub(super) struct Index {
-    pub(super) metas: HashMap<Bytes, (Order, State, u64)>,
-    pub(super) ready: BTreeSet<(Order, Bytes)>,
-    pub(super) claimed: HashMap<String, HashSet<Bytes>>,
+    pub(super) metas: HashMap<Id, Meta>,
+    pub(super) ready: BTreeSet<(Order, Id)>,
+    /// Claimed messages by the session holding them.
+    pub(super) claimed: HashMap<Arc<str>, HashSet<Id>>,
     pub(super) undecodable: HashSet<Bytes>,
     /// The sessions seen claiming messages of this queue, with when (wall ms): the consumers
     /// the head of the queue is shared among.
     pub(super) claimers: HashMap<String, u64>,
+    /// Producers' and sessions' names, one copy each.
+    names: HashSet<Arc<str>>,
+    /// The bytes of some ready messages (see the module docs), always their current ones.
+    cache: HashMap<Id, Bytes>,
+    cached_bytes: usize,
 }
 
 impl Index {
+    /// An index for a new list of the queue, with what is kept across lists.
+    fn relisting(&mut self) -> Index {
+        Index {
+            claimers: self.claimers.clone(),
+            ..Index::default()
+        }
+    }
+
+    fn name(&mut self, s: &str) -> Arc<str> {
+        if let Some(n) = self.names.get(s) {
+            return n.clone();
+        }
+        let n: Arc<str> = Arc::from(s);
+        self.names.insert(n.clone());
+        n
+    }
+
     /// The consumers seen claiming within `within_ms` (and `me`), sorted; forgets older ones.
     pub(super) fn consumers(&mut self, me: &str, now: u64, within_ms: u64) -> Vec<String> {
         self.claimers
@@ -35,31 +165,55 @@ impl Index {
         all
     }
 
-    pub(super) fn remove(&mut self, key: &Bytes) {
-        self.undecodable.remove(key);
-        if let Some((order, state, _)) = self.metas.remove(key) {
-            match state {
-                State::Ready => {
-                    self.ready.remove(&(order, key.clone()));
-                }
-                State::Claimed { session } => {
-                    if let Some(set) = self.claimed.get_mut(&session) {
-                        set.remove(key);
-                        if set.is_empty() {
-                            self.claimed.remove(&session);
-                        }
+    /// The current bytes of message `id`, if kept here.
+    pub(super) fn bytes(&self, id: &str) -> Option<Bytes> {
+        self.cache.get(id).cloned()
+    }
+
+    /// Ready and claimed messages.
+    pub(super) fn depth(&self) -> usize {
+        self.ready.len() + self.claimed.values().map(HashSet::len).sum::<usize>()
+    }
+
+    pub(super) fn remove(&mut self, id: &str) {
+        if let Some(b) = self.cache.remove(id) {
+            self.cached_bytes -= b.len();
+        }
+        let Some((id, meta)) = self.metas.remove_entry(id) else {
+            return;
+        };
+        match meta.state {
+            Slim::Ready => {
+                self.ready.remove(&(meta.order, id));
+            }
+            Slim::Claimed(session) => {
+                if let Some(set) = self.claimed.get_mut(&session) {
+                    set.remove(&id);
+                    if set.is_empty() {
+                        self.claimed.remove(&session);
                     }
                 }
-                _ => {}
             }
+            Slim::Dead | Slim::Done { .. } => {}
         }
     }
 
-    pub(super) fn upsert(&mut self, key: &Bytes, raw: Option<&Bytes>) {
-        self.remove(key);
+    /// Records message `key` (under `prefix`) as `raw` now holds it; `None`: deleted.
+    pub(super) fn upsert(&mut self, prefix: &[u8], key: &Bytes, raw: Option<&Bytes>) {
+        let Some(id) = key
+            .strip_prefix(prefix)
+            .and_then(|s| std::str::from_utf8(s).ok())
+        else {
+            if self.undecodable.insert(key.clone()) {
+                tracing::warn!(key = %crate::error::show(key), "skipping a key in a queue");
+            }
+            return;
+        };
+        self.remove(id);
+        self.undecodable.remove(key);
         let Some(raw) = raw else { return };
-        let rec = match Record::decode(key, raw) {
-            Ok(r) => r,
+        let h = match Record::decode(key, raw) {
+            Ok(r) => r.header,
             Err(e) => {
                 if self.undecodable.insert(key.clone()) {
                     tracing::warn!(error = %e, "skipping a key in a queue");
@@ -67,57 +221,95 @@ impl Index {
                 return;
             }
         };
-        let h = rec.header;
-        let order = h.order();
-        match &h.state {
+        let id: Id = Arc::from(id);
+        let order = Order {
+            neg_prio: -i64::from(h.prio),
+            ts_ms: h.ts_ms,
+            producer: self.name(&h.producer),
+            n: h.n,
+        };
+        let state = match h.state {
             State::Ready => {
-                self.ready.insert((order.clone(), key.clone()));
+                self.ready.insert((order.clone(), id.clone()));
+                if self.cache.len() < CACHE_ENTRIES && self.cached_bytes + raw.len() <= CACHE_BYTES
+                {
+                    // A copy: `raw` can be a slice of a much larger buffer (a scan's).
+                    self.cache.insert(id.clone(), Bytes::copy_from_slice(raw));
+                    self.cached_bytes += raw.len();
+                }
+                Slim::Ready
             }
             State::Claimed { session } => {
+                let session = self.name(&session);
                 self.claimed
                     .entry(session.clone())
                     .or_default()
-                    .insert(key.clone());
-                self.claimers.insert(session.clone(), now_ms());
+                    .insert(id.clone());
+                self.claimers.insert(session.to_string(), now_ms());
+                Slim::Claimed(session)
             }
-            _ => {}
-        }
-        self.metas
-            .insert(key.clone(), (order, h.state, h.not_before_ms));
+            State::Dead { .. } => Slim::Dead,
+            State::Done { at_ms } => Slim::Done { at_ms },
+        };
+        self.metas.insert(
+            id,
+            Meta {
+                order,
+                state,
+                not_before_ms: h.not_before_ms,
+                version: version_of(raw),
+            },
+        );
+    }
+
+    /// Forgets the names no message uses any more.
+    fn prune_names(&mut self) {
+        self.names.retain(|n| Arc::strong_count(n) > 1);
     }
 }
 
-/// Keeps the index in step with the mirror, and removes expired tombstones.
-pub(super) async fn maintain(
-    q: std::sync::Weak<Inner>,
-    mut changes: std::pin::Pin<
-        Box<dyn futures::Stream<Item = Result<crate::reconcile::Change>> + Send>,
-    >,
-) {
+/// Keeps the index in step with the queue's watcher, and removes expired tombstones.
+pub(super) async fn maintain(q: std::sync::Weak<Inner>, mut events: Watcher) {
     let mut janitor = tokio::time::interval(Duration::from_secs(60));
     janitor.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sweep: Option<tokio::task::JoinHandle<()>> = None;
+    // A relist being built, installed at its `InitDone`.
+    let mut relist: Option<Index> = None;
     loop {
         tokio::select! {
-            change = changes.next() => {
-                let Some(change) = change else { return };
+            event = events.next() => {
+                let Some(event) = event else { return };
                 let Some(q) = q.upgrade() else { return };
-                match change {
-                    Ok(c) => q.index.lock().unwrap().upsert(&c.key, c.new.as_ref()),
-                    Err(_) => {
-                        // Fell behind: rebuild from the mirror's current view.
-                        let view = q.mirror.snapshot();
-                        let mut idx = q.index.lock().unwrap();
-                        *idx = Index::default();
-                        for e in view.iter() {
-                            idx.upsert(&e.key, Some(&e.value));
+                match event {
+                    Ok(WatcherEvent::Init { .. }) => {
+                        relist = Some(q.index.lock().unwrap().relisting());
+                        continue;
+                    }
+                    Ok(WatcherEvent::InitApply(e)) => {
+                        if let Some(idx) = relist.as_mut() {
+                            idx.upsert(&q.prefix, &e.key, Some(&e.value));
+                        }
+                        continue;
+                    }
+                    Ok(WatcherEvent::InitDone { .. }) => {
+                        if let Some(mut idx) = relist.take() {
+                            idx.prune_names();
+                            *q.index.lock().unwrap() = idx;
                         }
                     }
+                    Ok(WatcherEvent::Apply(e)) => {
+                        q.index.lock().unwrap().upsert(&q.prefix, &e.key, Some(&e.value));
+                    }
+                    Ok(WatcherEvent::Delete { key, .. }) => {
+                        q.index.lock().unwrap().upsert(&q.prefix, &key, None);
+                    }
+                    // A relist follows (and replaces the index at its end).
+                    Err(e) => {
+                        tracing::debug!(queue = %q.name, error = %e, "the queue's watch was lost; relisting");
+                        continue;
+                    }
                 }
-                let depth = {
-                    let idx = q.index.lock().unwrap();
-                    idx.ready.len() + idx.claimed.values().map(|s| s.len()).sum::<usize>()
-                };
+                let depth = q.index.lock().unwrap().depth();
                 metrics::gauge!(crate::metrics::QUEUE_DEPTH, "queue" => q.name.clone()).set(depth as f64);
                 q.changed.notify_waiters();
             }
@@ -127,9 +319,9 @@ pub(super) async fn maintain(
                     continue;
                 }
                 let cutoff = now_ms().saturating_sub(inner.options.retention.as_millis() as u64);
-                let expired: Vec<Bytes> = inner.index.lock().unwrap().metas.iter()
-                    .filter(|(_, m)| expired_at(&m.1, cutoff))
-                    .map(|(k, _)| k.clone())
+                let expired: Vec<Id> = inner.index.lock().unwrap().metas.iter()
+                    .filter(|(_, m)| expired_at(&m.state, cutoff))
+                    .map(|(id, _)| id.clone())
                     .collect();
                 // In a task of its own: a sweep of many tombstones on a slow store takes
                 // seconds, and the index must keep up with the changes meanwhile.
@@ -139,23 +331,193 @@ pub(super) async fn maintain(
     }
 }
 
-fn expired_at(state: &State, cutoff_ms: u64) -> bool {
-    matches!(state, State::Done { at_ms } if *at_ms < cutoff_ms)
+fn expired_at(state: &Slim, cutoff_ms: u64) -> bool {
+    matches!(state, Slim::Done { at_ms } if *at_ms < cutoff_ms)
 }
 
-/// Deletes the expired Done tombstones in `keys`, each only if the mirror still shows it as one
+/// Deletes the expired Done tombstones in `ids`, each only if the index still shows it as one
 /// (a message enqueued again under its id since the list was made stays).
 ///
 /// NOT guaranteed: the check and the delete are two steps (the store has no conditional
 /// delete), so an enqueue of the same id in between can still be deleted with the tombstone.
-async fn sweep_tombstones(q: std::sync::Weak<Inner>, keys: Vec<Bytes>, cutoff_ms: u64) {
-    for key in keys {
+async fn sweep_tombstones(q: std::sync::Weak<Inner>, ids: Vec<Id>, cutoff_ms: u64) {
+    for id in ids {
         let Some(q) = q.upgrade() else { return };
-        let still = q.mirror.snapshot().get(&key).is_some_and(|e| {
-            Record::decode(&key, &e.value).is_ok_and(|r| expired_at(&r.header.state, cutoff_ms))
-        });
+        let still = q
+            .index
+            .lock()
+            .unwrap()
+            .metas
+            .get(&id)
+            .is_some_and(|m| expired_at(&m.state, cutoff_ms));
         if still {
-            let _ = q.store.delete(&key).await;
+            let _ = q.store.delete(&q.key(&id)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn order(prio: i32, n: u64) -> Order {
+        Order {
+            neg_prio: -i64::from(prio),
+            ts_ms: 1,
+            producer: Arc::from("p"),
+            n,
+        }
+    }
+
+    fn queue(prios: &[i32]) -> Vec<(Order, Id)> {
+        prios
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (order(*p, i as u64), Arc::from(format!("m{i:03}"))))
+            .collect()
+    }
+
+    fn pick_of(
+        q: &[(Order, Id)],
+        consumers: usize,
+        rank: usize,
+        contended: bool,
+        me: &str,
+    ) -> String {
+        pick(
+            q.iter().map(|(o, id)| (o, id)),
+            consumers,
+            rank,
+            contended,
+            me,
+        )
+        .unwrap()
+        .to_string()
+    }
+
+    #[test]
+    fn a_lone_uncontended_consumer_takes_the_first() {
+        let q = queue(&[0; 40]);
+        assert_eq!(pick_of(&q, 1, 0, false, "s"), "m000");
+        assert!(pick(std::iter::empty(), 1, 0, false, "s").is_none());
+    }
+
+    #[test]
+    fn consumers_take_their_own_shares_of_the_window() {
+        let q = queue(&[0; 40]);
+        let picks: Vec<String> = (0..3).map(|r| pick_of(&q, 3, r, false, "s")).collect();
+        for (rank, id) in picks.iter().enumerate() {
+            assert_eq!(share_of(id) % 3, rank as u64, "{picks:?}");
+            let pos = q.iter().position(|(_, i)| **i == **id).unwrap();
+            assert!(pos < CLAIM_WINDOW, "{id} is outside the window");
+            // The first of its share: no earlier message is in it.
+            assert!(q[..pos].iter().all(|(_, i)| share_of(i) % 3 != rank as u64));
+        }
+    }
+
+    #[test]
+    fn a_contended_lone_consumer_spreads_and_stays_in_the_window_and_priority() {
+        // 3 of priority 5 first: a spread pick stays among them.
+        let q = queue(&[5, 5, 5, 0, 0, 0, 0, 0]);
+        let picks: HashSet<String> = (0..32)
+            .map(|i| pick_of(&q, 1, 0, true, &format!("session-{i}")))
+            .collect();
+        assert!(
+            picks
+                .iter()
+                .all(|p| ["m000", "m001", "m002"].contains(&p.as_str()))
+        );
+        assert!(
+            picks.len() > 1,
+            "different sessions prefer different messages"
+        );
+        let long = queue(&[0; 100]);
+        for i in 0..32 {
+            let p = pick_of(&long, 1, 0, true, &format!("session-{i}"));
+            let pos = long.iter().position(|(_, id)| **id == *p).unwrap();
+            assert!(pos < CLAIM_WINDOW);
+        }
+    }
+
+    #[test]
+    fn a_consumer_whose_share_is_empty_in_the_window_takes_a_spread_pick() {
+        let q = queue(&[0; 2]);
+        // 16 consumers, 2 messages: most ranks have no share here, yet each gets one of them.
+        for rank in 0..16 {
+            let p = pick_of(&q, 16, rank, false, &format!("s{rank}"));
+            assert!(p == "m000" || p == "m001");
+        }
+    }
+
+    #[test]
+    fn the_index_keeps_no_payload_beyond_its_cache_and_follows_states() {
+        let prefix = b"/q/m/";
+        let mut idx = Index::default();
+        let rec = |id: &str, state: State, payload: &[u8]| {
+            let r = Record {
+                header: super::super::message::Header {
+                    v: 1,
+                    id: id.into(),
+                    prio: 0,
+                    ts_ms: 1,
+                    producer: "p".into(),
+                    n: 0,
+                    not_before_ms: 0,
+                    attempts: 0,
+                    state,
+                    last_error: None,
+                    w: 0,
+                },
+                payload: Bytes::copy_from_slice(payload),
+            };
+            Bytes::from(r.encode())
+        };
+        let key = Bytes::from_static(b"/q/m/a");
+        let ready = rec("a", State::Ready, b"hello");
+        idx.upsert(prefix, &key, Some(&ready));
+        assert_eq!(idx.bytes("a"), Some(ready.clone()));
+        assert_eq!(idx.ready.len(), 1);
+        assert_eq!(idx.metas["a"].version, version_of(&ready));
+        let claimed = rec(
+            "a",
+            State::Claimed {
+                session: "s1".into(),
+            },
+            b"hello",
+        );
+        idx.upsert(prefix, &key, Some(&claimed));
+        assert_eq!(idx.bytes("a"), None, "only ready messages are kept");
+        assert!(idx.ready.is_empty());
+        assert_eq!(idx.claimed[&Arc::from("s1")].len(), 1);
+        assert_eq!(idx.cached_bytes, 0);
+        idx.upsert(prefix, &key, None);
+        assert!(idx.metas.is_empty());
+        assert!(idx.claimed.is_empty());
+        // Not ours to read: skipped, counted, and forgotten once deleted.
+        let odd = Bytes::from_static(b"/q/m/x");
+        idx.upsert(prefix, &odd, Some(&Bytes::from_static(b"junk")));
+        assert_eq!(idx.undecodable.len(), 1);
+        idx.upsert(prefix, &odd, None);
+        assert!(idx.undecodable.is_empty());
+        // Higher priority first, then age.
+        let mut prio = rec("c", State::Ready, b"");
+        let mut r = Record::decode(b"/q/m/c", &prio).unwrap();
+        r.header.prio = 5;
+        r.header.ts_ms = 100;
+        prio = Bytes::from(r.encode());
+        idx.upsert(prefix, &key, Some(&ready));
+        idx.upsert(prefix, &Bytes::from_static(b"/q/m/c"), Some(&prio));
+        let first: Vec<&str> = idx.ready.iter().map(|(_, id)| &**id).collect();
+        assert_eq!(first, ["c", "a"]);
+        // The cache is bounded.
+        let big = vec![0u8; CACHE_BYTES / 2];
+        for i in 0..4 {
+            let id = format!("b{i}");
+            let key = Bytes::from(format!("/q/m/{id}"));
+            idx.upsert(prefix, &key, Some(&rec(&id, State::Ready, &big)));
+        }
+        assert!(idx.cached_bytes <= CACHE_BYTES);
+        assert_eq!(idx.ready.len(), 6);
+        assert!(idx.bytes("b3").is_none());
     }
 }

@@ -44,20 +44,8 @@ fn is_zero(w: &u64) -> bool {
     *w == 0
 }
 
-/// Sort key: higher priority first, then enqueue time, producer, producer sequence.
-pub(crate) type Order = (i64, u64, String, u64);
-
 impl Header {
     pub(crate) const VERSION: u32 = 1;
-
-    pub(crate) fn order(&self) -> Order {
-        (
-            -i64::from(self.prio),
-            self.ts_ms,
-            self.producer.clone(),
-            self.n,
-        )
-    }
 }
 
 /// A decoded record.
@@ -257,13 +245,5 @@ mod tests {
             "nor a re-claim the claim"
         );
         assert_ne!(r.claim("s").fail("x", 5, 0).encode(), r.encode());
-    }
-
-    #[test]
-    fn higher_priority_sorts_first() {
-        let mut hi = rec().header;
-        hi.prio = 5;
-        hi.ts_ms = 100;
-        assert!(hi.order() < rec().header.order());
     }
 }

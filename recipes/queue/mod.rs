@@ -56,7 +56,7 @@ mod options;
 mod producer;
 
 pub use delivery::{Delivery, Message};
-use index::{Index, maintain};
+use index::{Id, Index, Slim, maintain};
 pub use options::{DeadLetter, EnqueueOptions, QueueOptions, QueueStats, RunStats};
 pub use producer::Producer;
 
@@ -66,6 +66,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures::StreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
@@ -73,7 +74,7 @@ use tokio::time::Instant;
 use message::{Record, State};
 
 use crate::error::Result;
-use crate::reconcile::{Mirror, MirrorOptions, WatcherOptions};
+use crate::reconcile::{StatsHandle, WatcherEvent, WatcherOptions, watcher};
 use crate::session::{Liveness, Session};
 use crate::store::{Cas, Consistency, Settled, Store, WatchTarget};
 
@@ -97,12 +98,14 @@ struct Inner {
     session: Session,
     store: Arc<dyn Store>,
     options: QueueOptions,
-    mirror: Arc<Mirror>,
+    /// The queue's watcher's counters.
+    watch_stats: StatsHandle,
     index: Mutex<Index>,
     /// Notified whenever the index changes.
     changed: tokio::sync::Notify,
-    /// Messages claimed by this session and not held here, with the bytes and when first seen.
-    suspects: Mutex<std::collections::HashMap<Bytes, (Bytes, Instant)>>,
+    /// Messages claimed by this session and not held here, with their version and when first
+    /// seen so.
+    suspects: Mutex<std::collections::HashMap<Id, (u64, Instant)>>,
     /// Enqueues, with the session id as the producer id.
     producer: Producer,
     maintainer: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -110,9 +113,9 @@ struct Inner {
     collided_at_ms: std::sync::atomic::AtomicU64,
     /// Claims that lost a race, ever.
     conflicts: std::sync::atomic::AtomicU64,
-    /// Messages this consumer claimed, with the bytes it claimed them from, until its mirror
+    /// Messages this consumer claimed, with the version it claimed them from, until its index
     /// shows the claim (or anything after it).
-    claimed_from: Mutex<std::collections::HashMap<Bytes, Bytes>>,
+    claimed_from: Mutex<std::collections::HashMap<Id, u64>>,
     /// The other consumers' heartbeats as observed here, kept across claims.
     liveness: tokio::sync::Mutex<Liveness>,
 }
@@ -153,12 +156,35 @@ impl WorkQueue {
         crate::keys::validate_name("queue", name)?;
         let prefix = producer::messages_prefix(session.root(), name);
         let store = session.store().clone();
-        let mirror = Mirror::shared(
+        let mut events = watcher(
             store.clone(),
             WatchTarget::Prefix(prefix.clone()),
-            MirrorOptions::default()
-                .watcher(WatcherOptions::default().resync_every(Some(options.rescan_every))),
+            WatcherOptions::default()
+                .resync_every(Some(options.rescan_every))
+                .without_key_tracking(),
         );
+        // The first list, before anything is claimed.
+        let mut index = None;
+        let mut building = Index::default();
+        let mut last_error = None;
+        while index.is_none() {
+            match events.next().await {
+                Some(Ok(WatcherEvent::Init { .. })) => building = Index::default(),
+                Some(Ok(WatcherEvent::InitApply(e))) => {
+                    building.upsert(&prefix, &e.key, Some(&e.value));
+                }
+                Some(Ok(WatcherEvent::InitDone { .. })) => {
+                    index = Some(std::mem::take(&mut building));
+                }
+                Some(Ok(_)) => {}
+                // The watcher retries (an error it cannot retry ends the stream).
+                Some(Err(e)) => {
+                    tracing::debug!(queue = %name, error = %e, "listing the queue failed; retrying");
+                    last_error = Some(e);
+                }
+                None => return Err(last_error.unwrap_or(crate::Error::Stopped)),
+            }
+        }
         let producer = Producer::with_id(store.clone(), prefix.clone(), name, session.id());
         let inner = Arc::new(Inner {
             name: name.to_string(),
@@ -166,8 +192,8 @@ impl WorkQueue {
             session: session.clone(),
             store,
             options,
-            mirror,
-            index: Mutex::new(Index::default()),
+            watch_stats: events.stats(),
+            index: Mutex::new(index.expect("listed")),
             changed: tokio::sync::Notify::new(),
             suspects: Mutex::new(Default::default()),
             producer,
@@ -177,15 +203,7 @@ impl WorkQueue {
             claimed_from: Mutex::new(Default::default()),
             liveness: tokio::sync::Mutex::new(Liveness::new(session.lease())),
         });
-        let changes = inner.mirror.changes();
-        let view = inner.mirror.wait_ready().await?;
-        {
-            let mut idx = inner.index.lock().unwrap();
-            for e in view.iter() {
-                idx.upsert(&e.key, Some(&e.value));
-            }
-        }
-        let task = tokio::spawn(maintain(Arc::downgrade(&inner), Box::pin(changes)));
+        let task = tokio::spawn(maintain(Arc::downgrade(&inner), events));
         *inner.maintainer.lock().unwrap() = Some(task);
         Ok(WorkQueue { inner })
     }
@@ -369,7 +387,7 @@ impl WorkQueue {
         .await
     }
 
-    /// Message counts as this consumer's mirror sees them (no store access).
+    /// Message counts as this consumer's index shows them (no store access).
     pub fn stats(&self) -> QueueStats {
         self.inner.sync();
         let idx = self.inner.index.lock().unwrap();
@@ -378,24 +396,46 @@ impl WorkQueue {
             undecodable: idx.undecodable.len(),
             ..QueueStats::default()
         };
-        for (_, state, not_before) in idx.metas.values() {
-            match state {
-                State::Ready if *not_before > now => s.delayed += 1,
-                State::Ready => s.ready += 1,
-                State::Claimed { .. } => s.in_flight += 1,
-                State::Dead { .. } => s.dead += 1,
-                State::Done { .. } => s.done += 1,
+        for m in idx.metas.values() {
+            match m.state {
+                Slim::Ready if m.not_before_ms > now => s.delayed += 1,
+                Slim::Ready => s.ready += 1,
+                Slim::Claimed(_) => s.in_flight += 1,
+                Slim::Dead => s.dead += 1,
+                Slim::Done { .. } => s.done += 1,
             }
         }
         s
     }
 
-    /// The dead letters (from this consumer's mirror).
-    pub fn dead_letters(&self) -> Vec<DeadLetter> {
-        let view = self.inner.mirror.snapshot();
-        let mut out = Vec::new();
-        for e in view.iter() {
-            if let Ok(rec) = Record::decode(&e.key, &e.value)
+    /// The dead letters, with their payloads: those this consumer's index shows, each read
+    /// from the store (in id order).
+    ///
+    /// # Errors
+    /// The store's errors.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe (it only reads).
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>> {
+        let q = &self.inner;
+        let mut ids: Vec<Id> = q
+            .index
+            .lock()
+            .unwrap()
+            .metas
+            .iter()
+            .filter(|(_, m)| m.state == Slim::Dead)
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let key = q.key(&id);
+            let Some(raw) = q.store.get(&key, Consistency::Linearizable).await? else {
+                continue;
+            };
+            // Redriven (or replaced) since the index showed it: not a dead letter any more.
+            if let Ok(rec) = Record::decode(&key, &raw)
                 && let State::Dead { error } = &rec.header.state
             {
                 out.push(DeadLetter {
@@ -406,7 +446,7 @@ impl WorkQueue {
                 });
             }
         }
-        out
+        Ok(out)
     }
 
     /// Moves a dead letter back to the queue with a fresh attempt budget. `Ok(false)` if `id`
@@ -452,7 +492,7 @@ impl WorkQueue {
 
     /// Counters of the underlying watch (relists, events).
     pub fn watch_stats(&self) -> crate::reconcile::WatcherStats {
-        self.inner.mirror.stats()
+        self.inner.watch_stats.get()
     }
 }
 

@@ -196,7 +196,7 @@ pub async fn run(op: QueueOp) -> dcoord::Result<ExitCode> {
         }
         QueueOp::Dead { name, conn } => {
             let (session, q) = open(name, conn, DEFAULT_LEASE).await?;
-            for d in q.dead_letters() {
+            for d in q.dead_letters().await? {
                 println!("{}\t{}\t{}", d.id, d.attempts, d.error);
             }
             let _ = session.close().await;

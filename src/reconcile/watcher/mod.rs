@@ -46,6 +46,7 @@ pub struct WatcherOptions {
     pub(crate) min_backoff: Duration,
     pub(crate) max_backoff: Duration,
     pub(crate) stale_scan_retries: u32,
+    pub(crate) track_keys: bool,
 }
 
 impl Default for WatcherOptions {
@@ -56,6 +57,7 @@ impl Default for WatcherOptions {
             min_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(5),
             stale_scan_retries: 20,
+            track_keys: true,
         }
     }
 }
@@ -78,6 +80,16 @@ impl WatcherOptions {
     #[must_use]
     pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.idle_timeout = timeout;
+        self
+    }
+
+    /// Do not remember which keys the stream has shown (one key's memory per key saved, for a
+    /// consumer that keeps its own key set). Then a relist yields no `Delete` for keys missing
+    /// from the new snapshot (replace the state on `InitDone`, as the protocol says), and every
+    /// live delete is passed on, also of a key the stream never showed. Default: remembered.
+    #[must_use]
+    pub fn without_key_tracking(mut self) -> Self {
+        self.track_keys = false;
         self
     }
 

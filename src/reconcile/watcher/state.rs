@@ -314,7 +314,12 @@ impl WatchLoop {
         let revision = scan.revision;
         self.high_water = high_water.max(revision);
         // 3. The snapshot.
-        let events = snapshot_events(&mut self.known, reason, scan).into_iter();
+        let events = if self.options.track_keys {
+            snapshot_events(&mut self.known, reason, scan)
+        } else {
+            snapshot_only(reason, scan)
+        }
+        .into_iter();
         let snapshot = State::Snapshot {
             events,
             watch,
@@ -367,7 +372,9 @@ impl WatchLoop {
         live.delivered += 1;
         match ev.kind {
             EventKind::Put => {
-                self.known.insert(ev.key.clone());
+                if self.options.track_keys {
+                    self.known.insert(ev.key.clone());
+                }
                 StatsHandle::bump(&self.counters.events);
                 Some(WatcherEvent::Apply(Entry {
                     key: ev.key,
@@ -376,7 +383,7 @@ impl WatchLoop {
                 }))
             }
             EventKind::Delete => {
-                if !self.known.remove(&ev.key) {
+                if self.options.track_keys && !self.known.remove(&ev.key) {
                     return None;
                 }
                 StatsHandle::bump(&self.counters.events);
@@ -423,6 +430,23 @@ impl WatchLoop {
             State::back_off(reason)
         }
     }
+}
+
+/// The events of one (re)list without key tracking: `Init`, an `InitApply` per entry,
+/// `InitDone`.
+fn snapshot_only(reason: Relist, scan: Scan) -> Vec<WatcherEvent> {
+    let revision = scan.revision;
+    let mut events = Vec::with_capacity(scan.entries.len() + 2);
+    events.push(WatcherEvent::Init { reason });
+    events.extend(scan.entries.into_iter().map(|(key, value)| {
+        WatcherEvent::InitApply(Entry {
+            key,
+            value,
+            revision,
+        })
+    }));
+    events.push(WatcherEvent::InitDone { revision });
+    events
 }
 
 /// The events of one (re)list, in order: `Init`, an `InitApply` per entry, `InitDone`, then a

@@ -75,7 +75,13 @@ pub(super) async fn drain(
                 .collect(),
             Err(_) => BTreeMap::new(),
         };
-        let dead: BTreeSet<String> = queue.dead_letters().into_iter().map(|d| d.id).collect();
+        let dead: BTreeSet<String> = queue
+            .dead_letters()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|d| d.id)
+            .collect();
         let (left, sample) = {
             let mut r = record.lock().unwrap();
             let pending: Vec<String> = r
