@@ -3,21 +3,132 @@
 //! producers enqueue, the drain rate of a pre-filled queue, and the enqueue rate of 16 tasks
 //! calling `WorkQueue::enqueue` next to one `Producer::enqueue_many`. Prints markdown tables.
 //!
+//! Then the scale run, embedded and on one node over gRPC: 100,000 pending 1 KiB messages
+//! (`--scale N`, `--payload BYTES`; `--scale 0` skips it, `--scale-only` runs only it). A
+//! counting allocator measures the bytes this process holds: a consumer's per pending
+//! message (the second consumer opened: the first one warmed whatever the engine caches), a
+//! producer's growth over the fill, and the drain rate next to a 300-message drain of the
+//! same payloads.
+//!
 //! Run: `cargo bench --bench queue` (optionally `-- --latency 300 --messages 4000`).
 
 #[path = "common/mod.rs"]
 mod common;
 use common::*;
+use std::alloc::System;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dcoord::engine::EmbeddedNode;
+use dcoord::engine::{ClusterOptions, EmbeddedNode, LocalCluster};
 use dcoord::queue::{EnqueueOptions, Producer, QueueOptions, WorkQueue};
 use dcoord::session::{Session, SessionOptions};
 use dcoord::store::{Store, WatchTarget};
 use futures::StreamExt;
+use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
 use tokio::sync::Notify;
+
+/// Counts the bytes allocated and freed, process-wide.
+#[global_allocator]
+static ALLOC: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+
+/// Bytes held now, once the runtime's other tasks have had a moment (transient buffers of a
+/// just-finished call freed).
+async fn live() -> usize {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s = ALLOC.stats();
+    (s.bytes_allocated as isize - s.bytes_deallocated as isize + s.bytes_reallocated) as usize
+}
+
+struct Scale {
+    setup: &'static str,
+    n: usize,
+    payload: usize,
+    fill: f64,
+    producer_growth: isize,
+    open_first: Duration,
+    open_second: Duration,
+    per_message: f64,
+    drain: f64,
+    drain_small: f64,
+}
+
+/// Fills a queue with `n` messages of `payload` bytes through one `Producer`, in batches,
+/// measuring what the producer holds across the fill; returns (msg/s, growth in bytes).
+async fn fill(store: &Arc<dyn Store>, name: &str, n: usize, payload: usize) -> (f64, isize) {
+    let producer = Producer::new(store.clone(), name).unwrap();
+    let body = vec![7u8; payload];
+    let batch = 1000.min(n);
+    let t = Instant::now();
+    producer
+        .enqueue_many((0..batch).map(|_| (body.as_slice(), EnqueueOptions::default())))
+        .await
+        .unwrap();
+    let before = live().await as isize;
+    let mut done = batch;
+    while done < n {
+        let k = batch.min(n - done);
+        producer
+            .enqueue_many((0..k).map(|_| (body.as_slice(), EnqueueOptions::default())))
+            .await
+            .unwrap();
+        done += k;
+    }
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    let growth = live().await as isize - before;
+    (rate, growth)
+}
+
+/// Drains `name` (holding `n` messages) with 2 consumers of 16 slots each; msg/s.
+async fn drain(store: &Arc<dyn Store>, name: &str, n: usize) -> f64 {
+    let started = Arc::new(Mutex::new(HashMap::new()));
+    let stop = Arc::new(Notify::new());
+    let t = Instant::now();
+    let cons = consumers(store, name, 2, started.clone(), stop.clone());
+    wait_for(&started, n).await;
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    stop.notify_waiters();
+    for c in cons {
+        c.await.unwrap();
+    }
+    rate
+}
+
+async fn scale(setup: &'static str, store: Arc<dyn Store>, n: usize, payload: usize) -> Scale {
+    let ns = uuid::Uuid::new_v4().simple().to_string();
+    let name = format!("scale-{ns}");
+    let (fill_rate, producer_growth) = fill(&store, &name, n, payload).await;
+    // The first consumer warms what the engine caches; the second one's bytes are its own.
+    let t = Instant::now();
+    let (s1, q1) = queue(&store, &name).await;
+    let open_first = t.elapsed();
+    let before = live().await;
+    let t = Instant::now();
+    let (s2, q2) = queue(&store, &name).await;
+    let open_second = t.elapsed();
+    let after = live().await;
+    assert_eq!(q2.stats().ready, n, "the second consumer lists every message");
+    let per_message = (after as f64 - before as f64) / n as f64;
+    drop((q1, q2));
+    let _ = s1.close().await;
+    let _ = s2.close().await;
+    let drain_rate = drain(&store, &name, n).await;
+    let small = format!("small-{ns}");
+    let _ = fill(&store, &small, 300, payload).await;
+    let drain_small = drain(&store, &small, 300).await;
+    Scale {
+        setup,
+        n,
+        payload,
+        fill: fill_rate,
+        producer_growth,
+        open_first,
+        open_second,
+        per_message,
+        drain: drain_rate,
+        drain_small,
+    }
+}
 
 async fn queue(store: &Arc<dyn Store>, name: &str) -> (Session, WorkQueue) {
     let s = Session::start(store.clone(), SessionOptions::default())
@@ -214,7 +325,56 @@ async fn run(
 async fn main() {
     let latency_n = arg("--latency", 300);
     let messages = arg("--messages", 4000);
-    let mut reports = Vec::new();
+    let n = arg("--scale", 100_000usize);
+    let payload = arg("--payload", 1024usize);
+    let scale_only = std::env::args().any(|a| a == "--scale-only");
+    if !scale_only {
+        throughput(latency_n, messages).await;
+    }
+    if n == 0 {
+        return;
+    }
+    let mut rows = Vec::new();
+    let dir = tempfile::tempdir().unwrap();
+    let node = EmbeddedNode::start(dir.path()).await.unwrap();
+    rows.push(scale("embedded", node.dyn_store(), n, payload).await);
+    node.stop().await.unwrap();
+    let one = LocalCluster::start(
+        ClusterOptions::default()
+            .nodes(1)
+            .binary(env!("CARGO_BIN_EXE_dcoord")),
+    )
+    .await
+    .unwrap();
+    let store: Arc<dyn Store> = Arc::new(one.store().await.unwrap());
+    rows.push(scale("1 node, gRPC", store, n, payload).await);
+    drop(one);
+    println!(
+        "\n| setup | pending messages | payload B | fill msg/s | producer growth over the fill B | open 1st / 2nd consumer s | consumer B per pending message | drain msg/s | 300-message drain msg/s | ratio |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {:.0} | {} | {:.2} / {:.2} | {:.0} | {:.0} | {:.0} | {:.2}x |",
+            r.setup,
+            r.n,
+            r.payload,
+            r.fill,
+            r.producer_growth,
+            r.open_first.as_secs_f64(),
+            r.open_second.as_secs_f64(),
+            r.per_message,
+            r.drain,
+            r.drain_small,
+            r.drain / r.drain_small
+        );
+    }
+    println!(
+        "\n(embedded: the process holds the engine too; its consumer figure is the second consumer's, opened once the first had warmed the engine)"
+    );
+}
+
+async fn throughput(latency_n: usize, messages: usize) {    let mut reports = Vec::new();
     let dir = tempfile::tempdir().unwrap();
     let node = EmbeddedNode::start(dir.path()).await.unwrap();
     reports.push(run("embedded", node.dyn_store(), latency_n, messages).await);

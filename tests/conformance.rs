@@ -38,6 +38,7 @@ conformance!(
     ttl_expiry_emits_no_event_and_key_is_readable_until_swept,
     watch_reports_previous_value_when_asked,
     reads_see_own_writes_at_every_consistency,
+    a_scan_of_more_than_4_mib_returns_every_entry,
 );
 
 async fn cas_compares_exact_bytes_and_absence(f: Fixture) {
@@ -239,6 +240,23 @@ async fn reads_see_own_writes_at_every_consistency(f: Fixture) {
         assert!(Instant::now() < deadline, "eventual read never converged");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Stock d-engine-client 0.2.4 keeps tonic's 4 MiB decode limit, so over gRPC a scan whose
+/// answer is larger failed ("decoded message length too large"): a queue of 5,000 1 KiB
+/// messages could not be opened. dcoord's client patch lifts the limit.
+async fn a_scan_of_more_than_4_mib_returns_every_entry(f: Fixture) {
+    let s = &f.store;
+    let prefix = f.key("big/");
+    let value = vec![b'x'; 512 << 10];
+    for i in 0..10 {
+        let mut k = prefix.clone();
+        k.extend_from_slice(format!("{i:02}").as_bytes());
+        s.put(&k, &value).await.unwrap();
+    }
+    let scan = s.scan_prefix(&prefix).await.unwrap();
+    assert_eq!(scan.entries.len(), 10);
+    assert!(scan.entries.iter().all(|(_, v)| v.len() == value.len()));
 }
 
 // ---- A watch never ends silently: one test per backend, each with its own way to die. ----

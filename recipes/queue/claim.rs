@@ -295,7 +295,7 @@ impl Inner {
             == Settled::Applied;
         let owned = attempt.owned.take();
         if got {
-            // Until the mirror shows it, it shows the bytes we claimed from: never claim the
+            // Until the index shows it, it shows the bytes we claimed from: never claim the
             // message again from those (a lost race with ourselves, taken for a collision).
             self.claimed_from
                 .lock()

@@ -7,9 +7,14 @@
 //! failure, `Dead` after `max_attempts`. A claim names the consumer's [`Session`]: the session's
 //! heartbeat is the claim's renewal, and a claim whose session shows no heartbeat for its lease
 //! (on the observer's own clock, confirmed by a linearizable read) is taken over: that is the
-//! visibility timeout. Consumers follow the queue with a [`Mirror`] (a prefix watch plus a
-//! periodic rescan), so an idle consumer makes no reads and a new message wakes one within
-//! about one watch latency.
+//! visibility timeout. Consumers follow the queue with a [`watcher`](crate::reconcile::watcher)
+//! (a prefix watch plus a periodic rescan), so an idle consumer makes no reads and a new
+//! message wakes one within about one watch latency.
+//!
+//! A consumer keeps an index of the queue, not its payloads: per message its id, place in the
+//! order, state, due time and a hash of its bytes (about 200 bytes, whatever the payload's
+//! size), plus the bytes of up to 4096 ready messages (4 MiB in all) so that a claim of a
+//! message seen arriving needs no read. Any other claim reads the message first.
 //!
 //! # Guarantees
 //! - `enqueue` is durable when it returns and idempotent by message id: a retried enqueue of an
@@ -39,8 +44,10 @@
 //!   effect, before the ack). Use [`Message::once`] / [`Message::effect_once`], or make effects
 //!   idempotent by message id.
 //! - Delays and backoff are measured on wall clocks (producer's and consumer's): approximate.
-//! - Scale: every consumer keeps the queue's pending messages in memory (the mirror); keep
-//!   payloads small (at most about 1 MiB each) and queues bounded.
+//! - Scale without bound: a consumer's memory grows with the number of messages under the
+//!   queue (pending, dead, and acked within `retention`), about 200 bytes each, and opening
+//!   one (and each periodic rescan) lists them all, payloads included (on the store's side
+//!   and the wire; the consumer drops them as they come). Payloads are at most about 1 MiB.
 //!
 //! # Failure modes
 //! A store outage delays claims and acks (an ack that cannot be written leaves the message to

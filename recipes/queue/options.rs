@@ -100,7 +100,7 @@ impl EnqueueOptions {
     }
 }
 
-/// Counts of a queue's messages, as this consumer's mirror sees them.
+/// Counts of a queue's messages, as this consumer's index shows them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct QueueStats {
     /// Ready now.

@@ -1,4 +1,4 @@
-//! `Producer`: enqueues without a session, a heartbeat or a mirror of the queue.
+//! `Producer`: enqueues without a session, a heartbeat or an index of the queue.
 //!
 //! A producer is only a store handle, the queue's key prefix and an id of its own (which
 //! orders its messages among equal priorities and enqueue times). [`super::WorkQueue::enqueue`]
