@@ -37,7 +37,8 @@ static ALLOC: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 async fn live() -> usize {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let s = ALLOC.stats();
-    (s.bytes_allocated as isize - s.bytes_deallocated as isize + s.bytes_reallocated) as usize
+    // (A realloc's growth is counted in `bytes_allocated` as well as `bytes_reallocated`.)
+    s.bytes_allocated - s.bytes_deallocated
 }
 
 struct Scale {
@@ -49,6 +50,8 @@ struct Scale {
     open_first: Duration,
     open_second: Duration,
     per_message: f64,
+    /// What dropping that consumer gave back, per message.
+    freed: f64,
     drain: f64,
     drain_small: f64,
 }
@@ -97,7 +100,9 @@ async fn drain(store: &Arc<dyn Store>, name: &str, n: usize) -> f64 {
 async fn scale(setup: &'static str, store: Arc<dyn Store>, n: usize, payload: usize) -> Scale {
     let ns = uuid::Uuid::new_v4().simple().to_string();
     let name = format!("scale-{ns}");
+    eprintln!("scale, {setup}: filling {n} messages of {payload} B");
     let (fill_rate, producer_growth) = fill(&store, &name, n, payload).await;
+    eprintln!("scale, {setup}: opening two consumers");
     // The first consumer warms what the engine caches; the second one's bytes are its own.
     let t = Instant::now();
     let (s1, q1) = queue(&store, &name).await;
@@ -107,11 +112,18 @@ async fn scale(setup: &'static str, store: Arc<dyn Store>, n: usize, payload: us
     let (s2, q2) = queue(&store, &name).await;
     let open_second = t.elapsed();
     let after = live().await;
-    assert_eq!(q2.stats().ready, n, "the second consumer lists every message");
+    assert_eq!(
+        q2.stats().ready,
+        n,
+        "the second consumer lists every message"
+    );
     let per_message = (after as f64 - before as f64) / n as f64;
-    drop((q1, q2));
-    let _ = s1.close().await;
+    drop(q2);
     let _ = s2.close().await;
+    let freed = (after as f64 - live().await as f64) / n as f64;
+    drop(q1);
+    let _ = s1.close().await;
+    eprintln!("scale, {setup}: draining");
     let drain_rate = drain(&store, &name, n).await;
     let small = format!("small-{ns}");
     let _ = fill(&store, &small, 300, payload).await;
@@ -125,6 +137,7 @@ async fn scale(setup: &'static str, store: Arc<dyn Store>, n: usize, payload: us
         open_first,
         open_second,
         per_message,
+        freed,
         drain: drain_rate,
         drain_small,
     }
@@ -350,12 +363,12 @@ async fn main() {
     rows.push(scale("1 node, gRPC", store, n, payload).await);
     drop(one);
     println!(
-        "\n| setup | pending messages | payload B | fill msg/s | producer growth over the fill B | open 1st / 2nd consumer s | consumer B per pending message | drain msg/s | 300-message drain msg/s | ratio |"
+        "\n| setup | pending messages | payload B | fill msg/s | producer growth over the fill B | open 1st / 2nd consumer s | consumer B per pending message (held / freed when dropped) | drain msg/s | 300-message drain msg/s | ratio |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {} | {} | {:.0} | {} | {:.2} / {:.2} | {:.0} | {:.0} | {:.0} | {:.2}x |",
+            "| {} | {} | {} | {:.0} | {} | {:.2} / {:.2} | {:.0} / {:.0} | {:.0} | {:.0} | {:.2}x |",
             r.setup,
             r.n,
             r.payload,
@@ -364,6 +377,7 @@ async fn main() {
             r.open_first.as_secs_f64(),
             r.open_second.as_secs_f64(),
             r.per_message,
+            r.freed,
             r.drain,
             r.drain_small,
             r.drain / r.drain_small
@@ -374,7 +388,8 @@ async fn main() {
     );
 }
 
-async fn throughput(latency_n: usize, messages: usize) {    let mut reports = Vec::new();
+async fn throughput(latency_n: usize, messages: usize) {
+    let mut reports = Vec::new();
     let dir = tempfile::tempdir().unwrap();
     let node = EmbeddedNode::start(dir.path()).await.unwrap();
     reports.push(run("embedded", node.dyn_store(), latency_n, messages).await);

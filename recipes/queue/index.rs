@@ -3,9 +3,9 @@
 //!
 //! The index holds what claiming needs of each message and no payload: its id, place in the
 //! order, state, due time and a hash of its record's bytes (about 200 bytes a message, whatever
-//! the payload's size). The bytes of up to [`CACHE_ENTRIES`] ready messages ([`CACHE_BYTES`] in
-//! all) are kept too, so a claim of a message seen arriving needs no read; any other claim
-//! reads the record first.
+//! the payload's size). The bytes of the oldest ready messages, up to [`CACHE_ENTRIES`] of them
+//! and [`CACHE_BYTES`] in all, are kept too (from the events and lists that carried them), so
+//! most claims need no read; any other claim reads the record first.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
@@ -24,30 +24,49 @@ use crate::reconcile::{Watcher, WatcherEvent};
 pub(super) const CLAIM_WINDOW: usize = 16;
 
 /// At most this many messages' bytes are kept (see the module docs).
-pub(super) const CACHE_ENTRIES: usize = 4096;
+pub(super) const CACHE_ENTRIES: usize = 2048;
 
 /// At most this many bytes of messages are kept.
-pub(super) const CACHE_BYTES: usize = 4 << 20;
+pub(super) const CACHE_BYTES: usize = 2 << 20;
 
 /// A message's id (its key without the queue's prefix).
 pub(super) type Id = Arc<str>;
 
 /// Where a message sorts: higher priority first, then enqueue time, producer, producer
-/// sequence (the fields of `Header::order`, the producer's name shared among its messages).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+/// sequence. Producers are numbered by the index that holds the order (24 bytes in all), so
+/// messages of two producers enqueued in the same millisecond sort the same way within one
+/// index, not necessarily in another consumer's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Order {
-    neg_prio: i64,
+    prio: i32,
+    producer: u32,
     ts_ms: u64,
-    producer: Arc<str>,
     n: u64,
 }
 
+impl Ord for Order {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other
+            .prio
+            .cmp(&self.prio)
+            .then(self.ts_ms.cmp(&other.ts_ms))
+            .then(self.producer.cmp(&other.producer))
+            .then(self.n.cmp(&other.n))
+    }
+}
+
+impl PartialOrd for Order {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
 /// A message's state, without what claiming does not need (a dead letter's error is read when
-/// the dead letters are listed).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// the dead letters are listed). A claim's session is numbered like producers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Slim {
     Ready,
-    Claimed(Arc<str>),
+    Claimed(u32),
     Dead,
     Done { at_ms: u64 },
 }
@@ -104,7 +123,7 @@ pub(super) fn pick<'a>(
     let window: Vec<&Id> = std::iter::once(first)
         .chain(
             eligible
-                .take_while(|(o, _)| o.neg_prio == first_order.neg_prio)
+                .take_while(|(o, _)| o.prio == first_order.prio)
                 .map(|(_, id)| id),
         )
         .take(CLAIM_WINDOW)
@@ -128,10 +147,13 @@ pub(super) struct Index {
     /// The sessions seen claiming messages of this queue, with when (wall ms): the consumers
     /// the head of the queue is shared among.
     pub(super) claimers: HashMap<String, u64>,
-    /// Producers' and sessions' names, one copy each.
-    names: HashSet<Arc<str>>,
-    /// The bytes of some ready messages (see the module docs), always their current ones.
+    /// Producers' and sessions' names, numbered.
+    names: Vec<Arc<str>>,
+    numbers: HashMap<Arc<str>, u32>,
+    /// The bytes of the oldest ready messages (see the module docs), always their current
+    /// ones, and their order.
     cache: HashMap<Id, Bytes>,
+    cached: BTreeSet<(Order, Id)>,
     cached_bytes: usize,
 }
 
@@ -144,13 +166,42 @@ impl Index {
         }
     }
 
-    fn name(&mut self, s: &str) -> Arc<str> {
-        if let Some(n) = self.names.get(s) {
-            return n.clone();
+    /// The number of name `s` in this index.
+    fn number(&mut self, s: &str) -> u32 {
+        if let Some(n) = self.numbers.get(s) {
+            return *n;
         }
-        let n: Arc<str> = Arc::from(s);
-        self.names.insert(n.clone());
+        let name: Arc<str> = Arc::from(s);
+        let n = u32::try_from(self.names.len()).expect("fewer than 2^32 names");
+        self.names.push(name.clone());
+        self.numbers.insert(name, n);
         n
+    }
+
+    /// Keeps `raw` as message `id`'s bytes if it is among the oldest ready ones that fit,
+    /// dropping younger ones to make room.
+    fn cache(&mut self, id: &Id, order: Order, raw: &Bytes) {
+        if raw.len() > CACHE_BYTES {
+            return;
+        }
+        let full = |idx: &Index| {
+            idx.cache.len() >= CACHE_ENTRIES || idx.cached_bytes + raw.len() > CACHE_BYTES
+        };
+        while full(self) {
+            match self.cached.last() {
+                Some((youngest, _)) if *youngest > order => {
+                    let (_, gone) = self.cached.pop_last().expect("not empty");
+                    if let Some(b) = self.cache.remove(&gone) {
+                        self.cached_bytes -= b.len();
+                    }
+                }
+                _ => return,
+            }
+        }
+        // A copy: `raw` can be a slice of a much larger buffer (a scan's).
+        self.cache.insert(id.clone(), Bytes::copy_from_slice(raw));
+        self.cached.insert((order, id.clone()));
+        self.cached_bytes += raw.len();
     }
 
     /// The consumers seen claiming within `within_ms` (and `me`), sorted; forgets older ones.
@@ -176,17 +227,20 @@ impl Index {
     }
 
     pub(super) fn remove(&mut self, id: &str) {
-        if let Some(b) = self.cache.remove(id) {
-            self.cached_bytes -= b.len();
-        }
         let Some((id, meta)) = self.metas.remove_entry(id) else {
             return;
         };
         match meta.state {
             Slim::Ready => {
-                self.ready.remove(&(meta.order, id));
+                let at = (meta.order, id);
+                self.ready.remove(&at);
+                if let Some(b) = self.cache.remove(&at.1) {
+                    self.cached_bytes -= b.len();
+                    self.cached.remove(&at);
+                }
             }
             Slim::Claimed(session) => {
+                let session = self.names[session as usize].clone();
                 if let Some(set) = self.claimed.get_mut(&session) {
                     set.remove(&id);
                     if set.is_empty() {
@@ -223,30 +277,23 @@ impl Index {
         };
         let id: Id = Arc::from(id);
         let order = Order {
-            neg_prio: -i64::from(h.prio),
+            prio: h.prio,
+            producer: self.number(&h.producer),
             ts_ms: h.ts_ms,
-            producer: self.name(&h.producer),
             n: h.n,
         };
         let state = match h.state {
             State::Ready => {
-                self.ready.insert((order.clone(), id.clone()));
-                if self.cache.len() < CACHE_ENTRIES && self.cached_bytes + raw.len() <= CACHE_BYTES
-                {
-                    // A copy: `raw` can be a slice of a much larger buffer (a scan's).
-                    self.cache.insert(id.clone(), Bytes::copy_from_slice(raw));
-                    self.cached_bytes += raw.len();
-                }
+                self.ready.insert((order, id.clone()));
+                self.cache(&id, order, raw);
                 Slim::Ready
             }
             State::Claimed { session } => {
-                let session = self.name(&session);
-                self.claimed
-                    .entry(session.clone())
-                    .or_default()
-                    .insert(id.clone());
-                self.claimers.insert(session.to_string(), now_ms());
-                Slim::Claimed(session)
+                let number = self.number(&session);
+                let name = self.names[number as usize].clone();
+                self.claimed.entry(name).or_default().insert(id.clone());
+                self.claimers.insert(session, now_ms());
+                Slim::Claimed(number)
             }
             State::Dead { .. } => Slim::Dead,
             State::Done { at_ms } => Slim::Done { at_ms },
@@ -260,11 +307,6 @@ impl Index {
                 version: version_of(raw),
             },
         );
-    }
-
-    /// Forgets the names no message uses any more.
-    fn prune_names(&mut self) {
-        self.names.retain(|n| Arc::strong_count(n) > 1);
     }
 }
 
@@ -292,8 +334,7 @@ pub(super) async fn maintain(q: std::sync::Weak<Inner>, mut events: Watcher) {
                         continue;
                     }
                     Ok(WatcherEvent::InitDone { .. }) => {
-                        if let Some(mut idx) = relist.take() {
-                            idx.prune_names();
+                        if let Some(idx) = relist.take() {
                             *q.index.lock().unwrap() = idx;
                         }
                     }
@@ -362,9 +403,9 @@ mod tests {
 
     fn order(prio: i32, n: u64) -> Order {
         Order {
-            neg_prio: -i64::from(prio),
+            prio,
+            producer: 0,
             ts_ms: 1,
-            producer: Arc::from("p"),
             n,
         }
     }
@@ -519,5 +560,21 @@ mod tests {
         assert!(idx.cached_bytes <= CACHE_BYTES);
         assert_eq!(idx.ready.len(), 6);
         assert!(idx.bytes("b3").is_none());
+        // ... and holds the oldest: an older message pushes a younger one out.
+        assert!(idx.bytes("b0").is_some());
+        let mut old = Record::decode(b"/q/m/o", &rec("o", State::Ready, &big)).unwrap();
+        old.header.ts_ms = 0;
+        idx.upsert(
+            prefix,
+            &Bytes::from_static(b"/q/m/o"),
+            Some(&Bytes::from(old.encode())),
+        );
+        assert!(idx.bytes("o").is_some());
+        assert!(
+            idx.bytes("b0").is_none(),
+            "the youngest cached one made room"
+        );
+        assert!(idx.cached_bytes <= CACHE_BYTES);
+        assert_eq!(idx.cache.len(), idx.cached.len());
     }
 }
