@@ -4,8 +4,10 @@
 //! The index holds what claiming needs of each message and no payload: its id, place in the
 //! order, state, due time and a hash of its record's bytes (about 200 bytes a message, whatever
 //! the payload's size). The bytes of the oldest ready messages, up to [`CACHE_ENTRIES`] of them
-//! and [`CACHE_BYTES`] in all, are kept too (from the events and lists that carried them), so
-//! most claims need no read; any other claim reads the record first.
+//! and [`CACHE_BYTES`] in all, are kept too: from the events and lists that carried them, and
+//! read ahead by [`prefetch`] for the first [`PREFETCH_AHEAD`] ready messages, several keys a
+//! request. So claims need no read of their own; one that finds no bytes here (the
+//! prefetcher behind, or the message beyond the cache's bounds) reads the record first.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
@@ -18,6 +20,7 @@ use futures::StreamExt;
 use super::message::{Record, State};
 use super::{Inner, now_ms};
 use crate::reconcile::{Watcher, WatcherEvent};
+use crate::store::Consistency;
 
 /// How many of the oldest ready messages a contended claim chooses from: enough for the
 /// claims of a few consumers with a few in flight each to land on different messages.
@@ -28,6 +31,12 @@ pub(super) const CACHE_ENTRIES: usize = 2048;
 
 /// At most this many bytes of messages are kept.
 pub(super) const CACHE_BYTES: usize = 2 << 20;
+
+/// How many of the oldest due ready messages [`prefetch`] keeps the bytes of.
+pub(super) const PREFETCH_AHEAD: usize = 512;
+
+/// At most this many keys are read in one request of [`prefetch`].
+const PREFETCH_BATCH: usize = 64;
 
 /// A message's id (its key without the queue's prefix).
 pub(super) type Id = Arc<str>;
@@ -216,6 +225,44 @@ impl Index {
         all
     }
 
+    /// Up to `max` of the first `ahead` due ready messages whose bytes are not kept here,
+    /// oldest first.
+    fn uncached_head(&self, now: u64, ahead: usize, max: usize) -> Vec<Id> {
+        if self.cache.len() >= CACHE_ENTRIES {
+            return Vec::new();
+        }
+        self.ready
+            .iter()
+            .filter(|(_, id)| {
+                self.metas
+                    .get(id)
+                    .is_some_and(|m| m.not_before_ms <= now)
+            })
+            .take(ahead)
+            .filter(|(_, id)| !self.cache.contains_key(id))
+            .take(max)
+            .map(|(_, id)| id.clone())
+            .collect()
+    }
+
+    /// Keeps `raw`, read from the store, as message `id`'s bytes if the index shows it ready
+    /// in exactly that version (else the read is older or newer than the index: not kept).
+    /// Returns whether it did.
+    fn fill(&mut self, id: &str, raw: &Bytes) -> bool {
+        let Some((id, meta)) = self.metas.get_key_value(id) else {
+            return false;
+        };
+        if meta.state != Slim::Ready
+            || meta.version != version_of(raw)
+            || self.cache.contains_key(id)
+        {
+            return false;
+        }
+        let (id, order) = (id.clone(), meta.order);
+        self.cache(&id, order, raw);
+        self.cache.contains_key(&id)
+    }
+
     /// The current bytes of message `id`, if kept here.
     pub(super) fn bytes(&self, id: &str) -> Option<Bytes> {
         self.cache.get(id).cloned()
@@ -367,6 +414,53 @@ pub(super) async fn maintain(q: std::sync::Weak<Inner>, mut events: Watcher) {
                 // In a task of its own: a sweep of many tombstones on a slow store takes
                 // seconds, and the index must keep up with the changes meanwhile.
                 sweep = Some(tokio::spawn(sweep_tombstones(q.clone(), expired, cutoff)));
+            }
+        }
+    }
+}
+
+/// Keeps the bytes of the first [`PREFETCH_AHEAD`] due ready messages in the index's cache,
+/// reading those it lacks ([`PREFETCH_BATCH`] keys a request), whenever the index changes
+/// (`changed`). Ends when the queue is dropped; it holds the queue only while it reads.
+pub(super) async fn prefetch(q: std::sync::Weak<Inner>, changed: Arc<tokio::sync::Notify>) {
+    loop {
+        let notified = changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let Some(inner) = q.upgrade() else { return };
+        let want = inner
+            .index
+            .lock()
+            .unwrap()
+            .uncached_head(now_ms(), PREFETCH_AHEAD, PREFETCH_BATCH);
+        if want.is_empty() {
+            drop(inner);
+            notified.await;
+            continue;
+        }
+        let keys: Vec<Bytes> = want.iter().map(|id| Bytes::from(inner.key(id))).collect();
+        // A lease read is enough: bytes older or newer than the index are not kept.
+        match inner.store.get_many(&keys, Consistency::Lease).await {
+            Ok(values) => {
+                let filled = {
+                    let mut idx = inner.index.lock().unwrap();
+                    want.iter()
+                        .zip(values)
+                        .filter(|(id, value)| value.as_ref().is_some_and(|raw| idx.fill(id, raw)))
+                        .count()
+                };
+                if filled == 0 {
+                    // The store is ahead of the index (or behind it): the same reads would
+                    // be refused again until the index changes.
+                    drop(inner);
+                    notified.await;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(queue = %inner.name, error = %e, "reading ahead failed");
+                drop(inner);
+                // Claims read for themselves meanwhile; try again after a pause or a change.
+                let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
             }
         }
     }

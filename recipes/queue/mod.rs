@@ -108,14 +108,16 @@ struct Inner {
     /// The queue's watcher's counters.
     watch_stats: StatsHandle,
     index: Mutex<Index>,
-    /// Notified whenever the index changes.
-    changed: tokio::sync::Notify,
+    /// Notified whenever the index changes (shared with the prefetcher, which waits on it
+    /// without keeping the queue alive).
+    changed: Arc<tokio::sync::Notify>,
     /// Messages claimed by this session and not held here, with their version and when first
     /// seen so.
     suspects: Mutex<std::collections::HashMap<Id, (u64, Instant)>>,
     /// Enqueues, with the session id as the producer id.
     producer: Producer,
-    maintainer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The tasks keeping the index (see [`index::maintain`], [`index::prefetch`]).
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// When a claim of ours last lost a race (wall ms; 0: never).
     collided_at_ms: std::sync::atomic::AtomicU64,
     /// Claims that lost a race, ever.
@@ -129,7 +131,7 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Some(t) = self.maintainer.lock().unwrap().take() {
+        for t in self.tasks.lock().unwrap().drain(..) {
             t.abort();
         }
     }
@@ -201,17 +203,23 @@ impl WorkQueue {
             options,
             watch_stats: events.stats(),
             index: Mutex::new(index.expect("listed")),
-            changed: tokio::sync::Notify::new(),
+            changed: Arc::new(tokio::sync::Notify::new()),
             suspects: Mutex::new(Default::default()),
             producer,
-            maintainer: Mutex::new(None),
+            tasks: Mutex::new(Vec::new()),
             collided_at_ms: Default::default(),
             conflicts: Default::default(),
             claimed_from: Mutex::new(Default::default()),
             liveness: tokio::sync::Mutex::new(Liveness::new(session.lease())),
         });
-        let task = tokio::spawn(maintain(Arc::downgrade(&inner), events));
-        *inner.maintainer.lock().unwrap() = Some(task);
+        let tasks = [
+            tokio::spawn(maintain(Arc::downgrade(&inner), events)),
+            tokio::spawn(index::prefetch(
+                Arc::downgrade(&inner),
+                inner.changed.clone(),
+            )),
+        ];
+        inner.tasks.lock().unwrap().extend(tasks);
         Ok(WorkQueue { inner })
     }
 

@@ -98,6 +98,27 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn get_many(
+        &self,
+        keys: &[Bytes],
+        consistency: Consistency,
+    ) -> Result<Vec<Option<Bytes>>> {
+        let Some(first) = keys.first() else {
+            return Ok(Vec::new());
+        };
+        super::observed("embedded", "get_many", first, async {
+            for key in keys {
+                keys::validate_key(key)?;
+            }
+            self.check_running()?;
+            self.client
+                .get_multi_with_consistency(keys, consistency.policy())
+                .await
+                .map_err(|e| self.map_err("get_many", None, e))
+        })
+        .await
+    }
+
     async fn put(&self, key: &[u8], value: &[u8]) -> Result<()> {
         super::observed("embedded", "put", key, async {
             check_write(key, value)?;

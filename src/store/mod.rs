@@ -195,6 +195,21 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Reads one key.
     async fn get(&self, key: &[u8], consistency: Consistency) -> Result<Option<Bytes>>;
 
+    /// Reads several keys, in one request where the store can (one read of d-engine's state
+    /// machine for all of them); the values come in the order of `keys`, `None` for an absent
+    /// key. No keys: no request. The default reads the keys one at a time.
+    async fn get_many(
+        &self,
+        keys: &[Bytes],
+        consistency: Consistency,
+    ) -> Result<Vec<Option<Bytes>>> {
+        let mut values = Vec::with_capacity(keys.len());
+        for key in keys {
+            values.push(self.get(key, consistency).await?);
+        }
+        Ok(values)
+    }
+
     /// Writes one key. A TTL the key had before is kept (d-engine 0.2.4 semantics).
     async fn put(&self, key: &[u8], value: &[u8]) -> Result<()>;
 

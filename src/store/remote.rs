@@ -548,6 +548,29 @@ impl Store for RemoteStore {
         .await
     }
 
+    async fn get_many(
+        &self,
+        keys: &[Bytes],
+        consistency: Consistency,
+    ) -> Result<Vec<Option<Bytes>>> {
+        let Some(first) = keys.first() else {
+            return Ok(Vec::new());
+        };
+        super::observed("remote", "get_many", first, async {
+            for key in keys {
+                keys::validate_key(key)?;
+            }
+            self.retry("get_many", None, |c| async move {
+                let entries = c
+                    .get_multi_with_policy(keys, Some(consistency.policy()))
+                    .await?;
+                Ok(entries.into_iter().map(|e| e.map(|e| e.value)).collect())
+            })
+            .await
+        })
+        .await
+    }
+
     async fn put(&self, key: &[u8], value: &[u8]) -> Result<()> {
         super::observed("remote", "put", key, async {
             check_write(key, value)?;
