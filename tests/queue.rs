@@ -230,6 +230,50 @@ async fn an_acked_message_stays_done_while_the_index_lags() {
     assert!(dead.is_empty(), "{dead:?}");
 }
 
+/// Expired tombstones are swept, each by one of the consumers claiming from the queue (they
+/// split them as they split claims), not by every consumer.
+#[tokio::test(start_paused = true)]
+async fn consumers_split_the_tombstone_sweep() {
+    let mem = MemStore::new();
+    let store: Arc<dyn Store> = Arc::new(mem.clone());
+    let t0 = tokio::time::Instant::now();
+    let (_sa, a) = open_long_lease(store.clone(), "sweep", opts().retention(Duration::ZERO)).await;
+    let (_sb, b) = open_long_lease(store.clone(), "sweep", opts().retention(Duration::ZERO)).await;
+    for i in 0..40 {
+        let q = if i % 2 == 0 { &a } else { &b };
+        q.enqueue(b"{}", EnqueueOptions::default().id(format!("old-{i}")))
+            .await
+            .unwrap();
+        next(q).await.ack().await.unwrap();
+    }
+    let both_see = |done: usize| {
+        let (a, b) = (a.clone(), b.clone());
+        common::until(move || a.stats().done == done && b.stats().done == done)
+    };
+    tokio::time::timeout(Duration::from_secs(5), both_see(40))
+        .await
+        .expect("both consumers see the 40 tombstones");
+    // Both claiming just before the janitors' next round (a minute after opening).
+    tokio::time::sleep_until(t0 + Duration::from_millis(59_000)).await;
+    for (i, q) in [&a, &b].into_iter().enumerate() {
+        q.enqueue(b"{}", EnqueueOptions::default().id(format!("new-{i}")))
+            .await
+            .unwrap();
+    }
+    let (_da, _db) = (next(&a).await, next(&b).await);
+    let writes = mem.op_counts().writes;
+    tokio::time::sleep_until(t0 + Duration::from_millis(61_000)).await;
+    tokio::time::timeout(Duration::from_secs(5), both_see(0))
+        .await
+        .expect("every expired tombstone is swept");
+    let deletes = mem.op_counts().writes - writes;
+    // 40 deletes, and a few session heartbeats; 80 if each consumer swept them all.
+    assert!(
+        (40..60).contains(&deletes),
+        "{deletes} writes for 40 tombstones"
+    );
+}
+
 /// `once` is true at most once per message, even for a later delivery to the same session
 /// whose marker write has an unknown outcome (its re-read finds the earlier delivery's marker).
 #[tokio::test(start_paused = true)]

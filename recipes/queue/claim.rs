@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::index::{Id, Slim, pick, version_of};
+use super::index::{Id, pick, version_of};
 use super::message::{Record, State};
 use super::{Delivery, Inner, now_ms};
 use crate::error::Result;
@@ -225,13 +225,7 @@ impl Inner {
             wake = wake.min(Instant::now() + Duration::from_millis(2100));
         }
         let idx = self.index.lock().unwrap();
-        if let Some(due) = idx
-            .metas
-            .values()
-            .filter(|m| m.state == Slim::Ready && m.not_before_ms > now)
-            .map(|m| m.not_before_ms)
-            .min()
-        {
+        if let Some(due) = idx.next_due_after(now) {
             wake = wake.min(Instant::now() + Duration::from_millis(due - now));
         }
         // (Another caller busy with the orphans wakes for them.)

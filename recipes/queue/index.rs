@@ -150,6 +150,8 @@ pub(super) fn pick<'a>(
 pub(super) struct Index {
     pub(super) metas: HashMap<Id, Meta>,
     pub(super) ready: BTreeSet<(Order, Id)>,
+    /// Ready messages with a due time, by it.
+    delayed: BTreeSet<(u64, Id)>,
     /// Claimed messages by the session holding them.
     pub(super) claimed: HashMap<Arc<str>, HashSet<Id>>,
     pub(super) undecodable: HashSet<Bytes>,
@@ -263,6 +265,12 @@ impl Index {
         self.cache.contains_key(&id)
     }
 
+    /// The earliest due time of a ready message after `now` (wall ms).
+    pub(super) fn next_due_after(&self, now: u64) -> Option<u64> {
+        let from = (now.saturating_add(1), Id::from(""));
+        self.delayed.range(from..).next().map(|(at, _)| *at)
+    }
+
     /// The current bytes of message `id`, if kept here.
     pub(super) fn bytes(&self, id: &str) -> Option<Bytes> {
         self.cache.get(id).cloned()
@@ -279,6 +287,9 @@ impl Index {
         };
         match meta.state {
             Slim::Ready => {
+                if meta.not_before_ms > 0 {
+                    self.delayed.remove(&(meta.not_before_ms, id.clone()));
+                }
                 let at = (meta.order, id);
                 self.ready.remove(&at);
                 if let Some(b) = self.cache.remove(&at.1) {
@@ -332,6 +343,9 @@ impl Index {
         let state = match h.state {
             State::Ready => {
                 self.ready.insert((order, id.clone()));
+                if h.not_before_ms > 0 {
+                    self.delayed.insert((h.not_before_ms, id.clone()));
+                }
                 self.cache(&id, order, raw);
                 Slim::Ready
             }
@@ -406,11 +420,22 @@ pub(super) async fn maintain(q: std::sync::Weak<Inner>, mut events: Watcher) {
                 if sweep.as_ref().is_some_and(|t| !t.is_finished()) {
                     continue;
                 }
-                let cutoff = now_ms().saturating_sub(inner.options.retention.as_millis() as u64);
-                let expired: Vec<Id> = inner.index.lock().unwrap().metas.iter()
-                    .filter(|(_, m)| expired_at(&m.state, cutoff))
-                    .map(|(id, _)| id.clone())
-                    .collect();
+                let now = now_ms();
+                let cutoff = now.saturating_sub(inner.options.retention.as_millis() as u64);
+                let me = inner.session.id();
+                let within = inner.session.lease().as_millis() as u64;
+                // This consumer's share of them (as claims are shared): a consumer that stopped
+                // claiming drops out of the others' count a lease later, and its share with it.
+                let expired: Vec<Id> = {
+                    let mut idx = inner.index.lock().unwrap();
+                    let consumers = idx.consumers(&me, now, within);
+                    let n = consumers.len() as u64;
+                    let rank = consumers.iter().position(|c| *c == me).unwrap_or(0) as u64;
+                    idx.metas.iter()
+                        .filter(|(id, m)| expired_at(&m.state, cutoff) && share_of(id) % n == rank)
+                        .map(|(id, _)| id.clone())
+                        .collect()
+                };
                 // In a task of its own: a sweep of many tombstones on a slow store takes
                 // seconds, and the index must keep up with the changes meanwhile.
                 sweep = Some(tokio::spawn(sweep_tombstones(q.clone(), expired, cutoff)));
@@ -476,20 +501,28 @@ fn expired_at(state: &Slim, cutoff_ms: u64) -> bool {
 /// NOT guaranteed: the check and the delete are two steps (the store has no conditional
 /// delete), so an enqueue of the same id in between can still be deleted with the tombstone.
 async fn sweep_tombstones(q: std::sync::Weak<Inner>, ids: Vec<Id>, cutoff_ms: u64) {
-    for id in ids {
-        let Some(q) = q.upgrade() else { return };
-        let still = q
-            .index
-            .lock()
-            .unwrap()
-            .metas
-            .get(&id)
-            .is_some_and(|m| expired_at(&m.state, cutoff_ms));
-        if still {
-            let _ = q.store.delete(&q.key(&id)).await;
-        }
-    }
+    futures::stream::iter(ids)
+        .for_each_concurrent(SWEEP_IN_FLIGHT, |id| {
+            let q = q.clone();
+            async move {
+                let Some(q) = q.upgrade() else { return };
+                let still = q
+                    .index
+                    .lock()
+                    .unwrap()
+                    .metas
+                    .get(&id)
+                    .is_some_and(|m| expired_at(&m.state, cutoff_ms));
+                if still {
+                    let _ = q.store.delete(&q.key(&id)).await;
+                }
+            }
+        })
+        .await;
 }
+
+/// Tombstone deletes a sweep keeps in flight.
+const SWEEP_IN_FLIGHT: usize = 8;
 
 #[cfg(test)]
 mod tests {
@@ -582,6 +615,63 @@ mod tests {
             let p = pick_of(&q, 16, rank, false, &format!("s{rank}"));
             assert!(p == "m000" || p == "m001");
         }
+    }
+
+    fn ready_record(id: &str, ts_ms: u64, not_before_ms: u64, w: u64) -> Bytes {
+        let r = Record {
+            header: super::super::message::Header {
+                v: 1,
+                id: id.into(),
+                prio: 0,
+                ts_ms,
+                producer: "p".into(),
+                n: 0,
+                not_before_ms,
+                attempts: 0,
+                state: State::Ready,
+                last_error: None,
+                w,
+            },
+            payload: Bytes::from_static(b"payload"),
+        };
+        Bytes::from(r.encode())
+    }
+
+    #[test]
+    fn the_read_ahead_keeps_the_due_head_and_only_the_bytes_the_index_shows() {
+        let prefix = b"/q/m/";
+        let mut idx = Index::default();
+        let key = |id: &str| Bytes::from(format!("/q/m/{id}"));
+        for i in 0..6u64 {
+            let id = format!("m{i}");
+            // m1 is not due before 10_000.
+            let due = if i == 1 { 10_000 } else { 0 };
+            idx.upsert(prefix, &key(&id), Some(&ready_record(&id, i, due, 0)));
+        }
+        assert_eq!(idx.next_due_after(5_000), Some(10_000));
+        assert_eq!(idx.next_due_after(10_000), None);
+        // As if listed beyond the cache's bounds: nothing kept.
+        idx.cache.clear();
+        idx.cached.clear();
+        idx.cached_bytes = 0;
+        let ids = |v: Vec<Id>| v.iter().map(|id| id.to_string()).collect::<Vec<_>>();
+        assert_eq!(ids(idx.uncached_head(5_000, 4, 3)), ["m0", "m2", "m3"]);
+        assert_eq!(
+            ids(idx.uncached_head(20_000, 4, 8)),
+            ["m0", "m1", "m2", "m3"],
+            "due now, and only the first `ahead`"
+        );
+        // The bytes the index shows are kept; other versions of them are not.
+        assert!(idx.fill("m0", &ready_record("m0", 0, 0, 0)));
+        assert!(!idx.fill("m2", &ready_record("m2", 2, 0, 99)), "another version");
+        assert!(!idx.fill("gone", &ready_record("gone", 0, 0, 0)));
+        assert!(!idx.fill("m0", &ready_record("m0", 0, 0, 0)), "already kept");
+        assert_eq!(idx.bytes("m0"), Some(ready_record("m0", 0, 0, 0)));
+        assert_eq!(ids(idx.uncached_head(5_000, 4, 8)), ["m2", "m3", "m4"]);
+        assert_eq!(idx.cache.len(), idx.cached.len());
+        // Claimed, the delayed one is no longer due at all.
+        idx.upsert(prefix, &key("m1"), None);
+        assert_eq!(idx.next_due_after(5_000), None);
     }
 
     #[test]

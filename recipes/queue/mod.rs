@@ -423,8 +423,8 @@ impl WorkQueue {
         s
     }
 
-    /// The dead letters, with their payloads: those this consumer's index shows, each read
-    /// from the store (in id order).
+    /// The dead letters, with their payloads: those this consumer's index shows, read from
+    /// the store (64 a request, in id order).
     ///
     /// # Errors
     /// The store's errors.
@@ -444,21 +444,22 @@ impl WorkQueue {
             .collect();
         ids.sort();
         let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            let key = q.key(&id);
-            let Some(raw) = q.store.get(&key, Consistency::Linearizable).await? else {
-                continue;
-            };
-            // Redriven (or replaced) since the index showed it: not a dead letter any more.
-            if let Ok(rec) = Record::decode(&key, &raw)
-                && let State::Dead { error } = &rec.header.state
-            {
-                out.push(DeadLetter {
-                    id: rec.header.id.clone(),
-                    attempts: rec.header.attempts,
-                    error: error.clone(),
-                    payload: rec.payload.clone(),
-                });
+        for ids in ids.chunks(64) {
+            let keys: Vec<Bytes> = ids.iter().map(|id| Bytes::from(q.key(id))).collect();
+            let values = q.store.get_many(&keys, Consistency::Linearizable).await?;
+            for (key, raw) in keys.iter().zip(values) {
+                let Some(raw) = raw else { continue };
+                // Redriven (or replaced) since the index showed it: not a dead letter any more.
+                if let Ok(rec) = Record::decode(key, &raw)
+                    && let State::Dead { error } = &rec.header.state
+                {
+                    out.push(DeadLetter {
+                        id: rec.header.id.clone(),
+                        attempts: rec.header.attempts,
+                        error: error.clone(),
+                        payload: rec.payload.clone(),
+                    });
+                }
             }
         }
         Ok(out)

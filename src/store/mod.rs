@@ -203,6 +203,9 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         keys: &[Bytes],
         consistency: Consistency,
     ) -> Result<Vec<Option<Bytes>>> {
+        for key in keys {
+            crate::keys::validate_key(key)?;
+        }
         let mut values = Vec::with_capacity(keys.len());
         for key in keys {
             values.push(self.get(key, consistency).await?);
