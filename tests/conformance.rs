@@ -268,7 +268,10 @@ async fn get_many_answers_in_the_order_asked_with_absent_keys_as_none(f: Fixture
     let (a, b, c) = (f.key("many/a"), f.key("many/b"), f.key("many/c"));
     s.put(&c, b"vc").await.unwrap();
     s.put(&a, b"va").await.unwrap();
-    let keys: Vec<Bytes> = [&c, &b, &a, &c].iter().map(|k| Bytes::from(k.to_vec())).collect();
+    let keys: Vec<Bytes> = [&c, &b, &a, &c]
+        .iter()
+        .map(|k| Bytes::from(k.to_vec()))
+        .collect();
     for consistency in [Consistency::Linearizable, Consistency::Lease] {
         let got = s.get_many(&keys, consistency).await.unwrap();
         let want: Vec<Option<&[u8]>> = vec![Some(b"vc"), None, Some(b"va"), Some(b"vc")];
@@ -285,7 +288,10 @@ async fn get_many_answers_in_the_order_asked_with_absent_keys_as_none(f: Fixture
             .is_empty()
     );
     let bad = [Bytes::from(a.to_vec()), Bytes::new()];
-    let err = s.get_many(&bad, Consistency::Linearizable).await.unwrap_err();
+    let err = s
+        .get_many(&bad, Consistency::Linearizable)
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::InvalidKey { .. }), "{err}");
 }
 

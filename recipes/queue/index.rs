@@ -235,11 +235,7 @@ impl Index {
         }
         self.ready
             .iter()
-            .filter(|(_, id)| {
-                self.metas
-                    .get(id)
-                    .is_some_and(|m| m.not_before_ms <= now)
-            })
+            .filter(|(_, id)| self.metas.get(id).is_some_and(|m| m.not_before_ms <= now))
             .take(ahead)
             .filter(|(_, id)| !self.cache.contains_key(id))
             .take(max)
@@ -453,11 +449,12 @@ pub(super) async fn prefetch(q: std::sync::Weak<Inner>, changed: Arc<tokio::sync
         tokio::pin!(notified);
         notified.as_mut().enable();
         let Some(inner) = q.upgrade() else { return };
-        let want = inner
-            .index
-            .lock()
-            .unwrap()
-            .uncached_head(now_ms(), PREFETCH_AHEAD, PREFETCH_BATCH);
+        let want =
+            inner
+                .index
+                .lock()
+                .unwrap()
+                .uncached_head(now_ms(), PREFETCH_AHEAD, PREFETCH_BATCH);
         if want.is_empty() {
             drop(inner);
             notified.await;
@@ -663,9 +660,15 @@ mod tests {
         );
         // The bytes the index shows are kept; other versions of them are not.
         assert!(idx.fill("m0", &ready_record("m0", 0, 0, 0)));
-        assert!(!idx.fill("m2", &ready_record("m2", 2, 0, 99)), "another version");
+        assert!(
+            !idx.fill("m2", &ready_record("m2", 2, 0, 99)),
+            "another version"
+        );
         assert!(!idx.fill("gone", &ready_record("gone", 0, 0, 0)));
-        assert!(!idx.fill("m0", &ready_record("m0", 0, 0, 0)), "already kept");
+        assert!(
+            !idx.fill("m0", &ready_record("m0", 0, 0, 0)),
+            "already kept"
+        );
         assert_eq!(idx.bytes("m0"), Some(ready_record("m0", 0, 0, 0)));
         assert_eq!(ids(idx.uncached_head(5_000, 4, 8)), ["m2", "m3", "m4"]);
         assert_eq!(idx.cache.len(), idx.cached.len());
