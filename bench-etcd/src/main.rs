@@ -20,7 +20,7 @@ use clap::Parser;
 use dcoord::election::Election;
 use dcoord::engine::{ClusterOptions, EmbeddedNode, LocalCluster};
 use dcoord::lock::Mutex;
-use dcoord::queue::{EnqueueOptions, Message, QueueOptions, WorkQueue};
+use dcoord::queue::{EnqueueOptions, Message, Producer, QueueOptions, WorkQueue};
 use dcoord::reconcile::{Mirror, MirrorOptions};
 use dcoord::semaphore::Semaphore;
 use dcoord::session::{Session, SessionOptions};
@@ -954,17 +954,14 @@ async fn queue(sys: &Sys, m: usize, in_flight: usize, tag: &str) -> Res<(Vec<Dur
             }
             Ok(handles)
         };
-        let producer_queue = match sys {
-            Sys::Dcoord(s) => {
-                let session = Session::start(s.clone(), SessionOptions::default()).await?;
-                let q = WorkQueue::open(&session, &name, QueueOptions::default()).await?;
-                Some((session, q))
-            }
+        // dcoord's producer handle: no session, no index of the queue (as etcd's plain put).
+        let producer = match sys {
+            Sys::Dcoord(s) => Some(Producer::new(s.clone(), &name)?),
             Sys::Etcd(_) => None,
         };
         let enqueue = |i: usize| {
             let id = produce(i);
-            let q = producer_queue.as_ref().map(|(_, q)| q.clone());
+            let q = producer.clone();
             let c = match sys {
                 Sys::Etcd(c) => Some(c.clone()),
                 Sys::Dcoord(_) => None,
@@ -1354,7 +1351,7 @@ async fn main() -> Res<()> {
         sections.push(Section {
         title: "(e) Work queue, 2 consumers".into(),
         how: format!(
-            "{m} messages per round, 2 rounds; one producer with {} enqueues in flight, 2 consumers, 4 in flight each. dcoord: `queue::WorkQueue` (durable claim with a visibility lease, ack, retries, dead letters: at-least-once, 2 writes per message); etcd: a txn-claim queue (keys under a prefix; a consumer claims by a txn `version > 0 → delete`: 1 write, and a message whose consumer crashes is lost).",
+            "{m} messages per round, 2 rounds; one producer with {} enqueues in flight, 2 consumers, 4 in flight each. dcoord: a `queue::Producer` (a plain create, no session), `queue::WorkQueue` consumers (durable claim with a visibility lease, ack, retries, dead letters: at-least-once, 2 writes per message); etcd: a txn-claim queue (keys under a prefix; a consumer claims by a txn `version > 0 → delete`: 1 write, and a message whose consumer crashes is lost).",
             args.producer_in_flight
         ),
         rows,
