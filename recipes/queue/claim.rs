@@ -153,7 +153,11 @@ impl Inner {
             };
             tried.insert(id.clone());
             if let Some(d) = self
-                .try_claim(&id, |rec| matches!(rec.header.state, State::Ready))
+                // The bytes claimed from can be newer than the index (read now): a nacked
+                // message in its backoff is not taken early.
+                .try_claim(&id, |rec| {
+                    matches!(rec.header.state, State::Ready) && rec.header.not_before_ms <= now
+                })
                 .await?
             {
                 return Ok(Some(d));

@@ -2,7 +2,7 @@
 //! it.
 //!
 //! The index holds what claiming needs of each message and no payload: its id, place in the
-//! order, state, due time and a hash of its record's bytes (about 200 bytes a message, whatever
+//! order, state, due time and a hash of its record's bytes (about 230 bytes a message, whatever
 //! the payload's size). The bytes of the oldest ready messages, up to [`CACHE_ENTRIES`] of them
 //! and [`CACHE_BYTES`] in all, are kept too: from the events and lists that carried them, and
 //! read ahead by [`prefetch`] for the first [`PREFETCH_AHEAD`] ready messages, several keys a
@@ -97,20 +97,31 @@ pub(super) fn version_of(raw: &[u8]) -> u64 {
     h.finish()
 }
 
+/// FNV-1a of `parts`, one after the other: a hash every consumer computes alike, whatever
+/// its build (std's `DefaultHasher` promises no stable algorithm across Rust releases).
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in *part {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        // A separator, so ("ab", "c") and ("a", "bc") differ.
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
 /// Which consumer's share a message is in (modulo the number of consumers): the same for all.
 fn share_of(id: &str) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    id.hash(&mut h);
-    h.finish()
+    fnv1a(&[id.as_bytes()])
 }
 
 /// A consumer's preference among the head of the queue: a hash of its session and the id
 /// (different consumers prefer different messages).
 fn spread_rank(session: &str, id: &str) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    session.hash(&mut h);
-    id.hash(&mut h);
-    h.finish()
+    fnv1a(&[session.as_bytes(), id.as_bytes()])
 }
 
 /// Which message a consumer claims next, of the `eligible` ready ones (in order). Alone and
@@ -195,18 +206,26 @@ impl Index {
         if raw.len() > CACHE_BYTES {
             return;
         }
-        let full = |idx: &Index| {
-            idx.cache.len() >= CACHE_ENTRIES || idx.cached_bytes + raw.len() > CACHE_BYTES
+        // The younger entries it would push out, if it fits once they are gone.
+        let fits = |entries: usize, bytes: usize| {
+            entries < CACHE_ENTRIES && bytes + raw.len() <= CACHE_BYTES
         };
-        while full(self) {
-            match self.cached.last() {
-                Some((youngest, _)) if *youngest > order => {
-                    let (_, gone) = self.cached.pop_last().expect("not empty");
-                    if let Some(b) = self.cache.remove(&gone) {
-                        self.cached_bytes -= b.len();
-                    }
-                }
-                _ => return,
+        let (mut entries, mut bytes, mut evict) = (self.cache.len(), self.cached_bytes, 0);
+        for (o, id) in self.cached.iter().rev() {
+            if fits(entries, bytes) || *o <= order {
+                break;
+            }
+            entries -= 1;
+            bytes -= self.cache.get(id).map_or(0, Bytes::len);
+            evict += 1;
+        }
+        if !fits(entries, bytes) {
+            return;
+        }
+        for _ in 0..evict {
+            let (_, gone) = self.cached.pop_last().expect("counted above");
+            if let Some(b) = self.cache.remove(&gone) {
+                self.cached_bytes -= b.len();
             }
         }
         // A copy: `raw` can be a slice of a much larger buffer (a scan's).
@@ -229,12 +248,20 @@ impl Index {
 
     /// Up to `max` of the first `ahead` due ready messages whose bytes are not kept here,
     /// oldest first.
+    ///
+    /// With the cache nearly full (by entries or bytes), only messages older than its youngest
+    /// one: a younger one's bytes would be refused, and reading them again on every change
+    /// would be a busy loop. At most `4 * ahead` ready messages are looked at.
     fn uncached_head(&self, now: u64, ahead: usize, max: usize) -> Vec<Id> {
-        if self.cache.len() >= CACHE_ENTRIES {
-            return Vec::new();
-        }
+        let nearly_full = self.cache.len() + max >= CACHE_ENTRIES
+            || self.cached_bytes + CACHE_BYTES / 8 >= CACHE_BYTES;
+        let younger_than = nearly_full
+            .then(|| self.cached.last().map(|(o, _)| *o))
+            .flatten();
         self.ready
             .iter()
+            .take(ahead.saturating_mul(4))
+            .take_while(|(o, _)| younger_than.is_none_or(|y| *o < y))
             .filter(|(_, id)| self.metas.get(id).is_some_and(|m| m.not_before_ms <= now))
             .take(ahead)
             .filter(|(_, id)| !self.cache.contains_key(id))
@@ -312,7 +339,9 @@ impl Index {
             .strip_prefix(prefix)
             .and_then(|s| std::str::from_utf8(s).ok())
         else {
-            if self.undecodable.insert(key.clone()) {
+            if raw.is_none() {
+                self.undecodable.remove(key);
+            } else if self.undecodable.insert(key.clone()) {
                 tracing::warn!(key = %crate::error::show(key), "skipping a key in a queue");
             }
             return;
@@ -342,7 +371,10 @@ impl Index {
                 if h.not_before_ms > 0 {
                     self.delayed.insert((h.not_before_ms, id.clone()));
                 }
-                self.cache(&id, order, raw);
+                // Not yet due (delayed, or in its backoff): kept once due, by the read-ahead.
+                if h.not_before_ms <= now_ms() {
+                    self.cache(&id, order, raw);
+                }
                 Slim::Ready
             }
             State::Claimed { session } => {
@@ -371,7 +403,7 @@ impl Index {
 pub(super) async fn maintain(q: std::sync::Weak<Inner>, mut events: Watcher) {
     let mut janitor = tokio::time::interval(Duration::from_secs(60));
     janitor.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut sweep: Option<tokio::task::JoinHandle<()>> = None;
+    let mut sweep: Option<AbortOnDrop> = None;
     // A relist being built, installed at its `InitDone`.
     let mut relist: Option<Index> = None;
     loop {
@@ -413,7 +445,7 @@ pub(super) async fn maintain(q: std::sync::Weak<Inner>, mut events: Watcher) {
             }
             _ = janitor.tick() => {
                 let Some(inner) = q.upgrade() else { return };
-                if sweep.as_ref().is_some_and(|t| !t.is_finished()) {
+                if sweep.as_ref().is_some_and(|t| !t.0.is_finished()) {
                     continue;
                 }
                 let now = now_ms();
@@ -434,7 +466,7 @@ pub(super) async fn maintain(q: std::sync::Weak<Inner>, mut events: Watcher) {
                 };
                 // In a task of its own: a sweep of many tombstones on a slow store takes
                 // seconds, and the index must keep up with the changes meanwhile.
-                sweep = Some(tokio::spawn(sweep_tombstones(q.clone(), expired, cutoff)));
+                sweep = Some(AbortOnDrop(tokio::spawn(sweep_tombstones(q.clone(), expired, cutoff))));
             }
         }
     }
@@ -485,6 +517,15 @@ pub(super) async fn prefetch(q: std::sync::Weak<Inner>, changed: Arc<tokio::sync
                 let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
             }
         }
+    }
+}
+
+/// A task that ends with its owner: the sweep must not outlive the queue's maintainer.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -675,6 +716,54 @@ mod tests {
         // Claimed, the delayed one is no longer due at all.
         idx.upsert(prefix, &key("m1"), None);
         assert_eq!(idx.next_due_after(5_000), None);
+    }
+
+    #[test]
+    fn the_cache_evicts_only_to_make_room_and_the_read_ahead_stops_where_it_would_be_refused() {
+        let prefix = b"/q/m/";
+        let mut idx = Index::default();
+        let key = |id: &str| Bytes::from(format!("/q/m/{id}"));
+        let msg = |id: &str, ts: u64, size: usize| {
+            let mut r = Record::decode(b"/q/m/x", &ready_record(id, ts, 0, 0)).unwrap();
+            r.payload = Bytes::from(vec![0u8; size]);
+            Bytes::from(r.encode())
+        };
+        let quarter = CACHE_BYTES / 4 - 512;
+        for (id, ts) in [("old", 2), ("b0", 100), ("b1", 101)] {
+            idx.upsert(prefix, &key(id), Some(&msg(id, ts, quarter)));
+        }
+        assert_eq!(idx.cache.len(), 3);
+        // Older than b0 and b1, but it does not fit even once they are gone: nothing evicted.
+        idx.upsert(
+            prefix,
+            &key("mid"),
+            Some(&msg("mid", 50, 3 * quarter + 2048)),
+        );
+        assert!(idx.bytes("mid").is_none());
+        assert!(idx.bytes("b0").is_some() && idx.bytes("b1").is_some());
+        // Fits once the youngest (b1) goes: b1 makes room, b0 stays.
+        idx.upsert(
+            prefix,
+            &key("mid2"),
+            Some(&msg("mid2", 60, 2 * quarter - 2048)),
+        );
+        assert!(idx.bytes("mid2").is_some());
+        assert!(idx.bytes("b1").is_none() && idx.bytes("b0").is_some());
+        assert!(idx.cached_bytes <= CACHE_BYTES);
+        assert_eq!(idx.cache.len(), idx.cached.len());
+        // The cache is nearly full (the younger y* do not fit): read ahead only what is older
+        // than its youngest (b0).
+        for i in 0..4u64 {
+            let id = format!("y{i}");
+            idx.upsert(prefix, &key(&id), Some(&msg(&id, 1000 + i, 8192)));
+        }
+        assert!(idx.cached_bytes + CACHE_BYTES / 8 >= CACHE_BYTES);
+        let ids = |v: Vec<Id>| v.iter().map(|id| id.to_string()).collect::<Vec<_>>();
+        assert_eq!(ids(idx.uncached_head(5_000, 64, 64)), ["mid"]);
+        // A deleted key that is not UTF-8 leaves nothing behind.
+        idx.upsert(prefix, &Bytes::from_static(b"/q/m/\xff"), None);
+        assert!(idx.undecodable.is_empty());
+        assert_ne!(fnv1a(&[b"ab", b"c"]), fnv1a(&[b"a", b"bc"]));
     }
 
     #[test]

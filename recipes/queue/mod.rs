@@ -17,7 +17,8 @@
 //! oldest ready messages (2 MiB in all). Those arrive with the watch's events and lists, and a
 //! read-ahead task keeps the first 512 due ones filled (one multi-key read for up to 64), so a
 //! claim needs no read of its own; a claim that finds no bytes kept reads the message first.
-//! Expired tombstones are deleted by the consumers claiming, each taking its share.
+//! Each open consumer deletes its share of the expired tombstones, shared as claims are (among
+//! the consumers seen claiming in the last lease; with none seen, each deletes them all).
 //!
 //! # Guarantees
 //! - `enqueue` is durable when it returns and idempotent by message id: a retried enqueue of an
@@ -47,6 +48,9 @@
 //!   effect, before the ack). Use [`Message::once`] / [`Message::effect_once`], or make effects
 //!   idempotent by message id.
 //! - Delays and backoff are measured on wall clocks (producer's and consumer's): approximate.
+//! - Reusing an id once its tombstone has expired: an enqueue that races the tombstone's sweep
+//!   can be deleted with it (the check and the delete are two steps; the store has no
+//!   conditional delete). Retries of an enqueue within `retention` are safe.
 //! - Scale without bound: a consumer's memory grows with the number of messages under the
 //!   queue (pending, dead, and acked within `retention`), about 230 bytes each, and opening
 //!   one (and each periodic rescan) lists them all, payloads included (on the store's side

@@ -111,10 +111,12 @@ impl Store for EmbeddedStore {
                 keys::validate_key(key)?;
             }
             self.check_running()?;
-            self.client
+            let values = self
+                .client
                 .get_multi_with_consistency(keys, consistency.policy())
                 .await
-                .map_err(|e| self.map_err("get_many", None, e))
+                .map_err(|e| self.map_err("get_many", None, e))?;
+            super::aligned("get_many", keys.len(), values)
         })
         .await
     }

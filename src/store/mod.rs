@@ -240,6 +240,23 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 }
 
 /// Rounds a TTL up to whole seconds, rejecting zero (d-engine treats 0 as "no TTL").
+/// Checks that a multi-key read answered one value per key asked (both d-engine clients realign
+/// the server's sparse answer; a short one would silently drop keys).
+pub(crate) fn aligned(
+    op: &'static str,
+    asked: usize,
+    values: Vec<Option<Bytes>>,
+) -> Result<Vec<Option<Bytes>>> {
+    if values.len() == asked {
+        return Ok(values);
+    }
+    Err(crate::Error::Engine {
+        op,
+        message: format!("{} values for {asked} keys", values.len()),
+        source: None,
+    })
+}
+
 pub(crate) fn ttl_secs(ttl: Duration) -> Result<u64> {
     if ttl.is_zero() {
         return Err(crate::Error::InvalidArgument(

@@ -560,13 +560,15 @@ impl Store for RemoteStore {
             for key in keys {
                 keys::validate_key(key)?;
             }
-            self.retry("get_many", None, |c| async move {
-                let entries = c
-                    .get_multi_with_policy(keys, Some(consistency.policy()))
-                    .await?;
-                Ok(entries.into_iter().map(|e| e.map(|e| e.value)).collect())
-            })
-            .await
+            let values = self
+                .retry("get_many", None, |c| async move {
+                    let entries = c
+                        .get_multi_with_policy(keys, Some(consistency.policy()))
+                        .await?;
+                    Ok(entries.into_iter().map(|e| e.map(|e| e.value)).collect())
+                })
+                .await?;
+            super::aligned("get_many", keys.len(), values)
         })
         .await
     }
