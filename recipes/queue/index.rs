@@ -655,7 +655,14 @@ mod tests {
         }
     }
 
-    fn ready_record(id: &str, ts_ms: u64, not_before_ms: u64, w: u64) -> Bytes {
+    fn record(
+        id: &str,
+        state: State,
+        ts_ms: u64,
+        not_before_ms: u64,
+        w: u64,
+        payload: &[u8],
+    ) -> Bytes {
         let r = Record {
             header: super::super::message::Header {
                 v: 1,
@@ -666,13 +673,17 @@ mod tests {
                 n: 0,
                 not_before_ms,
                 attempts: 0,
-                state: State::Ready,
+                state,
                 last_error: None,
                 w,
             },
-            payload: Bytes::from_static(b"payload"),
+            payload: Bytes::copy_from_slice(payload),
         };
         Bytes::from(r.encode())
+    }
+
+    fn ready_record(id: &str, ts_ms: u64, not_before_ms: u64, w: u64) -> Bytes {
+        record(id, State::Ready, ts_ms, not_before_ms, w, b"payload")
     }
 
     #[test]
@@ -770,25 +781,7 @@ mod tests {
     fn the_index_keeps_no_payload_beyond_its_cache_and_follows_states() {
         let prefix = b"/q/m/";
         let mut idx = Index::default();
-        let rec = |id: &str, state: State, payload: &[u8]| {
-            let r = Record {
-                header: super::super::message::Header {
-                    v: 1,
-                    id: id.into(),
-                    prio: 0,
-                    ts_ms: 1,
-                    producer: "p".into(),
-                    n: 0,
-                    not_before_ms: 0,
-                    attempts: 0,
-                    state,
-                    last_error: None,
-                    w: 0,
-                },
-                payload: Bytes::copy_from_slice(payload),
-            };
-            Bytes::from(r.encode())
-        };
+        let rec = |id: &str, state: State, payload: &[u8]| record(id, state, 1, 0, 0, payload);
         let key = Bytes::from_static(b"/q/m/a");
         let ready = rec("a", State::Ready, b"hello");
         idx.upsert(prefix, &key, Some(&ready));

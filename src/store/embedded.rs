@@ -103,13 +103,10 @@ impl Store for EmbeddedStore {
         keys: &[Bytes],
         consistency: Consistency,
     ) -> Result<Vec<Option<Bytes>>> {
-        let Some(first) = keys.first() else {
+        let Some(first) = super::check_keys(keys)? else {
             return Ok(Vec::new());
         };
         super::observed("embedded", "get_many", first, async {
-            for key in keys {
-                keys::validate_key(key)?;
-            }
             self.check_running()?;
             let values = self
                 .client

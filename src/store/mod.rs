@@ -203,9 +203,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         keys: &[Bytes],
         consistency: Consistency,
     ) -> Result<Vec<Option<Bytes>>> {
-        for key in keys {
-            crate::keys::validate_key(key)?;
-        }
+        check_keys(keys)?;
         let mut values = Vec::with_capacity(keys.len());
         for key in keys {
             values.push(self.get(key, consistency).await?);
@@ -240,6 +238,14 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 }
 
 /// Rounds a TTL up to whole seconds, rejecting zero (d-engine treats 0 as "no TTL").
+/// Checks every key of a multi-key read; returns the first (`None`: no keys, nothing to ask).
+pub(crate) fn check_keys(keys: &[Bytes]) -> Result<Option<&Bytes>> {
+    for key in keys {
+        crate::keys::validate_key(key)?;
+    }
+    Ok(keys.first())
+}
+
 /// Checks that a multi-key read answered one value per key asked (both d-engine clients realign
 /// the server's sparse answer; a short one would silently drop keys).
 pub(crate) fn aligned(

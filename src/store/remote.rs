@@ -553,13 +553,10 @@ impl Store for RemoteStore {
         keys: &[Bytes],
         consistency: Consistency,
     ) -> Result<Vec<Option<Bytes>>> {
-        let Some(first) = keys.first() else {
+        let Some(first) = super::check_keys(keys)? else {
             return Ok(Vec::new());
         };
         super::observed("remote", "get_many", first, async {
-            for key in keys {
-                keys::validate_key(key)?;
-            }
             let values = self
                 .retry("get_many", None, |c| async move {
                     let entries = c
