@@ -161,8 +161,25 @@ async fn the_library_series_move_as_the_recipes_run() {
         tokio::spawn(async move { lock.acquire().await.unwrap() })
     };
     common::until(|| handle.render().contains("dcoord_watch_relists_total")).await;
+    // Announced, and seen by the releasing handle's mirror of the lock (the same shared
+    // mirror in this process): a release takes in the arrivals its mirror shows, so one it
+    // does not see yet leaves the lock free, and the waiter takes it without a handoff (seen
+    // on a loaded host).
+    let base = format!("{}locks/m-lock/", session.root());
+    let arrivals = format!("{base}w/");
+    let mirror = dcoord::reconcile::Mirror::shared(
+        session.store().clone(),
+        dcoord::store::WatchTarget::prefix(base),
+        dcoord::reconcile::MirrorOptions::default(),
+    );
     tokio::time::timeout(Duration::from_secs(10), async {
-        while lock.info().await.unwrap().waiters.is_empty() {
+        while lock.info().await.unwrap().waiters.is_empty()
+            || mirror
+                .snapshot()
+                .with_prefix(arrivals.as_bytes())
+                .next()
+                .is_none()
+        {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
