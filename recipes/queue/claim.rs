@@ -130,8 +130,7 @@ impl Inner {
             let contended = self.contended();
             let candidate = {
                 let mut idx = self.index.lock().unwrap();
-                let consumers = idx.consumers(&me, now, within);
-                let rank = consumers.iter().position(|c| *c == me).unwrap_or(0);
+                let (consumers, rank) = idx.share(&me, now, within);
                 let idx = &*idx;
                 // Claimed by us from bytes the index still shows: not claimable again.
                 let stale = self.claimed_from.lock().unwrap();
@@ -146,7 +145,7 @@ impl Inner {
                             && !self.session.owns(&self.key(id))
                     })
                     .map(|(o, id)| (o, id));
-                pick(eligible, consumers.len(), rank, contended, &me).cloned()
+                pick(eligible, consumers, rank, contended, &me).cloned()
             };
             let Some(id) = candidate else {
                 return Ok(None);

@@ -35,8 +35,9 @@ pub(super) const CACHE_BYTES: usize = 2 << 20;
 /// How many of the oldest due ready messages [`prefetch`] keeps the bytes of.
 pub(super) const PREFETCH_AHEAD: usize = 512;
 
-/// At most this many keys are read in one request of [`prefetch`].
-const PREFETCH_BATCH: usize = 64;
+/// At most this many keys are read in one request (of [`prefetch`], and of the dead letters'
+/// listing).
+pub(super) const READ_BATCH: usize = 64;
 
 /// A message's id (its key without the queue's prefix).
 pub(super) type Id = Arc<str>;
@@ -234,16 +235,19 @@ impl Index {
         self.cached_bytes += raw.len();
     }
 
-    /// The consumers seen claiming within `within_ms` (and `me`), sorted; forgets older ones.
-    pub(super) fn consumers(&mut self, me: &str, now: u64, within_ms: u64) -> Vec<String> {
+    /// How the work is shared: the number of consumers seen claiming within `within_ms` (and
+    /// `me`), and `me`'s rank among them (by session id); forgets older ones. Claims and the
+    /// tombstone sweep are split by it ([`share_of`] modulo the number).
+    pub(super) fn share(&mut self, me: &str, now: u64, within_ms: u64) -> (usize, usize) {
         self.claimers
             .retain(|_, at| now.saturating_sub(*at) < within_ms);
-        let mut all: Vec<String> = self.claimers.keys().cloned().collect();
+        let mut all: Vec<&str> = self.claimers.keys().map(String::as_str).collect();
         if !self.claimers.contains_key(me) {
-            all.push(me.to_string());
+            all.push(me);
         }
         all.sort_unstable();
-        all
+        let rank = all.iter().position(|c| *c == me).unwrap_or(0);
+        (all.len(), rank)
     }
 
     /// Up to `max` of the first `ahead` due ready messages whose bytes are not kept here,
@@ -456,11 +460,9 @@ pub(super) async fn maintain(q: std::sync::Weak<Inner>, mut events: Watcher) {
                 // claiming drops out of the others' count a lease later, and its share with it.
                 let expired: Vec<Id> = {
                     let mut idx = inner.index.lock().unwrap();
-                    let consumers = idx.consumers(&me, now, within);
-                    let n = consumers.len() as u64;
-                    let rank = consumers.iter().position(|c| *c == me).unwrap_or(0) as u64;
+                    let (n, rank) = idx.share(&me, now, within);
                     idx.metas.iter()
-                        .filter(|(id, m)| expired_at(&m.state, cutoff) && share_of(id) % n == rank)
+                        .filter(|(id, m)| expired_at(&m.state, cutoff) && share_of(id) % n as u64 == rank as u64)
                         .map(|(id, _)| id.clone())
                         .collect()
                 };
@@ -473,7 +475,7 @@ pub(super) async fn maintain(q: std::sync::Weak<Inner>, mut events: Watcher) {
 }
 
 /// Keeps the bytes of the first [`PREFETCH_AHEAD`] due ready messages in the index's cache,
-/// reading those it lacks ([`PREFETCH_BATCH`] keys a request), whenever the index changes
+/// reading those it lacks ([`READ_BATCH`] keys a request), whenever the index changes
 /// (`changed`). Ends when the queue is dropped; it holds the queue only while it reads.
 pub(super) async fn prefetch(q: std::sync::Weak<Inner>, changed: Arc<tokio::sync::Notify>) {
     loop {
@@ -481,12 +483,11 @@ pub(super) async fn prefetch(q: std::sync::Weak<Inner>, changed: Arc<tokio::sync
         tokio::pin!(notified);
         notified.as_mut().enable();
         let Some(inner) = q.upgrade() else { return };
-        let want =
-            inner
-                .index
-                .lock()
-                .unwrap()
-                .uncached_head(now_ms(), PREFETCH_AHEAD, PREFETCH_BATCH);
+        let want = inner
+            .index
+            .lock()
+            .unwrap()
+            .uncached_head(now_ms(), PREFETCH_AHEAD, READ_BATCH);
         if want.is_empty() {
             drop(inner);
             notified.await;

@@ -451,7 +451,7 @@ impl WorkQueue {
             .collect();
         ids.sort();
         let mut out = Vec::with_capacity(ids.len());
-        for ids in ids.chunks(64) {
+        for ids in ids.chunks(index::READ_BATCH) {
             let keys: Vec<Bytes> = ids.iter().map(|id| Bytes::from(q.key(id))).collect();
             let values = q.store.get_many(&keys, Consistency::Linearizable).await?;
             for (key, raw) in keys.iter().zip(values) {

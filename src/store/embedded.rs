@@ -103,17 +103,12 @@ impl Store for EmbeddedStore {
         keys: &[Bytes],
         consistency: Consistency,
     ) -> Result<Vec<Option<Bytes>>> {
-        let Some(first) = super::check_keys(keys)? else {
-            return Ok(Vec::new());
-        };
-        super::observed("embedded", "get_many", first, async {
+        super::read_many("embedded", keys, async {
             self.check_running()?;
-            let values = self
-                .client
+            self.client
                 .get_multi_with_consistency(keys, consistency.policy())
                 .await
-                .map_err(|e| self.map_err("get_many", None, e))?;
-            super::aligned("get_many", keys.len(), values)
+                .map_err(|e| self.map_err("get_many", None, e))
         })
         .await
     }

@@ -238,29 +238,39 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 }
 
 /// Rounds a TTL up to whole seconds, rejecting zero (d-engine treats 0 as "no TTL").
-/// Checks every key of a multi-key read; returns the first (`None`: no keys, nothing to ask).
-pub(crate) fn check_keys(keys: &[Bytes]) -> Result<Option<&Bytes>> {
-    for key in keys {
-        crate::keys::validate_key(key)?;
-    }
-    Ok(keys.first())
+/// Checks every key of a multi-key read.
+fn check_keys(keys: &[Bytes]) -> Result<()> {
+    keys.iter()
+        .try_for_each(|key| crate::keys::validate_key(key))
 }
 
-/// Checks that a multi-key read answered one value per key asked (both d-engine clients realign
+/// A backend's `get_many`: the keys checked (no keys: no request), `read` observed as one
+/// store call, and its answer checked to hold one value per key (both d-engine clients realign
 /// the server's sparse answer; a short one would silently drop keys).
-pub(crate) fn aligned(
-    op: &'static str,
-    asked: usize,
-    values: Vec<Option<Bytes>>,
-) -> Result<Vec<Option<Bytes>>> {
-    if values.len() == asked {
-        return Ok(values);
-    }
-    Err(crate::Error::Engine {
-        op,
-        message: format!("{} values for {asked} keys", values.len()),
-        source: None,
+pub(crate) async fn read_many<F>(
+    store: &'static str,
+    keys: &[Bytes],
+    read: F,
+) -> Result<Vec<Option<Bytes>>>
+where
+    F: Future<Output = Result<Vec<Option<Bytes>>>>,
+{
+    check_keys(keys)?;
+    let Some(first) = keys.first() else {
+        return Ok(Vec::new());
+    };
+    observed(store, "get_many", first, async {
+        let values = read.await?;
+        if values.len() != keys.len() {
+            return Err(crate::Error::Engine {
+                op: "get_many",
+                message: format!("{} values for {} keys", values.len(), keys.len()),
+                source: None,
+            });
+        }
+        Ok(values)
     })
+    .await
 }
 
 pub(crate) fn ttl_secs(ttl: Duration) -> Result<u64> {

@@ -553,20 +553,16 @@ impl Store for RemoteStore {
         keys: &[Bytes],
         consistency: Consistency,
     ) -> Result<Vec<Option<Bytes>>> {
-        let Some(first) = super::check_keys(keys)? else {
-            return Ok(Vec::new());
-        };
-        super::observed("remote", "get_many", first, async {
-            let values = self
-                .retry("get_many", None, |c| async move {
-                    let entries = c
-                        .get_multi_with_policy(keys, Some(consistency.policy()))
-                        .await?;
-                    Ok(entries.into_iter().map(|e| e.map(|e| e.value)).collect())
-                })
-                .await?;
-            super::aligned("get_many", keys.len(), values)
-        })
+        super::read_many(
+            "remote",
+            keys,
+            self.retry("get_many", None, |c| async move {
+                let entries = c
+                    .get_multi_with_policy(keys, Some(consistency.policy()))
+                    .await?;
+                Ok(entries.into_iter().map(|e| e.map(|e| e.value)).collect())
+            }),
+        )
         .await
     }
 
