@@ -56,9 +56,12 @@ use crate::error::{Result, show};
 
 mod cas;
 mod embedded;
+mod group;
 mod remote;
+pub mod txn;
 
 pub use cas::{Cas, Settled};
+pub use txn::{Expect, TxnOp};
 pub use embedded::EmbeddedStore;
 pub use remote::{RemoteOptions, RemoteStore};
 
@@ -229,6 +232,22 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         expected: Option<&[u8]>,
         new: &[u8],
     ) -> Result<bool>;
+
+    /// Applies `ops` as one write: if every op's [`Expect`] holds, every op's write is applied
+    /// (in one Raft entry, at one revision, one watch event per op) and this returns true;
+    /// otherwise nothing is written, no event is emitted, and this returns false. See
+    /// [`txn`] for the limits and the wire form.
+    ///
+    /// The default (a store without transactions) returns [`crate::Error::Engine`] after
+    /// checking the ops; callers that only batch for speed then send the ops one by one.
+    async fn transact(&self, ops: &[TxnOp]) -> Result<bool> {
+        txn::check(ops)?;
+        Err(crate::Error::Engine {
+            op: "transact",
+            message: format!("{self:?} has no transactions"),
+            source: None,
+        })
+    }
 
     /// All entries whose key starts with `prefix`, and the revision they reflect.
     async fn scan_prefix(&self, prefix: &[u8]) -> Result<Scan>;

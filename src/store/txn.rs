@@ -1,0 +1,345 @@
+//! Multi-key write transactions ([`Store::transact`]) and their wire form.
+//!
+//! A transaction is a list of [`TxnOp`]s: each names a key, what the key must hold
+//! ([`Expect`]) and what to write (a value, or a delete). It applies as ONE Raft entry: either
+//! every expectation holds and every write is applied, at one revision, or nothing is written.
+//!
+//! # Wire form
+//! d-engine 0.2.4 has no multi-op command, so a transaction travels as a compare-and-swap of
+//! the reserved key [`TXN_KEY`] whose expected value is [`TXN_MAGIC`] and whose new value is
+//! the encoded op list. dcoord's state machine recognises it and applies the ops instead; a
+//! state machine that does not (stock d-engine) sees a CAS of an absent key that expects a
+//! value, refuses it and writes nothing. dcoord's patch to d-engine-core turns the entry into
+//! one watch event per op (see `patches/`).
+//!
+//! Encoding (big-endian): `b'T'`, version `1`, op count `u32`; per op a flags byte (bits 0-1:
+//! 0 any, 1 absent, 2 value; bit 2: writes a value, else deletes), `u32` key length and key,
+//! then the expected value (`u32` length and bytes) if bit 1 is set, then the new value
+//! (`u32` length and bytes) if bit 2 is set. The patch to d-engine-core decodes the same form.
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+
+use crate::error::{Error, Result, show};
+use crate::keys;
+
+/// The reserved key a transaction is sent as (never a user key: it starts with a NUL byte).
+pub const TXN_KEY: &[u8] = b"\0dcoord/txn";
+/// The expected value of a transaction's CAS: no stored key holds it, so a state machine that
+/// does not know transactions refuses them.
+pub const TXN_MAGIC: &[u8] = b"\0dcoord/txn/v1";
+/// Most ops in one transaction.
+pub const MAX_TXN_OPS: usize = 1024;
+
+const TAG: u8 = b'T';
+const VERSION: u8 = 1;
+const EXPECT_MASK: u8 = 0b11;
+const WRITES: u8 = 0b100;
+
+/// What a key must hold for a transaction to apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expect {
+    /// Anything, or nothing.
+    Any,
+    /// Nothing: the key is absent.
+    Absent,
+    /// Exactly these bytes.
+    Value(Bytes),
+}
+
+impl Expect {
+    /// `None`: absent; `Some(v)`: exactly `v` (the convention of [`Store::compare_and_swap`]).
+    pub fn from_option(expected: Option<&[u8]>) -> Self {
+        match expected {
+            None => Expect::Absent,
+            Some(v) => Expect::Value(Bytes::copy_from_slice(v)),
+        }
+    }
+
+    /// Whether `current` (the stored value, `None` when absent) meets this expectation.
+    pub fn holds(&self, current: Option<&[u8]>) -> bool {
+        match (self, current) {
+            (Expect::Any, _) | (Expect::Absent, None) => true,
+            (Expect::Value(v), Some(c)) => v.as_ref() == c,
+            _ => false,
+        }
+    }
+}
+
+/// One op of a transaction: if `key` holds `expect`, write `write` (`None`: delete the key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxnOp {
+    /// The key.
+    pub key: Bytes,
+    /// What the key must hold.
+    pub expect: Expect,
+    /// The new value; `None` deletes the key.
+    pub write: Option<Bytes>,
+}
+
+impl TxnOp {
+    /// Writes `value` whatever the key holds (a TTL it has is kept, as with [`Store::put`]).
+    pub fn put(key: impl Into<Bytes>, value: impl Into<Bytes>) -> Self {
+        Self {
+            key: key.into(),
+            expect: Expect::Any,
+            write: Some(value.into()),
+        }
+    }
+
+    /// Deletes the key whatever it holds.
+    pub fn delete(key: impl Into<Bytes>) -> Self {
+        Self {
+            key: key.into(),
+            expect: Expect::Any,
+            write: None,
+        }
+    }
+
+    /// Writes `new` if the key holds `expected` (`None`: if it is absent).
+    pub fn cas(key: impl Into<Bytes>, expected: Option<&[u8]>, new: impl Into<Bytes>) -> Self {
+        Self {
+            key: key.into(),
+            expect: Expect::from_option(expected),
+            write: Some(new.into()),
+        }
+    }
+
+    /// Deletes the key if it holds exactly `expected`.
+    pub fn delete_if(key: impl Into<Bytes>, expected: impl Into<Bytes>) -> Self {
+        Self {
+            key: key.into(),
+            expect: Expect::Value(expected.into()),
+            write: None,
+        }
+    }
+
+    /// The op's size on the wire.
+    pub(crate) fn encoded_len(&self) -> usize {
+        let expected = match &self.expect {
+            Expect::Value(v) => 4 + v.len(),
+            _ => 0,
+        };
+        1 + 4 + self.key.len() + expected + self.write.as_ref().map_or(0, |v| 4 + v.len())
+    }
+}
+
+/// Checks a transaction before anything is sent: 1..=[`MAX_TXN_OPS`] ops, valid keys and
+/// values, no key twice, and an encoding within [`keys::MAX_VALUE_LEN`].
+pub(crate) fn check(ops: &[TxnOp]) -> Result<()> {
+    if ops.is_empty() {
+        return Err(Error::InvalidArgument(
+            "a transaction needs at least one op".into(),
+        ));
+    }
+    if ops.len() > MAX_TXN_OPS {
+        return Err(Error::InvalidArgument(format!(
+            "a transaction of {} ops, over the limit of {MAX_TXN_OPS}",
+            ops.len()
+        )));
+    }
+    let mut seen = HashSet::with_capacity(ops.len());
+    for op in ops {
+        keys::validate_key(&op.key)?;
+        if let Some(v) = &op.write {
+            keys::validate_value(&op.key, v)?;
+        }
+        if !seen.insert(&op.key) {
+            return Err(Error::InvalidArgument(format!(
+                "key {:?} appears twice in one transaction",
+                show(&op.key)
+            )));
+        }
+    }
+    let size = encoded_len(ops);
+    if size > keys::MAX_VALUE_LEN {
+        return Err(Error::ValueTooLarge {
+            key: format!("a transaction of {} ops", ops.len()),
+            size,
+            limit: keys::MAX_VALUE_LEN,
+        });
+    }
+    Ok(())
+}
+
+/// The encoded size of `ops`.
+pub(crate) fn encoded_len(ops: &[TxnOp]) -> usize {
+    6 + ops.iter().map(TxnOp::encoded_len).sum::<usize>()
+}
+
+/// The wire form of `ops` (see the module docs).
+pub(crate) fn encode(ops: &[TxnOp]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(encoded_len(ops));
+    out.extend_from_slice(&[TAG, VERSION]);
+    out.extend_from_slice(&(ops.len() as u32).to_be_bytes());
+    let put = |out: &mut Vec<u8>, b: &[u8]| {
+        out.extend_from_slice(&(b.len() as u32).to_be_bytes());
+        out.extend_from_slice(b);
+    };
+    for op in ops {
+        let expect = match op.expect {
+            Expect::Any => 0,
+            Expect::Absent => 1,
+            Expect::Value(_) => 2,
+        };
+        let writes = if op.write.is_some() { WRITES } else { 0 };
+        out.push(expect | writes);
+        put(&mut out, &op.key);
+        if let Expect::Value(v) = &op.expect {
+            put(&mut out, v);
+        }
+        if let Some(v) = &op.write {
+            put(&mut out, v);
+        }
+    }
+    out
+}
+
+/// One decoded op, borrowing the encoded bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct OpRef<'a> {
+    pub key: &'a [u8],
+    /// `None`: any; `Some(None)`: absent; `Some(Some(v))`: exactly `v`.
+    pub expect: Option<Option<&'a [u8]>>,
+    /// `None`: delete.
+    pub write: Option<&'a [u8]>,
+}
+
+impl OpRef<'_> {
+    /// Whether `current` meets the op's expectation.
+    pub fn holds(&self, current: Option<&[u8]>) -> bool {
+        match self.expect {
+            None => true,
+            Some(expected) => expected == current,
+        }
+    }
+}
+
+/// Decodes the wire form; `None` if the bytes are not a transaction of this version.
+pub(crate) fn decode(mut b: &[u8]) -> Option<Vec<OpRef<'_>>> {
+    fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        if b.len() < n {
+            return None;
+        }
+        let (head, rest) = b.split_at(n);
+        *b = rest;
+        Some(head)
+    }
+    fn bytes<'a>(b: &mut &'a [u8]) -> Option<&'a [u8]> {
+        let n = u32::from_be_bytes(take(b, 4)?.try_into().ok()?) as usize;
+        take(b, n)
+    }
+    if take(&mut b, 2)? != [TAG, VERSION] {
+        return None;
+    }
+    let count = u32::from_be_bytes(take(&mut b, 4)?.try_into().ok()?) as usize;
+    if count > MAX_TXN_OPS {
+        return None;
+    }
+    let mut ops = Vec::with_capacity(count);
+    for _ in 0..count {
+        let flags = take(&mut b, 1)?[0];
+        let key = bytes(&mut b)?;
+        let expect = match flags & EXPECT_MASK {
+            0 => None,
+            1 => Some(None),
+            2 => Some(Some(bytes(&mut b)?)),
+            _ => return None,
+        };
+        let write = if flags & WRITES != 0 {
+            Some(bytes(&mut b)?)
+        } else {
+            None
+        };
+        ops.push(OpRef { key, expect, write });
+    }
+    b.is_empty().then_some(ops)
+}
+
+#[cfg(doc)]
+use super::Store;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encode_and_decode_agree() {
+        let ops = vec![
+            TxnOp::put("a", "1"),
+            TxnOp::delete("b"),
+            TxnOp::cas("c", None, ""),
+            TxnOp::cas("d", Some(b"old"), "new"),
+            TxnOp::delete_if("e", "gone"),
+        ];
+        let wire = encode(&ops);
+        assert_eq!(wire.len(), encoded_len(&ops));
+        let back = decode(&wire).unwrap();
+        let want = [
+            OpRef {
+                key: b"a",
+                expect: None,
+                write: Some(b"1"),
+            },
+            OpRef {
+                key: b"b",
+                expect: None,
+                write: None,
+            },
+            OpRef {
+                key: b"c",
+                expect: Some(None),
+                write: Some(b""),
+            },
+            OpRef {
+                key: b"d",
+                expect: Some(Some(b"old")),
+                write: Some(b"new"),
+            },
+            OpRef {
+                key: b"e",
+                expect: Some(Some(b"gone")),
+                write: None,
+            },
+        ];
+        assert_eq!(back, want);
+        for (op, r) in ops.iter().zip(&back) {
+            for current in [None, Some(&b"old"[..]), Some(b"gone"), Some(b"")] {
+                assert_eq!(op.expect.holds(current), r.holds(current));
+            }
+        }
+    }
+
+    #[test]
+    fn damaged_bytes_are_not_a_transaction() {
+        let wire = encode(&[TxnOp::put("a", "1")]);
+        for cut in 0..wire.len() {
+            assert_eq!(decode(&wire[..cut]), None, "cut at {cut}");
+        }
+        let mut longer = wire.clone();
+        longer.push(0);
+        assert_eq!(decode(&longer), None);
+        let mut other = wire;
+        other[1] = 2;
+        assert_eq!(decode(&other), None);
+    }
+
+    #[test]
+    fn bad_transactions_are_refused_with_a_reason() {
+        assert!(matches!(check(&[]), Err(Error::InvalidArgument(m)) if m.contains("at least one")));
+        let twice = [TxnOp::put("a", "1"), TxnOp::delete("a")];
+        assert!(matches!(check(&twice), Err(Error::InvalidArgument(m)) if m.contains("twice")));
+        assert!(matches!(
+            check(&[TxnOp::put("", "1")]),
+            Err(Error::InvalidKey { .. })
+        ));
+        let big = vec![0u8; keys::MAX_VALUE_LEN / 2 + 16];
+        let two = [TxnOp::put("a", big.clone()), TxnOp::put("b", big)];
+        assert!(matches!(check(&two), Err(Error::ValueTooLarge { .. })));
+        let many: Vec<TxnOp> = (0..=MAX_TXN_OPS)
+            .map(|i| TxnOp::delete(format!("k{i}")))
+            .collect();
+        assert!(matches!(check(&many), Err(Error::InvalidArgument(m)) if m.contains("limit")));
+    }
+}
