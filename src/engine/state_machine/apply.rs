@@ -9,6 +9,7 @@ use redb::{ReadableTable, WriteTransaction};
 use super::codec::{be_u64, begin, due_key, encode_log_id, read_applied, term_at, u64_key};
 use super::digest::pair_hash;
 use super::util::{Ctx, lock};
+use crate::store::txn::{self, TXN_KEY, TXN_MAGIC};
 use super::{
     CAS_RESULT_SLOTS, CAS_RESULTS, DURABLE_EVERY, Inner, KV, META, META_APPLIED, META_CLOCK, TERMS,
     TICK_KEY, TTL_DEADLINE, TTL_DUE, TTL_PENDING,
@@ -237,6 +238,13 @@ impl<'t> Tables<'t> {
                 key,
                 expected,
                 value,
+            } if &key[..] == TXN_KEY && expected.as_deref() == Some(TXN_MAGIC) => {
+                self.transact(value)
+            }
+            Command::CompareAndSwap {
+                key,
+                expected,
+                value,
             } => {
                 let matches = {
                     let current = self.kv.get(&key[..]).ctx("read for cas")?;
@@ -252,6 +260,31 @@ impl<'t> Tables<'t> {
                 Ok(matches)
             }
         }
+    }
+
+    /// Applies a transaction (see [`crate::store::txn`]): every expectation is checked
+    /// against the state before it, then every write is applied; or nothing. Bytes that do not
+    /// decode apply nothing (false), like a failed CAS: a node never stops on a client's bytes.
+    fn transact(&mut self, wire: &[u8]) -> Result<bool, Error> {
+        let Some(ops) = txn::decode(wire) else {
+            return Ok(false);
+        };
+        for op in &ops {
+            let current = self.kv.get(op.key).ctx("read for a transaction")?;
+            if !op.holds(current.as_ref().map(|g| g.value())) {
+                return Ok(false);
+            }
+        }
+        for op in &ops {
+            match op.write {
+                Some(value) => self.put(op.key, value)?,
+                None => {
+                    self.remove(op.key)?;
+                    self.clear_ttl(op.key)?;
+                }
+            }
+        }
+        Ok(true)
     }
 
     fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), Error> {

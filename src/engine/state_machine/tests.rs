@@ -441,3 +441,51 @@ proptest! {
         }
     }
 }
+
+fn txn(index: u64, ops: &[crate::store::TxnOp]) -> ApplyEntry {
+    entry(
+        index,
+        1,
+        Command::CompareAndSwap {
+            key: Bytes::from_static(crate::store::txn::TXN_KEY),
+            expected: Some(Bytes::from_static(crate::store::txn::TXN_MAGIC)),
+            value: Bytes::from(crate::store::txn::encode(ops)),
+        },
+    )
+}
+
+#[test]
+fn a_transaction_applies_all_its_ops_or_none_and_keeps_its_result_when_re_sent() {
+    use crate::store::TxnOp;
+    let dir = tempfile::tempdir().unwrap();
+    let sm = open(dir.path());
+    let ok = [
+        TxnOp::cas("a", Some(b"1"), "2"),
+        TxnOp::cas("b", None, "new"),
+        TxnOp::delete_if("c", "3"),
+        TxnOp::put("d", "4"),
+    ];
+    let refused = [TxnOp::put("e", "5"), TxnOp::cas("a", Some(b"1"), "9")];
+    let chunk = [
+        put(1, "a", "1"),
+        put(2, "c", "3"),
+        txn(3, &ok),
+        txn(4, &refused),
+    ];
+    assert_eq!(apply(&sm, &chunk).unwrap(), [true, true, true, false]);
+    assert_eq!(value(&sm, "a").as_deref(), Some("2"));
+    assert_eq!(value(&sm, "b").as_deref(), Some("new"));
+    assert_eq!(value(&sm, "c"), None);
+    assert_eq!(value(&sm, "d").as_deref(), Some("4"));
+    // The refused one wrote nothing, not even its unconditional put.
+    assert_eq!(value(&sm, "e"), None);
+    // Re-sent: the first results, nothing applied again.
+    assert_eq!(apply(&sm, &chunk[2..]).unwrap(), [true, false]);
+    // Bytes that are not a transaction of this version apply nothing; the node goes on.
+    let mut bad = txn(5, &ok);
+    if let Command::CompareAndSwap { value, .. } = &mut bad.command {
+        *value = value.slice(..value.len() - 1);
+    }
+    assert_eq!(apply(&sm, &[bad, put(6, "f", "6")]).unwrap(), [false, true]);
+    assert!(sm.failure().borrow().is_none());
+}
