@@ -11,7 +11,9 @@ use common::{Backend, Fixture, HEAVY, binary, fixture, next_error, next_event};
 use dcoord::Error;
 use dcoord::engine::{ClusterOptions, LocalCluster, NodeState};
 use dcoord::keys::MAX_VALUE_LEN;
-use dcoord::store::{Consistency, EventKind, RemoteOptions, RemoteStore, Store, WatchTarget};
+use dcoord::store::{
+    Consistency, EventKind, RemoteOptions, RemoteStore, Store, TxnOp, WatchTarget,
+};
 use futures::StreamExt;
 
 /// Generates one `#[tokio::test]` per backend for each conformance function.
@@ -40,6 +42,8 @@ conformance!(
     reads_see_own_writes_at_every_consistency,
     a_scan_of_more_than_4_mib_returns_every_entry,
     get_many_answers_in_the_order_asked_with_absent_keys_as_none,
+    a_transaction_applies_every_op_at_one_revision_or_nothing,
+    concurrent_writes_each_get_the_answer_of_their_own_write,
 );
 
 async fn cas_compares_exact_bytes_and_absence(f: Fixture) {
@@ -293,6 +297,110 @@ async fn get_many_answers_in_the_order_asked_with_absent_keys_as_none(f: Fixture
         .await
         .unwrap_err();
     assert!(matches!(err, Error::InvalidKey { .. }), "{err}");
+}
+
+/// d-engine 0.2.4 has no multi-op write: dcoord sends a transaction as a CAS of a reserved
+/// key, its state machine applies the ops, and its patch to d-engine-core emits one watch event
+/// per op (all at the entry's revision). Pinned here on every store, prev values included.
+async fn a_transaction_applies_every_op_at_one_revision_or_nothing(f: Fixture) {
+    let s = &f.store;
+    let (a, b, c, d) = (f.key("t/a"), f.key("t/b"), f.key("t/c"), f.key("t/d"));
+    s.put(&a, b"1").await.unwrap();
+    s.put(&c, b"3").await.unwrap();
+    let mut watch = s
+        .watch(WatchTarget::prefix(f.key("t/")), true)
+        .await
+        .unwrap();
+    let refused = [
+        TxnOp::put(d.clone(), "never"),
+        TxnOp::cas(a.clone(), Some(b"not 1"), "x"),
+    ];
+    assert!(!s.transact(&refused).await.unwrap());
+    let ok = [
+        TxnOp::cas(a.clone(), Some(b"1"), "2"),
+        TxnOp::cas(b.clone(), None, "new"),
+        TxnOp::delete_if(c.clone(), "3"),
+        TxnOp::put(d.clone(), "4"),
+    ];
+    assert!(s.transact(&ok).await.unwrap());
+    let mut events = Vec::new();
+    for _ in 0..4 {
+        events.push(next_event(&mut watch, 10).await);
+    }
+    let seen: Vec<(EventKind, &[u8], &[u8], &[u8])> = events
+        .iter()
+        .map(|e| {
+            let prev = e.prev_value.as_deref().unwrap();
+            (e.kind, &e.key[..], &e.value[..], prev)
+        })
+        .collect();
+    let want: Vec<(EventKind, &[u8], &[u8], &[u8])> = vec![
+        (EventKind::Put, &a, b"2", b"1"),
+        (EventKind::Put, &b, b"new", b""),
+        (EventKind::Delete, &c, b"", b"3"),
+        (EventKind::Put, &d, b"4", b""),
+    ];
+    assert_eq!(seen, want, "the refused transaction emitted nothing");
+    assert!(events.iter().all(|e| e.revision == events[0].revision));
+    let scan = s.scan_prefix(&f.key("t/")).await.unwrap();
+    let state: Vec<(&[u8], &[u8])> = scan.entries.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+    assert_eq!(state, vec![(&a[..], &b"2"[..]), (&b, b"new"), (&d, b"4")]);
+    // Bad input: refused before anything is sent.
+    let twice = [TxnOp::put(a.clone(), "x"), TxnOp::delete(a.clone())];
+    let err = s.transact(&twice).await.unwrap_err();
+    assert!(matches!(&err, Error::InvalidArgument(m) if m.contains("twice")), "{err}");
+    let err = s.transact(&[]).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    let big = vec![b'x'; MAX_VALUE_LEN + 1];
+    let err = s.transact(&[TxnOp::put(a.clone(), big)]).await.unwrap_err();
+    assert!(matches!(err, Error::ValueTooLarge { .. }), "{err}");
+    assert_eq!(s.get(&a, Consistency::Linearizable).await.unwrap().unwrap(), "2");
+}
+
+/// The gRPC and embedded stores send concurrent writes together as one transaction (see
+/// `store::group`); a refused one is sent again write by write. Each caller still gets the
+/// answer of its own write.
+async fn concurrent_writes_each_get_the_answer_of_their_own_write(f: Fixture) {
+    let s = &f.store;
+    let n = 64;
+    let keys: Vec<Vec<u8>> = (0..n).map(|i| f.key(&format!("g/{i}"))).collect();
+    for k in &keys {
+        s.put(k, b"0").await.unwrap();
+    }
+    let before = s.scan_prefix(&f.key("g/")).await.unwrap().revision;
+    // Every third expects the wrong bytes; every fifth is a plain put or a delete.
+    let writes = keys.iter().enumerate().map(|(i, k)| async move {
+        match i % 5 {
+            0 => s.put(k, b"p").await.map(|()| true),
+            1 if i % 3 != 0 => s.delete(k).await.map(|()| true),
+            _ => {
+                let expected: &[u8] = if i % 3 == 0 { b"wrong" } else { b"0" };
+                s.compare_and_swap(k, Some(expected), b"1").await
+            }
+        }
+    });
+    let answers = futures::future::join_all(writes).await;
+    let scan = s.scan_prefix(&f.key("g/")).await.unwrap();
+    for (i, (k, answer)) in keys.iter().zip(answers).enumerate() {
+        let answer = answer.unwrap();
+        let stored = scan
+            .entries
+            .iter()
+            .find(|(key, _)| &key[..] == &k[..])
+            .map(|(_, v)| v.clone());
+        let want: (bool, Option<&[u8]>) = match i % 5 {
+            0 => (true, Some(b"p")),
+            1 if i % 3 != 0 => (true, None),
+            _ if i % 3 == 0 => (false, Some(b"0")),
+            _ => (true, Some(b"1")),
+        };
+        assert_eq!((answer, stored.as_deref()), want, "write {i}");
+    }
+    if f.node.is_some() {
+        // An embedded node of its own: nothing else writes, so the entries are countable.
+        let entries = scan.revision - before;
+        assert!(entries < n / 2, "{n} concurrent writes took {entries} entries");
+    }
 }
 
 // ---- A watch never ends silently: one test per backend, each with its own way to die. ----

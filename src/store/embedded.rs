@@ -8,6 +8,8 @@ use bytes::Bytes;
 use d_engine::{ClientApi, ClientApiError, EmbeddedClient, ErrorCode, WatchEvent, WatchEventType};
 use tokio::sync::watch;
 
+use super::group::{Direct, Group};
+use super::txn::{self, Expect, TXN_KEY, TXN_MAGIC, TxnOp};
 use super::{Consistency, Event, EventKind, Scan, Store, WatchStream, WatchTarget, check_write};
 use crate::error::{Error, Result, show};
 use crate::keys;
@@ -24,6 +26,8 @@ use crate::keys;
 pub struct EmbeddedStore {
     client: Arc<EmbeddedClient>,
     stopped: watch::Receiver<bool>,
+    /// Concurrent writes share Raft entries (see `group`).
+    group: Arc<Group>,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -36,7 +40,11 @@ impl std::fmt::Debug for EmbeddedStore {
 
 impl EmbeddedStore {
     pub(crate) fn new(client: Arc<EmbeddedClient>, stopped: watch::Receiver<bool>) -> Self {
-        Self { client, stopped }
+        Self {
+            client,
+            stopped,
+            group: Arc::default(),
+        }
     }
 
     fn check_running(&self) -> Result<()> {
@@ -85,6 +93,50 @@ impl EmbeddedStore {
 }
 
 #[async_trait]
+impl Direct for EmbeddedStore {
+    fn name(&self) -> &'static str {
+        "embedded"
+    }
+
+    async fn write_one(&self, op: &TxnOp) -> Result<bool> {
+        self.check_running()?;
+        let key = &op.key[..];
+        let expected: Option<&[u8]> = match &op.expect {
+            Expect::Value(v) => Some(v),
+            _ => None,
+        };
+        match (&op.expect, &op.write) {
+            (Expect::Any, Some(v)) => self.client.put(key, v).await.map(|()| true),
+            (Expect::Any, None) => self.client.delete(key).await.map(|()| true),
+            (_, Some(v)) => ClientApi::compare_and_swap(&*self.client, key, expected, v).await,
+            (_, None) => return self.write_txn(txn::encode(std::slice::from_ref(op))).await,
+        }
+        .map_err(|e| self.map_err(op_name(op), Some(key), e))
+    }
+
+    async fn read(&self, keys: &[Bytes]) -> Result<Vec<Option<Bytes>>> {
+        Store::get_many(self, keys, Consistency::Linearizable).await
+    }
+
+    async fn write_txn(&self, wire: Vec<u8>) -> Result<bool> {
+        self.check_running()?;
+        ClientApi::compare_and_swap(&*self.client, TXN_KEY, Some(TXN_MAGIC), &wire)
+            .await
+            .map_err(|e| self.map_err("transact", Some(TXN_KEY), e))
+    }
+}
+
+/// The store op a single write is.
+pub(super) fn op_name(op: &TxnOp) -> &'static str {
+    match (&op.expect, &op.write) {
+        (Expect::Any, Some(_)) => "put",
+        (Expect::Any, None) => "delete",
+        (_, Some(_)) => "compare_and_swap",
+        (_, None) => "transact",
+    }
+}
+
+#[async_trait]
 impl Store for EmbeddedStore {
     async fn get(&self, key: &[u8], consistency: Consistency) -> Result<Option<Bytes>> {
         super::observed("embedded", "get", key, async {
@@ -117,10 +169,8 @@ impl Store for EmbeddedStore {
         super::observed("embedded", "put", key, async {
             check_write(key, value)?;
             self.check_running()?;
-            self.client
-                .put(key, value)
-                .await
-                .map_err(|e| self.map_err("put", Some(key), e))
+            let op = TxnOp::put(Bytes::copy_from_slice(key), Bytes::copy_from_slice(value));
+            self.group.write(self, op).await.map(|_| ())
         })
         .await
     }
@@ -141,10 +191,8 @@ impl Store for EmbeddedStore {
         super::observed("embedded", "delete", key, async {
             keys::validate_key(key)?;
             self.check_running()?;
-            self.client
-                .delete(key)
-                .await
-                .map_err(|e| self.map_err("delete", Some(key), e))
+            let op = TxnOp::delete(Bytes::copy_from_slice(key));
+            self.group.write(self, op).await.map(|_| ())
         })
         .await
     }
@@ -158,9 +206,17 @@ impl Store for EmbeddedStore {
         super::observed("embedded", "compare_and_swap", key, async {
             check_write(key, new)?;
             self.check_running()?;
-            ClientApi::compare_and_swap(&*self.client, key, expected, new)
-                .await
-                .map_err(|e| self.map_err("compare_and_swap", Some(key), e))
+            let op = TxnOp::cas(Bytes::copy_from_slice(key), expected, Bytes::copy_from_slice(new));
+            self.group.write(self, op).await
+        })
+        .await
+    }
+
+    async fn transact(&self, ops: &[TxnOp]) -> Result<bool> {
+        let first = ops.first().map_or(&[][..], |o| &o.key[..]);
+        super::observed("embedded", "transact", first, async {
+            txn::check(ops)?;
+            self.write_txn(txn::encode(ops)).await
         })
         .await
     }
@@ -193,17 +249,15 @@ impl Store for EmbeddedStore {
             Ok::<WatchStream, Error>(Box::pin(async_stream::stream! {
                 let mut handle = handle;
                 // d-engine 0.2.4 re-sends committed ranges to the state machine while it applies,
-                // and emits a watch event for every send: drop what this stream already delivered.
-                let mut last = 0u64;
+                // and emits a watch event for every send: drop what this stream already delivered
+                // (see `Delivered`).
+                let mut delivered = super::Delivered::default();
                 loop {
                     tokio::select! {
                         biased;
                         ev = handle.receiver_mut().recv() => match ev {
                             Some(ev) => match convert(ev, prev_value) {
-                                Converted::Event(e) if e.revision > last => {
-                                    last = e.revision;
-                                    yield Ok(e);
-                                }
+                                Converted::Event(e) if delivered.fresh(&e) => yield Ok(e),
                                 Converted::Event(_) => {}
                                 Converted::Skip => {}
                                 Converted::Canceled => {

@@ -185,6 +185,30 @@ impl Scan {
     }
 }
 
+/// What a watch stream delivered last: d-engine 0.2.4 emits the events of a committed entry
+/// again each time it hands the entry to the state machine, so a stream drops an event at or
+/// below the last revision it delivered, except a further key of the same revision (a
+/// transaction's ops share their entry's revision; no key appears twice in one).
+#[derive(Debug, Default)]
+pub(crate) struct Delivered {
+    revision: u64,
+    keys: Vec<Bytes>,
+}
+
+impl Delivered {
+    /// Whether `event` is new to this stream (and, if so, records it).
+    pub(crate) fn fresh(&mut self, event: &Event) -> bool {
+        if event.revision > self.revision {
+            self.revision = event.revision;
+            self.keys.clear();
+        } else if event.revision < self.revision || self.keys.contains(&event.key) {
+            return false;
+        }
+        self.keys.push(event.key.clone());
+        true
+    }
+}
+
 /// A watch stream: events, then exactly one terminal error, then `None`.
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<Event>> + Send + 'static>>;
 

@@ -32,6 +32,9 @@ use d_engine_proto::server::cluster::cluster_management_service_client::ClusterM
 use futures::StreamExt;
 use tokio::time::Instant;
 
+use super::embedded::op_name;
+use super::group::{Direct, Group};
+use super::txn::{self, Expect, TXN_KEY, TXN_MAGIC, TxnOp};
 use super::{Consistency, Event, EventKind, Scan, Store, WatchStream, WatchTarget, check_write};
 use crate::error::{Error, Result, show};
 use crate::keys;
@@ -131,6 +134,8 @@ struct Inner {
     /// Bumped by every successful refresh; lets concurrent failures share one refresh.
     generation: AtomicU64,
     refresh_lock: tokio::sync::Mutex<()>,
+    /// Concurrent writes share Raft entries (see `group`).
+    group: Group,
 }
 
 impl std::fmt::Debug for RemoteStore {
@@ -397,6 +402,7 @@ impl RemoteStore {
                 options,
                 generation: AtomicU64::new(0),
                 refresh_lock: tokio::sync::Mutex::new(()),
+                group: Group::default(),
             }),
         })
     }
@@ -534,6 +540,52 @@ impl RemoteStore {
 }
 
 #[async_trait]
+impl Direct for RemoteStore {
+    fn name(&self) -> &'static str {
+        "remote"
+    }
+
+    async fn write_one(&self, op: &TxnOp) -> Result<bool> {
+        let key = &op.key[..];
+        let expected: Option<&[u8]> = match &op.expect {
+            Expect::Value(v) => Some(v),
+            _ => None,
+        };
+        match (&op.expect, op.write.as_deref()) {
+            (Expect::Any, Some(v)) => {
+                self.retry("put", Some(key), |c| async move { c.put(key, v).await.map(|()| true) })
+                    .await
+            }
+            (Expect::Any, None) => {
+                self.retry("delete", Some(key), |c| async move {
+                    c.delete(key).await.map(|()| true)
+                })
+                .await
+            }
+            (_, Some(v)) => {
+                self.retry(op_name(op), Some(key), |c| async move {
+                    c.compare_and_swap(key, expected, v).await
+                })
+                .await
+            }
+            (_, None) => self.write_txn(txn::encode(std::slice::from_ref(op))).await,
+        }
+    }
+
+    async fn read(&self, keys: &[Bytes]) -> Result<Vec<Option<Bytes>>> {
+        Store::get_many(self, keys, Consistency::Linearizable).await
+    }
+
+    async fn write_txn(&self, wire: Vec<u8>) -> Result<bool> {
+        let wire = &wire[..];
+        self.retry("transact", Some(TXN_KEY), |c| async move {
+            c.compare_and_swap(TXN_KEY, Some(TXN_MAGIC), wire).await
+        })
+        .await
+    }
+}
+
+#[async_trait]
 impl Store for RemoteStore {
     async fn get(&self, key: &[u8], consistency: Consistency) -> Result<Option<Bytes>> {
         super::observed("remote", "get", key, async {
@@ -569,8 +621,8 @@ impl Store for RemoteStore {
     async fn put(&self, key: &[u8], value: &[u8]) -> Result<()> {
         super::observed("remote", "put", key, async {
             check_write(key, value)?;
-            self.retry("put", Some(key), |c| async move { c.put(key, value).await })
-                .await
+            let op = TxnOp::put(Bytes::copy_from_slice(key), Bytes::copy_from_slice(value));
+            self.inner.group.write(self, op).await.map(|_| ())
         })
         .await
     }
@@ -590,8 +642,8 @@ impl Store for RemoteStore {
     async fn delete(&self, key: &[u8]) -> Result<()> {
         super::observed("remote", "delete", key, async {
             keys::validate_key(key)?;
-            self.retry("delete", Some(key), |c| async move { c.delete(key).await })
-                .await
+            let op = TxnOp::delete(Bytes::copy_from_slice(key));
+            self.inner.group.write(self, op).await.map(|_| ())
         })
         .await
     }
@@ -604,10 +656,26 @@ impl Store for RemoteStore {
     ) -> Result<bool> {
         super::observed("remote", "compare_and_swap", key, async {
             check_write(key, new)?;
-            self.retry("compare_and_swap", Some(key), |c| async move {
-                c.compare_and_swap(key, expected, new).await
-            })
-            .await
+            let op = TxnOp::cas(Bytes::copy_from_slice(key), expected, Bytes::copy_from_slice(new));
+            self.inner.group.write(self, op).await
+        })
+        .await
+    }
+
+    async fn transact(&self, ops: &[TxnOp]) -> Result<bool> {
+        let first = ops.first().map_or(&[][..], |o| &o.key[..]);
+        super::observed("remote", "transact", first, async {
+            txn::check(ops)?;
+            if !self.inner.group.supports_txn(self).await? {
+                return Err(Error::Engine {
+                    op: "transact",
+                    message: "the cluster's state machine does not apply transactions (a stock \
+                              d-engine server, not `dcoord node`)"
+                        .into(),
+                    source: None,
+                });
+            }
+            self.write_txn(txn::encode(ops)).await
         })
         .await
     }
@@ -640,15 +708,13 @@ impl Store for RemoteStore {
             Ok::<WatchStream, Error>(Box::pin(async_stream::stream! {
                 let mut stream = stream;
                 // d-engine 0.2.4 re-sends committed ranges to the state machine while it applies,
-                // and emits a watch event for every send: drop what this stream already delivered.
-                let mut last = 0u64;
+                // and emits a watch event for every send: drop what this stream already delivered
+                // (see `Delivered`).
+                let mut delivered = super::Delivered::default();
                 loop {
                     match stream.next().await {
                         Some(Ok(resp)) => match convert(resp, prev_value) {
-                            Some(Ok(ev)) if ev.revision > last => {
-                                last = ev.revision;
-                                yield Ok(ev);
-                            }
+                            Some(Ok(ev)) if delivered.fresh(&ev) => yield Ok(ev),
                             Some(Ok(_)) => {}
                             Some(Err(())) => {
                                 yield Err(Error::WatchCanceled { target: name.clone() });

@@ -31,7 +31,8 @@ use tokio::time::Instant;
 use crate::error::{Error, Result, show};
 use crate::keys;
 use crate::store::{
-    Consistency, Event, EventKind, Scan, Store, WatchStream, WatchTarget, check_write, ttl_secs,
+    Consistency, Event, EventKind, Scan, Store, TxnOp, WatchStream, WatchTarget, check_write,
+    ttl_secs,
 };
 
 /// Settings of a [`MemStore`].
@@ -76,7 +77,7 @@ pub struct OpCounts {
     pub gets: u64,
     /// `scan_prefix` calls.
     pub scans: u64,
-    /// `put`, `put_with_ttl`, `delete` and `compare_and_swap` calls.
+    /// `put`, `put_with_ttl`, `delete`, `compare_and_swap` and `transact` calls.
     pub writes: u64,
     /// `watch` calls.
     pub watches: u64,
@@ -152,6 +153,8 @@ enum Write {
     Put(Bytes, Option<Instant>),
     Delete,
     Cas(Option<Bytes>, Bytes),
+    /// A transaction (checked): all its ops at one revision, or nothing.
+    Txn(Vec<TxnOp>),
 }
 
 impl MemStore {
@@ -331,6 +334,49 @@ impl MemStore {
 /// Applies one write: bumps the revision, changes the data, tells the watchers. Returns
 /// whether it took effect (false only for a failed CAS).
 fn apply(st: &mut State, key: &[u8], w: Write, buffer: usize) -> bool {
+    if let Write::Txn(ops) = w {
+        st.revision += 1;
+        let holds = ops
+            .iter()
+            .all(|op| op.expect.holds(st.data.get(&op.key).map(|e| &e.value[..])));
+        if !holds {
+            return false;
+        }
+        let revision = st.revision;
+        for op in ops {
+            let prev = st.data.get(&op.key).map(|e| e.value.clone());
+            let (kind, value) = match op.write {
+                Some(value) => {
+                    let expires_at = st.data.get(&op.key).and_then(|e| e.expires_at);
+                    st.data.insert(
+                        op.key.clone(),
+                        Entry {
+                            value: value.clone(),
+                            expires_at,
+                        },
+                    );
+                    (EventKind::Put, value)
+                }
+                None => {
+                    st.data.remove(&op.key);
+                    (EventKind::Delete, Bytes::new())
+                }
+            };
+            if st.faults.drop_events > 0 {
+                st.faults.drop_events -= 1;
+                continue;
+            }
+            let event = Event {
+                kind,
+                key: op.key,
+                value,
+                prev_value: None,
+                revision,
+            };
+            dispatch(st, event, prev, buffer);
+        }
+        return true;
+    }
     st.revision += 1;
     let revision = st.revision;
     let prev = st.data.get(key).map(|e| e.value.clone());
@@ -369,6 +415,7 @@ fn apply(st: &mut State, key: &[u8], w: Write, buffer: usize) -> bool {
                 (false, None)
             }
         }
+        Write::Txn(_) => unreachable!("applied above"),
     };
     if let Some((kind, value)) = event {
         if st.faults.drop_events > 0 {
@@ -478,6 +525,12 @@ impl Store for MemStore {
             ),
         )
         .await
+    }
+
+    async fn transact(&self, ops: &[TxnOp]) -> Result<bool> {
+        crate::store::txn::check(ops)?;
+        self.write("transact", crate::store::txn::TXN_KEY, Write::Txn(ops.to_vec()))
+            .await
     }
 
     async fn scan_prefix(&self, prefix: &[u8]) -> Result<Scan> {

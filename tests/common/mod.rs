@@ -281,6 +281,10 @@ impl Store for Cuttable {
         self.check("compare_and_swap")?;
         self.inner.compare_and_swap(key, expected, new).await
     }
+    async fn transact(&self, ops: &[dcoord::store::TxnOp]) -> dcoord::Result<bool> {
+        self.check("transact")?;
+        self.inner.transact(ops).await
+    }
     async fn scan_prefix(&self, prefix: &[u8]) -> dcoord::Result<Scan> {
         self.check("scan_prefix")?;
         self.inner.scan_prefix(prefix).await

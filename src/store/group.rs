@@ -1,0 +1,343 @@
+//! Group commit: concurrent writes of one store handle travel together as one transaction.
+//!
+//! A write (put, delete, compare-and-swap) is sent at once while fewer than
+//! [`MAX_IN_FLIGHT`] requests of this handle are in flight. Otherwise it waits; when a request
+//! comes back, one waiting caller takes every write waiting then and sends them as one
+//! [`Store::transact`] (one Raft entry instead of one each). If the transaction applies, every
+//! write in it did. If it is refused (one expectation did not hold, so nothing was written), a
+//! linearizable read of its keys finds the writes whose expectation does not hold: each is
+//! answered false (what its own CAS would have answered at the moment of the read), and the
+//! others are sent again together (after a few refusals, one by one). So each caller gets an
+//! answer its own write could have had. An unknown outcome is every write's unknown outcome
+//! ([`crate::Error::Ambiguous`]).
+//!
+//! So a caller sees exactly the semantics of its own single write; only writes that were
+//! concurrent anyway share an entry, and a lone write is never delayed.
+//!
+//! # Cancel safety
+//! A write whose caller is dropped while it waits is taken out and never sent. One whose caller
+//! is dropped while it is in flight is in an unknown state (as every dropped write). When the
+//! caller that sends a group is dropped, the others in it get [`crate::Error::Ambiguous`].
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::{Notify, OnceCell, oneshot};
+
+use super::txn::{self, Expect, TxnOp};
+use crate::error::{Error, Result};
+
+#[cfg(doc)]
+use super::Store;
+
+/// Requests of one handle in flight before writes start to wait and group.
+pub(crate) const MAX_IN_FLIGHT: usize = 4;
+/// Most writes in one group.
+const MAX_GROUP: usize = 256;
+/// Most encoded bytes in one group.
+const MAX_GROUP_BYTES: usize = 1 << 20;
+
+/// What a backend provides: its writes sent directly.
+#[async_trait]
+pub(crate) trait Direct: Send + Sync {
+    /// The store's name in spans and metrics.
+    fn name(&self) -> &'static str;
+    /// One write, on its own: a put, a delete or a compare-and-swap (a conditional delete is
+    /// sent as a transaction of one).
+    async fn write_one(&self, op: &TxnOp) -> Result<bool>;
+    /// A transaction's wire form, as a CAS of [`txn::TXN_KEY`].
+    async fn write_txn(&self, wire: Vec<u8>) -> Result<bool>;
+    /// A linearizable read of several keys.
+    async fn read(&self, keys: &[Bytes]) -> Result<Vec<Option<Bytes>>>;
+}
+
+/// Sends `op` on its own with `d`.
+pub(crate) async fn send_one<D: Direct>(d: &D, op: &TxnOp) -> Result<bool> {
+    match (&op.expect, &op.write) {
+        (Expect::Value(_), None) => d.write_txn(txn::encode(std::slice::from_ref(op))).await,
+        _ => d.write_one(op).await,
+    }
+}
+
+/// A handle's group commit.
+#[derive(Default)]
+pub(crate) struct Group {
+    st: Mutex<State>,
+    free: Notify,
+    /// Whether the servers apply transactions (a stock d-engine refuses every one).
+    txn: OnceCell<bool>,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = self.lock();
+        f.debug_struct("Group")
+            .field("in_flight", &st.in_flight)
+            .field("waiting", &st.waiting.len())
+            .finish()
+    }
+}
+
+#[derive(Default)]
+struct State {
+    in_flight: usize,
+    next: u64,
+    waiting: Vec<Waiting>,
+}
+
+struct Waiting {
+    id: u64,
+    op: TxnOp,
+    tx: oneshot::Sender<Result<bool>>,
+}
+
+impl Group {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `d`'s servers apply transactions: asked once, with an empty transaction (which
+    /// dcoord's state machine applies and a stock one refuses).
+    pub(crate) async fn supports_txn<D: Direct>(&self, d: &D) -> Result<bool> {
+        self.txn
+            .get_or_try_init(|| d.write_txn(txn::encode(&[])))
+            .await
+            .copied()
+    }
+
+    /// Writes `op` (see the module docs); the answer its own write would have had.
+    pub(crate) async fn write<D: Direct>(&self, d: &D, op: TxnOp) -> Result<bool> {
+        let start = {
+            let mut st = self.lock();
+            if st.in_flight < MAX_IN_FLIGHT {
+                st.in_flight += 1;
+                Err(take(&mut st, Some(&op)))
+            } else {
+                st.next += 1;
+                let id = st.next;
+                let (tx, rx) = oneshot::channel();
+                st.waiting.push(Waiting {
+                    id,
+                    op: op.clone(),
+                    tx,
+                });
+                Ok((id, rx))
+            }
+        };
+        let (id, rx) = match start {
+            Ok(waiting) => waiting,
+            Err(others) => return self.lead(d, Some(op), others).await,
+        };
+        let mut wait = Wait {
+            group: self,
+            id,
+            rx,
+        };
+        loop {
+            tokio::select! {
+                r = &mut wait.rx => {
+                    self.kick();
+                    return r.unwrap_or_else(|_| Err(Error::Ambiguous {
+                        op: "write",
+                        key: crate::error::show(&op.key),
+                        message: "the request that carried this write in a group was dropped".into(),
+                        source: None,
+                    }));
+                }
+                () = self.free.notified() => {
+                    let others = {
+                        let mut st = self.lock();
+                        if st.in_flight >= MAX_IN_FLIGHT || st.waiting.is_empty() {
+                            continue;
+                        }
+                        st.in_flight += 1;
+                        take(&mut st, None)
+                    };
+                    // Ours is among them unless another caller sent it already.
+                    let _ = self.lead(d, None, others).await;
+                }
+            }
+        }
+    }
+
+    /// Notifies a waiting caller if a request could be sent now.
+    fn kick(&self) {
+        let st = self.lock();
+        if st.in_flight < MAX_IN_FLIGHT && !st.waiting.is_empty() {
+            self.free.notify_one();
+        }
+    }
+
+    /// Sends `own` and `others` (a slot is taken; freed here); answers the others, returns
+    /// `own`'s answer (false when there is none).
+    async fn lead<D: Direct>(
+        &self,
+        d: &D,
+        own: Option<TxnOp>,
+        others: Vec<Waiting>,
+    ) -> Result<bool> {
+        let _slot = Slot(self);
+        let mut ops: Vec<TxnOp> = own.into_iter().collect();
+        let has_own = !ops.is_empty();
+        ops.extend(others.iter().map(|w| w.op.clone()));
+        let results = self.send(d, &ops).await;
+        let mut results = results.into_iter();
+        let own = if has_own { results.next() } else { None };
+        for (w, r) in others.into_iter().zip(results) {
+            let _ = w.tx.send(r);
+        }
+        own.unwrap_or(Ok(false))
+    }
+
+    /// Sends `ops`: alone, or as one transaction, or (no transactions) one by one.
+    ///
+    /// A refused transaction wrote nothing; a linearizable read then tells which writes could
+    /// not apply (their expectation does not hold in the state read: each is answered false,
+    /// as its own CAS at that moment would have been), and the rest are sent again together.
+    /// After [`ROUNDS`] refusals (or a failed read) what is left is sent write by write.
+    async fn send<D: Direct>(&self, d: &D, ops: &[TxnOp]) -> Vec<Result<bool>> {
+        if let [op] = ops {
+            return vec![send_one(d, op).await];
+        }
+        match self.supports_txn(d).await {
+            Ok(true) => {}
+            Ok(false) => return one_by_one(d, ops.iter().collect()).await,
+            Err(e) => return ops.iter().map(|op| Err(share(&e, op))).collect(),
+        }
+        let mut answers: Vec<Option<Result<bool>>> = ops.iter().map(|_| None).collect();
+        let mut left: Vec<usize> = (0..ops.len()).collect();
+        for _ in 0..ROUNDS {
+            if left.len() < 2 {
+                break;
+            }
+            let group: Vec<TxnOp> = left.iter().map(|&i| ops[i].clone()).collect();
+            let sent = super::observed(d.name(), "transact", &group[0].key, async {
+                d.write_txn(txn::encode(&group)).await
+            })
+            .await;
+            match sent {
+                Ok(true) => {
+                    left.drain(..).for_each(|i| answers[i] = Some(Ok(true)));
+                    break;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    left.drain(..)
+                        .for_each(|i| answers[i] = Some(Err(share(&e, &ops[i]))));
+                    break;
+                }
+            }
+            let keys: Vec<Bytes> = group.iter().map(|op| op.key.clone()).collect();
+            let Ok(now) = d.read(&keys).await else {
+                break;
+            };
+            let mut still = Vec::with_capacity(left.len());
+            for (i, current) in left.drain(..).zip(now) {
+                if ops[i].expect.holds(current.as_deref()) {
+                    still.push(i);
+                } else {
+                    answers[i] = Some(Ok(false));
+                }
+            }
+            left = still;
+        }
+        let rest = one_by_one(d, left.iter().map(|&i| &ops[i]).collect()).await;
+        for (i, r) in left.into_iter().zip(rest) {
+            answers[i] = Some(r);
+        }
+        answers
+            .into_iter()
+            .map(|a| a.expect("every write answered"))
+            .collect()
+    }
+}
+
+/// Refused transactions before the writes left are sent one by one.
+const ROUNDS: usize = 3;
+
+/// Each write on its own, all at once.
+async fn one_by_one<D: Direct>(d: &D, ops: Vec<&TxnOp>) -> Vec<Result<bool>> {
+    futures::future::join_all(ops.into_iter().map(|op| send_one(d, op))).await
+}
+
+/// Takes waiting writes for one group: as many as fit, no key twice (nor `own`'s).
+fn take(st: &mut State, own: Option<&TxnOp>) -> Vec<Waiting> {
+    if st.waiting.is_empty() {
+        return Vec::new();
+    }
+    let mut keys: HashSet<Bytes> = own.iter().map(|o| o.key.clone()).collect();
+    let mut bytes = own.map_or(0, TxnOp::encoded_len);
+    let mut count = usize::from(own.is_some());
+    let mut taken = Vec::new();
+    let mut left = Vec::new();
+    for w in std::mem::take(&mut st.waiting) {
+        let len = w.op.encoded_len();
+        let fits = count < MAX_GROUP && (count == 0 || bytes + len <= MAX_GROUP_BYTES);
+        if fits && keys.insert(w.op.key.clone()) {
+            count += 1;
+            bytes += len;
+            taken.push(w);
+        } else {
+            left.push(w);
+        }
+    }
+    st.waiting = left;
+    taken
+}
+
+/// The same error for one write of a group.
+fn share(e: &Error, op: &TxnOp) -> Error {
+    let key = crate::error::show(&op.key);
+    match e {
+        Error::Ambiguous { op, message, .. } => Error::Ambiguous {
+            op,
+            key,
+            message: format!("sent in a group: {message}"),
+            source: None,
+        },
+        Error::Unavailable { op, message, .. } => Error::Unavailable {
+            op,
+            message: message.clone(),
+            source: None,
+        },
+        Error::Stopped => Error::Stopped,
+        other => Error::Engine {
+            op: "transact",
+            message: other.to_string(),
+            source: None,
+        },
+    }
+}
+
+/// A request slot, freed on drop (a waiting caller is then told).
+struct Slot<'a>(&'a Group);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.in_flight -= 1;
+        if !st.waiting.is_empty() {
+            self.0.free.notify_one();
+        }
+    }
+}
+
+/// A waiting write: taken out of the queue if its caller goes away before it is sent.
+struct Wait<'a> {
+    group: &'a Group,
+    id: u64,
+    rx: oneshot::Receiver<Result<bool>>,
+}
+
+impl Drop for Wait<'_> {
+    fn drop(&mut self) {
+        let mut st = self.group.lock();
+        st.waiting.retain(|w| w.id != self.id);
+        // A notification meant for us goes to the next waiter.
+        if st.in_flight < MAX_IN_FLIGHT && !st.waiting.is_empty() {
+            self.group.free.notify_one();
+        }
+    }
+}
