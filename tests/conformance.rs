@@ -303,6 +303,8 @@ async fn get_many_answers_in_the_order_asked_with_absent_keys_as_none(f: Fixture
 /// key, its state machine applies the ops, and its patch to d-engine-core emits one watch event
 /// per op (all at the entry's revision). Pinned here on every store, prev values included.
 async fn a_transaction_applies_every_op_at_one_revision_or_nothing(f: Fixture) {
+    /// An event as (kind, key, value, prev value).
+    type Seen<'a> = (EventKind, &'a [u8], &'a [u8], &'a [u8]);
     let s = &f.store;
     let (a, b, c, d) = (f.key("t/a"), f.key("t/b"), f.key("t/c"), f.key("t/d"));
     s.put(&a, b"1").await.unwrap();
@@ -327,14 +329,14 @@ async fn a_transaction_applies_every_op_at_one_revision_or_nothing(f: Fixture) {
     for _ in 0..4 {
         events.push(next_event(&mut watch, 10).await);
     }
-    let seen: Vec<(EventKind, &[u8], &[u8], &[u8])> = events
+    let seen: Vec<Seen> = events
         .iter()
         .map(|e| {
             let prev = e.prev_value.as_deref().unwrap();
             (e.kind, &e.key[..], &e.value[..], prev)
         })
         .collect();
-    let want: Vec<(EventKind, &[u8], &[u8], &[u8])> = vec![
+    let want: Vec<Seen> = vec![
         (EventKind::Put, &a, b"2", b"1"),
         (EventKind::Put, &b, b"new", b""),
         (EventKind::Delete, &c, b"", b"3"),
@@ -348,13 +350,19 @@ async fn a_transaction_applies_every_op_at_one_revision_or_nothing(f: Fixture) {
     // Bad input: refused before anything is sent.
     let twice = [TxnOp::put(a.clone(), "x"), TxnOp::delete(a.clone())];
     let err = s.transact(&twice).await.unwrap_err();
-    assert!(matches!(&err, Error::InvalidArgument(m) if m.contains("twice")), "{err}");
+    assert!(
+        matches!(&err, Error::InvalidArgument(m) if m.contains("twice")),
+        "{err}"
+    );
     let err = s.transact(&[]).await.unwrap_err();
     assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
     let big = vec![b'x'; MAX_VALUE_LEN + 1];
     let err = s.transact(&[TxnOp::put(a.clone(), big)]).await.unwrap_err();
     assert!(matches!(err, Error::ValueTooLarge { .. }), "{err}");
-    assert_eq!(s.get(&a, Consistency::Linearizable).await.unwrap().unwrap(), "2");
+    assert_eq!(
+        s.get(&a, Consistency::Linearizable).await.unwrap().unwrap(),
+        "2"
+    );
 }
 
 /// The gRPC and embedded stores send concurrent writes together as one transaction (see
@@ -386,7 +394,7 @@ async fn concurrent_writes_each_get_the_answer_of_their_own_write(f: Fixture) {
         let stored = scan
             .entries
             .iter()
-            .find(|(key, _)| &key[..] == &k[..])
+            .find(|(key, _)| key[..] == k[..])
             .map(|(_, v)| v.clone());
         let want: (bool, Option<&[u8]>) = match i % 5 {
             0 => (true, Some(b"p")),
@@ -399,7 +407,10 @@ async fn concurrent_writes_each_get_the_answer_of_their_own_write(f: Fixture) {
     if f.node.is_some() {
         // An embedded node of its own: nothing else writes, so the entries are countable.
         let entries = scan.revision - before;
-        assert!(entries < n / 2, "{n} concurrent writes took {entries} entries");
+        assert!(
+            entries < n / 2,
+            "{n} concurrent writes took {entries} entries"
+        );
     }
 }
 

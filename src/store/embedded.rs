@@ -206,7 +206,11 @@ impl Store for EmbeddedStore {
         super::observed("embedded", "compare_and_swap", key, async {
             check_write(key, new)?;
             self.check_running()?;
-            let op = TxnOp::cas(Bytes::copy_from_slice(key), expected, Bytes::copy_from_slice(new));
+            let op = TxnOp::cas(
+                Bytes::copy_from_slice(key),
+                expected,
+                Bytes::copy_from_slice(new),
+            );
             self.group.write(self, op).await
         })
         .await

@@ -61,9 +61,9 @@ mod remote;
 pub mod txn;
 
 pub use cas::{Cas, Settled};
-pub use txn::{Expect, TxnOp};
 pub use embedded::EmbeddedStore;
 pub use remote::{RemoteOptions, RemoteStore};
+pub use txn::{Expect, TxnOp};
 
 /// How fresh a read must be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -553,8 +553,10 @@ impl Direct for RemoteStore {
         };
         match (&op.expect, op.write.as_deref()) {
             (Expect::Any, Some(v)) => {
-                self.retry("put", Some(key), |c| async move { c.put(key, v).await.map(|()| true) })
-                    .await
+                self.retry("put", Some(key), |c| async move {
+                    c.put(key, v).await.map(|()| true)
+                })
+                .await
             }
             (Expect::Any, None) => {
                 self.retry("delete", Some(key), |c| async move {
@@ -656,7 +658,11 @@ impl Store for RemoteStore {
     ) -> Result<bool> {
         super::observed("remote", "compare_and_swap", key, async {
             check_write(key, new)?;
-            let op = TxnOp::cas(Bytes::copy_from_slice(key), expected, Bytes::copy_from_slice(new));
+            let op = TxnOp::cas(
+                Bytes::copy_from_slice(key),
+                expected,
+                Bytes::copy_from_slice(new),
+            );
             self.inner.group.write(self, op).await
         })
         .await

@@ -529,8 +529,12 @@ impl Store for MemStore {
 
     async fn transact(&self, ops: &[TxnOp]) -> Result<bool> {
         crate::store::txn::check(ops)?;
-        self.write("transact", crate::store::txn::TXN_KEY, Write::Txn(ops.to_vec()))
-            .await
+        self.write(
+            "transact",
+            crate::store::txn::TXN_KEY,
+            Write::Txn(ops.to_vec()),
+        )
+        .await
     }
 
     async fn scan_prefix(&self, prefix: &[u8]) -> Result<Scan> {

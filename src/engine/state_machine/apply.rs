@@ -9,11 +9,11 @@ use redb::{ReadableTable, WriteTransaction};
 use super::codec::{be_u64, begin, due_key, encode_log_id, read_applied, term_at, u64_key};
 use super::digest::pair_hash;
 use super::util::{Ctx, lock};
-use crate::store::txn::{self, TXN_KEY, TXN_MAGIC};
 use super::{
     CAS_RESULT_SLOTS, CAS_RESULTS, DURABLE_EVERY, Inner, KV, META, META_APPLIED, META_CLOCK, TERMS,
     TICK_KEY, TTL_DEADLINE, TTL_DUE, TTL_PENDING,
 };
+use crate::store::txn::{self, TXN_KEY, TXN_MAGIC};
 
 impl Inner {
     pub(super) fn apply(&self, chunk: &[ApplyEntry]) -> Result<Vec<ApplyResult>, Error> {
