@@ -15,8 +15,11 @@ use dcoord::engine::{ClusterOptions, LocalCluster};
 use dcoord::store::{Consistency, RemoteOptions, RemoteStore, Store};
 use futures::StreamExt;
 
+/// Every write its own Raft entry (no group commit): these tests need logs of a given length.
 fn options() -> RemoteOptions {
-    RemoteOptions::default().op_deadline(Duration::from_secs(30))
+    RemoteOptions::default()
+        .op_deadline(Duration::from_secs(30))
+        .group_writes(false)
 }
 
 /// `n` puts of `/replica/<tag>/<i>`, 16 at a time; all must succeed. A put whose outcome is

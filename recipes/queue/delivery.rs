@@ -111,6 +111,23 @@ impl Delivery {
         self.finish(next).await
     }
 
+    /// Not done, not failed: the message is Ready again at once, this attempt not counted (as
+    /// when the delivery is dropped, but awaited: once this returns Ok, another consumer can
+    /// take it).
+    ///
+    /// # Errors
+    /// As [`Delivery::ack`]; on a store error the message is given back in the background.
+    ///
+    /// # Cancel safety
+    /// If dropped, the message is given back in the background.
+    #[tracing::instrument(level = "debug", name = "queue.give_back", skip_all, fields(queue = %self.q.name, id = %self.record.header.id), err(level = "debug", Display))]
+    pub async fn give_back(mut self) -> Result<()> {
+        let Some(back) = self.record.release() else {
+            return Err(self.claim_lost());
+        };
+        self.finish(back).await
+    }
+
     async fn finish(&mut self, next: Record) -> Result<()> {
         let res = self.finish_inner(next).await;
         if self.finished {

@@ -20,7 +20,7 @@ use futures::StreamExt;
 use super::message::{Record, State};
 use super::{Inner, now_ms};
 use crate::reconcile::{Watcher, WatcherEvent};
-use crate::store::Consistency;
+use crate::store::{Consistency, TxnOp};
 
 /// How many of the oldest ready messages a contended claim chooses from: enough for the
 /// claims of a few consumers with a few in flight each to land on different messages.
@@ -534,27 +534,67 @@ fn expired_at(state: &Slim, cutoff_ms: u64) -> bool {
     matches!(state, Slim::Done { at_ms } if *at_ms < cutoff_ms)
 }
 
-/// Deletes the expired Done tombstones in `ids`, each only if the index still shows it as one
-/// (a message enqueued again under its id since the list was made stays).
-///
-/// NOT guaranteed: the check and the delete are two steps (the store has no conditional
-/// delete), so an enqueue of the same id in between can still be deleted with the tombstone.
+/// Deletes the expired Done tombstones in `ids` that the index still shows as such, each only
+/// if it still holds the tombstone read just before (a conditional delete, see
+/// [`TxnOp::delete_if`]): a message enqueued again under its id meanwhile stays. The deletes
+/// of up to [`READ_BATCH`] tombstones go as one transaction.
 async fn sweep_tombstones(q: std::sync::Weak<Inner>, ids: Vec<Id>, cutoff_ms: u64) {
-    futures::stream::iter(ids)
-        .for_each_concurrent(SWEEP_IN_FLIGHT, |id| {
-            let q = q.clone();
-            async move {
-                let Some(q) = q.upgrade() else { return };
-                let still = q
-                    .index
-                    .lock()
-                    .unwrap()
-                    .metas
-                    .get(&id)
-                    .is_some_and(|m| expired_at(&m.state, cutoff_ms));
-                if still {
-                    let _ = q.store.delete(&q.key(&id)).await;
-                }
+    for chunk in ids.chunks(READ_BATCH) {
+        let Some(q) = q.upgrade() else { return };
+        let keys: Vec<Bytes> = {
+            let idx = q.index.lock().unwrap();
+            chunk
+                .iter()
+                .filter(|id| {
+                    idx.metas
+                        .get(*id)
+                        .is_some_and(|m| expired_at(&m.state, cutoff_ms))
+                })
+                .map(|id| Bytes::from(q.key(id)))
+                .collect()
+        };
+        if keys.is_empty() {
+            continue;
+        }
+        // (A failed read or delete is retried by the next round.)
+        let Ok(values) = q.store.get_many(&keys, Consistency::Lease).await else {
+            return;
+        };
+        let deletes: Vec<TxnOp> = keys
+            .into_iter()
+            .zip(values)
+            .filter_map(|(key, value)| {
+                let value = value?;
+                let rec = Record::decode(&key, &value).ok()?;
+                let expired =
+                    matches!(rec.header.state, State::Done { at_ms } if at_ms < cutoff_ms);
+                expired.then(|| TxnOp::delete_if(key, value))
+            })
+            .collect();
+        delete_tombstones(&q, deletes).await;
+    }
+}
+
+/// Deletes tombstones, all in one transaction; if it is refused (one of them changed since it
+/// was read) each on its own. A store without transactions deletes them unconditionally (an
+/// enqueue between the read and the delete is then lost with the tombstone).
+async fn delete_tombstones(q: &Inner, deletes: Vec<TxnOp>) {
+    let no_transactions =
+        |e: &crate::Error| matches!(e, crate::Error::Engine { op: "transact", .. });
+    let alone = match q.store.transact(&deletes).await {
+        Ok(true) => return,
+        Ok(false) => deletes.len() > 1,
+        Err(e) => no_transactions(&e),
+    };
+    if !alone {
+        return;
+    }
+    futures::stream::iter(deletes)
+        .for_each_concurrent(SWEEP_IN_FLIGHT, |op| async move {
+            if let Err(e) = q.store.transact(std::slice::from_ref(&op)).await
+                && no_transactions(&e)
+            {
+                let _ = q.store.delete(&op.key).await;
             }
         })
         .await;

@@ -48,9 +48,11 @@
 //!   effect, before the ack). Use [`Message::once`] / [`Message::effect_once`], or make effects
 //!   idempotent by message id.
 //! - Delays and backoff are measured on wall clocks (producer's and consumer's): approximate.
-//! - Reusing an id once its tombstone has expired: an enqueue that races the tombstone's sweep
-//!   can be deleted with it (the check and the delete are two steps; the store has no
-//!   conditional delete). Retries of an enqueue within `retention` are safe.
+//! - Reusing an id once its tombstone has expired is safe on dcoord's stores (the sweep deletes
+//!   a tombstone only if it still holds the bytes read, in a transaction), but on a custom
+//!   [`Store`](crate::store::Store) without [`transact`](crate::store::Store::transact) an
+//!   enqueue that races the sweep can be deleted with the tombstone. Retries of an enqueue
+//!   within `retention` are safe everywhere.
 //! - Scale without bound: a consumer's memory grows with the number of messages under the
 //!   queue (pending, dead, and acked within `retention`), about 230 bytes each, and opening
 //!   one (and each periodic rescan) lists them all, payloads included (on the store's side

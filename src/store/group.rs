@@ -66,8 +66,9 @@ pub(crate) async fn send_one<D: Direct>(d: &D, op: &TxnOp) -> Result<bool> {
 }
 
 /// A handle's group commit.
-#[derive(Default)]
 pub(crate) struct Group {
+    /// Off: every write is sent on its own at once.
+    on: bool,
     st: Mutex<State>,
     free: Notify,
     /// Whether the servers apply transactions (a stock d-engine refuses every one).
@@ -97,7 +98,22 @@ struct Waiting {
     tx: oneshot::Sender<Result<bool>>,
 }
 
+impl Default for Group {
+    fn default() -> Self {
+        Self::new(true)
+    }
+}
+
 impl Group {
+    pub(crate) fn new(on: bool) -> Self {
+        Self {
+            on,
+            st: Mutex::default(),
+            free: Notify::new(),
+            txn: OnceCell::new(),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -113,6 +129,9 @@ impl Group {
 
     /// Writes `op` (see the module docs); the answer its own write would have had.
     pub(crate) async fn write<D: Direct>(&self, d: &D, op: TxnOp) -> Result<bool> {
+        if !self.on {
+            return send_one(d, &op).await;
+        }
         let start = {
             let mut st = self.lock();
             if st.in_flight < MAX_IN_FLIGHT {

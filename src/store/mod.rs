@@ -18,6 +18,14 @@
 //! - A watch stream never ends silently: its last item is one of [`Error::WatchCanceled`],
 //!   [`Error::WatchEnded`] or [`Error::WatchTransport`], and then it yields `None`.
 //! - Bad input (see [`crate::keys`]) is rejected before anything is sent.
+//! - [`Store::transact`] applies several writes, each with its own condition, as one Raft
+//!   entry: all of them (one watch event per op, at one revision) or none (no event). See
+//!   [`txn`].
+//! - `RemoteStore` and `EmbeddedStore` send concurrent writes of one handle together: while
+//!   one write request of the handle is in flight, the writes that arrive wait and then go as
+//!   one transaction (a lone write goes at once). Each caller gets an answer its own write
+//!   could have had; see the `group` notes on [`Store::compare_and_swap`]. This is what makes
+//!   many concurrent writers cheap on a cluster (one Raft entry for a group).
 //!
 //! # NOT guaranteed (d-engine 0.2.4)
 //! - Watch delivery is at-most-once: under a burst, d-engine can drop events for every watcher
@@ -36,6 +44,12 @@
 //!   removal is a replicated clock tick (about once a second while a leader is known; see
 //!   [`crate::engine::state_machine`]); in `MemStore` (feature `test-util`), its sweeper. Never
 //!   let CAS manage a key that has a TTL.
+//!
+//! - Transactions need dcoord's state machine on every node: a cluster must not mix nodes
+//!   that apply them with nodes that do not (an older `dcoord node`), or their replicas
+//!   diverge (the replica check reports it). Upgrade all nodes together. A stock d-engine
+//!   server refuses them: `RemoteStore` finds that out with one empty transaction, then sends
+//!   writes one by one and [`Store::transact`] fails with [`Error::Engine`].
 //!
 //! # Failure modes
 //! - [`Error::Unavailable`]: nothing applied, retry is safe.
@@ -250,6 +264,12 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Writes `new` only if the key currently holds `expected` (`None`: only if it is absent).
     /// Returns whether it wrote.
+    ///
+    /// Sent in a group with concurrent writes (dcoord's gRPC and embedded stores): if the
+    /// group's transaction is refused, a linearizable read of its keys answers false for the
+    /// writes whose expectation does not hold then (what a lone CAS would have answered at
+    /// that moment) and the others are sent again. An unknown outcome of the group is an
+    /// [`crate::Error::Ambiguous`] for each of its writes.
     async fn compare_and_swap(
         &self,
         key: &[u8],

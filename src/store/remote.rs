@@ -62,6 +62,9 @@ pub struct RemoteOptions {
     pub(crate) max_backoff: Duration,
     /// TLS to every node; `None`: plain text.
     pub(crate) tls: Option<ClientTls>,
+    /// Whether concurrent writes go together as one transaction (see [`super::Store`]'s
+    /// module docs). Default true.
+    pub(crate) group_writes: bool,
 }
 
 impl Default for RemoteOptions {
@@ -73,11 +76,21 @@ impl Default for RemoteOptions {
             min_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(500),
             tls: None,
+            group_writes: true,
         }
     }
 }
 
 impl RemoteOptions {
+    /// Whether concurrent writes of this handle go together as one transaction (one Raft
+    /// entry) while a write request is in flight. Default true: it is what makes many
+    /// concurrent writers cheap. False sends every write as its own request (one entry each).
+    #[must_use]
+    pub fn group_writes(mut self, on: bool) -> Self {
+        self.group_writes = on;
+        self
+    }
+
     /// How long one operation may keep retrying through failover before it gives up with
     /// [`Error::Unavailable`]. Default 10 s.
     #[must_use]
@@ -395,6 +408,7 @@ impl RemoteStore {
             }
             tokio::time::sleep(delay).await;
         };
+        let group_writes = options.group_writes;
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
@@ -402,7 +416,7 @@ impl RemoteStore {
                 options,
                 generation: AtomicU64::new(0),
                 refresh_lock: tokio::sync::Mutex::new(()),
-                group: Group::default(),
+                group: Group::new(group_writes),
             }),
         })
     }

@@ -249,7 +249,9 @@ async fn handle(command: &[String], kill_after: Duration, d: Delivery) -> dcoord
                 }
                 Some(_) => {
                     child.stop(kill_after).await;
-                    drop(d); // given back: Ready again, the attempt not counted
+                    // Ready again, the attempt not counted; awaited, so it lands before the
+                    // session closes (a failed one is redelivered after the lease).
+                    let _ = d.give_back().await;
                     return Ok(Handled::Stopped(code));
                 }
             },
