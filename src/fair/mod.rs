@@ -225,6 +225,11 @@ impl Fair {
         Record::decode(self.kind, &self.key, self.capacity, bytes)
     }
 
+    /// [`Fair::decode`], shared with every other reader of the same bytes in this process.
+    pub(crate) fn decode_shared(&self, bytes: Option<&Bytes>) -> Result<Arc<Record>> {
+        Record::decode_shared(self.kind, &self.key, self.capacity, bytes)
+    }
+
     /// The record in the mirror's snapshot (`None` if the mirror has not loaded yet).
     pub(crate) fn record_in(&self, snap: &Snapshot) -> Option<Result<Record>> {
         if !snap.is_ready() {
@@ -298,7 +303,11 @@ impl Fair {
         let Some(theirs) = snap.get(&self.key).map(|e| e.value.clone()) else {
             return current;
         };
-        let seq = |b: &Option<Bytes>| self.decode(b.as_ref()).map(|r| r.seq).unwrap_or(0);
+        let seq = |b: &Option<Bytes>| {
+            self.decode_shared(b.as_ref())
+                .map(|r| r.seq)
+                .unwrap_or(0)
+        };
         let theirs = Some(theirs);
         if seq(&theirs) > seq(&current) {
             theirs

@@ -13,7 +13,8 @@
 //! same write. `absorbed` remembers each session's highest absorbed ticket, so an arrival key
 //! that outlives its slot (its owner had not deleted it yet) is never absorbed twice.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use bytes::Bytes;
@@ -163,6 +164,33 @@ struct Version {
 /// Sessions remembered in `absorbed` before dead ones are pruned.
 pub(crate) const ABSORBED_PRUNE_AT: usize = 256;
 
+/// Records decoded lately in this process, by the identity of their bytes (pointer and
+/// length of a `Bytes` kept here, so the memory cannot be reused while it is remembered: the
+/// same pointer and length are the same bytes). Every waiter of a queue wakes on each change
+/// of the one mirror they share and reads the record from the same `Bytes`: one parse serves
+/// them all.
+static DECODED: Mutex<VecDeque<(Bytes, Arc<Record>)>> = Mutex::new(VecDeque::new());
+/// Records remembered in [`DECODED`].
+const DECODED_KEPT: usize = 16;
+
+fn recall(bytes: &Bytes) -> Option<Arc<Record>> {
+    let memo = DECODED.lock().expect("never poisoned");
+    memo.iter()
+        .find(|(b, _)| b.as_ptr() == bytes.as_ptr() && b.len() == bytes.len())
+        .map(|(_, rec)| rec.clone())
+}
+
+fn remember(bytes: &Bytes, rec: &Arc<Record>) {
+    if bytes.is_empty() {
+        return;
+    }
+    let mut memo = DECODED.lock().expect("never poisoned");
+    if memo.len() >= DECODED_KEPT {
+        memo.pop_front();
+    }
+    memo.push_back((bytes.clone(), rec.clone()));
+}
+
 impl Record {
     /// The format of a record of capacity 1 (a lock, an election).
     pub(crate) const VERSION: u32 = 3;
@@ -198,18 +226,46 @@ impl Record {
         capacity: u64,
         bytes: Option<&Bytes>,
     ) -> Result<Record> {
+        Self::decode_shared(kind, key, capacity, bytes).map(Arc::unwrap_or_clone)
+    }
+
+    /// [`Record::decode`], shared: bytes decoded recently in this process (the same bytes,
+    /// not merely equal ones: every waiter of a queue reads the one copy its mirror holds)
+    /// are not parsed again.
+    pub(crate) fn decode_shared(
+        kind: &str,
+        key: &[u8],
+        capacity: u64,
+        bytes: Option<&Bytes>,
+    ) -> Result<Arc<Record>> {
         let Some(bytes) = bytes else {
-            return Ok(Record::empty(capacity));
+            return Ok(Arc::new(Record::empty(capacity)));
         };
         let bad = |reason: String| Error::Decode {
             key: show(key),
             reason,
         };
-        let foreign = |e: serde_json::Error| {
-            bad(format!(
-                "not a dcoord {kind} record ({e}); refusing to overwrite it"
-            ))
+        let rec = match recall(bytes) {
+            Some(rec) => rec,
+            None => {
+                let rec = Arc::new(Self::parse(kind, bytes).map_err(bad)?);
+                remember(bytes, &rec);
+                rec
+            }
         };
+        if rec.capacity != capacity {
+            return Err(bad(format!(
+                "this {kind} has capacity {} but this handle was opened with {capacity}",
+                rec.capacity
+            )));
+        }
+        Ok(rec)
+    }
+
+    /// The record `bytes` hold, whatever its capacity; the reason if they are not one.
+    fn parse(kind: &str, bytes: &[u8]) -> std::result::Result<Record, String> {
+        let foreign =
+            |e: serde_json::Error| format!("not a dcoord {kind} record ({e}); refusing to overwrite it");
         let Version { v } = serde_json::from_slice(bytes).map_err(foreign)?;
         let mut rec = match v {
             2 => {
@@ -236,18 +292,12 @@ impl Record {
                 serde_json::from_slice::<Record>(bytes).map_err(foreign)?
             }
             v => {
-                return Err(bad(format!(
+                return Err(format!(
                     "{kind} record version {v} is not supported (this dcoord reads 2 to {})",
                     Self::VERSION_MARKERS
-                )));
+                ));
             }
         };
-        if rec.capacity != capacity {
-            return Err(bad(format!(
-                "this {kind} has capacity {} but this handle was opened with {capacity}",
-                rec.capacity
-            )));
-        }
         // A version 3 record of capacity > 1 (written before release markers) is written back
         // as version 4.
         rec.v = Self::version_for(rec.capacity);
