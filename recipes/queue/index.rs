@@ -579,8 +579,7 @@ async fn sweep_tombstones(q: std::sync::Weak<Inner>, ids: Vec<Id>, cutoff_ms: u6
 /// was read) each on its own. A store without transactions deletes them unconditionally (an
 /// enqueue between the read and the delete is then lost with the tombstone).
 async fn delete_tombstones(q: &Inner, deletes: Vec<TxnOp>) {
-    let no_transactions =
-        |e: &crate::Error| matches!(e, crate::Error::Engine { op: "transact", .. });
+    let no_transactions = crate::store::txn::unsupported;
     let alone = match q.store.transact(&deletes).await {
         Ok(true) => return,
         Ok(false) => deletes.len() > 1,

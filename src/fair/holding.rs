@@ -220,7 +220,7 @@ impl Holding {
             let next = rec
                 .proclaim(&self.me, value)
                 .expect("the grant is in the record");
-            current = inner.cas(current, next.encode()).await?;
+            current = inner.cas(current, &next, None).await?;
         }
     }
 

@@ -81,6 +81,9 @@ pub(crate) struct Fair {
     /// Release markers this handle has a delete in flight for (or done, not yet out of the
     /// mirror): so that its writes do not delete a leftover marker again and again.
     sweeping: Arc<std::sync::Mutex<std::collections::HashSet<Bytes>>>,
+    /// The store applies transactions (until it says it does not): the record's writes
+    /// take their garbage's deletes along.
+    transactions: std::sync::atomic::AtomicBool,
 }
 
 /// A participant of a queue, as [`Fair::info`] shows it.
@@ -159,6 +162,7 @@ impl Fair {
             store,
             record,
             sweeping: Default::default(),
+            transactions: std::sync::atomic::AtomicBool::new(true),
         }))
     }
 

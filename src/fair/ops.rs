@@ -2,6 +2,7 @@
 //! share; and the arrival keys waiters announce themselves with.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use tokio::time::Instant;
@@ -10,7 +11,7 @@ use super::record::{Entry, Record, Released, Slot};
 use super::{Fair, Holding, Pending, bump, spawn_late_leave};
 use crate::error::Result;
 use crate::reconcile::Snapshot;
-use crate::store::{Cas, Consistency, Scan, Settled};
+use crate::store::{Cas, Consistency, Scan, Settled, TxnOp};
 
 impl Fair {
     pub(super) async fn read(&self) -> Result<Option<Bytes>> {
@@ -19,18 +20,17 @@ impl Fair {
 
     /// One CAS from `current` to `new`, settled ([`Cas::settle`]); returns the record as it
     /// is afterwards (ours when it applied, re-read otherwise: the caller decides from its
-    /// content, which is unique per write since `seq` rises with every one).
-    pub(super) async fn cas(&self, current: Option<Bytes>, new: Vec<u8>) -> Result<Option<Bytes>> {
-        let alive = || self.session.check();
-        let settled = Cas::new(&*self.store, &self.key, current.as_deref(), &new)
-            .while_ok(&alive)
-            .settle()
-            .await?;
-        Ok(match settled {
-            Settled::Applied => {
-                self.sweep_releases(Some(&current), &new);
-                Some(Bytes::from(new))
-            }
+    /// content, which is unique per write since `seq` rises with every one). `mine`: the
+    /// writer's own arrival key is still there (see [`Fair::write`]).
+    pub(super) async fn cas(
+        &self,
+        current: Option<Bytes>,
+        next: &Record,
+        mine: Option<&Slot>,
+    ) -> Result<Option<Bytes>> {
+        let new = next.encode();
+        Ok(match self.write(current.as_ref(), &new, next, mine).await? {
+            Settled::Applied => Some(Bytes::from(new)),
             Settled::Rejected {
                 current,
                 maybe_applied,
@@ -41,6 +41,46 @@ impl Fair {
                 current
             }
         })
+    }
+
+    /// Writes the record from `current` to `new`, settled, taking along the deletes of the
+    /// keys it makes garbage ([`Fair::garbage`]; `mine`: the writer's own arrival, which its
+    /// mirror may not show yet) in one transaction: a handoff costs no separate deletes, and a
+    /// watcher sees them before the record. On a store without transactions the deletes follow
+    /// the write, in the background.
+    async fn write(
+        &self,
+        current: Option<&Bytes>,
+        new: &[u8],
+        next: &Record,
+        mine: Option<&Slot>,
+    ) -> Result<Settled> {
+        let alive = || self.session.check();
+        let garbage = self.garbage(current, next, mine);
+        let current = current.map(|c| &c[..]);
+        if !garbage.is_empty() && self.transactions.load(Ordering::Relaxed) {
+            let deletes: Vec<TxnOp> = garbage.iter().map(|(k, _)| TxnOp::delete(k.clone())).collect();
+            match Cas::new(&*self.store, &self.key, current, new)
+                .along(&deletes)
+                .while_ok(&alive)
+                .settle()
+                .await
+            {
+                Err(e) if crate::store::txn::unsupported(&e) => {
+                    tracing::debug!(kind = self.kind, name = %self.name, "the store has no transactions: deleting garbage after the record's writes");
+                    self.transactions.store(false, Ordering::Relaxed);
+                }
+                settled => return settled,
+            }
+        }
+        let settled = Cas::new(&*self.store, &self.key, current, new)
+            .while_ok(&alive)
+            .settle()
+            .await?;
+        if settled == Settled::Applied {
+            self.sweep(garbage);
+        }
+        Ok(settled)
     }
 
     /// A fresh slot for this session.
@@ -87,49 +127,64 @@ impl Fair {
             .collect()
     }
 
-    /// After `written` (the record's bytes) was applied over `before`: deletes, in the
-    /// background, the release markers in sight whose grant `written` could have held (token
-    /// at most its epoch) and does not. Such a grant is over for good. With `before`: those this
-    /// write applied (the markers `before` still held), and leftovers that an earlier write
-    /// applied without deleting (its mirror had not seen the marker yet, or it applied it from
-    /// a scan), once per handle; so that the writers after it do not all delete the same
-    /// markers again. The mirror may already be newer than `written`: a marker of a later
-    /// grant (a higher token) is never deleted here.
-    fn sweep_releases(&self, before: Option<&Option<Bytes>>, written: &[u8]) {
+    /// The keys a write of `written` over `before` leaves with no job: the arrivals in sight
+    /// (and `mine`) that it has taken in (the record never takes a slot in twice), and the
+    /// release markers in sight whose grant it could have held (token at most its epoch) and
+    /// does not (such a grant is over for good). The mirror may already be newer than
+    /// `written`: a marker of a later grant (a higher token) is never among them. Each comes
+    /// with whether this write made it garbage (else an earlier write did, and left it).
+    fn garbage(
+        &self,
+        before: Option<&Bytes>,
+        rec: &Record,
+        mine: Option<&Slot>,
+    ) -> Vec<(Bytes, bool)> {
+        let Ok(before) = self.decode_shared(before) else {
+            return Vec::new();
+        };
         let snap = self.record.snapshot();
-        let markers: Vec<(Bytes, Released)> = snap
-            .with_prefix(&self.releases)
-            .filter_map(|e| Some((e.key.clone(), self.parse_release(&e.key, &e.value)?)))
-            .collect();
-        let mut sweeping = self.sweeping.lock().expect("never poisoned");
-        // Forget deletes the mirror has seen land (the set stays as small as the markers).
-        sweeping.retain(|k| markers.iter().any(|(key, _)| key == k));
-        if markers.is_empty() {
-            return;
-        }
         let holds =
             |rec: &Record, m: &Released| rec.grant_of(&m.slot).is_some_and(|g| g.token == m.token);
-        let Ok(rec) = self.decode(Some(&Bytes::copy_from_slice(written))) else {
-            return;
-        };
-        let before = match before {
-            Some(bytes) => match self.decode(bytes.as_ref()) {
-                Ok(rec) => Some(rec),
-                Err(_) => return,
-            },
-            None => None,
-        };
+        let mut found: Vec<(Bytes, bool)> = Vec::new();
+        for e in snap.with_prefix(&self.releases) {
+            let Some(m) = self.parse_release(&e.key, &e.value) else {
+                continue;
+            };
+            if m.token <= rec.epoch && !holds(rec, &m) {
+                found.push((e.key.clone(), holds(&before, &m)));
+            }
+        }
+        let mut arrivals: Vec<Slot> = snap
+            .with_prefix(&self.arrivals)
+            .filter_map(|e| slot_of(&self.arrivals, &e.key))
+            .collect();
+        if let Some(me) = mine
+            && !arrivals.contains(me)
+        {
+            arrivals.push(me.clone());
+        }
+        for slot in arrivals {
+            if rec.seen(&slot) {
+                found.push((Bytes::from(self.arrival_key(&slot)), !before.seen(&slot)));
+            }
+        }
+        found.truncate(MAX_GARBAGE);
+        found
+    }
+
+    /// Deletes `garbage` in the background (a store without transactions): the keys a write
+    /// made garbage, and leftovers of earlier writes once per handle, so that the writers
+    /// after it do not all delete the same keys again.
+    fn sweep(&self, garbage: Vec<(Bytes, bool)>) {
+        let mut sweeping = self.sweeping.lock().expect("never poisoned");
+        // Forget deletes the mirror has seen land (the set stays as small as the garbage).
+        let snap = self.record.snapshot();
+        sweeping.retain(|k| snap.get(k).is_some());
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        for (key, m) in markers {
-            // A grant made after `written` has a token above its epoch: the mirror may show
-            // its marker already (the snapshot can be newer than `written`), so never that.
-            if m.token > rec.epoch || holds(&rec, &m) {
-                continue;
-            }
-            let applied_now = before.as_ref().is_none_or(|b| holds(b, &m));
-            if !applied_now && sweeping.contains(&key) {
+        for (key, now) in garbage {
+            if !now && sweeping.contains(&key) {
                 continue;
             }
             sweeping.insert(key.clone());
@@ -186,8 +241,8 @@ impl Fair {
         Ok(current)
     }
 
-    /// Deletes an arrival key in the background (it is harmless if it lingers: the record
-    /// never takes a slot in twice).
+    /// Deletes an arrival key in the background (a dead session's, which pruning may make
+    /// the record forget it took in; harmless if it lingers meanwhile).
     pub(super) fn forget_arrival(&self, slot: &Slot) {
         let (store, key) = (self.store.clone(), self.arrival_key(slot));
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -234,11 +289,10 @@ impl Fair {
             };
             pending.arm(me.slot.clone());
             let sent = Instant::now();
-            let new = next.encode();
             // Settled by re-sending the identical CAS (see `Cas`): the record never returns to
             // `current` (its `seq` rises with every write). A read that still shows `current`
             // would prove nothing: the first attempt could apply after it.
-            let after = match self.cas(current, new).await {
+            let after = match self.cas(current, &next, None).await {
                 Ok(after) => after,
                 Err(e) if e.is_ambiguous() => {
                     // Still unknown, and the first attempt may land yet: give back a grant
@@ -295,16 +349,8 @@ impl Fair {
                 tracing::debug!(kind = self.kind, name = %self.name, ?me, seq = rec.seq, "leave: nothing to do");
                 return Ok(());
             };
-            let new = next.encode();
-            let alive = || self.session.check();
-            match Cas::new(&*self.store, &self.key, current.as_deref(), &new)
-                .while_ok(&alive)
-                .settle()
-                .await?
-            {
+            match self.write(current.as_ref(), &next.encode(), &next, None).await? {
                 Settled::Applied => {
-                    // A rare writer: it also sweeps markers that outlived their grants.
-                    self.sweep_releases(None, &new);
                     tracing::debug!(kind = self.kind, name = %self.name, ?me, seq = next.seq, holders = next.holders.len(), "left");
                     if rec.is_holder(me) && next.epoch > rec.epoch {
                         crate::metrics::count(
@@ -342,6 +388,9 @@ impl Fair {
         Ok(())
     }
 }
+
+/// Most keys one write of the record deletes along (the rest: the next writes).
+const MAX_GARBAGE: usize = 256;
 
 /// `<prefix><session>.<ticket>`: a slot's arrival or release key.
 fn slot_key(prefix: &[u8], slot: &Slot) -> Vec<u8> {

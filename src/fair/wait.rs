@@ -98,10 +98,9 @@ impl<'a> Waiter<'a> {
                         inner.kind,
                         &inner.name,
                     );
+                    // Our arrival key, if it is still there, went with the write that took
+                    // us in (or goes with the next one: see `Fair::garbage`).
                     let owned = pending.hand_over();
-                    if self.announced {
-                        inner.forget_arrival(&self.me.slot);
-                    }
                     let holding = Holding::new(
                         inner.clone(),
                         self.me.slot,
@@ -119,8 +118,8 @@ impl<'a> Waiter<'a> {
                     return Ok(Queued::Vanished);
                 }
                 _ if self.announced && rec.contains(&self.me.slot) => {
-                    // Taken into the queue: the arrival key has done its job.
-                    inner.forget_arrival(&self.me.slot);
+                    // Taken into the queue: the arrival key has done its job, and the write
+                    // that took us in deleted it (or the next one does).
                     self.announced = false;
                     continue;
                 }
@@ -205,7 +204,11 @@ impl<'a> Waiter<'a> {
 
     /// Writes `next` over the record we know (settled; the loop reads the outcome from it).
     async fn write(&mut self, next: Record) -> Result<()> {
-        self.current = self.inner.cas(self.current.take(), next.encode()).await?;
+        let mine = self.announced.then_some(&self.me.slot);
+        self.current = self
+            .inner
+            .cas(self.current.take(), &next, mine)
+            .await?;
         self.next_read = Self::read_due(self.inner);
         Ok(())
     }
@@ -222,7 +225,8 @@ impl<'a> Waiter<'a> {
         let view = inner.session.peers().await?.snapshot();
         next.prune(|s| view.get(&inner.session.heartbeat_key(s)).is_none());
         let new = next.encode();
-        self.current = inner.cas(self.current.take(), new.clone()).await?;
+        let mine = self.announced.then_some(&self.me.slot);
+        self.current = inner.cas(self.current.take(), &next, mine).await?;
         if self.current.as_deref() == Some(&new[..]) {
             crate::metrics::count(
                 crate::metrics::LOCK_TAKEOVERS_TOTAL,

@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{Consistency, Store};
+use super::{Consistency, Store, TxnOp};
 use crate::error::{Error, Result, show};
 use crate::reconcile::Backoff;
 
@@ -73,6 +73,7 @@ pub struct Cas<'a> {
     unique: bool,
     reread: bool,
     while_ok: Option<&'a (dyn Fn() -> Result<()> + Send + Sync)>,
+    along: &'a [TxnOp],
 }
 
 impl<'a> Cas<'a> {
@@ -91,7 +92,18 @@ impl<'a> Cas<'a> {
             unique: true,
             reread: true,
             while_ok: None,
+            along: &[],
         }
+    }
+
+    /// Writes that go with the CAS, in one [`Store::transact`]: applied with it (just
+    /// before it, at its revision) or not at all. Since at most one attempt's CAS applies,
+    /// they apply at most once. A store without transactions answers the settle with its
+    /// [`Error::Engine`] (see [`unsupported`](super::txn::unsupported)) before anything is
+    /// sent; the caller then writes without them.
+    pub fn along(mut self, ops: &'a [TxnOp]) -> Self {
+        self.along = ops;
+        self
     }
 
     /// A plain refusal (no earlier attempt's outcome unknown) is reported without reading the
@@ -127,12 +139,28 @@ impl<'a> Cas<'a> {
     pub async fn settle(self) -> Result<Settled> {
         let mut unsure: Option<Error> = None;
         let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(1));
+        // The CAS last: a watcher sees the other writes before the key's new value.
+        let txn: Vec<TxnOp> = match self.along {
+            [] => Vec::new(),
+            ops => ops
+                .iter()
+                .cloned()
+                .chain([TxnOp::cas(
+                    Bytes::copy_from_slice(self.key),
+                    self.expected,
+                    Bytes::copy_from_slice(self.new),
+                )])
+                .collect(),
+        };
         loop {
-            match self
-                .store
-                .compare_and_swap(self.key, self.expected, self.new)
-                .await
-            {
+            let sent = if txn.is_empty() {
+                self.store
+                    .compare_and_swap(self.key, self.expected, self.new)
+                    .await
+            } else {
+                self.store.transact(&txn).await
+            };
+            match sent {
                 Ok(true) => return Ok(Settled::Applied),
                 Ok(false) => return self.rejected(unsure.is_some()).await,
                 Err(e) if e.is_ambiguous() => {

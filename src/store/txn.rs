@@ -37,6 +37,14 @@ const VERSION: u8 = 1;
 const EXPECT_MASK: u8 = 0b11;
 const WRITES: u8 = 0b100;
 
+/// Whether `e` is a store's answer that it has no transactions ([`Store::transact`]'s
+/// default, or a cluster whose state machine does not apply them): nothing was sent.
+///
+/// [`Store::transact`]: crate::store::Store::transact
+pub fn unsupported(e: &Error) -> bool {
+    matches!(e, Error::Engine { op: "transact", .. })
+}
+
 /// What a key must hold for a transaction to apply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Expect {
