@@ -58,7 +58,7 @@ impl<'a> Waiter<'a> {
         // behind, and a release it missed would otherwise be seen only at the periodic re-read.
         let arrival = inner.arrival_key(&me.slot);
         let bytes = me.arrival_bytes();
-        let (put, read) = tokio::join!(inner.store.put(&arrival, &bytes), inner.read());
+        let (put, read) = tokio::join!(inner.store.put(&arrival, &bytes), inner.store.get(&inner.key, crate::store::Consistency::Lease));
         put?;
         let current = inner.newer(read?, &inner.record.snapshot());
         Ok(Waiter {
