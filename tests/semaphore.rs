@@ -209,6 +209,81 @@ async fn released_permits_are_handed_on_without_waiting_and_markers_are_swept() 
     assert_eq!(sc.info().await.unwrap().available, 2);
 }
 
+/// The keys a handoff leaves with no job (the release marker it applies, the arrival key of
+/// the waiter it takes in) go with the grant's write, in the same transaction: no separate
+/// deletes, and nothing left behind once the waiter holds. A store without transactions gets
+/// the same end state from deletes after the write.
+async fn a_handoff_takes_its_garbage_along(store: MemStore, transactions: bool) {
+    // Every op takes a while: deletes sent after the grant would still be on their way.
+    store.set_latency(Duration::from_millis(10));
+    let dyn_store: Arc<dyn Store> = Arc::new(store.clone());
+    // Capacity 1 hands off by the holder's write (garbage: the waiter's arrival); above 1 by
+    // the waiter's (garbage: the holder's release marker and the waiter's arrival).
+    for capacity in [1u64, 2] {
+        let name = format!("garbage-{capacity}");
+        let mut sems = Vec::new();
+        for _ in 0..=capacity {
+            let s = long_session(dyn_store.clone()).await;
+            sems.push((Semaphore::new(&s, &name, capacity).unwrap(), s));
+        }
+        let (last, _) = sems.pop().unwrap();
+        let mut held = Vec::new();
+        for (sem, _) in &sems {
+            held.push(sem.acquire(1).await.unwrap());
+        }
+        let waiting = {
+            let last = last.clone();
+            tokio::spawn(async move { last.acquire(1).await })
+        };
+        until_waiters(&last, 1).await;
+        held.remove(0).release().await.unwrap();
+        let next = waiting.await.unwrap().unwrap();
+        let base = format!("{}semaphores/{name}/", sems[0].1.root());
+        let left = |scan: dcoord::store::Scan| {
+            scan.entries
+                .into_iter()
+                .map(|(k, _)| String::from_utf8_lossy(&k[base.len()..]).into_owned())
+                .filter(|k| k != "rec")
+                .collect::<Vec<_>>()
+        };
+        let now = left(dyn_store.scan_prefix(base.as_bytes()).await.unwrap());
+        if transactions {
+            assert!(
+                now.is_empty(),
+                "capacity {capacity}: left by the grant: {now:?}"
+            );
+        } else {
+            assert!(
+                !now.is_empty(),
+                "capacity {capacity}: the deletes are still on their way"
+            );
+            tokio::time::timeout(Duration::from_secs(1), async {
+                while !left(dyn_store.scan_prefix(base.as_bytes()).await.unwrap()).is_empty() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("capacity {capacity}: the garbage is never deleted"));
+        }
+        next.release().await.unwrap();
+        for h in held {
+            h.release().await.unwrap();
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_handoff_deletes_its_marker_and_arrival_in_the_grants_write() {
+    a_handoff_takes_its_garbage_along(MemStore::new(), true).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_transactions_a_handoffs_garbage_is_deleted_after_it() {
+    let store =
+        MemStore::with_options(dcoord::testing::MemOptions::default().without_transactions());
+    a_handoff_takes_its_garbage_along(store, false).await;
+}
+
 /// The first waiter a batch of releases grants writes the grant for all of them; one that is
 /// alive but does not write (its task not polled, its view behind) does not hold the others
 /// for its lease: they write it themselves after a short patience.

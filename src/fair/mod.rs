@@ -19,8 +19,12 @@
 //! never reused), so the record stays the one authority on who holds: a pending marker only
 //! keeps a permit counted as held a little longer, never the other way round. Markers that no
 //! longer name a holder (and name a token at most the written record's epoch: a later grant
-//! is not in it yet) are deleted by the writer that applied them (a leftover, applied by a
-//! writer that had not seen it, by the next writer of each handle that sees it); one that
+//! is not in it yet) are garbage, and so are the arrival keys the record has taken in. A
+//! write of the record deletes the garbage in sight in the same transaction (the deletes
+//! first, so a watcher never sees the new record with them still there): a handoff is one
+//! write, whatever it cleans up. A leftover (garbage the writer could not see yet) goes with
+//! the next write that sees it; on a store without transactions the writer deletes the garbage
+//! right after its write, in the background (a leftover once per handle). Garbage that
 //! lingers changes nothing. The first waiter a batch of markers lets in is the batch's writer
 //! only by convention (to avoid colliding CASes): the others it lets in wait for its write
 //! for a short patience (a twentieth of the lease, 50 to 500 ms), then write it themselves,
@@ -78,8 +82,9 @@ pub(crate) struct Fair {
     pub(crate) store: Arc<dyn Store>,
     /// The record and the arrivals (one prefix watch).
     record: Arc<Mirror>,
-    /// Release markers this handle has a delete in flight for (or done, not yet out of the
-    /// mirror): so that its writes do not delete a leftover marker again and again.
+    /// Garbage this handle has a delete in flight for (or done, not yet out of the mirror), on
+    /// a store without transactions: so that its writes do not delete a leftover again and
+    /// again.
     sweeping: Arc<std::sync::Mutex<std::collections::HashSet<Bytes>>>,
     /// The store applies transactions (until it says it does not): the record's writes
     /// take their garbage's deletes along.
@@ -307,11 +312,7 @@ impl Fair {
         let Some(theirs) = snap.get(&self.key).map(|e| e.value.clone()) else {
             return current;
         };
-        let seq = |b: &Option<Bytes>| {
-            self.decode_shared(b.as_ref())
-                .map(|r| r.seq)
-                .unwrap_or(0)
-        };
+        let seq = |b: &Option<Bytes>| self.decode_shared(b.as_ref()).map(|r| r.seq).unwrap_or(0);
         let theirs = Some(theirs);
         if seq(&theirs) > seq(&current) {
             theirs

@@ -29,18 +29,20 @@ impl Fair {
         mine: Option<&Slot>,
     ) -> Result<Option<Bytes>> {
         let new = next.encode();
-        Ok(match self.write(current.as_ref(), &new, next, mine).await? {
-            Settled::Applied => Some(Bytes::from(new)),
-            Settled::Rejected {
-                current,
-                maybe_applied,
-            } => {
-                if !maybe_applied {
-                    bump(&self.stats.conflicts);
+        Ok(
+            match self.write(current.as_ref(), &new, next, mine).await? {
+                Settled::Applied => Some(Bytes::from(new)),
+                Settled::Rejected {
+                    current,
+                    maybe_applied,
+                } => {
+                    if !maybe_applied {
+                        bump(&self.stats.conflicts);
+                    }
+                    current
                 }
-                current
-            }
-        })
+            },
+        )
     }
 
     /// Writes the record from `current` to `new`, settled, taking along the deletes of the
@@ -59,7 +61,10 @@ impl Fair {
         let garbage = self.garbage(current, next, mine);
         let current = current.map(|c| &c[..]);
         if !garbage.is_empty() && self.transactions.load(Ordering::Relaxed) {
-            let deletes: Vec<TxnOp> = garbage.iter().map(|(k, _)| TxnOp::delete(k.clone())).collect();
+            let deletes: Vec<TxnOp> = garbage
+                .iter()
+                .map(|(k, _)| TxnOp::delete(k.clone()))
+                .collect();
             match Cas::new(&*self.store, &self.key, current, new)
                 .along(&deletes)
                 .while_ok(&alive)
@@ -349,7 +354,10 @@ impl Fair {
                 tracing::debug!(kind = self.kind, name = %self.name, ?me, seq = rec.seq, "leave: nothing to do");
                 return Ok(());
             };
-            match self.write(current.as_ref(), &next.encode(), &next, None).await? {
+            match self
+                .write(current.as_ref(), &next.encode(), &next, None)
+                .await?
+            {
                 Settled::Applied => {
                     tracing::debug!(kind = self.kind, name = %self.name, ?me, seq = next.seq, holders = next.holders.len(), "left");
                     if rec.is_holder(me) && next.epoch > rec.epoch {

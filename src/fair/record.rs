@@ -13,8 +13,9 @@
 //! same write. `absorbed` remembers each session's highest absorbed ticket, so an arrival key
 //! that outlives its slot (its owner had not deleted it yet) is never absorbed twice.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use base64::Engine;
 use bytes::Bytes;
@@ -164,31 +165,36 @@ struct Version {
 /// Sessions remembered in `absorbed` before dead ones are pruned.
 pub(crate) const ABSORBED_PRUNE_AT: usize = 256;
 
-/// Records decoded lately in this process, by the identity of their bytes (pointer and
-/// length of a `Bytes` kept here, so the memory cannot be reused while it is remembered: the
-/// same pointer and length are the same bytes). Every waiter of a queue wakes on each change
-/// of the one mirror they share and reads the record from the same `Bytes`: one parse serves
-/// them all.
-static DECODED: Mutex<VecDeque<(Bytes, Arc<Record>)>> = Mutex::new(VecDeque::new());
-/// Records remembered in [`DECODED`].
+/// Records decoded lately on this thread, by the identity of their bytes (pointer and length
+/// of a `Bytes` kept here, so the memory cannot be reused while it is remembered: the same
+/// pointer and length are the same bytes). Every waiter of a queue wakes on each change of
+/// the one mirror they share and reads the record from the same `Bytes`: one parse per
+/// thread serves them all.
 const DECODED_KEPT: usize = 16;
 
+thread_local! {
+    static DECODED: RefCell<VecDeque<(Bytes, Arc<Record>)>> =
+        const { RefCell::new(VecDeque::new()) };
+}
+
 fn recall(bytes: &Bytes) -> Option<Arc<Record>> {
-    let memo = DECODED.lock().expect("never poisoned");
-    memo.iter()
-        .find(|(b, _)| b.as_ptr() == bytes.as_ptr() && b.len() == bytes.len())
-        .map(|(_, rec)| rec.clone())
+    DECODED.with_borrow(|memo| {
+        memo.iter()
+            .find(|(b, _)| b.as_ptr() == bytes.as_ptr() && b.len() == bytes.len())
+            .map(|(_, rec)| rec.clone())
+    })
 }
 
 fn remember(bytes: &Bytes, rec: &Arc<Record>) {
     if bytes.is_empty() {
         return;
     }
-    let mut memo = DECODED.lock().expect("never poisoned");
-    if memo.len() >= DECODED_KEPT {
-        memo.pop_front();
-    }
-    memo.push_back((bytes.clone(), rec.clone()));
+    DECODED.with_borrow_mut(|memo| {
+        if memo.len() >= DECODED_KEPT {
+            memo.pop_front();
+        }
+        memo.push_back((bytes.clone(), rec.clone()));
+    });
 }
 
 impl Record {
@@ -264,8 +270,9 @@ impl Record {
 
     /// The record `bytes` hold, whatever its capacity; the reason if they are not one.
     fn parse(kind: &str, bytes: &[u8]) -> std::result::Result<Record, String> {
-        let foreign =
-            |e: serde_json::Error| format!("not a dcoord {kind} record ({e}); refusing to overwrite it");
+        let foreign = |e: serde_json::Error| {
+            format!("not a dcoord {kind} record ({e}); refusing to overwrite it")
+        };
         let Version { v } = serde_json::from_slice(bytes).map_err(foreign)?;
         let mut rec = match v {
             2 => {
@@ -595,6 +602,30 @@ mod tests {
     fn held_by_a_with_b_c_waiting() -> Record {
         let r = Record::empty(1).grab(&e("a", 1)).unwrap();
         r.absorb(&[e("b", 1), e("c", 1)]).unwrap()
+    }
+
+    #[test]
+    fn the_same_bytes_are_parsed_once_and_equal_bytes_on_their_own() {
+        let rec = held_by_a_with_b_c_waiting();
+        let bytes = Bytes::from(rec.encode());
+        let decode = |b: &Bytes, capacity| Record::decode_shared("lock", b"k", capacity, Some(b));
+        let one = decode(&bytes, rec.capacity).unwrap();
+        let two = decode(&bytes.clone(), rec.capacity).unwrap();
+        assert!(Arc::ptr_eq(&one, &two), "the same bytes: one parse");
+        let copy = Bytes::copy_from_slice(&bytes);
+        let three = decode(&copy, rec.capacity).unwrap();
+        assert!(
+            !Arc::ptr_eq(&one, &three),
+            "equal bytes elsewhere: parsed on their own"
+        );
+        assert_eq!(*one, *three);
+        assert_eq!(
+            Record::decode("lock", b"k", rec.capacity, Some(&bytes)).unwrap(),
+            rec
+        );
+        // A remembered record of another capacity is still refused.
+        let err = decode(&bytes, rec.capacity + 1).unwrap_err().to_string();
+        assert!(err.contains("capacity"), "{err}");
     }
 
     #[test]

@@ -54,11 +54,18 @@ impl<'a> Waiter<'a> {
     pub(super) async fn join(inner: &'a Arc<Fair>, me: Entry) -> Result<Waiter<'a>> {
         // Not empty: d-engine 0.2.4's own FileStateMachine drops empty values after a crash
         // (a cluster not run by dcoord may use it).
-        // A fresh read of the record alongside (one round trip for both): the mirror may be
+        // A fresh look at the record alongside (one round trip for both): the mirror may be
         // behind, and a release it missed would otherwise be seen only at the periodic re-read.
+        // A lease read is enough: it is a hint (the newer of it and the mirror is used), and
+        // a write built on a stale record is refused by its CAS.
         let arrival = inner.arrival_key(&me.slot);
         let bytes = me.arrival_bytes();
-        let (put, read) = tokio::join!(inner.store.put(&arrival, &bytes), inner.store.get(&inner.key, crate::store::Consistency::Lease));
+        let (put, read) = tokio::join!(
+            inner.store.put(&arrival, &bytes),
+            inner
+                .store
+                .get(&inner.key, crate::store::Consistency::Lease)
+        );
         put?;
         let current = inner.newer(read?, &inner.record.snapshot());
         Ok(Waiter {
@@ -205,10 +212,7 @@ impl<'a> Waiter<'a> {
     /// Writes `next` over the record we know (settled; the loop reads the outcome from it).
     async fn write(&mut self, next: Record) -> Result<()> {
         let mine = self.announced.then_some(&self.me.slot);
-        self.current = self
-            .inner
-            .cas(self.current.take(), &next, mine)
-            .await?;
+        self.current = self.inner.cas(self.current.take(), &next, mine).await?;
         self.next_read = Self::read_due(self.inner);
         Ok(())
     }

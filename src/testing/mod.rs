@@ -43,6 +43,9 @@ pub struct MemOptions {
     pub(crate) watcher_buffer: usize,
     /// How often expired keys are swept (d-engine's default: 1 s).
     pub(crate) ttl_sweep_interval: Duration,
+    /// Whether [`Store::transact`] is applied (default) or answered as a store without
+    /// transactions does ([`crate::store::txn::unsupported`]).
+    pub(crate) transactions: bool,
 }
 
 impl Default for MemOptions {
@@ -50,6 +53,7 @@ impl Default for MemOptions {
         Self {
             watcher_buffer: 256,
             ttl_sweep_interval: Duration::from_secs(1),
+            transactions: true,
         }
     }
 }
@@ -59,6 +63,15 @@ impl MemOptions {
     #[must_use]
     pub fn watcher_buffer(mut self, n: usize) -> Self {
         self.watcher_buffer = n.max(1);
+        self
+    }
+
+    /// A store without transactions: [`Store::transact`] answers what the trait's default
+    /// does (nothing is written, no op is counted), as a cluster of stock d-engine nodes or a
+    /// custom store would.
+    #[must_use]
+    pub fn without_transactions(mut self) -> Self {
+        self.transactions = false;
         self
     }
 
@@ -529,6 +542,13 @@ impl Store for MemStore {
 
     async fn transact(&self, ops: &[TxnOp]) -> Result<bool> {
         crate::store::txn::check(ops)?;
+        if !self.shared.options.transactions {
+            return Err(Error::Engine {
+                op: "transact",
+                message: format!("{self:?} has no transactions"),
+                source: None,
+            });
+        }
         self.write(
             "transact",
             crate::store::txn::TXN_KEY,
