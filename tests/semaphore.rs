@@ -11,8 +11,9 @@ use common::{long_session, session};
 use dcoord::Error;
 use dcoord::rwlock::RwLock;
 use dcoord::semaphore::Semaphore;
-use dcoord::store::Store;
+use dcoord::store::{EventKind, Store, WatchTarget};
 use dcoord::testing::MemStore;
+use futures::{FutureExt, StreamExt};
 use tokio::time::Instant;
 
 /// `contenders` sessions take 1..=3 of 4 permits `rounds` times each: the permits held at once
@@ -236,9 +237,13 @@ async fn a_handoff_takes_its_garbage_along(store: MemStore, transactions: bool) 
             tokio::spawn(async move { last.acquire(1).await })
         };
         until_waiters(&last, 1).await;
+        let base = format!("{}semaphores/{name}/", sems[0].1.root());
+        let mut events = dyn_store
+            .watch(WatchTarget::prefix(base.clone()), false)
+            .await
+            .unwrap();
         held.remove(0).release().await.unwrap();
         let next = waiting.await.unwrap().unwrap();
-        let base = format!("{}semaphores/{name}/", sems[0].1.root());
         let left = |scan: dcoord::store::Scan| {
             scan.entries
                 .into_iter()
@@ -246,24 +251,31 @@ async fn a_handoff_takes_its_garbage_along(store: MemStore, transactions: bool) 
                 .filter(|k| k != "rec")
                 .collect::<Vec<_>>()
         };
-        let now = left(dyn_store.scan_prefix(base.as_bytes()).await.unwrap());
-        if transactions {
-            assert!(
-                now.is_empty(),
-                "capacity {capacity}: left by the grant: {now:?}"
+        tokio::time::timeout(Duration::from_secs(1), async {
+            while !left(dyn_store.scan_prefix(base.as_bytes()).await.unwrap()).is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("capacity {capacity}: the garbage is never deleted"));
+        // Deleted in a write of the record (at its revision), or after it.
+        let (mut record_writes, mut deletes) = (Vec::new(), Vec::new());
+        while let Some(Some(Ok(e))) = events.next().now_or_never() {
+            let key = String::from_utf8_lossy(&e.key[base.len()..]).into_owned();
+            match e.kind {
+                EventKind::Put if key == "rec" => record_writes.push(e.revision),
+                EventKind::Delete => deletes.push((key, e.revision)),
+                EventKind::Put => {}
+            }
+        }
+        let expected = if capacity == 1 { 1 } else { 2 };
+        assert_eq!(deletes.len(), expected, "capacity {capacity}: {deletes:?}");
+        for (key, revision) in deletes {
+            assert_eq!(
+                record_writes.contains(&revision),
+                transactions,
+                "capacity {capacity}: {key} deleted at {revision}, record written at {record_writes:?}"
             );
-        } else {
-            assert!(
-                !now.is_empty(),
-                "capacity {capacity}: the deletes are still on their way"
-            );
-            tokio::time::timeout(Duration::from_secs(1), async {
-                while !left(dyn_store.scan_prefix(base.as_bytes()).await.unwrap()).is_empty() {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            })
-            .await
-            .unwrap_or_else(|_| panic!("capacity {capacity}: the garbage is never deleted"));
         }
         next.release().await.unwrap();
         for h in held {

@@ -86,9 +86,6 @@ pub(crate) struct Fair {
     /// a store without transactions: so that its writes do not delete a leftover again and
     /// again.
     sweeping: Arc<std::sync::Mutex<std::collections::HashSet<Bytes>>>,
-    /// The store applies transactions (until it says it does not): the record's writes
-    /// take their garbage's deletes along.
-    transactions: std::sync::atomic::AtomicBool,
 }
 
 /// A participant of a queue, as [`Fair::info`] shows it.
@@ -167,7 +164,6 @@ impl Fair {
             store,
             record,
             sweeping: Default::default(),
-            transactions: std::sync::atomic::AtomicBool::new(true),
         }))
     }
 
@@ -234,7 +230,7 @@ impl Fair {
         Record::decode(self.kind, &self.key, self.capacity, bytes)
     }
 
-    /// [`Fair::decode`], shared with every other reader of the same bytes in this process.
+    /// [`Fair::decode`], shared with every other reader of the same bytes on this thread.
     pub(crate) fn decode_shared(&self, bytes: Option<&Bytes>) -> Result<Arc<Record>> {
         Record::decode_shared(self.kind, &self.key, self.capacity, bytes)
     }

@@ -60,21 +60,24 @@ impl Fair {
         let alive = || self.session.check();
         let garbage = self.garbage(current, next, mine);
         let current = current.map(|c| &c[..]);
-        if !garbage.is_empty() && self.transactions.load(Ordering::Relaxed) {
-            let deletes: Vec<TxnOp> = garbage
-                .iter()
-                .map(|(k, _)| TxnOp::delete(k.clone()))
-                .collect();
+        let deletes: Vec<TxnOp> = garbage
+            .iter()
+            .map(|(k, _)| TxnOp::delete(k.clone()))
+            .collect();
+        // A transaction carries the expected record too (a CAS op: flags, key, expected and
+        // new value, each length-prefixed): one that would be too large goes as a plain CAS.
+        let cas_len = 1 + 4 + self.key.len() + current.map_or(0, |c| 4 + c.len()) + 4 + new.len();
+        let fits = crate::store::txn::encoded_len(&deletes) + cas_len <= crate::keys::MAX_VALUE_LEN;
+        if !deletes.is_empty() && fits {
             match Cas::new(&*self.store, &self.key, current, new)
                 .along(&deletes)
                 .while_ok(&alive)
                 .settle()
                 .await
             {
-                Err(e) if crate::store::txn::unsupported(&e) => {
-                    tracing::debug!(kind = self.kind, name = %self.name, "the store has no transactions: deleting garbage after the record's writes");
-                    self.transactions.store(false, Ordering::Relaxed);
-                }
+                // Nothing was sent (a store without transactions answers at once, so this
+                // costs nothing to ask again the next time).
+                Err(e) if crate::store::txn::unsupported(&e) => {}
                 settled => return settled,
             }
         }

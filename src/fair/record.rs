@@ -11,7 +11,8 @@
 //! contend with each other or with holders). Whoever next writes the record (normally a
 //! releasing holder) *absorbs* the arrivals it can see into the queue, in arrival order, in the
 //! same write. `absorbed` remembers each session's highest absorbed ticket, so an arrival key
-//! that outlives its slot (its owner had not deleted it yet) is never absorbed twice.
+//! that outlives its slot (the write that absorbed it had not seen it; a later write deletes
+//! it) is never absorbed twice.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
@@ -178,18 +179,24 @@ thread_local! {
 }
 
 fn recall(bytes: &Bytes) -> Option<Arc<Record>> {
-    DECODED.with_borrow(|memo| {
-        memo.iter()
-            .find(|(b, _)| b.as_ptr() == bytes.as_ptr() && b.len() == bytes.len())
-            .map(|(_, rec)| rec.clone())
-    })
+    // (None while the thread's locals are being destroyed: parsed then.)
+    DECODED
+        .try_with(|memo| {
+            memo.borrow()
+                .iter()
+                .find(|(b, _)| b.as_ptr() == bytes.as_ptr() && b.len() == bytes.len())
+                .map(|(_, rec)| rec.clone())
+        })
+        .ok()
+        .flatten()
 }
 
 fn remember(bytes: &Bytes, rec: &Arc<Record>) {
     if bytes.is_empty() {
         return;
     }
-    DECODED.with_borrow_mut(|memo| {
+    let _ = DECODED.try_with(|memo| {
+        let mut memo = memo.borrow_mut();
         if memo.len() >= DECODED_KEPT {
             memo.pop_front();
         }
@@ -235,7 +242,7 @@ impl Record {
         Self::decode_shared(kind, key, capacity, bytes).map(Arc::unwrap_or_clone)
     }
 
-    /// [`Record::decode`], shared: bytes decoded recently in this process (the same bytes,
+    /// [`Record::decode`], shared: bytes decoded recently on this thread (the same bytes,
     /// not merely equal ones: every waiter of a queue reads the one copy its mirror holds)
     /// are not parsed again.
     pub(crate) fn decode_shared(
