@@ -2,7 +2,6 @@
 //! share; and the arrival keys waiters announce themselves with.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use tokio::time::Instant;
