@@ -63,9 +63,10 @@ impl Fair {
             .iter()
             .map(|(k, _)| TxnOp::delete(k.clone()))
             .collect();
-        // A transaction carries the expected record too (a CAS op: flags, key, expected and
-        // new value, each length-prefixed): one that would be too large goes as a plain CAS.
-        let cas_len = 1 + 4 + self.key.len() + current.map_or(0, |c| 4 + c.len()) + 4 + new.len();
+        // A transaction carries the expected record too: one that would be too large goes as
+        // a plain CAS.
+        let cas_len =
+            crate::store::txn::op_len(self.key.len(), current.map(|c| c.len()), Some(new.len()));
         let fits = crate::store::txn::encoded_len(&deletes) + cas_len <= crate::keys::MAX_VALUE_LEN;
         if !deletes.is_empty() && fits {
             match Cas::new(&*self.store, &self.key, current, new)

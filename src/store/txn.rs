@@ -126,11 +126,22 @@ impl TxnOp {
     /// The op's size on the wire.
     pub(crate) fn encoded_len(&self) -> usize {
         let expected = match &self.expect {
-            Expect::Value(v) => 4 + v.len(),
-            _ => 0,
+            Expect::Value(v) => Some(v.len()),
+            _ => None,
         };
-        1 + 4 + self.key.len() + expected + self.write.as_ref().map_or(0, |v| 4 + v.len())
+        op_len(
+            self.key.len(),
+            expected,
+            self.write.as_ref().map(|v| v.len()),
+        )
     }
+}
+
+/// The size on the wire of an op on a key of `key` bytes that expects a value of `expected`
+/// bytes (`None`: any, or absent) and writes `write` bytes (`None`: a delete); for callers
+/// that size an op before building it (its values can be large).
+pub(crate) fn op_len(key: usize, expected: Option<usize>, write: Option<usize>) -> usize {
+    1 + 4 + key + expected.map_or(0, |n| 4 + n) + write.map_or(0, |n| 4 + n)
 }
 
 /// Checks a transaction before anything is sent: 1..=[`MAX_TXN_OPS`] ops, valid keys and
