@@ -336,6 +336,7 @@ async fn run(
 
 #[tokio::main]
 async fn main() {
+    init_logs();
     let latency_n = arg("--latency", 300);
     let messages = arg("--messages", 4000);
     let n = arg("--scale", 100_000usize);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::index::{Id, pick, version_of};
+use super::index::{Id, local_ms, pick, ripe, version_of};
 use super::message::{Record, State};
 use super::{Delivery, Inner, now_ms};
 use crate::error::Result;
@@ -120,8 +120,15 @@ impl Inner {
     /// Claims a due ready message nobody in this process is claiming, chosen by [`pick`]: the
     /// oldest of the highest priority when this is the only consumer; with others (sessions
     /// seen claiming in the last lease), the oldest of this consumer's share of the head of the
-    /// queue. So consumers do not all race for the same message.
-    pub(super) async fn claim_ready(self: &Arc<Self>, now: u64) -> Result<Option<Delivery>> {
+    /// queue, or (that empty) one of the others' shares they have left for [`STEAL_AFTER_MS`].
+    /// So consumers do not all race for the same message. `Err`: nothing to claim, and when
+    /// to look again at the latest (a message of another's share becomes ours to take).
+    ///
+    /// [`STEAL_AFTER_MS`]: super::index::STEAL_AFTER_MS
+    pub(super) async fn claim_ready(
+        self: &Arc<Self>,
+        now: u64,
+    ) -> Result<std::result::Result<Delivery, Option<Instant>>> {
         self.sync();
         let me = self.session.id();
         let within = self.session.lease().as_millis() as u64;
@@ -145,10 +152,19 @@ impl Inner {
                             && !self.session.owns(&self.key(id))
                     })
                     .map(|(o, id)| (o, id));
-                pick(eligible, consumers, rank, contended, &me).cloned()
+                let local = local_ms();
+                let ripe = |id: &Id| match idx.metas.get(id) {
+                    Some(m) => ripe(m.since, local),
+                    None => Ok(()),
+                };
+                pick(eligible, consumers, rank, contended, &me, ripe).cloned()
             };
-            let Some(id) = candidate else {
-                return Ok(None);
+            let id = match candidate {
+                Ok(id) => id,
+                Err(wait) => {
+                    let at = wait.map(|ms| Instant::now() + Duration::from_millis(ms.into()));
+                    return Ok(Err(at));
+                }
             };
             tried.insert(id.clone());
             if let Some(d) = self
@@ -159,7 +175,7 @@ impl Inner {
                 })
                 .await?
             {
-                return Ok(Some(d));
+                return Ok(Ok(d));
             }
         }
     }

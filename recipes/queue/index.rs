@@ -26,6 +26,12 @@ use crate::store::{Consistency, TxnOp};
 /// claims of a few consumers with a few in flight each to land on different messages.
 pub(super) const CLAIM_WINDOW: usize = 16;
 
+/// How long a ready message is left to the consumer whose share it is before another takes
+/// it (measured from when this consumer's index saw it ready): about ten watch latencies of a
+/// 3-node cluster, so the owner normally claims it first and the two do not collide, while a
+/// busy or dead owner's share waits at most this much more.
+pub(super) const STEAL_AFTER_MS: u32 = 20;
+
 /// At most this many messages' bytes are kept (see the module docs).
 pub(super) const CACHE_ENTRIES: usize = 2048;
 
@@ -89,6 +95,26 @@ pub(super) struct Meta {
     pub(super) not_before_ms: u64,
     /// A hash of the record's bytes: which version of the message this is.
     pub(super) version: u64,
+    /// When this index saw this version ([`local_ms`]).
+    pub(super) since: u32,
+}
+
+/// Milliseconds on this process's monotonic clock, truncated to 32 bits (wraps after 49
+/// days): only compared with [`ripe`], over spans far shorter than that.
+pub(super) fn local_ms() -> u32 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u32
+}
+
+/// Whether a message this index saw at `since` may be taken from its owner's share at
+/// `now` (both [`local_ms`]); else the milliseconds left.
+pub(super) fn ripe(since: u32, now: u32) -> Result<(), u32> {
+    let age = now.wrapping_sub(since);
+    if age >= STEAL_AFTER_MS {
+        Ok(())
+    } else {
+        Err(STEAL_AFTER_MS - age)
+    }
 }
 
 /// A hash of a record's bytes (see [`Meta::version`]).
@@ -128,18 +154,21 @@ fn spread_rank(session: &str, id: &str) -> u64 {
 /// Which message a consumer claims next, of the `eligible` ready ones (in order). Alone and
 /// uncontended (`consumers == 1`, no lost race lately), the first. Otherwise it chooses among
 /// the first [`CLAIM_WINDOW`] of the first one's priority: with others, the first of its own
-/// share (`share_of(id) % consumers == rank`); its share empty there, or alone but colliding
-/// (another consumer it has not seen claim yet), the one `me` ranks first.
+/// share (`share_of(id) % consumers == rank`); its share empty there, the one `me` ranks first
+/// of those `ripe` (left to their owners for [`STEAL_AFTER_MS`]: `Err` is how much longer,
+/// and the least of those is returned when none is ripe yet); alone but colliding (another
+/// consumer it has not seen claim yet), the one `me` ranks first.
 pub(super) fn pick<'a>(
     mut eligible: impl Iterator<Item = (&'a Order, &'a Id)>,
     consumers: usize,
     rank: usize,
     contended: bool,
     me: &str,
-) -> Option<&'a Id> {
-    let (first_order, first) = eligible.next()?;
+    ripe: impl Fn(&Id) -> Result<(), u32>,
+) -> Result<&'a Id, Option<u32>> {
+    let (first_order, first) = eligible.next().ok_or(None)?;
     if consumers <= 1 && !contended {
-        return Some(first);
+        return Ok(first);
     }
     let window: Vec<&Id> = std::iter::once(first)
         .chain(
@@ -149,12 +178,24 @@ pub(super) fn pick<'a>(
         )
         .take(CLAIM_WINDOW)
         .collect();
+    if consumers <= 1 {
+        let spread = window.iter().min_by_key(|id| spread_rank(me, id));
+        return spread.copied().ok_or(None);
+    }
     let n = consumers as u64;
-    let own = (consumers > 1)
-        .then(|| window.iter().find(|id| share_of(id) % n == rank as u64))
-        .flatten();
-    own.or_else(|| window.iter().min_by_key(|id| spread_rank(me, id)))
-        .copied()
+    if let Some(own) = window.iter().find(|id| share_of(id) % n == rank as u64) {
+        return Ok(own);
+    }
+    let mut wait: Option<u32> = None;
+    let stealable = window.iter().filter(|id| match ripe(id) {
+        Ok(()) => true,
+        Err(left) => {
+            wait = Some(wait.map_or(left, |w| w.min(left)));
+            false
+        }
+    });
+    let steal = stealable.min_by_key(|id| spread_rank(me, id)).copied();
+    steal.ok_or(wait)
 }
 
 /// What the consumer knows about each message.
@@ -398,6 +439,7 @@ impl Index {
                 state,
                 not_before_ms: h.not_before_ms,
                 version: version_of(raw),
+                since: local_ms(),
             },
         );
     }
@@ -636,6 +678,7 @@ mod tests {
             rank,
             contended,
             me,
+            |_| Ok(()),
         )
         .unwrap()
         .to_string()
@@ -645,7 +688,7 @@ mod tests {
     fn a_lone_uncontended_consumer_takes_the_first() {
         let q = queue(&[0; 40]);
         assert_eq!(pick_of(&q, 1, 0, false, "s"), "m000");
-        assert!(pick(std::iter::empty(), 1, 0, false, "s").is_none());
+        assert_eq!(pick(std::iter::empty(), 1, 0, false, "s", |_| Ok(())), Err(None));
     }
 
     #[test]
@@ -693,6 +736,31 @@ mod tests {
             let p = pick_of(&q, 16, rank, false, &format!("s{rank}"));
             assert!(p == "m000" || p == "m001");
         }
+    }
+
+    #[test]
+    fn another_consumers_share_is_left_to_it_until_ripe() {
+        let q = queue(&[0; 2]);
+        let owners: Vec<u64> = q.iter().map(|(_, id)| share_of(id) % 16).collect();
+        let rank = (0..16).find(|r| !owners.contains(r)).unwrap();
+        let ids = |q: &[(Order, Id)]| q.iter().map(|(o, id)| (o, id)).collect::<Vec<_>>();
+        // Neither ripe: nothing now, and the sooner of the two is when to look again.
+        let young = pick(ids(&q).into_iter(), 16, rank, false, "s", |id: &Id| {
+            Err(if &**id == "m000" { 7 } else { 3 })
+        });
+        assert_eq!(young, Err(Some(3)));
+        // One ripe: that one.
+        let one = pick(ids(&q).into_iter(), 16, rank, true, "s", |id: &Id| {
+            if &**id == "m001" { Ok(()) } else { Err(5) }
+        });
+        assert_eq!(one.map(|id| id.to_string()), Ok("m001".to_string()));
+        // The owner takes its own at once, ripe or not.
+        let owner = owners[0] as usize;
+        let own = pick(ids(&q).into_iter(), 16, owner, false, "s", |_: &Id| Err(20));
+        assert_eq!(own.map(|id| id.to_string()), Ok("m000".to_string()));
+        assert_eq!(ripe(100, 100 + STEAL_AFTER_MS), Ok(()));
+        assert_eq!(ripe(100, 105), Err(STEAL_AFTER_MS - 5));
+        assert_eq!(ripe(u32::MAX - 2, 1 + STEAL_AFTER_MS), Ok(()), "across the wrap");
     }
 
     fn record(

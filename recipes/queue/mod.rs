@@ -293,10 +293,12 @@ impl WorkQueue {
             if let Some(d) = q.claim_orphaned().await? {
                 return Ok(d);
             }
-            if let Some(d) = q.claim_ready(now).await? {
-                return Ok(d);
-            }
+            let ripe = match q.claim_ready(now).await? {
+                Ok(d) => return Ok(d),
+                Err(ripe) => ripe,
+            };
             let wake = q.next_wake(now);
+            let wake = ripe.map_or(wake, |at| wake.min(at));
             tokio::select! {
                 _ = &mut notified => {}
                 _ = tokio::time::sleep_until(wake) => {}
