@@ -611,6 +611,52 @@ async fn run_pipelines_its_claims_and_consumers_spread_over_the_head() {
     );
 }
 
+/// A consumer that stops claiming (alive, its slots busy) keeps its share of the queue only
+/// for the steal delay (20 ms): another consumer takes it then, woken for it (no rescan or
+/// new message needed), one write per message.
+#[tokio::test(start_paused = true)]
+async fn a_busy_consumers_share_is_taken_by_another_after_the_steal_delay() {
+    let mem = MemStore::new();
+    let store: Arc<dyn Store> = Arc::new(mem.clone());
+    let never = QueueOptions::default().rescan_every(Duration::from_secs(3600));
+    let (_sa, a) = open_long_lease(store.clone(), "steal", never.clone()).await;
+    let (_sb, b) = open_long_lease(store.clone(), "steal", never).await;
+    // Both claim once, so each sees the other as a consumer sharing the head.
+    for i in 0..2 {
+        a.enqueue(b"x", EnqueueOptions::default().id(format!("first{i}")))
+            .await
+            .unwrap();
+    }
+    let held_by_b = next(&b).await;
+    next(&a).await.ack().await.unwrap();
+    let n = 24;
+    for i in 0..n {
+        a.enqueue(b"x", EnqueueOptions::default().id(format!("m{i:03}")))
+            .await
+            .unwrap();
+    }
+    let started = tokio::time::Instant::now();
+    let writes = mem.op_counts().writes;
+    for _ in 0..n {
+        let d = tokio::time::timeout(Duration::from_secs(5), a.next())
+            .await
+            .expect("the busy consumer's share is taken without a rescan")
+            .unwrap();
+        d.ack().await.unwrap();
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "{n} messages, half of them another's share, in {took:?}"
+    );
+    assert_eq!(
+        mem.op_counts().writes - writes,
+        2 * n as u64,
+        "one claim and one ack each: no lost race"
+    );
+    held_by_b.ack().await.unwrap();
+}
+
 /// How many keys are under `prefix`.
 async fn count(store: &dyn Store, prefix: &str) -> usize {
     loop {

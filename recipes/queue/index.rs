@@ -102,8 +102,9 @@ pub(super) struct Meta {
 /// Milliseconds on this process's monotonic clock, truncated to 32 bits (wraps after 49
 /// days): only compared with [`ripe`], over spans far shorter than that.
 pub(super) fn local_ms() -> u32 {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u32
+    // tokio's clock: the same one the consumer's wake-ups sleep on (and paused in tests).
+    static START: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(tokio::time::Instant::now).elapsed().as_millis() as u32
 }
 
 /// Whether a message this index saw at `since` may be taken from its owner's share at

@@ -34,11 +34,14 @@
 //!   together). With several consumers, *starting* order is as above to within a window: the
 //!   consumers seen claiming in the last lease share the head of the queue (a hash of the
 //!   message id splits it among them), and each starts the oldest message of its share among
-//!   the oldest 16 ready ones of the highest priority, or, when its share there is empty (or
-//!   its claims keep colliding), one of those 16 picked by a hash of its session. So
-//!   consumers do not all race for the queue's first message (one write per message instead
-//!   of one per collision), and a slow consumer's share is taken by the others. A lone
-//!   consumer keeps the exact order. Finishing order is not guaranteed, and a retried message
+//!   the oldest 16 ready ones of the highest priority. When its share there is empty, it
+//!   takes one of those 16 (picked by a hash of its session) that its owner has had for
+//!   20 ms (since this consumer saw it ready) and not claimed; a consumer alone whose claims
+//!   keep colliding (with one it has not seen claim yet) picks that way at once. So
+//!   consumers do not all race for the queue's first message, nor for each other's shares
+//!   while their owners are about to claim them (one write per message instead of one per
+//!   collision), and a slow or dead consumer's share is taken by the others 20 ms late. A
+//!   lone consumer keeps the exact order. Finishing order is not guaranteed, and a retried message
 //!   goes back to its place once its backoff has passed.
 //! - Pipelined: [`WorkQueue::run`] with a concurrency of N keeps up to N claims in flight, and
 //!   one message's ack overlaps the next claims.
