@@ -743,8 +743,10 @@ mod tests {
     fn another_consumers_share_is_left_to_it_until_ripe() {
         let q = queue(&[0; 2]);
         let owners: Vec<u64> = q.iter().map(|(_, id)| share_of(id) % 16).collect();
-        let rank = (0..16).find(|r| !owners.contains(r)).unwrap();
-        let ids = |q: &[(Order, Id)]| q.iter().map(|(o, id)| (o, id)).collect::<Vec<_>>();
+        let rank = (0..16u64).find(|r| !owners.contains(r)).unwrap() as usize;
+        fn ids(q: &[(Order, Id)]) -> Vec<(&Order, &Id)> {
+            q.iter().map(|(o, id)| (o, id)).collect()
+        }
         // Neither ripe: nothing now, and the sooner of the two is when to look again.
         let young = pick(ids(&q).into_iter(), 16, rank, false, "s", |id: &Id| {
             Err(if &**id == "m000" { 7 } else { 3 })
