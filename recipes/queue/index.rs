@@ -1,13 +1,13 @@
 //! The consumer's index of the queue, fed by a watcher of its prefix, and the task that keeps
 //! it.
 //!
-//! The index holds what claiming needs of each message and no payload: its id, place in the
-//! order, state, due time and a hash of its record's bytes (about 230 bytes a message, whatever
-//! the payload's size). The bytes of the oldest ready messages, up to [`CACHE_ENTRIES`] of them
-//! and [`CACHE_BYTES`] in all, are kept too: from the events and lists that carried them, and
+//! The index holds what claiming needs of each message and no payload: its id, place in the order,
+//! state, due time, when it was seen and a hash of its record's bytes (about 240 bytes a message,
+//! whatever the payload's size). The bytes of the oldest ready messages, up to [`CACHE_ENTRIES`] of
+//! them and [`CACHE_BYTES`] in all, are kept too: from the events and lists that carried them, and
 //! read ahead by [`prefetch`] for the first [`PREFETCH_AHEAD`] ready messages, several keys a
-//! request. So claims need no read of their own; one that finds no bytes here (the
-//! prefetcher behind, or the message beyond the cache's bounds) reads the record first.
+//! request. So claims need no read of their own; one that finds no bytes here (the prefetcher
+//! behind, or the message beyond the cache's bounds) reads the record first.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};

@@ -12,13 +12,13 @@
 //! message wakes one within about one watch latency.
 //!
 //! A consumer keeps an index of the queue, not its payloads: per message its id, place in the
-//! order, state, due time and a hash of its bytes (about 230 bytes, whatever the payload's
-//! size: measured with 100,000 pending 1 KiB messages), plus the bytes of up to 2048 of the
-//! oldest ready messages (2 MiB in all). Those arrive with the watch's events and lists, and a
+//! order, state, due time, when it was seen and a hash of its bytes (about 240 bytes, whatever the
+//! payload's size: measured with 100,000 pending 1 KiB messages), plus the bytes of up to 2048 of
+//! the oldest ready messages (2 MiB in all). Those arrive with the watch's events and lists, and a
 //! read-ahead task keeps the first 512 due ones filled (one multi-key read for up to 64), so a
-//! claim needs no read of its own; a claim that finds no bytes kept reads the message first.
-//! Each open consumer deletes its share of the expired tombstones, shared as claims are (among
-//! the consumers seen claiming in the last lease; with none seen, each deletes them all).
+//! claim needs no read of its own; a claim that finds no bytes kept reads the message first. Each
+//! open consumer deletes its share of the expired tombstones, shared as claims are (among the
+//! consumers seen claiming in the last lease; with none seen, each deletes them all).
 //!
 //! # Guarantees
 //! - `enqueue` is durable when it returns and idempotent by message id: a retried enqueue of an
@@ -57,7 +57,7 @@
 //!   enqueue that races the sweep can be deleted with the tombstone. Retries of an enqueue
 //!   within `retention` are safe everywhere.
 //! - Scale without bound: a consumer's memory grows with the number of messages under the
-//!   queue (pending, dead, and acked within `retention`), about 230 bytes each, and opening
+//!   queue (pending, dead, and acked within `retention`), about 240 bytes each, and opening
 //!   one (and each periodic rescan) lists them all, payloads included (on the store's side
 //!   and the wire; the consumer drops them as they come). Payloads are at most about 1 MiB.
 //!
