@@ -104,7 +104,10 @@ pub(super) struct Meta {
 pub(super) fn local_ms() -> u32 {
     // tokio's clock: the same one the consumer's wake-ups sleep on (and paused in tests).
     static START: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
-    START.get_or_init(tokio::time::Instant::now).elapsed().as_millis() as u32
+    START
+        .get_or_init(tokio::time::Instant::now)
+        .elapsed()
+        .as_millis() as u32
 }
 
 /// Whether a message this index saw at `since` may be taken from its owner's share at
@@ -689,7 +692,10 @@ mod tests {
     fn a_lone_uncontended_consumer_takes_the_first() {
         let q = queue(&[0; 40]);
         assert_eq!(pick_of(&q, 1, 0, false, "s"), "m000");
-        assert_eq!(pick(std::iter::empty(), 1, 0, false, "s", |_| Ok(())), Err(None));
+        assert_eq!(
+            pick(std::iter::empty(), 1, 0, false, "s", |_| Ok(())),
+            Err(None)
+        );
     }
 
     #[test]
@@ -763,7 +769,11 @@ mod tests {
         assert_eq!(own.map(|id| id.to_string()), Ok("m000".to_string()));
         assert_eq!(ripe(100, 100 + STEAL_AFTER_MS), Ok(()));
         assert_eq!(ripe(100, 105), Err(STEAL_AFTER_MS - 5));
-        assert_eq!(ripe(u32::MAX - 2, 1 + STEAL_AFTER_MS), Ok(()), "across the wrap");
+        assert_eq!(
+            ripe(u32::MAX - 2, 1 + STEAL_AFTER_MS),
+            Ok(()),
+            "across the wrap"
+        );
     }
 
     fn record(
