@@ -778,3 +778,63 @@ mod process {
         );
     }
 }
+
+/// The record forgets dead sessions once it remembers many (pruning, at a takeover). A
+/// leftover arrival key of a forgotten session (its slot taken in long ago, the key not yet
+/// deleted) must go with the pruning write: left behind, it would be taken in again as a
+/// ghost waiter, granted ahead of the live waiter, and only reaped one more takeover later.
+#[tokio::test(start_paused = true)]
+async fn a_takeover_that_forgets_dead_sessions_deletes_their_leftover_arrivals() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let name = "ghost";
+    // The session the leftover belongs to: taken in once, then gone (no heartbeat).
+    let p = session(store.clone()).await;
+    let lock = Mutex::new(&p, name).unwrap();
+    lock.acquire().await.unwrap().release().await.unwrap();
+    let base = format!("{}locks/{name}/", p.root());
+    let rec = store
+        .get(format!("{base}rec").as_bytes(), Consistency::Linearizable)
+        .await
+        .unwrap()
+        .expect("the lock's record");
+    let rec: serde_json::Value = serde_json::from_slice(&rec).unwrap();
+    let ticket = rec["absorbed"][p.id()]
+        .as_u64()
+        .expect("the record saw p's slot");
+    let leftover = format!("{base}w/{}.{ticket}", p.id());
+    p.close().await.unwrap();
+    // Enough other sessions, closed too, for the record to prune.
+    for _ in 0..256 {
+        let s = session(store.clone()).await;
+        let g = Mutex::new(&s, name).unwrap().acquire().await.unwrap();
+        g.release().await.unwrap();
+        s.close().await.unwrap();
+    }
+    // A holder that crashes, and the leftover, which no write has seen yet.
+    let d = session(store.clone()).await;
+    let held = Mutex::new(&d, name).unwrap().acquire().await.unwrap();
+    let token = held.fencing_token();
+    std::mem::forget(held);
+    d.orphan();
+    store.put(leftover.as_bytes(), b"w").await.unwrap();
+    // The live waiter takes over from the crashed holder, and nobody comes in between.
+    let w = session(store.clone()).await;
+    let g = tokio::time::timeout(
+        Duration::from_secs(30),
+        Mutex::new(&w, name).unwrap().acquire(),
+    )
+    .await
+    .expect("a takeover within 30 s")
+    .unwrap();
+    assert_eq!(
+        g.fencing_token(),
+        token + 1,
+        "a ghost waiter was granted between the crashed holder and the live waiter"
+    );
+    let left = store
+        .get(leftover.as_bytes(), Consistency::Linearizable)
+        .await
+        .unwrap();
+    assert_eq!(left, None, "the forgotten session's arrival key is deleted");
+    g.release().await.unwrap();
+}

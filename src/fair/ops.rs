@@ -136,7 +136,8 @@ impl Fair {
     }
 
     /// The keys a write of `written` over `before` leaves with no job: the arrivals in sight
-    /// (and `mine`) that it has taken in (the record never takes a slot in twice), and the
+    /// (and `mine`) that it or `before` has taken in (the record never takes a slot in twice;
+    /// one `before` took in and the write forgets is a pruned session's), and the
     /// release markers in sight whose grant it could have held (token at most its epoch) and
     /// does not (such a grant is over for good). The mirror may already be newer than
     /// `written`: a marker of a later grant (a higher token) is never among them. Each comes
@@ -172,7 +173,9 @@ impl Fair {
             arrivals.push(me.clone());
         }
         for slot in arrivals {
-            if rec.seen(&slot) {
+            // Seen before this write and not after: a slot of a session the write forgets
+            // (pruning). Left behind, its key would be taken in again as a ghost waiter.
+            if rec.seen(&slot) || before.seen(&slot) {
                 found.push((Bytes::from(self.arrival_key(&slot)), !before.seen(&slot)));
             }
         }
