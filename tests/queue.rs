@@ -526,6 +526,90 @@ async fn shutdown_lets_running_handlers_finish() {
     assert_eq!(q.stats().ready, 2);
 }
 
+/// `run` claims up to `claim_ahead` messages beyond its concurrency, never runs more handlers
+/// than its concurrency, and gives the claims it never started back when it stops.
+#[tokio::test]
+async fn run_claims_ahead_of_its_handlers_and_gives_unstarted_claims_back() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let (_s, q) = open(store, "ahead", opts().claim_ahead(2)).await;
+    for i in 0..5 {
+        q.enqueue(b"x", EnqueueOptions::default().id(format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let running = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let started = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn({
+        let (q, gate, running, most, started) = (
+            q.clone(),
+            gate.clone(),
+            running.clone(),
+            most.clone(),
+            started.clone(),
+        );
+        async move {
+            q.run(
+                1,
+                move |m| {
+                    let (gate, running, most) = (gate.clone(), running.clone(), most.clone());
+                    started.lock().unwrap().push(m.id.clone());
+                    async move {
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        gate.acquire().await.unwrap().forget();
+                        running.fetch_sub(1, Ordering::SeqCst);
+                        Ok(())
+                    }
+                },
+                async move {
+                    let _ = stop_rx.await;
+                },
+            )
+            .await
+        }
+    });
+    let wait = |what: &'static str, f: Box<dyn Fn() -> bool + Send>| async move {
+        tokio::time::timeout(Duration::from_secs(30), common::until(f))
+            .await
+            .unwrap_or_else(|_| panic!("{what} within 30 s"));
+    };
+    // One handler running, two more claimed ahead of it.
+    let (q2, s2) = (q.clone(), started.clone());
+    wait(
+        "three claimed, one started",
+        Box::new(move || q2.stats().in_flight == 3 && s2.lock().unwrap().len() == 1),
+    )
+    .await;
+    // The handler returns: the next one starts at once (claimed already) and another is claimed.
+    gate.add_permits(1);
+    let (q2, s2) = (q.clone(), started.clone());
+    wait(
+        "the next started and a new one claimed",
+        Box::new(move || s2.lock().unwrap().len() == 2 && q2.stats().in_flight == 3),
+    )
+    .await;
+    stop_tx.send(()).unwrap();
+    gate.add_permits(1);
+    let stats = run.await.unwrap().unwrap();
+    assert_eq!(stats.acked, 2, "the two started messages were acked");
+    assert_eq!(
+        started.lock().unwrap().len(),
+        2,
+        "nothing started after shutdown"
+    );
+    assert_eq!(most.load(Ordering::SeqCst), 1, "one handler at a time");
+    // The two claimed ahead were given back before `run` returned; with the fifth, 3 ready.
+    let q2 = q.clone();
+    wait(
+        "the unstarted claims ready again",
+        Box::new(move || q2.stats().ready == 3 && q2.stats().in_flight == 0),
+    )
+    .await;
+}
+
 /// Drains `n` messages with `consumers` consumers running `slots` slots each; returns the
 /// (virtual) time it took and the store writes it made.
 async fn drain_with(

@@ -43,8 +43,11 @@
 //!   collision), and a slow or dead consumer's share is taken by the others 20 ms late. A
 //!   lone consumer keeps the exact order. Finishing order is not guaranteed, and a retried message
 //!   goes back to its place once its backoff has passed.
-//! - Pipelined: [`WorkQueue::run`] with a concurrency of N keeps up to N claims in flight, and
-//!   one message's ack overlaps the next claims.
+//! - Pipelined: [`WorkQueue::run`] with a concurrency of N keeps up to N +
+//!   [`QueueOptions::claim_ahead`] (default N) messages claimed, so a handler that returns
+//!   finds the next message claimed already, and one message's ack overlaps the next claims.
+//!   Claims and acks of many messages then share each group-commit write (measured with
+//!   bench-etcd (e): a 2000-message drain on 3 nodes made about 260 writes instead of 510).
 //!
 //! # NOT guaranteed
 //! - Exactly-once effects: a handler can run twice for one message (a consumer dies after the
@@ -60,6 +63,9 @@
 //!   queue (pending, dead, and acked within `retention`), about 240 bytes each, and opening
 //!   one (and each periodic rescan) lists them all, payloads included (on the store's side
 //!   and the wire; the consumer drops them as they come). Payloads are at most about 1 MiB.
+//! - That a claimed message starts at once: one claimed ahead waits for a free handler of its
+//!   consumer, while another consumer may be idle. With handlers slow next to a claim (a
+//!   store round trip), set [`QueueOptions::claim_ahead`] to 0.
 //!
 //! # Failure modes
 //! A store outage delays claims and acks (an ack that cannot be written leaves the message to
@@ -312,11 +318,15 @@ impl WorkQueue {
 
     /// Runs `handler` on messages, up to `concurrency` at a time, until `shutdown` resolves.
     /// `Ok(())` acks; `Err(reason)` retries with backoff (dead letter after the last attempt).
-    /// Each of the `concurrency` slots claims on its own, so up to `concurrency` claims are in
-    /// flight at once; a slot is free again once its handler returns, and the ack (at most
-    /// `concurrency` in flight) overlaps the next claims. On shutdown, no new
-    /// message is claimed (claims not yet granted are abandoned; one that raced is given
-    /// back) and running handlers finish (their messages are acked or retried as usual).
+    ///
+    /// It claims up to `concurrency` + [`QueueOptions::claim_ahead`] (default: `concurrency`)
+    /// messages at a time, each on its own, so the next message is already claimed when a
+    /// handler returns; claimed messages start in the order they were claimed. A claim is
+    /// free again once its handler returns, and the ack (as many in flight as claims) overlaps
+    /// the next claims. On shutdown, no new message is claimed or started (claims not yet
+    /// granted are abandoned, one that raced is given back, and claimed messages not started
+    /// are given back before this returns) and running handlers finish (their messages are
+    /// acked or retried as usual).
     ///
     /// # Errors
     /// [`Error::SessionLost`](crate::Error::SessionLost) (running handlers are left to
@@ -336,8 +346,11 @@ impl WorkQueue {
         Fut: Future<Output = std::result::Result<(), String>> + Send + 'static,
     {
         let handler = Arc::new(handler);
-        let slots = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
-        let acks = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+        let concurrency = concurrency.max(1);
+        let ahead = self.inner.options.claim_ahead.unwrap_or(concurrency);
+        let slots = Arc::new(tokio::sync::Semaphore::new(concurrency + ahead));
+        let handlers = Arc::new(tokio::sync::Semaphore::new(concurrency));
+        let acks = Arc::new(tokio::sync::Semaphore::new(concurrency + ahead));
         let stats = Arc::new(Mutex::new(RunStats::default()));
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let conflicts = || {
@@ -362,6 +375,7 @@ impl WorkQueue {
                     let slot = Slot {
                         queue: self.clone(),
                         handler: handler.clone(),
+                        handlers: handlers.clone(),
                         acks: acks.clone(),
                         stats: stats.clone(),
                         stopped: stopped.clone(),
@@ -531,7 +545,10 @@ impl WorkQueue {
 struct Slot<F> {
     queue: WorkQueue,
     handler: Arc<F>,
-    /// Acks and nacks in flight, at most `concurrency` (written after the slot is free).
+    /// Handlers running, at most `concurrency` (claims may run ahead of them).
+    handlers: Arc<tokio::sync::Semaphore>,
+    /// Acks and nacks in flight, at most `concurrency` + claims ahead (written after the slot
+    /// is free).
     acks: Arc<tokio::sync::Semaphore>,
     stats: Arc<Mutex<RunStats>>,
     /// True once the run stops claiming.
@@ -543,8 +560,9 @@ where
     F: Fn(Message) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = std::result::Result<(), String>> + Send + 'static,
 {
-    /// Holds `permit` (a slot) until the handler of the message it claims is done, then an
-    /// ack permit while the ack or nack is written (the slot claims the next message
+    /// Holds `permit` (a slot: one of `concurrency` + claims ahead) until the handler of the
+    /// message it claims is done (the handler waits for one of `concurrency` handler permits),
+    /// then an ack permit while the ack or nack is written (the slot claims the next message
     /// meanwhile); an error only if claiming failed for good.
     async fn serve_one(mut self, permit: tokio::sync::OwnedSemaphorePermit) -> Result<()> {
         let name = self.queue.inner.name.clone();
@@ -566,6 +584,20 @@ where
                 Err(e) => return Err(e),
             }
         };
+        // A claim made ahead waits here for a free handler.
+        let running = tokio::select! {
+            biased;
+            _ = self.stopped.wait_for(|s| *s) => None,
+            p = self.handlers.clone().acquire_owned() => Some(p.expect("never closed")),
+        };
+        let Some(running) = running else {
+            // Claimed, never started, and the run stops: given back now, so another consumer
+            // can take it at once.
+            if let Err(e) = delivery.give_back().await {
+                tracing::debug!(queue = %name, error = %e, "giving back an unstarted claim failed (it is given back in the background)");
+            }
+            return Ok(());
+        };
         let msg = delivery.message();
         let outcome = match self.queue.inner.options.handler_timeout {
             Some(t) => tokio::time::timeout(t, (self.handler)(msg))
@@ -579,6 +611,7 @@ where
             .acquire_owned()
             .await
             .expect("never closed");
+        drop(running);
         drop(permit);
         let res = match outcome {
             Ok(()) => delivery.ack().await.map(|()| true),

@@ -13,6 +13,8 @@ pub struct QueueOptions {
     pub(super) rescan_every: Duration,
     pub(super) retention: Duration,
     pub(super) handler_timeout: Option<Duration>,
+    /// `None`: as many as `run`'s concurrency.
+    pub(super) claim_ahead: Option<usize>,
 }
 
 impl Default for QueueOptions {
@@ -24,6 +26,7 @@ impl Default for QueueOptions {
             rescan_every: Duration::from_secs(30),
             retention: Duration::from_secs(600),
             handler_timeout: None,
+            claim_ahead: None,
         }
     }
 }
@@ -64,6 +67,17 @@ impl QueueOptions {
     #[must_use]
     pub fn handler_timeout(mut self, d: Duration) -> Self {
         self.handler_timeout = Some(d);
+        self
+    }
+
+    /// Messages [`WorkQueue::run`](super::WorkQueue::run) claims beyond its concurrency, so
+    /// the next one is claimed already when a handler returns (default: as many as the
+    /// concurrency). A message claimed ahead is held by this consumer (redelivered one lease
+    /// after a crash, as any claim) and waits for a free handler here, even if another
+    /// consumer is idle: 0 for handlers that are slow next to a store round trip.
+    #[must_use]
+    pub fn claim_ahead(mut self, n: usize) -> Self {
+        self.claim_ahead = Some(n);
         self
     }
 }
