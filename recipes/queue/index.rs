@@ -212,6 +212,11 @@ pub(super) struct Index {
     /// Claimed messages by the session holding them.
     pub(super) claimed: HashMap<Arc<str>, HashSet<Id>>,
     pub(super) undecodable: HashSet<Bytes>,
+    /// Undecodable keys already logged (kept across relists: a junk key is logged once, not
+    /// at every rescan).
+    warned: HashSet<Bytes>,
+    /// Undecodable keys logged by this index.
+    logged: u64,
     /// The sessions seen claiming messages of this queue, with when (wall ms): the consumers
     /// the head of the queue is shared among.
     pub(super) claimers: HashMap<String, u64>,
@@ -230,6 +235,7 @@ impl Index {
     fn relisting(&mut self) -> Index {
         Index {
             claimers: self.claimers.clone(),
+            warned: self.undecodable.clone(),
             ..Index::default()
         }
     }
@@ -382,6 +388,19 @@ impl Index {
         }
     }
 
+    /// Counts `key` as undecodable; true if it is to be logged (not logged before).
+    fn skip(&mut self, key: &Bytes) -> bool {
+        self.undecodable.insert(key.clone());
+        let new = self.warned.insert(key.clone());
+        self.logged += u64::from(new);
+        new
+    }
+
+    fn forget_undecodable(&mut self, key: &Bytes) {
+        self.undecodable.remove(key);
+        self.warned.remove(key);
+    }
+
     /// Records message `key` (under `prefix`) as `raw` now holds it; `None`: deleted.
     pub(super) fn upsert(&mut self, prefix: &[u8], key: &Bytes, raw: Option<&Bytes>) {
         let Some(id) = key
@@ -389,19 +408,22 @@ impl Index {
             .and_then(|s| std::str::from_utf8(s).ok())
         else {
             if raw.is_none() {
-                self.undecodable.remove(key);
-            } else if self.undecodable.insert(key.clone()) {
+                self.forget_undecodable(key);
+            } else if self.skip(key) {
                 tracing::warn!(key = %crate::error::show(key), "skipping a key in a queue");
             }
             return;
         };
         self.remove(id);
+        let Some(raw) = raw else {
+            self.forget_undecodable(key);
+            return;
+        };
         self.undecodable.remove(key);
-        let Some(raw) = raw else { return };
         let h = match Record::decode(key, raw) {
             Ok(r) => r.header,
             Err(e) => {
-                if self.undecodable.insert(key.clone()) {
+                if self.skip(key) {
                     tracing::warn!(error = %e, "skipping a key in a queue");
                 }
                 return;
@@ -928,8 +950,21 @@ mod tests {
         let odd = Bytes::from_static(b"/q/m/x");
         idx.upsert(prefix, &odd, Some(&Bytes::from_static(b"junk")));
         assert_eq!(idx.undecodable.len(), 1);
+        assert_eq!(idx.logged, 1);
+        // Logged once: not again by a relist (every rescan) that finds it still there.
+        let mut relist = idx.relisting();
+        relist.upsert(prefix, &odd, Some(&Bytes::from_static(b"junk")));
+        assert_eq!(relist.undecodable.len(), 1);
+        assert_eq!(
+            relist.logged, 0,
+            "a junk key is logged once, not at every rescan"
+        );
         idx.upsert(prefix, &odd, None);
         assert!(idx.undecodable.is_empty());
+        // Deleted, then junk again: logged again.
+        idx.upsert(prefix, &odd, Some(&Bytes::from_static(b"junk")));
+        assert_eq!(idx.logged, 2);
+        idx.upsert(prefix, &odd, None);
         // Higher priority first, then age.
         let mut prio = rec("c", State::Ready, b"");
         let mut r = Record::decode(b"/q/m/c", &prio).unwrap();
