@@ -98,6 +98,8 @@ use tokio::time::Instant;
 
 use message::{Record, State};
 
+#[cfg(doc)]
+use crate::error::Error;
 use crate::error::Result;
 use crate::reconcile::{StatsHandle, WatcherEvent, WatcherOptions, watcher};
 use crate::session::{Liveness, Session};

@@ -5,7 +5,7 @@
 //! d-engine 0.2.4 gives no such signal: a voter whose start-up health check of a peer never
 //! passes answers "not ready" forever, and a cluster whose elections stall cycles between
 //! candidate and follower with nothing but role-change lines. The watchdog asks its own node
-//! and its peers ([`probe`]) once a second and reports:
+//! and its peers ([`probe`](super::probe)) once a second and reports:
 //! - not serving for [`PATIENCE`] after start, with each peer's state (the peer that is down
 //!   is the one d-engine waits for);
 //! - serving, but no leader known for [`PATIENCE`] (an election stall);
