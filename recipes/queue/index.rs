@@ -421,7 +421,14 @@ impl Index {
         };
         self.undecodable.remove(key);
         let h = match Record::decode(key, raw) {
-            Ok(r) => r.header,
+            Ok(r) => {
+                // A message now: junk written here again later is news again. (Checked first:
+                // this runs for every event, and the set is nearly always empty.)
+                if !self.warned.is_empty() {
+                    self.warned.remove(key);
+                }
+                r.header
+            }
             Err(e) => {
                 if self.skip(key) {
                     tracing::warn!(error = %e, "skipping a key in a queue");
