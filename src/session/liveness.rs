@@ -38,18 +38,24 @@ impl Liveness {
 
     /// Records what session `id`'s heartbeat record holds now (`None`: absent).
     pub fn observe(&mut self, id: &str, heartbeat: Option<&Bytes>, now: Instant) {
-        let lease = heartbeat
-            .and_then(|b| serde_json::from_slice::<Heartbeat>(b).ok())
-            .map(|h| Duration::from_millis(h.lease_ms))
-            .unwrap_or(self.default_lease);
-        match self.seen.get_mut(id) {
+        // Parsed only when it changed: every waiter observes everyone in sight at every wake.
+        let lease = || {
+            heartbeat
+                .and_then(|b| serde_json::from_slice::<Heartbeat>(b).ok())
+                .map(|h| Duration::from_millis(h.lease_ms))
+                .unwrap_or(self.default_lease)
+        };
+        match self.seen.get(id) {
             Some(s) if s.value.as_ref() == heartbeat => {}
-            Some(s) => {
+            Some(_) => {
+                let lease = lease();
+                let s = self.seen.get_mut(id).expect("just found");
                 s.value = heartbeat.cloned();
                 s.changed_at = now;
                 s.lease = lease;
             }
             None => {
+                let lease = lease();
                 self.seen.insert(
                     id.to_string(),
                     Seen {
