@@ -216,20 +216,16 @@ impl<'a> Waiter<'a> {
         released: &[Released],
         arrivals: &[Entry],
     ) -> Result<Step> {
+        let me = &self.me;
+        let step =
+            |liveness: &Liveness| decide(rec, released, arrivals, me, liveness, Instant::now());
         if self.peers.is_none() {
-            let step = decide(
-                rec,
-                released,
-                arrivals,
-                &self.me,
-                &self.liveness,
-                Instant::now(),
-            );
+            let first = step(&self.liveness);
             if !matches!(
-                step,
+                first,
                 Step::Wait { .. } | Step::Reap { .. } | Step::Batched { .. }
             ) {
-                return Ok(step);
+                return Ok(first);
             }
             let peers = self.inner.session.peers().await?;
             self.peers = Some(peers.subscribe());
@@ -237,18 +233,11 @@ impl<'a> Waiter<'a> {
         // Observed first once subscribed: one decision per wake.
         let rx = self.peers.as_mut().expect("subscribed above");
         let view = rx.borrow_and_update().clone();
-        let ids = sessions_in_sight(rec, arrivals, &self.me.slot);
+        let ids = sessions_in_sight(rec, arrivals, &me.slot);
         self.inner
             .session
             .observe_peers(&view, &ids, &mut self.liveness);
-        Ok(decide(
-            rec,
-            released,
-            arrivals,
-            &self.me,
-            &self.liveness,
-            Instant::now(),
-        ))
+        Ok(step(&self.liveness))
     }
 
     /// Writes `next` over the record we know (settled; the loop reads the outcome from it).
