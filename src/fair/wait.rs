@@ -105,7 +105,6 @@ impl<'a> Waiter<'a> {
             let snap = self.record.borrow_and_update().clone();
             self.current = inner.newer(self.current.take(), &snap);
             let rec = inner.decode_shared(self.current.as_ref())?;
-            let sight = self.sight(&snap, &rec);
             let arrivals = inner.arrivals_in(&snap);
             let released = inner.releases_in(&snap);
             let blockers = match self.decide(&rec, &released, &arrivals).await? {
@@ -178,6 +177,7 @@ impl<'a> Waiter<'a> {
                 Step::Wait { blockers } => blockers,
             };
             self.clean_up_abandoned(&blockers);
+            let sight = self.sight(&snap, &rec);
             // A change of the mirror that leaves what we decided on as it was (an arrival
             // behind us, a cleanup) decides nothing anew: every waiter wakes on every change.
             while self.sleep(&blockers).await? == Woke::Record {

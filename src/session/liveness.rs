@@ -39,29 +39,26 @@ impl Liveness {
     /// Records what session `id`'s heartbeat record holds now (`None`: absent).
     pub fn observe(&mut self, id: &str, heartbeat: Option<&Bytes>, now: Instant) {
         // Parsed only when it changed: every waiter observes everyone in sight at every wake.
+        let default = self.default_lease;
         let lease = || {
             heartbeat
                 .and_then(|b| serde_json::from_slice::<Heartbeat>(b).ok())
-                .map(|h| Duration::from_millis(h.lease_ms))
-                .unwrap_or(self.default_lease)
+                .map_or(default, |h| Duration::from_millis(h.lease_ms))
         };
-        match self.seen.get(id) {
+        match self.seen.get_mut(id) {
             Some(s) if s.value.as_ref() == heartbeat => {}
-            Some(_) => {
-                let lease = lease();
-                let s = self.seen.get_mut(id).expect("just found");
+            Some(s) => {
                 s.value = heartbeat.cloned();
                 s.changed_at = now;
-                s.lease = lease;
+                s.lease = lease();
             }
             None => {
-                let lease = lease();
                 self.seen.insert(
                     id.to_string(),
                     Seen {
                         value: heartbeat.cloned(),
                         changed_at: now,
-                        lease,
+                        lease: lease(),
                     },
                 );
             }
