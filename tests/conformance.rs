@@ -43,6 +43,7 @@ conformance!(
     a_scan_of_more_than_4_mib_returns_every_entry,
     get_many_answers_in_the_order_asked_with_absent_keys_as_none,
     a_transaction_applies_every_op_at_one_revision_or_nothing,
+    a_transaction_with_an_otherwise_branch_applies_exactly_one_branch,
     concurrent_writes_each_get_the_answer_of_their_own_write,
 );
 
@@ -362,6 +363,77 @@ async fn a_transaction_applies_every_op_at_one_revision_or_nothing(f: Fixture) {
     assert_eq!(
         s.get(&a, Consistency::Linearizable).await.unwrap().unwrap(),
         "2"
+    );
+}
+
+/// `Store::transact_or`: the first branch if every expectation holds (true), else the
+/// otherwise branch (false), as one entry either way; the events are those of the branch
+/// applied, at one revision (the patch to d-engine-core decodes the branch bit).
+async fn a_transaction_with_an_otherwise_branch_applies_exactly_one_branch(f: Fixture) {
+    let s = &f.store;
+    let (rec, m1, m2, g) = (f.key("o/rec"), f.key("o/m1"), f.key("o/m2"), f.key("o/g"));
+    s.put(&rec, b"v1").await.unwrap();
+    s.put(&g, b"garbage").await.unwrap();
+    let mut watch = s
+        .watch(WatchTarget::prefix(f.key("o/")), false)
+        .await
+        .unwrap();
+    let first = |expected: &[u8], new: &str| {
+        vec![
+            TxnOp::delete(g.clone()),
+            TxnOp::cas(rec.clone(), Some(expected), new.to_string()),
+        ]
+    };
+    let otherwise = [TxnOp::put(m1.clone(), "1"), TxnOp::put(m2.clone(), "2")];
+    // Holds: the first branch only.
+    assert!(s.transact_or(&first(b"v1", "v2"), &otherwise).await.unwrap());
+    // Does not hold (the record moved on): the otherwise branch only; `g` stays deleted.
+    s.put(&g, b"garbage again").await.unwrap();
+    assert!(!s.transact_or(&first(b"v1", "v3"), &otherwise).await.unwrap());
+    let mut events = Vec::new();
+    for _ in 0..5 {
+        let e = next_event(&mut watch, 10).await;
+        events.push((e.kind, e.key.to_vec(), e.value.to_vec(), e.revision));
+    }
+    let shown: Vec<(EventKind, &[u8], &[u8])> = events
+        .iter()
+        .map(|(k, key, v, _)| (*k, &key[..], &v[..]))
+        .collect();
+    assert_eq!(
+        shown,
+        vec![
+            (EventKind::Delete, &g[..], &b""[..]),
+            (EventKind::Put, &rec, b"v2"),
+            (EventKind::Put, &g, b"garbage again"),
+            (EventKind::Put, &m1, b"1"),
+            (EventKind::Put, &m2, b"2"),
+        ]
+    );
+    assert_eq!(events[0].3, events[1].3, "the first branch at one revision");
+    assert_eq!(events[3].3, events[4].3, "the otherwise branch at one revision");
+    let scan = s.scan_prefix(&f.key("o/")).await.unwrap();
+    let state: Vec<(&[u8], &[u8])> = scan.entries.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+    assert_eq!(
+        state,
+        vec![
+            (&g[..], &b"garbage again"[..]),
+            (&m1, b"1"),
+            (&m2, b"2"),
+            (&rec, b"v2"),
+        ]
+    );
+    // Bad input: refused before anything is sent.
+    let conditional = [TxnOp::cas(m1.clone(), None, "x")];
+    let err = s.transact_or(&first(b"v2", "v4"), &conditional).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidArgument(m) if m.contains("unconditionally")),
+        "{err}"
+    );
+    let err = s.transact_or(&first(b"v2", "v4"), &[]).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    assert_eq!(
+        s.get(&rec, Consistency::Linearizable).await.unwrap().unwrap(),
+        "v2"
     );
 }
 

@@ -225,13 +225,14 @@ impl Holding {
     }
 
     /// Gives the grant back: granting whoever now fits in the same write, or (a capacity above
-    /// 1, where releases race) with a release marker that the next writer applies (see the
+    /// 1, where releases race) in one write that does so if the record is still the one in
+    /// sight and puts a release marker, which the next writer applies, if not (see the
     /// module docs of `fair`). Idempotent, and never releases a later grant (after a takeover it does
     /// nothing). If the future is dropped midway, the release is finished in the background.
     pub(crate) async fn release(mut self) -> Result<()> {
         let known = self.known.take();
         let res = if self.inner.capacity > 1 {
-            self.inner.release(&self.me, self.token).await
+            self.inner.release(&self.me, self.token, known).await
         } else {
             self.inner.leave(&self.me, known).await
         };

@@ -44,6 +44,7 @@ pub(crate) mod fence;
 mod holding;
 mod ops;
 mod record;
+mod release;
 mod wait;
 
 use std::sync::Arc;
@@ -86,6 +87,8 @@ pub(crate) struct Fair {
     /// a store without transactions: so that its writes do not delete a leftover again and
     /// again.
     sweeping: Arc<std::sync::Mutex<std::collections::HashSet<Bytes>>>,
+    /// This process's releases of the record waiting for their write (a capacity above 1).
+    releasing: Arc<release::Releasing>,
 }
 
 /// A participant of a queue, as [`Fair::info`] shows it.
@@ -152,12 +155,14 @@ impl Fair {
             WatchTarget::prefix(base.clone()),
             MirrorOptions::default().watcher(WatcherOptions::default().resync_every(Some(resync))),
         );
+        let key = Bytes::from(format!("{base}rec"));
         Ok(Arc::new(Fair {
+            releasing: release::Releasing::shared(&store, &key),
             kind,
             name: name.to_string(),
             capacity,
             stats: Counters::default(),
-            key: Bytes::from(format!("{base}rec")),
+            key,
             arrivals: Bytes::from(format!("{base}w/")),
             releases: Bytes::from(format!("{base}r/")),
             session: session.clone(),

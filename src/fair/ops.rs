@@ -142,7 +142,7 @@ impl Fair {
     /// does not (such a grant is over for good). The mirror may already be newer than
     /// `written`: a marker of a later grant (a higher token) is never among them. Each comes
     /// with whether this write made it garbage (else an earlier write did, and left it).
-    fn garbage(
+    pub(super) fn garbage(
         &self,
         before: Option<&Bytes>,
         rec: &Record,
@@ -389,18 +389,6 @@ impl Fair {
             }
         }
     }
-
-    /// A holder gives back its grant of `token` where other holders may be releasing at the
-    /// same moment (a capacity above 1): one put of a release marker, which the next writer of
-    /// the record applies (see the module docs). Releases never collide, whatever their
-    /// number, and the first waiter they let in grants everyone they let in with one CAS.
-    pub(super) async fn release(&self, me: &Slot, token: u64) -> Result<()> {
-        self.store
-            .put(&self.release_key(me), token.to_string().as_bytes())
-            .await?;
-        tracing::debug!(kind = self.kind, name = %self.name, ?me, token, "released (marker)");
-        Ok(())
-    }
 }
 
 /// Most keys one write of the record deletes along (the rest: the next writes).
@@ -422,3 +410,4 @@ fn slot_of(prefix: &[u8], key: &[u8]) -> Option<Slot> {
         ticket: ticket.parse().ok()?,
     })
 }
+

@@ -225,6 +225,15 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn transact_or(&self, ops: &[TxnOp], otherwise: &[TxnOp]) -> Result<bool> {
+        let first = ops.first().map_or(&[][..], |o| &o.key[..]);
+        super::observed("embedded", "transact", first, async {
+            txn::check_or(ops, otherwise)?;
+            self.write_txn(txn::encode_or(ops, otherwise)).await
+        })
+        .await
+    }
+
     async fn scan_prefix(&self, prefix: &[u8]) -> Result<Scan> {
         super::observed("embedded", "scan_prefix", prefix, async {
             keys::validate_scan_prefix(prefix)?;

@@ -73,6 +73,8 @@ pub(crate) struct Group {
     free: Notify,
     /// Whether the servers apply transactions (a stock d-engine refuses every one).
     txn: OnceCell<bool>,
+    /// Whether they apply transactions with an otherwise branch (dcoord's since it knows them).
+    txn_or: OnceCell<bool>,
 }
 
 impl std::fmt::Debug for Group {
@@ -111,6 +113,7 @@ impl Group {
             st: Mutex::default(),
             free: Notify::new(),
             txn: OnceCell::new(),
+            txn_or: OnceCell::new(),
         }
     }
 
@@ -123,6 +126,15 @@ impl Group {
     pub(crate) async fn supports_txn<D: Direct>(&self, d: &D) -> Result<bool> {
         self.txn
             .get_or_try_init(|| d.write_txn(txn::encode(&[])))
+            .await
+            .copied()
+    }
+
+    /// Whether `d`'s servers apply transactions with an otherwise branch: asked once, with an
+    /// empty one (applied since the state machine knows them, refused before).
+    pub(crate) async fn supports_txn_or<D: Direct>(&self, d: &D) -> Result<bool> {
+        self.txn_or
+            .get_or_try_init(|| d.write_txn(txn::encode_or(&[], &[])))
             .await
             .copied()
     }

@@ -293,6 +293,24 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         })
     }
 
+    /// Applies `ops` or, if any of their [`Expect`]s does not hold, `otherwise` (unconditional
+    /// writes only), as one write either way: one Raft entry, at one revision, one watch event
+    /// per op of the branch applied. Returns true if `ops` applied, false if `otherwise` did.
+    /// Where a plain [`Store::transact`] answers "refused" and the caller writes again, this
+    /// writes the fallback in the same round trip.
+    ///
+    /// The default (a store without it: no transactions, or servers from before dcoord
+    /// learned it) returns [`crate::Error::Engine`] after checking the ops, having sent
+    /// nothing ([`txn::unsupported`]); callers then write the fallback themselves.
+    async fn transact_or(&self, ops: &[TxnOp], otherwise: &[TxnOp]) -> Result<bool> {
+        txn::check_or(ops, otherwise)?;
+        Err(crate::Error::Engine {
+            op: "transact",
+            message: format!("{self:?} has no transactions with an otherwise branch"),
+            source: None,
+        })
+    }
+
     /// All entries whose key starts with `prefix`, and the revision they reflect.
     async fn scan_prefix(&self, prefix: &[u8]) -> Result<Scan>;
 

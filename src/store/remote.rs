@@ -700,6 +700,25 @@ impl Store for RemoteStore {
         .await
     }
 
+    async fn transact_or(&self, ops: &[TxnOp], otherwise: &[TxnOp]) -> Result<bool> {
+        let first = ops.first().map_or(&[][..], |o| &o.key[..]);
+        super::observed("remote", "transact", first, async {
+            txn::check_or(ops, otherwise)?;
+            if !self.inner.group.supports_txn_or(self).await? {
+                return Err(Error::Engine {
+                    op: "transact",
+                    message: "the cluster's state machine does not apply transactions with an \
+                              otherwise branch (a stock d-engine server, or a `dcoord node` \
+                              older than this client)"
+                        .into(),
+                    source: None,
+                });
+            }
+            self.write_txn(txn::encode_or(ops, otherwise)).await
+        })
+        .await
+    }
+
     async fn scan_prefix(&self, prefix: &[u8]) -> Result<Scan> {
         super::observed("remote", "scan_prefix", prefix, async {
             keys::validate_scan_prefix(prefix)?;

@@ -16,6 +16,12 @@
 //! 0 any, 1 absent, 2 value; bit 2: writes a value, else deletes), `u32` key length and key,
 //! then the expected value (`u32` length and bytes) if bit 1 is set, then the new value
 //! (`u32` length and bytes) if bit 2 is set. The patch to d-engine-core decodes the same form.
+//!
+//! A transaction with an *otherwise* branch ([`Store::transact_or`]) is version `2`: the same
+//! form, where bit 3 of an op's flags puts it in the otherwise branch (an unconditional op,
+//! applied exactly when some op of the first branch does not hold). A state machine from
+//! before version 2 refuses the bytes (applies nothing); a client learns whether the servers
+//! apply version 2 with one empty version-2 transaction (which they answer `true`).
 
 use std::collections::HashSet;
 
@@ -34,8 +40,12 @@ pub const MAX_TXN_OPS: usize = 1024;
 
 const TAG: u8 = b'T';
 const VERSION: u8 = 1;
+/// A transaction with an otherwise branch.
+const VERSION_OR: u8 = 2;
 const EXPECT_MASK: u8 = 0b11;
 const WRITES: u8 = 0b100;
+/// The op belongs to the otherwise branch (version 2 only).
+const OTHERWISE: u8 = 0b1000;
 
 /// Whether `e` is a store's answer that it has no transactions ([`Store::transact`]'s
 /// default, or a cluster whose state machine does not apply them): nothing was sent.
@@ -182,6 +192,37 @@ pub(crate) fn check(ops: &[TxnOp]) -> Result<()> {
     Ok(())
 }
 
+/// Checks a transaction with an otherwise branch ([`Store::transact_or`]) before anything is
+/// sent: each branch as [`check`] would (a key may be in both), the otherwise branch
+/// unconditional ([`Expect::Any`]), both within [`MAX_TXN_OPS`] and the encoding within
+/// [`keys::MAX_VALUE_LEN`].
+pub(crate) fn check_or(ops: &[TxnOp], otherwise: &[TxnOp]) -> Result<()> {
+    check(ops)?;
+    check(otherwise)?;
+    if let Some(op) = otherwise.iter().find(|op| op.expect != Expect::Any) {
+        return Err(Error::InvalidArgument(format!(
+            "the otherwise branch of a transaction writes unconditionally, but its op on {:?} \
+             has a condition",
+            show(&op.key)
+        )));
+    }
+    if ops.len() + otherwise.len() > MAX_TXN_OPS {
+        return Err(Error::InvalidArgument(format!(
+            "a transaction of {} ops, over the limit of {MAX_TXN_OPS}",
+            ops.len() + otherwise.len()
+        )));
+    }
+    let size = encoded_len(ops) + encoded_len(otherwise) - 6;
+    if size > keys::MAX_VALUE_LEN {
+        return Err(Error::ValueTooLarge {
+            key: format!("a transaction of {} ops", ops.len() + otherwise.len()),
+            size,
+            limit: keys::MAX_VALUE_LEN,
+        });
+    }
+    Ok(())
+}
+
 /// The encoded size of `ops`.
 pub(crate) fn encoded_len(ops: &[TxnOp]) -> usize {
     6 + ops.iter().map(TxnOp::encoded_len).sum::<usize>()
@@ -189,21 +230,35 @@ pub(crate) fn encoded_len(ops: &[TxnOp]) -> usize {
 
 /// The wire form of `ops` (see the module docs).
 pub(crate) fn encode(ops: &[TxnOp]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(encoded_len(ops));
-    out.extend_from_slice(&[TAG, VERSION]);
-    out.extend_from_slice(&(ops.len() as u32).to_be_bytes());
+    encode_with(VERSION, ops, &[])
+}
+
+/// The wire form of `ops` with the otherwise branch `otherwise` (version 2; see the module
+/// docs). Both empty: the probe of whether a store's servers apply version 2.
+pub(crate) fn encode_or(ops: &[TxnOp], otherwise: &[TxnOp]) -> Vec<u8> {
+    encode_with(VERSION_OR, ops, otherwise)
+}
+
+fn encode_with(version: u8, ops: &[TxnOp], otherwise: &[TxnOp]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(encoded_len(ops) + encoded_len(otherwise) - 6);
+    out.extend_from_slice(&[TAG, version]);
+    out.extend_from_slice(&((ops.len() + otherwise.len()) as u32).to_be_bytes());
     let put = |out: &mut Vec<u8>, b: &[u8]| {
         out.extend_from_slice(&(b.len() as u32).to_be_bytes());
         out.extend_from_slice(b);
     };
-    for op in ops {
+    let branches = ops
+        .iter()
+        .map(|op| (op, 0))
+        .chain(otherwise.iter().map(|op| (op, OTHERWISE)));
+    for (op, branch) in branches {
         let expect = match op.expect {
             Expect::Any => 0,
             Expect::Absent => 1,
             Expect::Value(_) => 2,
         };
         let writes = if op.write.is_some() { WRITES } else { 0 };
-        out.push(expect | writes);
+        out.push(expect | writes | branch);
         put(&mut out, &op.key);
         if let Expect::Value(v) = &op.expect {
             put(&mut out, v);
@@ -223,6 +278,8 @@ pub(crate) struct OpRef<'a> {
     pub expect: Option<Option<&'a [u8]>>,
     /// `None`: delete.
     pub write: Option<&'a [u8]>,
+    /// In the otherwise branch: applied exactly when an op of the first branch does not hold.
+    pub otherwise: bool,
 }
 
 impl OpRef<'_> {
@@ -235,7 +292,7 @@ impl OpRef<'_> {
     }
 }
 
-/// Decodes the wire form; `None` if the bytes are not a transaction of this version.
+/// Decodes the wire form (either version); `None` if the bytes are not a transaction.
 pub(crate) fn decode(mut b: &[u8]) -> Option<Vec<OpRef<'_>>> {
     fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
         if b.len() < n {
@@ -249,9 +306,15 @@ pub(crate) fn decode(mut b: &[u8]) -> Option<Vec<OpRef<'_>>> {
         let n = u32::from_be_bytes(take(b, 4)?.try_into().ok()?) as usize;
         take(b, n)
     }
-    if take(&mut b, 2)? != [TAG, VERSION] {
-        return None;
-    }
+    let version = match take(&mut b, 2)? {
+        [TAG, v @ (VERSION | VERSION_OR)] => *v,
+        _ => return None,
+    };
+    let known = if version == VERSION_OR {
+        EXPECT_MASK | WRITES | OTHERWISE
+    } else {
+        EXPECT_MASK | WRITES
+    };
     let count = u32::from_be_bytes(take(&mut b, 4)?.try_into().ok()?) as usize;
     if count > MAX_TXN_OPS {
         return None;
@@ -259,6 +322,13 @@ pub(crate) fn decode(mut b: &[u8]) -> Option<Vec<OpRef<'_>>> {
     let mut ops = Vec::with_capacity(count);
     for _ in 0..count {
         let flags = take(&mut b, 1)?[0];
+        if flags & !known != 0 {
+            return None;
+        }
+        let otherwise = flags & OTHERWISE != 0;
+        if otherwise && flags & EXPECT_MASK != 0 {
+            return None;
+        }
         let key = bytes(&mut b)?;
         let expect = match flags & EXPECT_MASK {
             0 => None,
@@ -271,7 +341,12 @@ pub(crate) fn decode(mut b: &[u8]) -> Option<Vec<OpRef<'_>>> {
         } else {
             None
         };
-        ops.push(OpRef { key, expect, write });
+        ops.push(OpRef {
+            key,
+            expect,
+            write,
+            otherwise,
+        });
     }
     b.is_empty().then_some(ops)
 }
@@ -300,26 +375,31 @@ mod tests {
                 key: b"a",
                 expect: None,
                 write: Some(b"1"),
+                otherwise: false,
             },
             OpRef {
                 key: b"b",
                 expect: None,
                 write: None,
+                otherwise: false,
             },
             OpRef {
                 key: b"c",
                 expect: Some(None),
                 write: Some(b""),
+                otherwise: false,
             },
             OpRef {
                 key: b"d",
                 expect: Some(Some(b"old")),
                 write: Some(b"new"),
+                otherwise: false,
             },
             OpRef {
                 key: b"e",
                 expect: Some(Some(b"gone")),
                 write: None,
+                otherwise: false,
             },
         ];
         assert_eq!(back, want);
@@ -328,6 +408,46 @@ mod tests {
                 assert_eq!(op.expect.holds(current), r.holds(current));
             }
         }
+    }
+
+    #[test]
+    fn an_otherwise_branch_is_version_2_and_marks_its_ops() {
+        let ops = [TxnOp::cas("a", Some(b"old"), "new"), TxnOp::delete("b")];
+        let otherwise = [TxnOp::put("m", "1")];
+        let wire = encode_or(&ops, &otherwise);
+        assert_eq!(&wire[..2], b"T\x02");
+        let back = decode(&wire).unwrap();
+        let branches: Vec<(&[u8], bool)> = back.iter().map(|o| (o.key, o.otherwise)).collect();
+        assert_eq!(
+            branches,
+            [(&b"a"[..], false), (&b"b"[..], false), (&b"m"[..], true)]
+        );
+        assert_eq!(back[2].write, Some(&b"1"[..]));
+        // The probe: an empty version-2 transaction.
+        assert_eq!(decode(&encode_or(&[], &[])), Some(Vec::new()));
+        // Version 1 has no otherwise branch; an otherwise op has no condition.
+        let mut v1 = wire.clone();
+        v1[1] = 1;
+        assert_eq!(decode(&v1), None);
+        let mut conditional = encode_or(&[], &[TxnOp::put("m", "1")]);
+        conditional[6] |= 1;
+        assert_eq!(decode(&conditional), None);
+    }
+
+    #[test]
+    fn an_otherwise_branch_is_checked_before_anything_is_sent() {
+        let ops = [TxnOp::cas("a", None, "1")];
+        assert!(check_or(&ops, &[TxnOp::put("a", "2")]).is_ok(), "a key may be in both");
+        assert!(matches!(
+            check_or(&ops, &[TxnOp::cas("m", None, "1")]),
+            Err(Error::InvalidArgument(m)) if m.contains("unconditionally")
+        ));
+        assert!(matches!(check_or(&ops, &[]), Err(Error::InvalidArgument(_))));
+        let many: Vec<TxnOp> = (0..MAX_TXN_OPS).map(|i| TxnOp::delete(format!("k{i}"))).collect();
+        assert!(matches!(
+            check_or(&ops, &many),
+            Err(Error::InvalidArgument(m)) if m.contains("limit")
+        ));
     }
 
     #[test]
@@ -340,7 +460,7 @@ mod tests {
         longer.push(0);
         assert_eq!(decode(&longer), None);
         let mut other = wire;
-        other[1] = 2;
+        other[1] = 3;
         assert_eq!(decode(&other), None);
     }
 

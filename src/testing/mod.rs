@@ -166,8 +166,9 @@ enum Write {
     Put(Bytes, Option<Instant>),
     Delete,
     Cas(Option<Bytes>, Bytes),
-    /// A transaction (checked): all its ops at one revision, or nothing.
-    Txn(Vec<TxnOp>),
+    /// A transaction (checked): all its ops at one revision, or (some expectation does not
+    /// hold) the second list's, which are unconditional (none for a plain transaction).
+    Txn(Vec<TxnOp>, Vec<TxnOp>),
 }
 
 impl MemStore {
@@ -347,16 +348,13 @@ impl MemStore {
 /// Applies one write: bumps the revision, changes the data, tells the watchers. Returns
 /// whether it took effect (false only for a failed CAS).
 fn apply(st: &mut State, key: &[u8], w: Write, buffer: usize) -> bool {
-    if let Write::Txn(ops) = w {
+    if let Write::Txn(ops, otherwise) = w {
         st.revision += 1;
         let holds = ops
             .iter()
             .all(|op| op.expect.holds(st.data.get(&op.key).map(|e| &e.value[..])));
-        if !holds {
-            return false;
-        }
         let revision = st.revision;
-        for op in ops {
+        for op in if holds { ops } else { otherwise } {
             let prev = st.data.get(&op.key).map(|e| e.value.clone());
             let (kind, value) = match op.write {
                 Some(value) => {
@@ -388,7 +386,7 @@ fn apply(st: &mut State, key: &[u8], w: Write, buffer: usize) -> bool {
             };
             dispatch(st, event, prev, buffer);
         }
-        return true;
+        return holds;
     }
     st.revision += 1;
     let revision = st.revision;
@@ -428,7 +426,7 @@ fn apply(st: &mut State, key: &[u8], w: Write, buffer: usize) -> bool {
                 (false, None)
             }
         }
-        Write::Txn(_) => unreachable!("applied above"),
+        Write::Txn(..) => unreachable!("applied above"),
     };
     if let Some((kind, value)) = event {
         if st.faults.drop_events > 0 {
@@ -552,7 +550,24 @@ impl Store for MemStore {
         self.write(
             "transact",
             crate::store::txn::TXN_KEY,
-            Write::Txn(ops.to_vec()),
+            Write::Txn(ops.to_vec(), Vec::new()),
+        )
+        .await
+    }
+
+    async fn transact_or(&self, ops: &[TxnOp], otherwise: &[TxnOp]) -> Result<bool> {
+        crate::store::txn::check_or(ops, otherwise)?;
+        if !self.shared.options.transactions {
+            return Err(Error::Engine {
+                op: "transact",
+                message: format!("{self:?} has no transactions"),
+                source: None,
+            });
+        }
+        self.write(
+            "transact",
+            crate::store::txn::TXN_KEY,
+            Write::Txn(ops.to_vec(), otherwise.to_vec()),
         )
         .await
     }

@@ -285,6 +285,14 @@ impl Store for Cuttable {
         self.check("transact")?;
         self.inner.transact(ops).await
     }
+    async fn transact_or(
+        &self,
+        ops: &[dcoord::store::TxnOp],
+        otherwise: &[dcoord::store::TxnOp],
+    ) -> dcoord::Result<bool> {
+        self.check("transact")?;
+        self.inner.transact_or(ops, otherwise).await
+    }
     async fn scan_prefix(&self, prefix: &[u8]) -> dcoord::Result<Scan> {
         self.check("scan_prefix")?;
         self.inner.scan_prefix(prefix).await

@@ -262,20 +262,24 @@ impl<'t> Tables<'t> {
         }
     }
 
-    /// Applies a transaction (see [`crate::store::txn`]): every expectation is checked
-    /// against the state before it, then every write is applied; or nothing. Bytes that do not
-    /// decode apply nothing (false), like a failed CAS: a node never stops on a client's bytes.
+    /// Applies a transaction (see [`crate::store::txn`]): every expectation of the first
+    /// branch is checked against the state before it; if all hold, its writes are applied
+    /// (true), else those of the otherwise branch (false; none for a plain transaction). Bytes
+    /// that do not decode apply nothing (false), like a failed CAS: a node never stops on a
+    /// client's bytes.
     fn transact(&mut self, wire: &[u8]) -> Result<bool, Error> {
         let Some(ops) = txn::decode(wire) else {
             return Ok(false);
         };
-        for op in &ops {
+        let mut holds = true;
+        for op in ops.iter().filter(|op| !op.otherwise) {
             let current = self.kv.get(op.key).ctx("read for a transaction")?;
             if !op.holds(current.as_ref().map(|g| g.value())) {
-                return Ok(false);
+                holds = false;
+                break;
             }
         }
-        for op in &ops {
+        for op in ops.iter().filter(|op| op.otherwise != holds) {
             match op.write {
                 Some(value) => self.put(op.key, value)?,
                 None => {
@@ -284,7 +288,7 @@ impl<'t> Tables<'t> {
                 }
             }
         }
-        Ok(true)
+        Ok(holds)
     }
 
     fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), Error> {

@@ -1,0 +1,200 @@
+//! Releases where several holders release at once (a capacity above 1): one write per batch.
+//!
+//! The releases of one record in this process wait in one queue ([`Releasing`], shared like
+//! the mirror: same store, same record). One task at a time writes every release queued so far
+//! in ONE transaction with an otherwise branch:
+//! - if the record is still the one in sight, the write releases every grant of the batch in
+//!   the record, granting whoever now fits (with the release markers and arrivals in sight
+//!   applied and taken in, and the garbage that makes deleted along): the whole handoff;
+//! - if it changed meanwhile (another process's release, a waiter's write), the same write
+//!   puts the batch's release markers instead, which the next writer of the record applies
+//!   (see the module docs of `fair`).
+//!
+//! Releases queued while a write is in flight go in the next one. So the releases of a process
+//! never collide with each other, a release costs one write whichever branch applies, and in
+//! a quiet moment it is the whole handoff.
+//!
+//! Safety is the markers' argument: the first branch is the record in sight with the batch's
+//! markers applied, exactly what any writer that saw those markers would write, and a CAS on
+//! the record's exact bytes. A release whose grant the record in sight does not show (the
+//! mirror behind its grant, or the grant taken over) never takes the first branch: its batch
+//! is written as markers, which only ever remove the grant they name.
+//!
+//! Fallbacks: a store without transactions with an otherwise branch, a write whose outcome is
+//! unknown, or a store error: each release of the batch puts its own marker (a marker of a
+//! grant the record no longer holds is garbage, so one that follows a handoff that did land
+//! changes nothing).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use super::Fair;
+use super::record::{Released, Slot};
+use crate::error::Result;
+use crate::store::{Store, TxnOp};
+
+/// The releases of one record in this process waiting for their write.
+#[derive(Default)]
+pub(super) struct Releasing {
+    st: Mutex<Queue>,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// Each release, the record its holder last saw, and who waits for it (true: written).
+    pending: Vec<(Released, Option<Bytes>, oneshot::Sender<bool>)>,
+    /// A task is writing (it takes whatever is pending before it stops).
+    writing: bool,
+}
+
+impl Releasing {
+    /// The queue of the record `key` in `store`, shared by every handle of this process.
+    pub(super) fn shared(store: &Arc<dyn Store>, key: &Bytes) -> Arc<Releasing> {
+        type Registry = HashMap<(usize, Bytes), Weak<Releasing>>;
+        static REGISTRY: OnceLock<Mutex<Registry>> = OnceLock::new();
+        let id = (Arc::as_ptr(store) as *const () as usize, key.clone());
+        let mut reg = REGISTRY
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = reg.get(&id).and_then(Weak::upgrade) {
+            return r;
+        }
+        reg.retain(|_, w| w.strong_count() > 0);
+        let r = Arc::new(Releasing::default());
+        reg.insert(id, Arc::downgrade(&r));
+        r
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Fair {
+    /// A holder gives back its grant of `token` where other holders may be releasing at the
+    /// same moment (a capacity above 1): with the other releases of this process, in one
+    /// write that hands the grants on if the record is still the one in sight (`known`, or
+    /// the mirror's if newer) and puts release markers if not (see the module docs). If the
+    /// future is dropped, the write goes on in the background.
+    pub(super) async fn release(
+        self: &Arc<Self>,
+        me: &Slot,
+        token: u64,
+        known: Option<Bytes>,
+    ) -> Result<()> {
+        let mine = Released {
+            slot: me.clone(),
+            token,
+        };
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut q = self.releasing.lock();
+            q.pending.push((mine, known, tx));
+            !std::mem::replace(&mut q.writing, true)
+        };
+        if start {
+            tokio::spawn(self.clone().write_releases());
+        }
+        if rx.await.unwrap_or(false) {
+            return Ok(());
+        }
+        self.store
+            .put(&self.release_key(me), token.to_string().as_bytes())
+            .await?;
+        tracing::debug!(kind = self.kind, name = %self.name, ?me, token, "released (marker)");
+        Ok(())
+    }
+
+    /// Writes the pending releases, a batch per write, until none is left.
+    async fn write_releases(self: Arc<Self>) {
+        loop {
+            let batch = {
+                let mut q = self.releasing.lock();
+                if q.pending.is_empty() {
+                    q.writing = false;
+                    return;
+                }
+                std::mem::take(&mut q.pending)
+            };
+            let (released, known): (Vec<Released>, Vec<Option<Bytes>>) =
+                batch.iter().map(|(r, k, _)| (r.clone(), k.clone())).unzip();
+            let written = self.write_batch(&released, known).await;
+            for (_, _, tx) in batch {
+                let _ = tx.send(written);
+            }
+        }
+    }
+
+    /// One write for `batch` (see the module docs); false if each must put its own marker.
+    async fn write_batch(&self, batch: &[Released], known: Vec<Option<Bytes>>) -> bool {
+        let markers: Vec<TxnOp> = batch
+            .iter()
+            .map(|r| TxnOp::put(self.release_key(&r.slot), r.token.to_string()))
+            .collect();
+        let seq = |b: &Bytes| self.decode_shared(Some(b)).map_or(0, |r| r.seq);
+        let newest = known.into_iter().flatten().max_by_key(seq);
+        let Some((ops, grants)) = self.handoff(batch, newest, &markers) else {
+            return false;
+        };
+        match self.store.transact_or(&ops, &markers).await {
+            Ok(handed) => {
+                tracing::debug!(kind = self.kind, name = %self.name, releases = batch.len(), handed, "released in one write");
+                if handed && grants {
+                    crate::metrics::count(
+                        crate::metrics::LOCK_HANDOFFS_TOTAL,
+                        self.kind,
+                        &self.name,
+                    );
+                }
+                true
+            }
+            // Nothing was sent (no such transactions), or either branch may have applied, or
+            // the store failed: the markers, one by one (right after either branch).
+            Err(e) => {
+                tracing::debug!(kind = self.kind, name = %self.name, error = %e, "releases fall back to markers");
+                false
+            }
+        }
+    }
+
+    /// The first branch of a batch's write: the record in sight (the newer of `known` and the
+    /// mirror's) without the batch's grants, with the markers and arrivals in sight applied
+    /// and taken in, expecting exactly those bytes, and the deletes of what that makes
+    /// garbage; and whether it grants anyone. `None` when the record in sight does not show
+    /// every grant of the batch, or the write would not fit in one transaction beside
+    /// `markers`.
+    fn handoff(
+        &self,
+        batch: &[Released],
+        known: Option<Bytes>,
+        markers: &[TxnOp],
+    ) -> Option<(Vec<TxnOp>, bool)> {
+        let snap = self.record.snapshot();
+        let current = self.newer(known, &snap)?;
+        let rec = self.decode_shared(Some(&current)).ok()?;
+        let shown = |r: &Released| rec.grant_of(&r.slot).is_some_and(|g| g.token == r.token);
+        if !batch.iter().all(shown) {
+            return None;
+        }
+        let mut released = self.releases_in(&snap);
+        released.extend(batch.iter().cloned());
+        let next = rec
+            .released(&released)
+            .absorbed(&self.arrivals_in(&snap));
+        let mut ops: Vec<TxnOp> = self
+            .garbage(Some(&current), &next, None)
+            .into_iter()
+            .map(|(k, _)| TxnOp::delete(k))
+            .collect();
+        ops.push(TxnOp::cas(self.key.clone(), Some(&current), next.encode()));
+        let size = crate::store::txn::encoded_len(&ops) + crate::store::txn::encoded_len(markers);
+        let fits = size <= crate::keys::MAX_VALUE_LEN
+            && ops.len() + markers.len() <= crate::store::txn::MAX_TXN_OPS;
+        fits.then_some((ops, next.epoch > rec.epoch))
+    }
+}
+
