@@ -386,10 +386,18 @@ async fn a_transaction_with_an_otherwise_branch_applies_exactly_one_branch(f: Fi
     };
     let otherwise = [TxnOp::put(m1.clone(), "1"), TxnOp::put(m2.clone(), "2")];
     // Holds: the first branch only.
-    assert!(s.transact_or(&first(b"v1", "v2"), &otherwise).await.unwrap());
+    assert!(
+        s.transact_or(&first(b"v1", "v2"), &otherwise)
+            .await
+            .unwrap()
+    );
     // Does not hold (the record moved on): the otherwise branch only; `g` stays deleted.
     s.put(&g, b"garbage again").await.unwrap();
-    assert!(!s.transact_or(&first(b"v1", "v3"), &otherwise).await.unwrap());
+    assert!(
+        !s.transact_or(&first(b"v1", "v3"), &otherwise)
+            .await
+            .unwrap()
+    );
     let mut events = Vec::new();
     for _ in 0..5 {
         let e = next_event(&mut watch, 10).await;
@@ -410,7 +418,10 @@ async fn a_transaction_with_an_otherwise_branch_applies_exactly_one_branch(f: Fi
         ]
     );
     assert_eq!(events[0].3, events[1].3, "the first branch at one revision");
-    assert_eq!(events[3].3, events[4].3, "the otherwise branch at one revision");
+    assert_eq!(
+        events[3].3, events[4].3,
+        "the otherwise branch at one revision"
+    );
     let scan = s.scan_prefix(&f.key("o/")).await.unwrap();
     let state: Vec<(&[u8], &[u8])> = scan.entries.iter().map(|(k, v)| (&k[..], &v[..])).collect();
     assert_eq!(
@@ -424,7 +435,10 @@ async fn a_transaction_with_an_otherwise_branch_applies_exactly_one_branch(f: Fi
     );
     // Bad input: refused before anything is sent.
     let conditional = [TxnOp::cas(m1.clone(), None, "x")];
-    let err = s.transact_or(&first(b"v2", "v4"), &conditional).await.unwrap_err();
+    let err = s
+        .transact_or(&first(b"v2", "v4"), &conditional)
+        .await
+        .unwrap_err();
     assert!(
         matches!(&err, Error::InvalidArgument(m) if m.contains("unconditionally")),
         "{err}"
@@ -432,7 +446,10 @@ async fn a_transaction_with_an_otherwise_branch_applies_exactly_one_branch(f: Fi
     let err = s.transact_or(&first(b"v2", "v4"), &[]).await.unwrap_err();
     assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
     assert_eq!(
-        s.get(&rec, Consistency::Linearizable).await.unwrap().unwrap(),
+        s.get(&rec, Consistency::Linearizable)
+            .await
+            .unwrap()
+            .unwrap(),
         "v2"
     );
 }

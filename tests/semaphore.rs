@@ -336,12 +336,19 @@ async fn releases_of_one_process_hand_off_in_one_write() {
     let mut record_writes = 0;
     while let Some(Some(Ok(e))) = events.next().now_or_never() {
         let key = String::from_utf8_lossy(&e.key[base.len()..]).into_owned();
-        assert!(!key.starts_with("r/"), "no release marker: {key} {:?}", e.kind);
+        assert!(
+            !key.starts_with("r/"),
+            "no release marker: {key} {:?}",
+            e.kind
+        );
         if key == "rec" {
             record_writes += 1;
         }
     }
-    assert_eq!(record_writes, 1, "the four releases and grants are one write");
+    assert_eq!(
+        record_writes, 1,
+        "the four releases and grants are one write"
+    );
     for p in granted {
         p.release().await.unwrap();
     }
@@ -359,7 +366,10 @@ async fn a_release_that_loses_to_another_process_leaves_a_marker_in_the_same_wri
     let one: Arc<dyn Store> = Arc::new(store.clone());
     let two: Arc<dyn Store> = Arc::new(store.clone());
     let name = "two-processes";
-    let (a, b) = (long_session(one.clone()).await, long_session(two.clone()).await);
+    let (a, b) = (
+        long_session(one.clone()).await,
+        long_session(two.clone()).await,
+    );
     let (sa, sb) = (
         Semaphore::new(&a, name, 2).unwrap(),
         Semaphore::new(&b, name, 2).unwrap(),
@@ -415,7 +425,10 @@ async fn a_release_that_loses_to_another_process_leaves_a_marker_in_the_same_wri
             marker_puts += 1;
         }
     }
-    assert_eq!(marker_puts, 1, "one release handed off, the other left a marker");
+    assert_eq!(
+        marker_puts, 1,
+        "one release handed off, the other left a marker"
+    );
     for p in granted {
         p.release().await.unwrap();
     }

@@ -1445,7 +1445,7 @@ async fn main() -> Res<()> {
         sections.push(Section {
             title: "(h) Semaphore: 4 permits, 16 contenders".into(),
             how: format!(
-                "16 clients (each with its own session / lease) take 1 permit of 4 and release it, in a loop for {secs} s per round, 2 rounds. dcoord: `semaphore::Semaphore` (fair, fenced; a release is one marker put, and the first waiter the markers let in grants every waiter they let in with one CAS); etcd: the client-side semaphore pattern (a key per request under a lease; the first 4 by create revision hold; a waiter re-checks on every delete under the prefix)."
+                "16 clients (each with its own session / lease) take 1 permit of 4 and release it, in a loop for {secs} s per round, 2 rounds. dcoord: `semaphore::Semaphore` (fair, fenced; the releases of one process go in one write, which grants the next waiters when the record is as seen and else puts release markers that the first waiter they let in applies with one CAS); etcd: the client-side semaphore pattern (a key per request under a lease; the first 4 by create revision hold; a waiter re-checks on every delete under the prefix)."
             ),
             rows,
         });

@@ -3,10 +3,12 @@
 //!
 //! The same machinery as [`lock::Mutex`](crate::lock::Mutex) (one CAS-managed record, arrival
 //! keys, the session's heartbeat), with a capacity of N: a holder takes `n` permits at once.
-//! Since several holders release at once, a release is a *marker* (one put of a key of its
-//! own, which never collides with anyone), and the first waiter the markers let in grants
-//! every waiter they let in with one CAS on the record: releases never retry against each
-//! other, and k of them cost one record write.
+//! Since several holders release at once, the releases of one process are written together,
+//! one write per batch: if the record is still the one in sight, that write releases them and
+//! grants whoever now fits (the whole handoff); if another process changed it meanwhile, the
+//! same write puts a *marker* per release instead (a key of its own, which never collides
+//! with anyone), and the first waiter the markers let in grants every waiter they let in with
+//! one CAS on the record. Releases never retry against each other.
 //!
 //! # Guarantees
 //! - **Never more than N permits held by live sessions.** A grant is a CAS on the record; a
@@ -22,7 +24,8 @@
 //! - **Released is released.** Once [`Permit::release`] returns, its permits count as free
 //!   for every reader ([`Semaphore::info`], `try_acquire`, waiters), even before a waiter has
 //!   written its grant; and a holder that releases and then crashes is never waited for.
-//!   A handoff is two writes (the marker, then the grant that applies every marker in sight).
+//!   A handoff is one write when the record is as the releaser saw it, two otherwise (the
+//!   marker, then the grant that applies every marker in sight).
 //!   A waiter a batch of releases lets in waits at most a short patience (a twentieth of the
 //!   lease, 50 to 500 ms) for the batch's writer, then writes the grant itself.
 //! - **Cancel-safe acquire** and idempotent release, as for the lock.
@@ -249,9 +252,10 @@ impl Permit {
         self.holding.fenced_put(key, value).await
     }
 
-    /// Gives the permits back: one put of a release marker, after which they count as free;
-    /// the first waiter that now fits grants everyone who does. Idempotent; never releases a
-    /// later grant.
+    /// Gives the permits back in one write, with the other releases of this process: the
+    /// grant of whoever now fits if the record is as seen, else a release marker that the
+    /// first waiter that now fits applies, granting everyone who does. The permits count as
+    /// free once this returns. Idempotent; never releases a later grant.
     ///
     /// # Errors
     /// The store's errors; the permits are then released in the background, or freed by the

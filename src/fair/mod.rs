@@ -12,10 +12,12 @@
 //! each participant names: one heartbeat per process, however many queues it is in.
 //!
 //! Where several holders release at once (a capacity above 1), their CASes on the one record
-//! would collide and retry in turn. So a releaser puts a *release marker* instead (`<root><dir>/<name>/r/<session>.<ticket>`, the grant's token as
-//! value; a plain put again): every writer of the record applies the markers it can see, and
-//! the first waiter that the markers let in writes that, so k releases cost one write that
-//! grants k waiters. A marker only ever removes the grant it names (slot and token: slots are
+//! would collide and retry in turn. So the releases of one process are written together, one
+//! write per batch (`release`), and a write that finds the record changed by another process
+//! puts a *release marker* per release instead, in the same write
+//! (`<root><dir>/<name>/r/<session>.<ticket>`, the grant's token as value; a plain put
+//! again): every writer of the record applies the markers it can see, and the first waiter
+//! that the markers let in writes that, so k releases cost one write that grants k waiters. A marker only ever removes the grant it names (slot and token: slots are
 //! never reused), so the record stays the one authority on who holds: a pending marker only
 //! keeps a permit counted as held a little longer, never the other way round. Markers that no
 //! longer name a holder (and name a token at most the written record's epoch: a later grant
@@ -36,8 +38,9 @@
 //! The guarantees (at most `capacity` granted to live sessions; tokens strictly increasing;
 //! `lost()` before anyone can take over; FIFO with no passing; cancel-safe waits) are stated in
 //! the recipes' docs; the pure parts are `record` (the transitions) and `decide` (what a
-//! waiter does next), the IO is `ops` (writes), `wait` (the waiter's loop) and `holding`
-//! (a grant, and what keeps a slot from being abandoned).
+//! waiter does next), the IO is `ops` (writes), `release` (releases above capacity 1),
+//! `wait` (the waiter's loop) and `holding` (a grant, and what keeps a slot from being
+//! abandoned).
 
 mod decide;
 pub(crate) mod fence;

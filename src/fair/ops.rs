@@ -410,4 +410,3 @@ fn slot_of(prefix: &[u8], key: &[u8]) -> Option<Slot> {
         ticket: ticket.parse().ok()?,
     })
 }
-

@@ -74,6 +74,21 @@ impl Releasing {
     }
 }
 
+/// Armed while a writer task runs (see [`Fair::write_releases`]).
+struct WriterGuard(Option<Arc<Releasing>>);
+
+impl Drop for WriterGuard {
+    fn drop(&mut self) {
+        if let Some(releasing) = self.0.take() {
+            let mut q = releasing.lock();
+            q.writing = false;
+            for (_, _, tx) in q.pending.drain(..) {
+                let _ = tx.send(false);
+            }
+        }
+    }
+}
+
 impl Fair {
     /// A holder gives back its grant of `token` where other holders may be releasing at the
     /// same moment (a capacity above 1): with the other releases of this process, in one
@@ -111,11 +126,15 @@ impl Fair {
 
     /// Writes the pending releases, a batch per write, until none is left.
     async fn write_releases(self: Arc<Self>) {
+        // If this task ends early (its runtime shuts down, a panic), the next release starts
+        // a writer again and the ones pending put their own markers.
+        let mut guard = WriterGuard(Some(self.releasing.clone()));
         loop {
             let batch = {
                 let mut q = self.releasing.lock();
                 if q.pending.is_empty() {
                     q.writing = false;
+                    guard.0 = None;
                     return;
                 }
                 std::mem::take(&mut q.pending)
@@ -182,9 +201,7 @@ impl Fair {
         }
         let mut released = self.releases_in(&snap);
         released.extend(batch.iter().cloned());
-        let next = rec
-            .released(&released)
-            .absorbed(&self.arrivals_in(&snap));
+        let next = rec.released(&released).absorbed(&self.arrivals_in(&snap));
         let mut ops: Vec<TxnOp> = self
             .garbage(Some(&current), &next, None)
             .into_iter()
@@ -197,4 +214,3 @@ impl Fair {
         fits.then_some((ops, next.epoch > rec.epoch))
     }
 }
-

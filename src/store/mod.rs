@@ -20,7 +20,7 @@
 //! - Bad input (see [`crate::keys`]) is rejected before anything is sent.
 //! - [`Store::transact`] applies several writes, each with its own condition, as one Raft
 //!   entry: all of them (one watch event per op, at one revision) or none (no event). See
-//!   [`txn`].
+//!   [`txn`]. [`Store::transact_or`] writes a fallback instead of nothing, in the same entry.
 //! - `RemoteStore` and `EmbeddedStore` send concurrent writes of one handle together: while
 //!   one write request of the handle is in flight, the writes that arrive wait and then go as
 //!   one transaction (a lone write goes at once). Each caller gets an answer its own write

@@ -437,13 +437,21 @@ mod tests {
     #[test]
     fn an_otherwise_branch_is_checked_before_anything_is_sent() {
         let ops = [TxnOp::cas("a", None, "1")];
-        assert!(check_or(&ops, &[TxnOp::put("a", "2")]).is_ok(), "a key may be in both");
+        assert!(
+            check_or(&ops, &[TxnOp::put("a", "2")]).is_ok(),
+            "a key may be in both"
+        );
         assert!(matches!(
             check_or(&ops, &[TxnOp::cas("m", None, "1")]),
             Err(Error::InvalidArgument(m)) if m.contains("unconditionally")
         ));
-        assert!(matches!(check_or(&ops, &[]), Err(Error::InvalidArgument(_))));
-        let many: Vec<TxnOp> = (0..MAX_TXN_OPS).map(|i| TxnOp::delete(format!("k{i}"))).collect();
+        assert!(matches!(
+            check_or(&ops, &[]),
+            Err(Error::InvalidArgument(_))
+        ));
+        let many: Vec<TxnOp> = (0..MAX_TXN_OPS)
+            .map(|i| TxnOp::delete(format!("k{i}")))
+            .collect();
         assert!(matches!(
             check_or(&ops, &many),
             Err(Error::InvalidArgument(m)) if m.contains("limit")
