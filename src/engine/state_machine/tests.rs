@@ -489,3 +489,53 @@ fn a_transaction_applies_all_its_ops_or_none_and_keeps_its_result_when_re_sent()
     assert_eq!(apply(&sm, &[bad, put(6, "f", "6")]).unwrap(), [false, true]);
     assert!(sm.failure().borrow().is_none());
 }
+
+fn txn_or(
+    index: u64,
+    ops: &[crate::store::TxnOp],
+    otherwise: &[crate::store::TxnOp],
+) -> ApplyEntry {
+    entry(
+        index,
+        1,
+        Command::CompareAndSwap {
+            key: Bytes::from_static(crate::store::txn::TXN_KEY),
+            expected: Some(Bytes::from_static(crate::store::txn::TXN_MAGIC)),
+            value: Bytes::from(crate::store::txn::encode_or(ops, otherwise)),
+        },
+    )
+}
+
+#[test]
+fn a_transaction_with_an_otherwise_branch_applies_one_branch_once() {
+    use crate::store::TxnOp;
+    let dir = tempfile::tempdir().unwrap();
+    let sm = open(dir.path());
+    let first = |expected: &[u8], new: &str| {
+        vec![
+            TxnOp::delete("g"),
+            TxnOp::cas("rec", Some(expected), new.to_string()),
+        ]
+    };
+    let otherwise = [TxnOp::put("m", "1")];
+    let chunk = [
+        put(1, "rec", "v1"),
+        put(2, "g", "x"),
+        txn_or(3, &first(b"v1", "v2"), &otherwise),
+        put(4, "g", "y"),
+        txn_or(5, &first(b"v1", "v3"), &otherwise),
+        // The probe: an empty transaction of this form applies (nothing).
+        txn_or(6, &[], &[]),
+    ];
+    assert_eq!(
+        apply(&sm, &chunk).unwrap(),
+        [true, true, true, true, false, true]
+    );
+    assert_eq!(value(&sm, "rec").as_deref(), Some("v2"));
+    // The refused one wrote its otherwise branch only: `g` is still there, the marker too.
+    assert_eq!(value(&sm, "g").as_deref(), Some("y"));
+    assert_eq!(value(&sm, "m").as_deref(), Some("1"));
+    // Re-sent: the first results, nothing applied again.
+    assert_eq!(apply(&sm, &chunk[2..]).unwrap(), [true, true, false, true]);
+    assert_eq!(value(&sm, "g").as_deref(), Some("y"));
+}
