@@ -92,6 +92,23 @@ async fn until_waiters(sem: &Semaphore, n: usize) {
     .unwrap_or_else(|_| panic!("never {n} waiters"));
 }
 
+/// Waits until no key is left under `prefix`, for at most `within`.
+async fn until_none_under(store: &Arc<dyn Store>, prefix: &str, within: Duration, what: &str) {
+    tokio::time::timeout(within, async {
+        while !store
+            .scan_prefix(prefix.as_bytes())
+            .await
+            .unwrap()
+            .entries
+            .is_empty()
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what} never deleted"));
+}
+
 #[tokio::test(start_paused = true)]
 async fn requests_are_served_in_order_and_a_small_one_never_passes_a_big_one() {
     let store: Arc<dyn Store> = Arc::new(MemStore::new());
@@ -193,19 +210,13 @@ async fn released_permits_are_handed_on_without_waiting_and_markers_are_swept() 
     assert_eq!((info.available, info.holders.len()), (0, 1));
     // The grant applied both markers: they are deleted.
     let markers = format!("{}semaphores/{name}/r/", c.root());
-    tokio::time::timeout(Duration::from_secs(1), async {
-        while !store
-            .scan_prefix(markers.as_bytes())
-            .await
-            .unwrap()
-            .entries
-            .is_empty()
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the applied markers are deleted");
+    until_none_under(
+        &store,
+        &markers,
+        Duration::from_secs(1),
+        "the applied markers",
+    )
+    .await;
     pc.release().await.unwrap();
     assert_eq!(sc.info().await.unwrap().available, 2);
 }
@@ -406,19 +417,7 @@ async fn a_release_that_loses_to_another_process_leaves_a_marker_in_the_same_wri
     let info = sa.info().await.unwrap();
     assert_eq!((info.available, info.holders.len()), (0, 2));
     let markers = format!("{base}r/");
-    tokio::time::timeout(Duration::from_secs(2), async {
-        while !one
-            .scan_prefix(markers.as_bytes())
-            .await
-            .unwrap()
-            .entries
-            .is_empty()
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the marker is swept");
+    until_none_under(&one, &markers, Duration::from_secs(2), "the marker").await;
     let mut marker_puts = 0;
     while let Some(Some(Ok(e))) = events.next().now_or_never() {
         if e.key.starts_with(markers.as_bytes()) && e.kind == EventKind::Put {

@@ -172,6 +172,23 @@ enum Write {
 }
 
 impl MemStore {
+    /// A checked transaction (`otherwise`: its otherwise branch, empty for a plain one).
+    async fn write_txn(&self, ops: &[TxnOp], otherwise: &[TxnOp]) -> Result<bool> {
+        if !self.shared.options.transactions {
+            return Err(Error::Engine {
+                op: "transact",
+                message: format!("{self:?} has no transactions"),
+                source: None,
+            });
+        }
+        self.write(
+            "transact",
+            crate::store::txn::TXN_KEY,
+            Write::Txn(ops.to_vec(), otherwise.to_vec()),
+        )
+        .await
+    }
+
     /// A new empty store. Must be called inside a tokio runtime (it starts the TTL sweeper).
     pub fn new() -> Self {
         Self::with_options(MemOptions::default())
@@ -540,36 +557,12 @@ impl Store for MemStore {
 
     async fn transact(&self, ops: &[TxnOp]) -> Result<bool> {
         crate::store::txn::check(ops)?;
-        if !self.shared.options.transactions {
-            return Err(Error::Engine {
-                op: "transact",
-                message: format!("{self:?} has no transactions"),
-                source: None,
-            });
-        }
-        self.write(
-            "transact",
-            crate::store::txn::TXN_KEY,
-            Write::Txn(ops.to_vec(), Vec::new()),
-        )
-        .await
+        self.write_txn(ops, &[]).await
     }
 
     async fn transact_or(&self, ops: &[TxnOp], otherwise: &[TxnOp]) -> Result<bool> {
         crate::store::txn::check_or(ops, otherwise)?;
-        if !self.shared.options.transactions {
-            return Err(Error::Engine {
-                op: "transact",
-                message: format!("{self:?} has no transactions"),
-                source: None,
-            });
-        }
-        self.write(
-            "transact",
-            crate::store::txn::TXN_KEY,
-            Write::Txn(ops.to_vec(), otherwise.to_vec()),
-        )
-        .await
+        self.write_txn(ops, otherwise).await
     }
 
     async fn scan_prefix(&self, prefix: &[u8]) -> Result<Scan> {
