@@ -13,8 +13,9 @@
 //!
 //! Where several holders release at once (a capacity above 1), their CASes on the one record
 //! would collide and retry in turn. So the releases of one process are written together, one
-//! write per batch (`release`), and a write that finds the record changed by another process
-//! puts a *release marker* per release instead, in the same write
+//! write per batch (`release`), and a write that finds the record changed (by another
+//! process, a waiter, or since a view that was behind) puts a *release marker* per release
+//! instead, in the same write
 //! (`<root><dir>/<name>/r/<session>.<ticket>`, the grant's token as value; a plain put
 //! again): every writer of the record applies the markers it can see, and the first waiter
 //! that the markers let in writes that, so k releases cost one write that grants k waiters. A marker only ever removes the grant it names (slot and token: slots are

@@ -6,24 +6,34 @@
 //! - if the record is still the one in sight, the write releases every grant of the batch in
 //!   the record, granting whoever now fits (with the release markers and arrivals in sight
 //!   applied and taken in, and the garbage that makes deleted along): the whole handoff;
-//! - if it changed meanwhile (another process's release, a waiter's write), the same write
-//!   puts the batch's release markers instead, which the next writer of the record applies
-//!   (see the module docs of `fair`).
+//! - if it changed meanwhile (another process's release, a waiter's write, or a view of the
+//!   record that was behind), the same write puts the batch's release markers instead, which
+//!   the next writer of the record applies (see the module docs of `fair`).
 //!
-//! Releases queued while a write is in flight go in the next one. So the releases of a process
-//! never collide with each other, a release costs one write whichever branch applies, and in
-//! a quiet moment it is the whole handoff.
+//! Releases queued while a write is in flight go in the next one, which builds on the record
+//! the previous one wrote. So the releases of a process never collide with each other, a batch
+//! costs one write whichever branch applies, and in a quiet moment it is the whole handoff.
 //!
 //! Safety is the markers' argument: the first branch is the record in sight with the batch's
 //! markers applied, exactly what any writer that saw those markers would write, and a CAS on
 //! the record's exact bytes. A release whose grant the record in sight does not show (the
-//! mirror behind its grant, or the grant taken over) never takes the first branch: its batch
-//! is written as markers, which only ever remove the grant they name.
+//! mirror behind its grant, or the grant taken over) never takes the first branch.
 //!
-//! Fallbacks: a store without transactions with an otherwise branch, a write whose outcome is
-//! unknown, or a store error: each release of the batch puts its own marker (a marker of a
-//! grant the record no longer holds is garbage, so one that follows a handoff that did land
-//! changes nothing).
+//! Fallbacks, where each release of the batch puts its own marker (one write each): a batch
+//! with a grant the record in sight does not show, or too large for one transaction; a store
+//! without transactions with an otherwise branch; a write whose outcome is unknown; a store
+//! error. A marker of a grant the record no longer holds is garbage, so one that follows a
+//! handoff that did land changes nothing.
+//!
+//! # Not guaranteed
+//! - The writer is a task on the runtime of the release that started it, serving every
+//!   release of the record in the process (as a shared mirror's tasks do). A process that
+//!   shares one store handle between runtimes and stops driving that runtime while it still
+//!   has a batch to write leaves the releases of that record waiting; a runtime that shuts
+//!   down is fine (the releases then put their own markers).
+//! - A cluster with a node older than this transaction form: such a node, as leader, answers
+//!   "refused" without writing the markers, and the release returns as if it had. Upgrade
+//!   every node before the clients (see the README).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -112,7 +122,10 @@ impl Fair {
             !std::mem::replace(&mut q.writing, true)
         };
         if start {
-            tokio::spawn(self.clone().write_releases());
+            // Armed before the task exists: a task dropped before its first poll (its runtime
+            // shutting down) resets the queue too.
+            let guard = WriterGuard(Some(self.releasing.clone()));
+            tokio::spawn(self.clone().write_releases(guard));
         }
         if rx.await.unwrap_or(false) {
             return Ok(());
@@ -124,11 +137,13 @@ impl Fair {
         Ok(())
     }
 
-    /// Writes the pending releases, a batch per write, until none is left.
-    async fn write_releases(self: Arc<Self>) {
-        // If this task ends early (its runtime shuts down, a panic), the next release starts
-        // a writer again and the ones pending put their own markers.
-        let mut guard = WriterGuard(Some(self.releasing.clone()));
+    /// Writes the pending releases, a batch per write, until none is left. If this task ends
+    /// early (its runtime shuts down, a panic), `guard` lets the next release start a writer
+    /// again, and the ones pending put their own markers.
+    async fn write_releases(self: Arc<Self>, mut guard: WriterGuard) {
+        // The record the last batch wrote: the next one builds on it (the mirror may not show
+        // it yet).
+        let mut wrote: Option<Bytes> = None;
         loop {
             let batch = {
                 let mut q = self.releasing.lock();
@@ -139,9 +154,11 @@ impl Fair {
                 }
                 std::mem::take(&mut q.pending)
             };
-            let (released, known): (Vec<Released>, Vec<Option<Bytes>>) =
+            let (released, mut known): (Vec<Released>, Vec<Option<Bytes>>) =
                 batch.iter().map(|(r, k, _)| (r.clone(), k.clone())).unzip();
-            let written = self.write_batch(&released, known).await;
+            known.push(wrote.take());
+            let (written, record) = self.write_batch(&released, known).await;
+            wrote = record;
             for (_, _, tx) in batch {
                 let _ = tx.send(written);
             }
@@ -149,15 +166,20 @@ impl Fair {
     }
 
     /// One write for `batch` (see the module docs); false if each must put its own marker.
-    async fn write_batch(&self, batch: &[Released], known: Vec<Option<Bytes>>) -> bool {
+    /// With the record it wrote, if the first branch applied.
+    async fn write_batch(
+        &self,
+        batch: &[Released],
+        known: Vec<Option<Bytes>>,
+    ) -> (bool, Option<Bytes>) {
         let markers: Vec<TxnOp> = batch
             .iter()
             .map(|r| TxnOp::put(self.release_key(&r.slot), r.token.to_string()))
             .collect();
         let seq = |b: &Bytes| self.decode_shared(Some(b)).map_or(0, |r| r.seq);
         let newest = known.into_iter().flatten().max_by_key(seq);
-        let Some((ops, grants)) = self.handoff(batch, newest, &markers) else {
-            return false;
+        let Some((ops, next, grants)) = self.handoff(batch, newest, &markers) else {
+            return (false, None);
         };
         match self.store.transact_or(&ops, &markers).await {
             Ok(handed) => {
@@ -169,13 +191,13 @@ impl Fair {
                         &self.name,
                     );
                 }
-                true
+                (true, handed.then_some(next))
             }
             // Nothing was sent (no such transactions), or either branch may have applied, or
             // the store failed: the markers, one by one (right after either branch).
             Err(e) => {
                 tracing::debug!(kind = self.kind, name = %self.name, error = %e, "releases fall back to markers");
-                false
+                (false, None)
             }
         }
     }
@@ -183,7 +205,7 @@ impl Fair {
     /// The first branch of a batch's write: the record in sight (the newer of `known` and the
     /// mirror's) without the batch's grants, with the markers and arrivals in sight applied
     /// and taken in, expecting exactly those bytes, and the deletes of what that makes
-    /// garbage; and whether it grants anyone. `None` when the record in sight does not show
+    /// garbage; the record it writes, and whether that grants anyone. `None` when the record in sight does not show
     /// every grant of the batch, or the write would not fit in one transaction beside
     /// `markers`.
     fn handoff(
@@ -191,7 +213,7 @@ impl Fair {
         batch: &[Released],
         known: Option<Bytes>,
         markers: &[TxnOp],
-    ) -> Option<(Vec<TxnOp>, bool)> {
+    ) -> Option<(Vec<TxnOp>, Bytes, bool)> {
         let snap = self.record.snapshot();
         let current = self.newer(known, &snap)?;
         let rec = self.decode_shared(Some(&current)).ok()?;
@@ -207,10 +229,11 @@ impl Fair {
             .into_iter()
             .map(|(k, _)| TxnOp::delete(k))
             .collect();
-        ops.push(TxnOp::cas(self.key.clone(), Some(&current), next.encode()));
+        let new = Bytes::from(next.encode());
+        ops.push(TxnOp::cas(self.key.clone(), Some(&current), new.clone()));
         let size = crate::store::txn::encoded_len(&ops) + crate::store::txn::encoded_len(markers);
         let fits = size <= crate::keys::MAX_VALUE_LEN
             && ops.len() + markers.len() <= crate::store::txn::MAX_TXN_OPS;
-        fits.then_some((ops, next.epoch > rec.epoch))
+        fits.then_some((ops, new, next.epoch > rec.epoch))
     }
 }

@@ -294,7 +294,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     }
 
     /// Applies `ops` or, if any of their [`Expect`]s does not hold, `otherwise` (unconditional
-    /// writes only), as one write either way: one Raft entry, at one revision, one watch event
+    /// writes only; neither list empty), as one write either way: one Raft entry, at one revision, one watch event
     /// per op of the branch applied. Returns true if `ops` applied, false if `otherwise` did.
     /// Where a plain [`Store::transact`] answers "refused" and the caller writes again, this
     /// writes the fallback in the same round trip.

@@ -193,7 +193,7 @@ pub(crate) fn check(ops: &[TxnOp]) -> Result<()> {
 }
 
 /// Checks a transaction with an otherwise branch ([`Store::transact_or`]) before anything is
-/// sent: each branch as [`check`] would (a key may be in both), the otherwise branch
+/// sent: each branch as [`check`] would (so neither is empty; a key may be in both), the otherwise branch
 /// unconditional ([`Expect::Any`]), both within [`MAX_TXN_OPS`] and the encoding within
 /// [`keys::MAX_VALUE_LEN`].
 pub(crate) fn check_or(ops: &[TxnOp], otherwise: &[TxnOp]) -> Result<()> {
@@ -310,10 +310,12 @@ pub(crate) fn decode(mut b: &[u8]) -> Option<Vec<OpRef<'_>>> {
         [TAG, v @ (VERSION | VERSION_OR)] => *v,
         _ => return None,
     };
+    // Version 1 ignores the bits it does not know (as it always did: replicas replaying old
+    // entries must decide as the nodes that applied them first).
     let known = if version == VERSION_OR {
         EXPECT_MASK | WRITES | OTHERWISE
     } else {
-        EXPECT_MASK | WRITES
+        u8::MAX
     };
     let count = u32::from_be_bytes(take(&mut b, 4)?.try_into().ok()?) as usize;
     if count > MAX_TXN_OPS {
@@ -325,7 +327,7 @@ pub(crate) fn decode(mut b: &[u8]) -> Option<Vec<OpRef<'_>>> {
         if flags & !known != 0 {
             return None;
         }
-        let otherwise = flags & OTHERWISE != 0;
+        let otherwise = version == VERSION_OR && flags & OTHERWISE != 0;
         if otherwise && flags & EXPECT_MASK != 0 {
             return None;
         }
@@ -425,10 +427,11 @@ mod tests {
         assert_eq!(back[2].write, Some(&b"1"[..]));
         // The probe: an empty version-2 transaction.
         assert_eq!(decode(&encode_or(&[], &[])), Some(Vec::new()));
-        // Version 1 has no otherwise branch; an otherwise op has no condition.
+        // Version 1 has no otherwise branch (it ignores the bit, as it always ignored unknown
+        // bits); an otherwise op has no condition.
         let mut v1 = wire.clone();
         v1[1] = 1;
-        assert_eq!(decode(&v1), None);
+        assert!(decode(&v1).unwrap().iter().all(|op| !op.otherwise));
         let mut conditional = encode_or(&[], &[TxnOp::put("m", "1")]);
         conditional[6] |= 1;
         assert_eq!(decode(&conditional), None);
