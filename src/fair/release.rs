@@ -35,8 +35,7 @@
 //!   "refused" without writing the markers, and the release returns as if it had. Upgrade
 //!   every node before the clients (see the README).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
@@ -44,7 +43,7 @@ use tokio::sync::oneshot;
 use super::Fair;
 use super::record::{Released, Slot};
 use crate::error::Result;
-use crate::store::{Store, TxnOp};
+use crate::store::{PerStore, Store, TxnOp, shared_per_store};
 
 /// The releases of one record in this process waiting for their write.
 #[derive(Default)]
@@ -63,20 +62,8 @@ struct Queue {
 impl Releasing {
     /// The queue of the record `key` in `store`, shared by every handle of this process.
     pub(super) fn shared(store: &Arc<dyn Store>, key: &Bytes) -> Arc<Releasing> {
-        type Registry = HashMap<(usize, Bytes), Weak<Releasing>>;
-        static REGISTRY: OnceLock<Mutex<Registry>> = OnceLock::new();
-        let id = (Arc::as_ptr(store) as *const () as usize, key.clone());
-        let mut reg = REGISTRY
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(r) = reg.get(&id).and_then(Weak::upgrade) {
-            return r;
-        }
-        reg.retain(|_, w| w.strong_count() > 0);
-        let r = Arc::new(Releasing::default());
-        reg.insert(id, Arc::downgrade(&r));
-        r
+        static REGISTRY: PerStore<Bytes, Releasing> = PerStore::new();
+        shared_per_store(&REGISTRY, store, key.clone(), Releasing::default)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
@@ -115,6 +102,7 @@ impl Fair {
             slot: me.clone(),
             token,
         };
+        let marker = self.marker(&mine);
         let (tx, rx) = oneshot::channel();
         let start = {
             let mut q = self.releasing.lock();
@@ -130,9 +118,8 @@ impl Fair {
         if rx.await.unwrap_or(false) {
             return Ok(());
         }
-        self.store
-            .put(&self.release_key(me), token.to_string().as_bytes())
-            .await?;
+        let value = marker.write.unwrap_or_default();
+        self.store.put(&marker.key, &value).await?;
         tracing::debug!(kind = self.kind, name = %self.name, ?me, token, "released (marker)");
         Ok(())
     }
@@ -172,10 +159,7 @@ impl Fair {
         batch: &[Released],
         known: Vec<Option<Bytes>>,
     ) -> (bool, Option<Bytes>) {
-        let markers: Vec<TxnOp> = batch
-            .iter()
-            .map(|r| TxnOp::put(self.release_key(&r.slot), r.token.to_string()))
-            .collect();
+        let markers: Vec<TxnOp> = batch.iter().map(|r| self.marker(r)).collect();
         let seq = |b: &Bytes| self.decode_shared(Some(b)).map_or(0, |r| r.seq);
         let newest = known.into_iter().flatten().max_by_key(seq);
         let Some((ops, next, grants)) = self.handoff(batch, newest, &markers) else {
@@ -202,12 +186,17 @@ impl Fair {
         }
     }
 
+    /// The put of `released`'s release marker (its value: the released grant's token).
+    fn marker(&self, released: &Released) -> TxnOp {
+        TxnOp::put(self.release_key(&released.slot), released.token.to_string())
+    }
+
     /// The first branch of a batch's write: the record in sight (the newer of `known` and the
     /// mirror's) without the batch's grants, with the markers and arrivals in sight applied
     /// and taken in, expecting exactly those bytes, and the deletes of what that makes
-    /// garbage; the record it writes, and whether that grants anyone. `None` when the record in sight does not show
-    /// every grant of the batch, or the write would not fit in one transaction beside
-    /// `markers`.
+    /// garbage; the record it writes, and whether that grants anyone. `None` when the record
+    /// in sight does not show every grant of the batch, or the write would not fit in one
+    /// transaction beside `markers`.
     fn handoff(
         &self,
         batch: &[Released],

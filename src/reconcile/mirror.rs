@@ -1,8 +1,7 @@
 //! A mirror (reflector): the current contents of a key or prefix, kept by a [`watcher`].
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -10,7 +9,7 @@ use tokio::sync::{broadcast, watch};
 
 use super::watcher::{Entry, StatsHandle, WatcherEvent, WatcherOptions, WatcherStats, watcher};
 use crate::error::{Error, Result};
-use crate::store::{Store, WatchTarget};
+use crate::store::{PerStore, Store, WatchTarget};
 
 /// One consistent view of a mirror: every entry as of [`Snapshot::revision`]. Cloning is O(1)
 /// (a persistent map shares structure with the mirror), so readers can hold one as long as
@@ -200,17 +199,10 @@ impl Mirror {
         target: WatchTarget,
         options: MirrorOptions,
     ) -> Arc<Mirror> {
-        type Registry = HashMap<(usize, WatchTarget), Weak<Mirror>>;
-        static REGISTRY: OnceLock<Mutex<Registry>> = OnceLock::new();
-        let id = (Arc::as_ptr(&store) as *const () as usize, target.clone());
-        let mut reg = REGISTRY.get_or_init(Default::default).lock().unwrap();
-        if let Some(m) = reg.get(&id).and_then(Weak::upgrade) {
-            return m;
-        }
-        reg.retain(|_, w| w.strong_count() > 0);
-        let m = Arc::new(Mirror::start(store, target, options));
-        reg.insert(id, Arc::downgrade(&m));
-        m
+        static REGISTRY: PerStore<WatchTarget, Mirror> = PerStore::new();
+        crate::store::shared_per_store(&REGISTRY, &store.clone(), target.clone(), || {
+            Mirror::start(store, target, options)
+        })
     }
 
     /// What this mirror watches.

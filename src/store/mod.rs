@@ -182,6 +182,33 @@ pub struct Event {
     pub revision: u64,
 }
 
+/// A process-wide registry of one `T` per store handle (the same `Arc`) and key.
+pub(crate) type PerStore<K, T> = std::sync::OnceLock<
+    std::sync::Mutex<std::collections::HashMap<(usize, K), std::sync::Weak<T>>>,
+>;
+
+/// The `T` of `store` and `key` in `registry` while one is alive, else a new one from `make`
+/// (what `Mirror::shared` and the fair queue's release batches are shared by).
+pub(crate) fn shared_per_store<K: Eq + std::hash::Hash, T>(
+    registry: &'static PerStore<K, T>,
+    store: &std::sync::Arc<dyn Store>,
+    key: K,
+    make: impl FnOnce() -> T,
+) -> std::sync::Arc<T> {
+    let id = (std::sync::Arc::as_ptr(store) as *const () as usize, key);
+    let mut reg = registry
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(t) = reg.get(&id).and_then(std::sync::Weak::upgrade) {
+        return t;
+    }
+    reg.retain(|_, w| w.strong_count() > 0);
+    let t = std::sync::Arc::new(make());
+    reg.insert(id, std::sync::Arc::downgrade(&t));
+    t
+}
+
 /// The result of [`Store::scan_prefix`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Scan {
