@@ -452,6 +452,7 @@ async fn a_transaction_with_an_otherwise_branch_applies_exactly_one_branch(f: Fi
             .unwrap(),
         "v2"
     );
+    f.check_replicas().await;
 }
 
 /// The gRPC and embedded stores send concurrent writes together as one transaction (see

@@ -36,6 +36,18 @@ impl Fixture {
     pub fn key(&self, rest: &str) -> Vec<u8> {
         format!("{}{rest}", self.ns).into_bytes()
     }
+
+    /// On the shared cluster, checks that every node holds the same state (by digest while
+    /// other tests write); nothing to check on one node.
+    #[allow(dead_code)]
+    pub async fn check_replicas(&self) {
+        if self.mem.is_none() && self.node.is_none() {
+            shared_cluster()
+                .check_replicas(Duration::from_secs(60))
+                .await
+                .unwrap_or_else(|e| panic!("replicas differ: {e}"));
+        }
+    }
 }
 
 /// The dcoord binary cargo built for this test run.
