@@ -1,9 +1,12 @@
 //! Group commit: concurrent writes of one store handle travel together as one transaction.
 //!
-//! A write (put, delete, compare-and-swap) is sent at once while fewer than
-//! [`MAX_IN_FLIGHT`] requests of this handle are in flight. Otherwise it waits; when a request
-//! comes back, one waiting caller takes every write waiting then and sends them as one
-//! [`Store::transact`] (one Raft entry instead of one each). If the transaction applies, every
+//! A write (put, delete, compare-and-swap) is sent as soon as fewer than [`MAX_IN_FLIGHT`]
+//! requests of this handle are in flight. Otherwise it waits; when a request comes back, one
+//! waiting caller takes every write waiting then and sends them as one [`Store::transact`] (one
+//! Raft entry instead of one each). Whoever takes the free request slot first yields to the
+//! scheduler [`LINGER_YIELDS`] times before it gathers the group, so the callers the last
+//! request just answered (which usually write again at once: a producer's next enqueue, a
+//! consumer's next claim or ack) join this request rather than wait a whole round for the next. If the transaction applies, every
 //! write in it did. If it is refused (one expectation did not hold, so nothing was written), a
 //! linearizable read of its keys finds the writes whose expectation does not hold: each is
 //! answered false (what its own CAS would have answered at the moment of the read), and the
@@ -12,7 +15,8 @@
 //! ([`crate::Error::Ambiguous`]).
 //!
 //! So a caller sees exactly the semantics of its own single write; only writes that were
-//! concurrent anyway share an entry, and a lone write is never delayed.
+//! concurrent anyway share an entry, and a lone write is delayed only by those few yields
+//! (microseconds when nothing else is ready to run).
 //!
 //! # Cancel safety
 //! A write whose caller is dropped while it waits is taken out and never sent. One whose caller
@@ -36,8 +40,20 @@ use super::Store;
 ///
 /// One: measured with bench-etcd (e) on 2026-12-03 (3-node queue throughput, same run order:
 /// 1 in flight 2862 msg/s, 2: 2643, 4: 2489, 8: 2191); fewer, larger Raft entries win, and a
-/// lone write still goes at once.
+/// lone write still goes at once (after [`LINGER_YIELDS`]). Checked again with the yields on
+/// 2026-12-07: 2 in flight was not better.
 pub(crate) const MAX_IN_FLIGHT: usize = 1;
+/// Scheduler yields between taking the request slot and gathering the group.
+///
+/// Without them, the first caller to find the slot free sent at once, usually alone or with
+/// the writes that had waited through the last round; the callers that round answered wrote
+/// again a moment later and waited a whole round more. With a producer keeping 8 enqueues in
+/// flight on a handle shared with two consumers, only about half of them rode each request.
+/// Measured with bench-etcd `--only e,h` and full runs, alternating (2026-12-07): 0 yields
+/// gave about 3.3 enqueues per request and queue (e) 2.2× etcd on 3 nodes with the producer
+/// running; 3 gave about 6.3 per request and 2.9–4.0× (semaphore (h) 7.1–7.2× → 8.8–11.9×).
+/// 2 and 5 were not better than 3.
+const LINGER_YIELDS: usize = 3;
 /// Most writes in one group.
 const MAX_GROUP: usize = 256;
 /// Most encoded bytes in one group.
@@ -148,7 +164,7 @@ impl Group {
             let mut st = self.lock();
             if st.in_flight < MAX_IN_FLIGHT {
                 st.in_flight += 1;
-                Err(take(&mut st, Some(&op)))
+                Err(Slot(self))
             } else {
                 st.next += 1;
                 let id = st.next;
@@ -163,7 +179,11 @@ impl Group {
         };
         let (id, rx) = match start {
             Ok(waiting) => waiting,
-            Err(others) => return self.lead(d, Some(op), others).await,
+            Err(slot) => {
+                linger().await;
+                let others = take(&mut self.lock(), Some(&op));
+                return self.lead(slot, d, Some(op), others).await;
+            }
         };
         let mut wait = Wait {
             group: self,
@@ -182,16 +202,22 @@ impl Group {
                     }));
                 }
                 () = self.free.notified() => {
-                    let others = {
+                    let slot = {
                         let mut st = self.lock();
                         if st.in_flight >= MAX_IN_FLIGHT || st.waiting.is_empty() {
                             continue;
                         }
                         st.in_flight += 1;
-                        take(&mut st, None)
+                        Slot(self)
                     };
+                    linger().await;
+                    let others = take(&mut self.lock(), None);
+                    if others.is_empty() {
+                        // Another slot's caller took them (only with more than one slot).
+                        continue;
+                    }
                     // Ours is among them unless another caller sent it already.
-                    let _ = self.lead(d, None, others).await;
+                    let _ = self.lead(slot, d, None, others).await;
                 }
             }
         }
@@ -205,15 +231,15 @@ impl Group {
         }
     }
 
-    /// Sends `own` and `others` (a slot is taken; freed here); answers the others, returns
-    /// `own`'s answer (false when there is none).
+    /// Sends `own` and `others` in the request `_slot` (freed when this returns or is dropped);
+    /// answers the others, returns `own`'s answer (false when there is none).
     async fn lead<D: Direct>(
         &self,
+        _slot: Slot<'_>,
         d: &D,
         own: Option<TxnOp>,
         others: Vec<Waiting>,
     ) -> Result<bool> {
-        let _slot = Slot(self);
         let mut ops: Vec<TxnOp> = own.into_iter().collect();
         let has_own = !ops.is_empty();
         ops.extend(others.iter().map(|w| w.op.clone()));
@@ -286,6 +312,14 @@ impl Group {
             .into_iter()
             .map(|a| a.expect("every write answered"))
             .collect()
+    }
+}
+
+/// Lets the tasks that are ready run (see [`LINGER_YIELDS`]). A slot is held meanwhile, so
+/// their writes wait and are gathered; if this future is dropped, the slot is freed.
+async fn linger() {
+    for _ in 0..LINGER_YIELDS {
+        tokio::task::yield_now().await;
     }
 }
 
@@ -379,6 +413,7 @@ impl Drop for Wait<'_> {
 
 #[cfg(all(test, feature = "test-util"))]
 mod tests {
+    use std::sync::Arc;
     use std::time::Duration;
 
     use super::*;
@@ -454,9 +489,39 @@ mod tests {
             let want: &[u8] = if i % 3 == 0 { b"0" } else { b"1" };
             assert_eq!(value(&mem, i).await.unwrap(), want, "write {i}");
         }
-        // The first alone; the other 31 in one group, refused once, then applied.
+        // All 32 in one group (the first lingered while the others queued), refused once,
+        // then the 21 whose expectation holds applied together.
         let writes = mem.op_counts().writes - before;
-        assert_eq!(writes, 3, "{writes} writes");
+        assert_eq!(writes, 2, "{writes} writes");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writers_answered_by_a_request_ride_the_next_one_together() {
+        let mem = MemStore::new();
+        mem.set_latency(Duration::from_millis(5));
+        let (d, g) = (Arc::new(OnMem(mem.clone())), Arc::new(Group::default()));
+        let before = mem.op_counts().writes;
+        // 8 writers, each writing again as soon as its last write is answered (a producer
+        // with 8 enqueues in flight).
+        let writers: Vec<_> = (0..8)
+            .map(|w| {
+                let (d, g) = (d.clone(), g.clone());
+                tokio::spawn(async move {
+                    for i in 0..10 {
+                        let k = Bytes::from(format!("w{w}-{i}"));
+                        assert!(g.write(&*d, TxnOp::cas(k, None, "1")).await.unwrap());
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.await.unwrap();
+        }
+        // One request per round, all 8 in each: without the linger the leader of a round went
+        // alone and the other 7 waited a round more (about twice the requests).
+        let writes = mem.op_counts().writes - before;
+        assert_eq!(writes, 10, "{writes} writes");
+        assert_eq!(mem.scan_prefix(b"w").await.unwrap().entries.len(), 80);
     }
 
     #[tokio::test(start_paused = true)]
@@ -464,7 +529,8 @@ mod tests {
         let mem = MemStore::new();
         mem.set_latency(Duration::from_millis(5));
         let (d, g) = (OnMem(mem.clone()), Group::default());
-        mem.ambiguous_next_writes(2);
+        // All 8 travel in one request (the first lingers while the others queue).
+        mem.ambiguous_next_writes(1);
         let answers =
             futures::future::join_all((0..8).map(|i| g.write(&d, TxnOp::cas(key(i), None, "1"))))
                 .await;
@@ -477,7 +543,7 @@ mod tests {
             assert_eq!(value(&mem, i).await.unwrap(), "1");
         }
         // Unavailable: nothing applied, every write told so.
-        mem.fail_next_ops(2);
+        mem.fail_next_ops(1);
         let answers =
             futures::future::join_all((8..12).map(|i| g.write(&d, TxnOp::cas(key(i), None, "1"))))
                 .await;
