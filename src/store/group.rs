@@ -1,25 +1,30 @@
 //! Group commit: concurrent writes of one store handle travel together as one transaction.
 //!
-//! A write (put, delete, compare-and-swap) is sent as soon as fewer than [`MAX_IN_FLIGHT`]
-//! requests of this handle are in flight. Otherwise it waits; when a request comes back, one
-//! waiting caller takes every write waiting then and sends them as one [`Store::transact`] (one
-//! Raft entry instead of one each). Whoever takes the free request slot first yields to the
-//! scheduler [`LINGER_YIELDS`] times before it gathers the group, so the callers the last
-//! request just answered (which usually write again at once: a producer's next enqueue, a
-//! consumer's next claim or ack) join this request rather than wait a whole round for the next. If the transaction applies, every
-//! write in it did. If it is refused (one expectation did not hold, so nothing was written), a
-//! linearizable read of its keys finds the writes whose expectation does not hold: each is
-//! answered false (what its own CAS would have answered at the moment of the read), and the
-//! others are sent again together (after a few refusals, one by one). So each caller gets an
-//! answer its own write could have had. An unknown outcome is every write's unknown outcome
-//! ([`crate::Error::Ambiguous`]).
+//! Requests of a handle are limited to [`MAX_IN_FLIGHT`] at a time (a request slot). A write
+//! (put, delete, compare-and-swap) that finds a slot free takes it; otherwise it waits, and
+//! when a request comes back one waiting caller takes the slot. Whoever takes a slot yields to
+//! the scheduler [`LINGER_YIELDS`] times, then gathers every write waiting by then and sends
+//! them, its own included, as one [`Store::transact`] (one Raft entry instead of one each).
+//! The yields let the callers the last request just answered, which usually write again at
+//! once (a producer's next enqueue, a consumer's next claim or ack), join this request rather
+//! than wait a whole round for the next one.
+//!
+//! If the transaction applies, every write in it did. If it is refused (one expectation did
+//! not hold, so nothing was written), a linearizable read of its keys finds the writes whose
+//! expectation does not hold: each is answered false (what its own CAS would have answered at
+//! the moment of the read), and the others are sent again together (after a few refusals, one
+//! by one). So each caller gets an answer its own write could have had. An unknown outcome is
+//! every write's unknown outcome ([`crate::Error::Ambiguous`]).
 //!
 //! So a caller sees exactly the semantics of its own single write; only writes that were
-//! concurrent anyway share an entry, and a lone write is delayed only by those few yields
-//! (microseconds when nothing else is ready to run).
+//! concurrent anyway share an entry. A lone write is delayed only by the yields: microseconds
+//! on an idle runtime, but on a busy multi-threaded one each yield can wait behind the other
+//! tasks ready on its worker (tokio runs a yielded task once the worker's queue is empty, or
+//! at its periodic maintenance) while the slot stays unused.
 //!
 //! # Cancel safety
-//! A write whose caller is dropped while it waits is taken out and never sent. One whose caller
+//! A write whose caller is dropped while it waits, or while it holds a slot and yields, is
+//! taken out and never sent (the slot is freed; no other write is affected). One whose caller
 //! is dropped while it is in flight is in an unknown state (as every dropped write). When the
 //! caller that sends a group is dropped, the others in it get [`crate::Error::Ambiguous`].
 
@@ -40,7 +45,7 @@ use super::Store;
 ///
 /// One: measured with bench-etcd (e) on 2026-12-03 (3-node queue throughput, same run order:
 /// 1 in flight 2862 msg/s, 2: 2643, 4: 2489, 8: 2191); fewer, larger Raft entries win, and a
-/// lone write still goes at once (after [`LINGER_YIELDS`]). Checked again with the yields on
+/// lone write goes after only the [`LINGER_YIELDS`]. Checked again with the yields on
 /// 2026-12-07: 2 in flight was not better.
 pub(crate) const MAX_IN_FLIGHT: usize = 1;
 /// Scheduler yields between taking the request slot and gathering the group.
@@ -213,7 +218,9 @@ impl Group {
                     linger().await;
                     let others = take(&mut self.lock(), None);
                     if others.is_empty() {
-                        // Another slot's caller took them (only with more than one slot).
+                        // Nothing waits any more: ours went in the last request (whose
+                        // answer `rx` has, or will have), and the rest were taken by another
+                        // slot's caller or dropped while we yielded.
                         continue;
                     }
                     // Ours is among them unless another caller sent it already.
@@ -562,8 +569,12 @@ mod tests {
         mem.set_latency(Duration::from_millis(5));
         let (d, g) = (OnMem(mem.clone()), Group::default());
         let mut first = Box::pin(g.write(&d, TxnOp::put(key(0), "a")));
+        // Past its yields: in flight, alone.
+        for _ in 0..=LINGER_YIELDS {
+            assert!(futures::poll!(&mut first).is_pending());
+            tokio::task::yield_now().await;
+        }
         let mut dropped = Box::pin(g.write(&d, TxnOp::put(key(1), "b")));
-        assert!(futures::poll!(&mut first).is_pending());
         assert!(futures::poll!(&mut dropped).is_pending());
         assert_eq!(g.lock().waiting.len(), 1);
         drop(dropped);
@@ -573,6 +584,29 @@ mod tests {
         assert!(a.unwrap() && c.unwrap());
         assert_eq!(value(&mem, 1).await, None);
         assert_eq!(value(&mem, 2).await.unwrap(), "c");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_dropped_while_it_holds_the_slot_sends_nothing_and_frees_it() {
+        let mem = MemStore::new();
+        mem.set_latency(Duration::from_millis(5));
+        let (d, g) = (OnMem(mem.clone()), Group::default());
+        let before = mem.op_counts().writes;
+        let mut dropped = Box::pin(g.write(&d, TxnOp::put(key(0), "a")));
+        let mut second = Box::pin(g.write(&d, TxnOp::put(key(1), "b")));
+        // `dropped` took the slot and yields; `second` waits for it.
+        assert!(futures::poll!(&mut dropped).is_pending());
+        assert!(futures::poll!(&mut second).is_pending());
+        {
+            let st = g.lock();
+            assert_eq!((st.in_flight, st.waiting.len()), (1, 1));
+        }
+        drop(dropped);
+        assert_eq!(g.lock().in_flight, 0);
+        assert!(second.await.unwrap());
+        assert_eq!(value(&mem, 0).await, None);
+        assert_eq!(value(&mem, 1).await.unwrap(), "b");
+        assert_eq!(mem.op_counts().writes - before, 1);
     }
 
     #[tokio::test]

@@ -23,7 +23,7 @@
 //!   [`txn`]. [`Store::transact_or`] writes a fallback instead of nothing, in the same entry.
 //! - `RemoteStore` and `EmbeddedStore` send concurrent writes of one handle together: while
 //!   one write request of the handle is in flight, the writes that arrive wait and then go as
-//!   one transaction (a lone write goes at once, after a few scheduler yields that let the
+//!   one transaction (a lone write goes after only a few scheduler yields, which let the
 //!   callers just answered join it). Each caller gets an answer its own write
 //!   could have had; see the `group` notes on [`Store::compare_and_swap`]. This is what makes
 //!   many concurrent writers cheap on a cluster (one Raft entry for a group).
