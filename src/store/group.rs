@@ -185,8 +185,7 @@ impl Group {
         let (id, rx) = match start {
             Ok(waiting) => waiting,
             Err(slot) => {
-                linger().await;
-                let others = take(&mut self.lock(), Some(&op));
+                let others = self.gather(Some(&op)).await;
                 return self.lead(slot, d, Some(op), others).await;
             }
         };
@@ -215,8 +214,7 @@ impl Group {
                         st.in_flight += 1;
                         Slot(self)
                     };
-                    linger().await;
-                    let others = take(&mut self.lock(), None);
+                    let others = self.gather(None).await;
                     if others.is_empty() {
                         // Nothing waits any more: ours went in the last request (whose
                         // answer `rx` has, or will have), and the rest were taken by another
@@ -236,6 +234,16 @@ impl Group {
         if st.in_flight < MAX_IN_FLIGHT && !st.waiting.is_empty() {
             self.free.notify_one();
         }
+    }
+
+    /// With a slot held: lets the tasks that are ready run (see [`LINGER_YIELDS`]), so their
+    /// writes queue, then takes the writes waiting to go with `own`. If this future is dropped,
+    /// nothing was taken (the caller's slot is freed with it).
+    async fn gather(&self, own: Option<&TxnOp>) -> Vec<Waiting> {
+        for _ in 0..LINGER_YIELDS {
+            tokio::task::yield_now().await;
+        }
+        take(&mut self.lock(), own)
     }
 
     /// Sends `own` and `others` in the request `_slot` (freed when this returns or is dropped);
@@ -319,14 +327,6 @@ impl Group {
             .into_iter()
             .map(|a| a.expect("every write answered"))
             .collect()
-    }
-}
-
-/// Lets the tasks that are ready run (see [`LINGER_YIELDS`]). A slot is held meanwhile, so
-/// their writes wait and are gathered; if this future is dropped, the slot is freed.
-async fn linger() {
-    for _ in 0..LINGER_YIELDS {
-        tokio::task::yield_now().await;
     }
 }
 
